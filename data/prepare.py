@@ -1,0 +1,141 @@
+"""
+Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (the tokenizer).
+
+    python data/prepare.py                                  # shakespeare_char, downloads once
+    python data/prepare.py --dataset=shakespeare            # GPT-2 BPE (tiktoken r50k_base)
+    python data/prepare.py --input=../shared/data/tinyshakespeare.txt   # offline, local file
+    python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
+
+Writes data/<dataset>/{input.txt, train.bin, val.bin, meta.json}. The first 90% of the text is
+train, the rest val. Tokenizers: `char` (vocabulary = the characters of the corpus) or `bpe`
+(GPT-2's BPE through tiktoken; set TIKTOKEN_CACHE_DIR to a local cache when offline).
+"""
+import json
+import os
+import sys
+import urllib.request
+
+import numpy as np
+
+SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                   'tinyshakespeare/input.txt')
+# known datasets: name -> (download url, tokenizer)
+DATASETS = {'shakespeare_char': (SHAKESPEARE_URL, 'char'), 'shakespeare': (SHAKESPEARE_URL, 'bpe')}
+BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
+
+
+class Tokenizer:
+    """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
+    {'kind': 'char', 'chars': '...'} or {'kind': 'bpe', 'encoding': 'r50k_base'}."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        if meta['kind'] == 'char':
+            self.itos = meta['chars']
+            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+            self.vocab_size = len(self.itos)
+            self.eot = None
+        elif meta['kind'] == 'bpe':
+            import tiktoken
+            self.enc = tiktoken.get_encoding(meta['encoding'])
+            self.vocab_size = self.enc.n_vocab
+            self.eot = self.enc.eot_token
+        else:
+            raise ValueError(f"unknown tokenizer kind {meta['kind']!r}")
+
+    @classmethod
+    def from_text(cls, kind, text):
+        if kind == 'char':
+            return cls({'kind': 'char', 'chars': ''.join(sorted(set(text)))})
+        if kind == 'bpe':
+            return cls({'kind': 'bpe', 'encoding': BPE_ENCODING})
+        raise ValueError(f"unknown tokenizer {kind!r}; choose char or bpe")
+
+    def encode(self, text):
+        if self.meta['kind'] == 'char':
+            unknown = sorted(set(text) - self.stoi.keys())
+            if unknown:
+                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+            return [self.stoi[c] for c in text]
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        if self.meta['kind'] == 'char':
+            return ''.join(self.itos[i] for i in ids)
+        return self.enc.decode(list(ids))
+
+
+def read_corpus(input_path, dataset, out_dir):
+    """The text: a local file if given, else the cached download, else download it now."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            raise FileNotFoundError(f"input file not found: {input_path}")
+        with open(input_path, encoding='utf-8') as f:
+            return f.read()
+    cached = os.path.join(out_dir, 'input.txt')
+    if not os.path.isfile(cached):
+        if dataset not in DATASETS:
+            raise FileNotFoundError(f"dataset {dataset!r} has no download; pass --input=FILE")
+        url = DATASETS[dataset][0]
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                text = r.read().decode('utf-8')
+        except Exception as e:
+            raise ConnectionError(f"download of {url} failed ({type(e).__name__}); offline? "
+                                  f"pass a local copy: --input=path/to/tinyshakespeare.txt")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(cached, 'w', encoding='utf-8') as f:
+            f.write(text)
+    with open(cached, encoding='utf-8') as f:
+        return f.read()
+
+
+def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
+    """Tokenize `text`, split train/val, write the bins and meta.json. Returns a summary dict."""
+    tok = Tokenizer.from_text(tokenizer, text)
+    if tok.vocab_size > 2 ** 16:
+        raise ValueError(f"vocabulary of {tok.vocab_size} tokens does not fit uint16 "
+                         f"(max 65536); use the bpe tokenizer or a smaller alphabet")
+    n = len(text)
+    split = int(n * (1 - val_fraction))
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for name, part in (('train', text[:split]), ('val', text[split:])):
+        ids = np.array(tok.encode(part), dtype=np.uint16)
+        ids.tofile(os.path.join(out_dir, f'{name}.bin'))
+        counts[name] = len(ids)
+    with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+        json.dump({**tok.meta, 'vocab_size': tok.vocab_size}, f)
+    return {'out_dir': out_dir, 'tokenizer': tokenizer, 'vocab_size': tok.vocab_size,
+            'train_tokens': counts['train'], 'val_tokens': counts['val']}
+
+
+def load_meta(data_dir):
+    """The tokenizer metadata of a prepared dataset."""
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        return json.load(f)
+
+
+def main(argv):
+    args = dict(dataset='shakespeare_char', input='', tokenizer='', out_dir='', val_fraction='0.1')
+    for arg in argv:
+        key, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq or key not in args:
+            raise ValueError(f"bad argument {arg!r}; expected --name=value with name in "
+                             f"{sorted(args)}")
+        args[key] = value
+    dataset = args['dataset']
+    tokenizer = args['tokenizer'] or DATASETS.get(dataset, (None, 'char'))[1]
+    out_dir = args['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
+    text = read_corpus(args['input'], dataset, out_dir)
+    summary = prepare(text, out_dir, tokenizer, float(args['val_fraction']))
+    print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
+          f"vocab {summary['vocab_size']}, written to {out_dir}")
+    print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        sys.exit(f"error: {e}")
