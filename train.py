@@ -260,13 +260,8 @@ def build_model(cfg, meta):
     else:
         ckpt = None
         source, _ = load_model(cfg.init_from)
-        source.config.dropout = cfg.dropout
+        source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
         model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs)
-        for m in model.modules():  # the source's dropout rate was baked into its modules
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.dropout
-            if hasattr(m, 'dropout') and isinstance(m.dropout, float):
-                m.dropout = cfg.dropout
     if model.config.vocab_size != meta['vocab_size']:
         raise UserError(f"model vocab_size {model.config.vocab_size} does not match the dataset's "
                         f"{meta['vocab_size']}")
@@ -426,7 +421,7 @@ def train(cfg):
                    val_loss=last_eval['val']['loss'] if last_eval else None,
                    val_heads=last_eval['val']['heads'] if last_eval else None,
                    ms_per_iter=1000 * train_time / max(1, steps_run),
-                   time_s=time.time() - t0, ckpt=ckpt_path, losses=losses)
+                   time_s=time.time() - t0, ckpt=ckpt_path, losses=losses, model=raw_model)
     return summary
 
 
@@ -434,7 +429,7 @@ def main(argv):
     cfg = parse_config(argv)
     summary = train(cfg)
     if int(os.environ.get('RANK', 0)) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != 'losses'}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ('losses', 'model')}))
 
 
 if __name__ == '__main__':

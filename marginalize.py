@@ -1,0 +1,555 @@
+"""
+Marginalization: how far ahead can a next-token (NTP) model already see?
+
+An NTP model defines the distribution of the token k steps ahead (Mehra et al. 2025): sum over
+every path of intermediate tokens v_1 .. v_{k-1},
+
+    p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}}  prod_{j<k} p(v_j | x<=t, v_<j)  *  p(x_{t+k} | x<=t, v_1..v_{k-1})
+
+Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: at every step
+only the candidates among the top_k most probable tokens and/or inside the top_p nucleus of
+p(v_j | ...) are followed, and at most max_paths paths (most probable first) are kept per
+position. The kept paths' total probability is the captured mass; the estimate sums to it
+(the honest, unnormalized sum) or to 1 with renormalize. Two implementations of one estimate:
+
+  marginalize_naive  one forward per (position, path) over x<=t + path, no cache: the reference
+  marginalize        one forward fills a KV cache with the sequence, then the candidates of all
+                     positions go through batched forwards with a tree attention mask (every
+                     candidate sees its own prefix x<=t in the cache and its own ancestors in
+                     the path tree, nothing else), in chunks so memory stays bounded
+
+and the evaluation of the paper's Table 1: token-weighted top-1/top-5 accuracy of x_{t+1} ..
+x_{t+K} for greedy chaining, marginalization at several sparsities, and the checkpoint's own MTP
+heads, with the captured mass and the cost of every row.
+
+    python marginalize.py --ckpt=out/ckpt.pt                         # its dataset's val split
+    python marginalize.py --ckpt=out/ckpt.pt --input=some.txt --k_ahead=2 --top_k=1,5,all
+    python marginalize.py --ckpt=out/ckpt.pt --bench=1               # batched vs naive
+
+Study scripts import: marginalize, marginalize_naive, evaluate_table, bench, eval_windows.
+"""
+import json
+import os
+import sys
+import time
+from collections import namedtuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import UserError
+from heads import MTPGPT, count_topk, load_model
+from data.prepare import Tokenizer
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
+# mass (P, k_ahead): the captured mass (1 at k = 1); forward_tokens / forwards: the cost.
+Estimate = namedtuple('Estimate', 'probs mass forward_tokens forwards')
+
+
+def next_token_logits(model, idx, **kwargs):
+    """Next-token logits (B, T, V) of a GPT, or of an MTPGPT's NTP path (trunk + head 1)."""
+    if isinstance(model, MTPGPT):
+        return model(idx, n_heads=1, **kwargs)[0][:, :, 0]
+    return model(idx, **kwargs)[0]
+
+
+def candidate_mask(dist, top_k=0, top_p=1.0):
+    """Bool (n, V): which next tokens of each distribution row (n, V) are followed: the top_k most
+    probable (0 = all) and, if top_p < 1, the smallest most-probable set whose probability reaches
+    top_p. With both, a token must pass both. The most probable token always passes."""
+    V = dist.size(-1)
+    if top_p >= 1.0:
+        if not top_k or top_k >= V:
+            return torch.ones_like(dist, dtype=torch.bool)
+        top = dist.topk(top_k, dim=-1).indices
+        return torch.zeros_like(dist, dtype=torch.bool).scatter(-1, top, True)
+    sorted_p, order = dist.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the mass before this token is not yet top_p
+    if top_k:
+        keep[:, top_k:] = False
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def check_positions(model, n_tokens, positions, k_ahead):
+    block_size = model.config.block_size
+    if k_ahead < 1:
+        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
+    if not 1 <= n_tokens <= block_size:
+        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
+    if len(positions) == 0:
+        raise UserError("no positions to evaluate")
+    first, last = int(min(positions)), int(max(positions))
+    if first < 0 or last >= n_tokens:
+        raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
+    if last + k_ahead - 1 >= block_size:
+        # the path tokens of position t sit at positions t+1 .. t+k_ahead-1: never wrap them
+        raise UserError(f"position {last} with k_ahead={k_ahead} needs position ids up to "
+                        f"{last + k_ahead - 1}, beyond block_size {block_size}")
+
+
+# -----------------------------------------------------------------------------
+# the reference: one forward per (position, path)
+
+@torch.no_grad()
+def marginalize_naive(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
+                      renormalize=False):
+    """The estimate written as the sum it is. For each position t, `paths` holds the kept paths
+    of intermediate tokens with their probabilities; every path gets its own forward over
+    x<=t + path, no cache, no masks. Slow, and obviously right: the reference for marginalize."""
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    check_positions(model, len(tokens), positions, k_ahead)
+    probs, mass, forward_tokens, forwards = [], [], 0, 0
+    for t in [int(t) for t in positions]:
+        paths = [([], 1.0)]  # (v_1 .. v_j, prod_j p(v_j | x<=t, v_<j)); the empty path first
+        probs_t, mass_t = [], []
+        for k in range(1, k_ahead + 1):
+            # p(x_{t+k} | x<=t, path) for every kept path of k-1 intermediate tokens
+            dists = []
+            for path, _ in paths:
+                seq = torch.cat([tokens[:t + 1], torch.tensor(path, dtype=torch.long,
+                                                              device=device)])
+                dists.append(F.softmax(next_token_logits(model, seq[None])[0, -1].float(), -1))
+                forward_tokens, forwards = forward_tokens + len(seq), forwards + 1
+            estimate = sum(prob * dist for (_, prob), dist in zip(paths, dists))
+            kept = sum(prob for _, prob in paths)
+            probs_t.append(estimate / kept if renormalize else estimate)
+            mass_t.append(float(kept))
+            if k < k_ahead:  # extend every path by its candidates; keep the most probable
+                children = []
+                for (path, prob), dist in zip(paths, dists):
+                    for v in candidate_mask(dist[None], top_k, top_p)[0].nonzero()[:, 0].tolist():
+                        children.append((path + [v], prob * float(dist[v])))
+                children.sort(key=lambda c: -c[1])
+                paths = children[:max_paths] if max_paths else children
+        probs.append(torch.stack(probs_t))
+        mass.append(mass_t)
+    return Estimate(torch.stack(probs), torch.tensor(mass, device=device), forward_tokens,
+                    forwards)
+
+
+# -----------------------------------------------------------------------------
+# the batched estimator: KV cache + tree attention
+
+# One level of the path tree: the paths of j intermediate tokens, one entry per path.
+# root: which position (index into positions), parent: index of the path it extends in level
+# j-1 (at level 1: the root itself), token: v_j, prob: prod_j p(v_j | x<=t, v_<j).
+Paths = namedtuple('Paths', 'root parent token prob')
+
+
+def children(dist, prob, root, parent, top_k, top_p):
+    """Extend paths by their candidates: the path in row i, of probability prob[i], with
+    next-token distribution dist[i], gets a child for every kept v: probability prob[i] * dist[i, v]."""
+    row, token = candidate_mask(dist, top_k, top_p).nonzero(as_tuple=True)
+    return Paths(root[row], parent[row], token, prob[row] * dist[row, token])
+
+
+def keep_most_probable(paths, max_paths):
+    """At most max_paths paths per position (0 = all), the most probable ones; grouped by root."""
+    if not max_paths:
+        return paths
+    order = paths.prob.argsort(descending=True, stable=True)
+    order = order[paths.root[order].argsort(stable=True)]  # by root, most probable first
+    root = paths.root[order]
+    rank = torch.arange(len(root), device=root.device) - torch.searchsorted(root, root)
+    keep = order[rank < max_paths]
+    return Paths(*(field[keep] for field in paths))
+
+
+def tree_chunk(levels, leaves, positions, n_cached):
+    """What one forward evaluates: the paths `leaves` of the deepest level plus all of their
+    ancestors (each once), as tokens (n,), position ids (n,) and the attention mask
+    (n, n_cached + n). The leaves are the last rows. A node sees the cached prefix x<=t of its
+    own position t and, in the chunk, exactly its ancestors and itself: the tree mask."""
+    depth = len(levels) - 1
+    nodes = {depth: leaves}  # the nodes of every depth that this chunk needs
+    for d in range(depth, 1, -1):
+        nodes[d - 1] = levels[d].parent[nodes[d]].unique()
+    tokens, depth_of, index, roots, ancestor_rows = [], [], [], [], []
+    for d in range(1, depth + 1):
+        ids = nodes[d]
+        tokens.append(levels[d].token[ids])
+        depth_of.append(torch.full_like(ids, d))
+        index.append(ids)
+        # row e-1 of ancestors: the ancestor at depth e (the node itself at e = d), -1 below d
+        ancestors = torch.full((depth, len(ids)), -1, dtype=torch.long, device=ids.device)
+        for e in range(d, 0, -1):
+            ancestors[e - 1] = ids
+            ids = levels[e].parent[ids]  # at e = 1 the parent is the root
+        roots.append(ids)
+        ancestor_rows.append(ancestors.T)
+    tokens, depth_of, index, roots = (torch.cat(x) for x in (tokens, depth_of, index, roots))
+    ancestors = torch.cat(ancestor_rows)
+    t = positions[roots]
+    sees_prefix = torch.arange(n_cached, device=t.device)[None, :] <= t[:, None]
+    # node i sees node j iff j is i's ancestor at j's depth (the same root is implied)
+    sees_tree = ancestors[:, depth_of - 1] == index[None, :]
+    return tokens, t + depth_of, torch.cat([sees_prefix, sees_tree], dim=1)
+
+
+@torch.no_grad()
+def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
+                renormalize=False, chunk_size=512, bar=None):
+    """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens,
+    a sequence of at most block_size tokens) by the sparsified sum over paths:
+
+        p(x_{t+k} | x<=t) = sum_{kept v_1..v_{k-1}} prod_j p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
+
+    The paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
+    in chunks of at most chunk_size tokens, each a forward after the cached sequence with a tree
+    attention mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared
+    ancestors (none for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate.
+    """
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device)
+    check_positions(model, len(tokens), positions, k_ahead)
+    n_cached = len(tokens)
+    cache = model.new_cache(n_cached + max(chunk_size, k_ahead))  # cache slots are not positions
+    ntp = F.softmax(next_token_logits(model, tokens[None], cache=cache)[0, positions].float(), -1)
+    P, V = ntp.shape
+    probs = ntp.new_zeros(P, k_ahead, V)
+    probs[:, 0] = ntp
+    mass = ntp.new_zeros(P, k_ahead)
+    mass[:, 0] = 1.0
+    forward_tokens, forwards = n_cached, 1
+    roots = torch.arange(P, device=device)
+    levels = [None]  # levels[j]: the kept paths of j intermediate tokens
+    frontier = children(ntp, torch.ones_like(mass[:, 0]), roots, roots, top_k, top_p)
+    for depth in range(1, k_ahead):
+        level = keep_most_probable(frontier, max_paths)
+        levels.append(level)
+        mass[:, depth].index_add_(0, level.root, level.prob)
+        frontier = []
+        # a chunk holds its leaves and up to depth-1 ancestors per leaf: <= chunk_size tokens
+        for leaves in torch.arange(len(level.prob), device=device).split(max(1, chunk_size // depth)):
+            idx, pos, mask = tree_chunk(levels, leaves, positions, n_cached)
+            logits = next_token_logits(model, idx[None], cache=cache, pos=pos, attn_mask=mask)
+            cache.rollback(n_cached)  # forget the candidates: the next chunk sees only x
+            dist = F.softmax(logits[0, -len(leaves):].float(), dim=-1)  # p(x_{t+depth+1} | path)
+            prob, root = level.prob[leaves], level.root[leaves]
+            probs[:, depth].index_add_(0, root, prob[:, None] * dist)
+            if depth + 1 < k_ahead:
+                frontier.append(children(dist, prob, root, leaves, top_k, top_p))
+            forward_tokens, forwards = forward_tokens + len(idx), forwards + 1
+            if bar is not None:
+                bar.update()
+        if frontier:
+            frontier = Paths(*(torch.cat(field) for field in zip(*frontier)))
+    if renormalize:
+        probs /= mass[:, :, None]
+    return Estimate(probs, mass, forward_tokens, forwards)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: the accuracy table
+
+def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
+    """Which positions to evaluate: [(start, n)] meaning the window tokens[start : start+n+k_ahead]
+    and its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} all lie inside the window
+    (positions without them are left out, never wrapped). Windows of `window` tokens tile the
+    sequence so every position appears at most once; a seeded shuffle picks which windows,
+    until `positions` positions are reached (or the tokens run out)."""
+    stride = window - k_ahead  # positions per window
+    if stride < 1 or n_tokens <= k_ahead:
+        raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
+                        f"{n_tokens} tokens)")
+    starts = list(range(0, n_tokens - k_ahead, stride))
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, left = [], positions
+    for i in order:
+        if left <= 0:
+            break
+        n = min(stride, n_tokens - k_ahead - starts[i], left)
+        chosen.append((starts[i], n))
+        left -= n
+    return chosen
+
+
+class Tally:
+    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from heads.count_topk,
+    summed over windows, divided at the end) and the mean captured mass."""
+
+    def __init__(self, k_ahead):
+        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
+        self.mass = None
+
+    def add(self, scores, targets, mass=None):
+        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
+        for k in range(scores.size(1)):
+            n, hits = count_topk(scores[:, k], targets[:, k])
+            self.n[k] += n
+            self.top1[k] += hits[1]
+            self.top5[k] += hits[5]
+        if mass is not None:
+            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
+            for k in range(mass.size(1)):
+                self.mass[k] += float(mass[:, k].sum())
+
+    def result(self):
+        def mean(counts):
+            return None if counts is None else [c / n if n else None
+                                                for c, n in zip(counts, self.n)]
+        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))
+
+
+def default_top_ks(vocab_size, all_vocab_max=128):
+    """top_k 1 (greedy chaining), 2, 5, 10, 50 where smaller than V, and all of V (0) if V is small."""
+    return [k for k in (1, 2, 5, 10, 50) if k < vocab_size] + ([0] if vocab_size <= all_vocab_max
+                                                                 else [])
+
+
+def row_name(top_k, top_p, max_paths):
+    # top_k = 1 ranks x_{t+k} exactly like greedy chaining: its estimate is p(argmax path) *
+    # p(x_{t+k} | argmax path), a constant times the greedy chain's distribution
+    name = {0: 'all V', 1: 'greedy (top_k=1)'}.get(top_k, f"top_k={top_k}")
+    name += f" top_p={top_p:g}" if top_p < 1 else ''
+    name += f" max_paths={max_paths}" if max_paths else ''
+    return name + (' (exact)' if name == 'all V' else '')
+
+
+class Clock:
+    """Wall-clock seconds, waiting for the GPU to finish first."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+        self.t0 = self.now()
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def seconds(self):
+        return self.now() - self.t0
+
+
+def window_batch(tokens, start, n, k_ahead, device):
+    """The window's tokens and the targets (n, k_ahead): column k-1 holds x_{t+k}."""
+    seq = torch.as_tensor(np.asarray(tokens[start:start + n + k_ahead], dtype=np.int64),
+                          device=device)
+    targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
+    return seq, targets
+
+
+@torch.no_grad()
+def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1.0, max_paths=0,
+                   renormalize=False, chunk_size=512, window=0, seed=0, progress=False):
+    """The rows of the accuracy table on the same positions and targets: marginalization for
+    every top_k in top_ks (0 = all of V; default default_top_ks), then, for a model with
+    n_future > 1, its MTP heads (head i is the column k = i). tokens: a 1-D array of ids;
+    window: tokens per window (default block_size). Each row is a dict: name, method, n,
+    top1 / top5 / mass (lists over k = 1..k_ahead, mass None for heads), forward_tokens,
+    forwards, seconds."""
+    device = next(model.parameters()).device
+    window = min(window or model.config.block_size, model.config.block_size)
+    windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
+    batches = [window_batch(tokens, start, n, k_ahead, device) for start, n in windows]
+    rows = []
+    for top_k in (default_top_ks(model.config.vocab_size) if top_ks is None else top_ks):
+        name = row_name(top_k, top_p, max_paths)
+        tally, cost, clock = Tally(k_ahead), [0, 0], Clock(device)
+        with tqdm(desc=name, unit='chunk', disable=not progress, leave=False) as bar:
+            for seq, targets in batches:
+                est = marginalize(model, seq, torch.arange(len(targets)), k_ahead, top_k, top_p,
+                                  max_paths, renormalize, chunk_size, bar)
+                tally.add(est.probs, targets, est.mass)
+                cost = [cost[0] + est.forward_tokens, cost[1] + est.forwards]
+        rows.append(dict(name=name, method='marginal', top_k=top_k, top_p=top_p,
+                         max_paths=max_paths, **tally.result(), forward_tokens=cost[0],
+                         forwards=cost[1], seconds=clock.seconds()))
+    n_future = getattr(model.config, 'n_future', 1)
+    if n_future > 1:
+        tally, cost, clock = Tally(k_ahead), 0, Clock(device)
+        for seq, targets in batches:
+            logits = model(seq[None])[0][0, :len(targets)]  # (n, n_future, V); head i: x_{t+i}
+            tally.add(logits[:, :k_ahead].float(), targets)
+            cost += len(seq)
+        rows.append(dict(name=f"MTP heads (n_future={n_future})", method='heads',
+                         **tally.result(), forward_tokens=cost, forwards=len(batches),
+                         seconds=clock.seconds()))
+    return rows
+
+
+def format_table(rows, k_ahead):
+    def cells(values, ks):
+        return ' '.join(f"{'-' if values is None or values[k] is None else f'{values[k]:.3f}':>6}"
+                        for k in ks)
+    ks, later = range(k_ahead), range(1, k_ahead)
+    width = max(len(r['name']) for r in rows)
+    head = (f"{'':{width}}  {'top-1 accuracy':^{7 * k_ahead}} {'top-5 accuracy':^{7 * k_ahead}}"
+            f" {'captured mass':^{7 * (k_ahead - 1)}}")
+    sub = (f"{'method':{width}}  " + ' '.join(f"{f'k={k + 1}':>6}" for k in ks) + '  '
+           + ' '.join(f"{f'k={k + 1}':>6}" for k in ks) + '  '
+           + ' '.join(f"{f'k={k + 1}':>6}" for k in later) + f"  {'fwd tokens':>11} {'seconds':>8}")
+    lines = [head, sub]
+    for r in rows:
+        lines.append(f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
+                     f"{cells(r['mass'], later)}  {r['forward_tokens']:>11,} {r['seconds']:>8.2f}")
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# benchmark: batched vs naive on the same positions
+
+def bench(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
+          chunk_size=512, window=0, seed=0):
+    """Run both estimators on the same positions; max abs difference of the probabilities and
+    captured masses, seconds of each and the speed ratio naive / batched."""
+    device = next(model.parameters()).device
+    window = min(window or model.config.block_size, model.config.block_size)
+    windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
+    batches = [window_batch(tokens, start, n, k_ahead, device)[0] for start, n in windows]
+    args = dict(k_ahead=k_ahead, top_k=top_k, top_p=top_p, max_paths=max_paths)
+    marginalize(model, batches[0], [0], **args)  # warm-up
+    results, seconds = {}, {}
+    for name, estimator, extra in (('naive', marginalize_naive, {}),
+                                   ('batched', marginalize, dict(chunk_size=chunk_size))):
+        clock = Clock(device)
+        results[name] = [estimator(model, seq, torch.arange(len(seq) - k_ahead), **args, **extra)
+                         for seq in batches]
+        seconds[name] = clock.seconds()
+    naive, batched = results['naive'], results['batched']
+    diff = max(max(float((a.probs - b.probs).abs().max()), float((a.mass - b.mass).abs().max()))
+               for a, b in zip(naive, batched))
+    return dict(positions=sum(n for _, n in windows), k_ahead=k_ahead, top_k=top_k, top_p=top_p,
+                max_paths=max_paths, max_abs_diff=diff, naive_s=seconds['naive'],
+                batched_s=seconds['batched'], speedup=seconds['naive'] / seconds['batched'],
+                naive_forward_tokens=sum(e.forward_tokens for e in naive),
+                batched_forward_tokens=sum(e.forward_tokens for e in batched),
+                naive_forwards=sum(e.forwards for e in naive),
+                batched_forwards=sum(e.forwards for e in batched))
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+DEFAULTS = dict(
+    ckpt='',            # checkpoint path (or gpt2 / gpt2-medium / ...)
+    input='',           # a text file to evaluate on, instead of the dataset's val.bin
+    data_dir='',        # override the checkpoint's data dir (data/<dataset>)
+    positions=256,      # how many positions t to evaluate
+    k_ahead=0,          # predict x_{t+1} .. x_{t+k_ahead}; 0 = 3 for the table, 2 for --bench
+    top_k='',           # comma list of marginalization settings, 'all' = all of V;
+                        # '' = 1,2,5,10,50(,all if V <= 128) for the table, 8 for --bench
+    top_p=1.0,          # nucleus of every step's candidates (applies to every row)
+    max_paths=0,        # at most this many paths per position (0 = no cap)
+    renormalize=False,  # divide the estimate by the captured mass
+    chunk_size=512,     # tokens per batched forward
+    window=0,           # tokens per window (0 = block_size)
+    seed=0,             # which windows
+    device='cpu',
+    bench=False,        # batched vs naive instead of the table
+    quiet=False,        # no progress bars
+)
+
+
+def parse_args(argv):
+    args = dict(DEFAULTS)
+    for arg in argv:
+        key, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or key not in DEFAULTS:
+            raise UserError(f"unknown argument {arg!r}; expected --name=value with name in "
+                            f"{', '.join(DEFAULTS)}")
+        kind = type(DEFAULTS[key])
+        if not eq and kind is not bool:
+            raise UserError(f"expected --{key}=value")
+        try:
+            if kind is bool:
+                if value.lower() not in ('', 'true', 'false', '1', '0'):
+                    raise ValueError
+                args[key] = value.lower() in ('', 'true', '1')
+            else:
+                args[key] = kind(value)
+        except ValueError:
+            raise UserError(f"--{key} expects {kind.__name__}, got {value!r}")
+    if not args['ckpt']:
+        raise UserError("--ckpt=PATH is required")
+    for key in ('positions', 'chunk_size'):
+        if args[key] < 1:
+            raise UserError(f"--{key} must be >= 1")
+    for key in ('k_ahead', 'max_paths', 'window'):
+        if args[key] < 0:
+            raise UserError(f"--{key} must be >= 0")
+    if not 0 < args['top_p'] <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {args['top_p']}")
+    top_ks = []
+    for item in filter(None, args['top_k'].split(',')):
+        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
+            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
+        top_ks.append(0 if item == 'all' else int(item))
+    args['top_k'] = top_ks or None
+    args['k_ahead'] = args['k_ahead'] or (2 if args['bench'] else 3)
+    return args
+
+
+def load_tokens(args, ckpt, vocab_size):
+    """The evaluation tokens: the --input text file, or val.bin of the checkpoint's dataset."""
+    if args['input']:
+        if not os.path.isfile(args['input']):
+            raise UserError(f"input file not found: {args['input']}")
+        if 'meta' not in ckpt:
+            raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
+        with open(args['input'], encoding='utf-8') as f:
+            text = f.read()
+        try:
+            tokens = np.array(Tokenizer(ckpt['meta']).encode(text), dtype=np.int64)
+        except ValueError as e:
+            raise UserError(f"cannot tokenize {args['input']}: {e}")
+        except Exception as e:  # tiktoken needs its cache (TIKTOKEN_CACHE_DIR) when offline
+            raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? set "
+                            f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        source = args['input']
+    else:
+        config = ckpt.get('config') or {}
+        data_dir = args['data_dir'] or config.get('data_dir') or (
+            os.path.join(REPO, 'data', config['dataset']) if config.get('dataset') else '')
+        source = os.path.join(data_dir, 'val.bin')
+        if not data_dir or not os.path.isfile(source):
+            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
+                            f"pass --input=FILE or --data_dir=DIR")
+        tokens = np.memmap(source, dtype=np.uint16, mode='r')
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
+    return tokens, source
+
+
+def main(argv):
+    args = parse_args(argv)
+    model, ckpt = load_model(args['ckpt'], args['device'])
+    model.float()  # fp32: the comparisons and sums here are about exactness
+    tokens, source = load_tokens(args, ckpt, model.config.vocab_size)
+    common = dict(positions=args['positions'], k_ahead=args['k_ahead'], top_p=args['top_p'],
+                  max_paths=args['max_paths'], chunk_size=args['chunk_size'],
+                  window=args['window'], seed=args['seed'])
+    if args['bench']:
+        top_ks = args['top_k'] or [8]
+        if len(top_ks) != 1:
+            raise UserError("--bench takes a single --top_k")
+        result = dict(ckpt=args['ckpt'], data=source,
+                      **bench(model, tokens, top_k=top_ks[0], **common))
+        print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, "
+              f"top_k={result['top_k']}: max abs diff {result['max_abs_diff']:.2e}, naive "
+              f"{result['naive_s']:.2f}s, batched {result['batched_s']:.2f}s, speedup "
+              f"{result['speedup']:.1f}x")
+        print(json.dumps(result))
+        return result
+    rows = evaluate_table(model, tokens, top_ks=args['top_k'], renormalize=args['renormalize'],
+                          progress=not args['quiet'], **common)
+    print(f"{args['ckpt']} on {source}: {rows[0]['n'][0]} positions, k_ahead={args['k_ahead']}")
+    print(format_table(rows, args['k_ahead']))
+    result = dict(ckpt=args['ckpt'], data=source, k_ahead=args['k_ahead'],
+                  positions=rows[0]['n'][0], rows=rows)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")

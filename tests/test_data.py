@@ -1,0 +1,136 @@
+"""Specification of data/prepare.py: lossless token files, the tokenizer metadata, the
+offline CLI and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.prepare import Tokenizer, prepare, load_meta
+from conftest import REPO, SHARED
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "Résumé — naïve café, 3.14 µs; tabs\tand  double  spaces!\n") * 20
+
+
+def read_ids(path):
+    return np.fromfile(path, dtype=np.uint16).tolist()
+
+
+def test_char_prepare_roundtrips_exactly(tmp_path):
+    """char: train.bin + val.bin decode (with the tokenizer in meta.json) back to the text;
+    train is the first 90%; meta.json records vocab_size = number of distinct characters."""
+    info = prepare(TEXT, str(tmp_path), 'char')
+    meta = load_meta(str(tmp_path))
+    assert meta['kind'] == 'char'
+    assert meta['vocab_size'] == len(set(TEXT)) == info['vocab_size']
+    tok = Tokenizer(meta)
+    train = read_ids(tmp_path / 'train.bin')
+    val = read_ids(tmp_path / 'val.bin')
+    assert len(train) == info['train_tokens'] and len(val) == info['val_tokens']
+    assert tok.decode(train) + tok.decode(val) == TEXT
+    assert tok.decode(train) == TEXT[:int(len(TEXT) * 0.9)]
+    assert max(train + val) < meta['vocab_size']
+
+
+def test_bpe_prepare_roundtrips_exactly(tmp_path):
+    """bpe (GPT-2 r50k_base via a local tiktoken cache): decode(train) + decode(val) is the
+    original text exactly, also across the train/val split boundary."""
+    assert os.path.isdir(os.environ.get('TIKTOKEN_CACHE_DIR', '')), \
+        f"the tiktoken cache {SHARED}/tiktoken is needed offline"
+    info = prepare(TEXT, str(tmp_path), 'bpe')
+    meta = load_meta(str(tmp_path))
+    assert meta['kind'] == 'bpe' and meta['encoding'] == 'r50k_base'
+    assert meta['vocab_size'] == 50257 == info['vocab_size']
+    tok = Tokenizer(meta)
+    train = read_ids(tmp_path / 'train.bin')
+    val = read_ids(tmp_path / 'val.bin')
+    assert tok.decode(train) + tok.decode(val) == TEXT
+    assert len(train) < len(TEXT[:int(len(TEXT) * 0.9)])  # really BPE, not characters
+    assert max(train + val) < 50257
+
+
+def test_bpe_tokenizer_matches_tiktoken():
+    """The bpe tokenizer is tiktoken's r50k_base (identical ids)."""
+    import tiktoken
+    enc = tiktoken.get_encoding('r50k_base')
+    tok = Tokenizer({'kind': 'bpe', 'encoding': 'r50k_base'})
+    assert tok.encode(TEXT) == enc.encode_ordinary(TEXT)
+    assert tok.eot == enc.eot_token == 50256
+
+
+def test_char_vocab_over_uint16_is_refused(tmp_path):
+    """A char corpus with more than 65536 distinct characters cannot be stored as uint16:
+    prepare raises a ValueError saying so, and writes nothing."""
+    text = ''.join(chr(0x10000 + i) for i in range(66000))
+    with pytest.raises(ValueError, match='uint16'):
+        prepare(text, str(tmp_path / 'big'), 'char')
+    assert not os.path.exists(tmp_path / 'big' / 'train.bin')
+
+
+def test_char_vocab_of_exactly_65536_fits(tmp_path):
+    """The uint16 limit is not off by one: 65536 distinct characters (ids 0..65535) work and
+    round-trip."""
+    text = ''.join(chr(0x10000 + i) for i in range(65536))
+    prepare(text, str(tmp_path), 'char', val_fraction=0.5)
+    tok = Tokenizer(load_meta(str(tmp_path)))
+    ids = read_ids(tmp_path / 'train.bin') + read_ids(tmp_path / 'val.bin')
+    assert max(ids) == 65535
+    assert tok.decode(ids) == text
+
+
+def test_char_tokenizer_rejects_unknown_characters():
+    """Encoding a character outside the vocabulary is a ValueError naming it."""
+    tok = Tokenizer.from_text('char', 'abc')
+    with pytest.raises(ValueError, match='z'):
+        tok.encode('abz')
+
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+def run_cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, 'data', 'prepare.py'), *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_cli_prepares_a_local_file_offline(tmp_path):
+    """`prepare.py --dataset=x --input=FILE --out_dir=DIR` needs no network, writes the files
+    and ends with a JSON summary line."""
+    src = tmp_path / 'in.txt'
+    src.write_text(TEXT, encoding='utf-8')
+    out = tmp_path / 'out'
+    r = run_cli('--dataset=x', f'--input={src}', f'--out_dir={out}',
+                env_extra={'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9'})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary['vocab_size'] == len(set(TEXT))
+    assert summary['train_tokens'] + summary['val_tokens'] == len(TEXT)
+    tok = Tokenizer(load_meta(str(out)))
+    assert tok.decode(read_ids(out / 'train.bin') + read_ids(out / 'val.bin')) == TEXT
+
+
+def _assert_one_line_error(r):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith('error:')
+    assert 'Traceback' not in r.stderr
+    return lines[0]
+
+
+def test_cli_unknown_flag_is_a_one_line_error(tmp_path):
+    """An unknown --flag exits nonzero with a single 'error:' line naming the valid flags."""
+    line = _assert_one_line_error(run_cli('--bogus=1', f'--out_dir={tmp_path}'))
+    assert 'bogus' in line and 'input' in line
+
+
+def test_cli_missing_input_is_a_one_line_error(tmp_path):
+    """A missing --input file exits nonzero with a single 'error:' line naming the file."""
+    missing = tmp_path / 'nope.txt'
+    line = _assert_one_line_error(run_cli('--dataset=x', f'--input={missing}',
+                                          f'--out_dir={tmp_path / "out"}'))
+    assert 'nope.txt' in line

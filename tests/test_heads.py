@@ -1,0 +1,340 @@
+"""Specification of the multi-token prediction heads (heads.py) and of the training strategies
+for adapted models in train.py (freeze_trunk, head warmup, differential LR)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+import train as T
+from heads import (MTPGPT, MTPConfig, head_targets, mtp_loss, count_topk, loss_weights_for,
+                   model_from_checkpoint)
+from conftest import tiny_config, tiny_gpt, run_train
+
+TOL = 1e-5
+
+
+def tiny_mtp(n_future=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MTPGPT(MTPConfig(**tiny_config().__dict__, n_future=n_future, **kw))
+
+
+def batch(T_=12, B=2, vocab=40, seed=1):
+    """Inputs x_0..x_{T-1} and next-token targets y[t] = x_{t+1}."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(vocab, (B, T_ + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:], seq
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# targets, loss, accuracy counting
+
+def test_head_targets_align_head_i_with_x_t_plus_i():
+    """head_targets(y, i)[t] = x_{t+i} where it exists (y[t] = x_{t+1}); the last i-1
+    positions have no target (-1) -- nothing wraps around."""
+    seq = torch.tensor([[10, 11, 12, 13, 14, 15, 16],
+                        [20, 21, 22, 23, 24, 25, 26]])
+    y = seq[:, 1:]          # x_0..x_5 as inputs, targets x_1..x_6
+    Tn = y.size(1)
+    for i in range(1, 5):
+        t_i = head_targets(y, i)
+        assert t_i.shape == y.shape
+        for t in range(Tn):
+            if t + i <= Tn:
+                assert (t_i[:, t] == seq[:, t + i]).all(), (i, t)
+            else:
+                assert (t_i[:, t] == -1).all(), (i, t)
+        assert int((t_i == -1).sum()) == 2 * (i - 1)
+    assert head_targets(y, 3)[0].tolist() == [13, 14, 15, 16, -1, -1]
+
+
+def test_mtp_loss_equals_hand_computation():
+    """mtp_loss = sum_i lambda_i * mean over valid t of -log softmax(logits_i[t])[x_{t+i}],
+    and ignored (-1) positions in the given targets are skipped too."""
+    torch.manual_seed(0)
+    B, Tn, n, V = 2, 7, 3, 11
+    logits = torch.randn(B, Tn, n, V)
+    _, y, seq = batch(Tn, B, V)
+    y = y.clone()
+    y[1, 2] = -1            # an unknown target: skipped by every head that would use it
+    weights = [1.0, 0.5, 0.25]
+    expected = 0.0
+    for i in range(1, n + 1):
+        terms = []
+        for b in range(B):
+            for t in range(Tn):
+                if t + i - 1 < Tn and y[b, t + i - 1] >= 0:
+                    target = int(y[b, t + i - 1])
+                    terms.append(-torch.log_softmax(logits[b, t, i - 1], -1)[target])
+        expected += weights[i - 1] * torch.stack(terms).mean()
+    assert mtp_loss(logits, y, weights).item() == pytest.approx(expected.item(), abs=1e-6)
+    # default weights are all 1
+    unweighted = mtp_loss(logits, y)
+    assert unweighted.item() != pytest.approx(expected.item(), abs=1e-3)
+
+
+def test_loss_weights_for():
+    assert loss_weights_for(3) == [1.0, 1.0, 1.0]
+    assert loss_weights_for(4, None, 0.5, 0.5) == [1.0, 0.5, 0.25, 0.125]
+    assert loss_weights_for(2, [1, 0.3]) == [1, 0.3]
+    with pytest.raises(M.UserError, match='3 heads'):
+        loss_weights_for(3, [1.0, 1.0])
+
+
+def test_count_topk_is_exact_and_skips_missing_targets():
+    """Top-1 / top-5 hit counts on a hand-built score tensor; targets of -1 are not counted
+    (neither as a target nor as a hit, even though index 0 might be a top score)."""
+    V = 8
+    order = torch.arange(V, 0, -1).float()          # token 0 best, 1 second, ... 7 worst
+    scores = order.repeat(2, 3, 1)                   # (2, 3, V)
+    targets = torch.tensor([[0, 1, 4],               # top1 hit, top5 hit (rank 2), top5 hit (rank 5)
+                            [5, -1, 7]])             # miss (rank 6), ignored, miss
+    n, hits = count_topk(scores, targets)
+    assert n == 5
+    assert hits == {1: 1, 5: 3}
+    n, hits = count_topk(scores, torch.full((2, 3), -1))
+    assert n == 0 and hits == {1: 0, 5: 0}
+    n, hits = count_topk(scores[:, :, :3], torch.tensor([[0, 1, 2], [2, 1, 0]]))  # V < 5
+    assert n == 6 and hits == {1: 2, 5: 6}
+
+
+# -----------------------------------------------------------------------------
+# adapting a next-token model
+
+@pytest.mark.parametrize('attach', [0, 1, 2])
+def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach):
+    """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a): head 1 gives the source model's
+    logits for every a in 0..n_layer-1 (and at init the other heads are copies of it)."""
+    src = tiny_gpt(n_layer=3)
+    mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach).eval()
+    assert len(mtp.transformer.h) == attach
+    assert all(len(h.blocks) == 3 - attach for h in mtp.heads)
+    x, _, _ = batch()
+    with torch.no_grad():
+        ref, _ = src(x)
+        out, _ = mtp(x)
+    for i in range(3):
+        assert max_diff(out[:, :, i], ref) <= TOL
+
+
+def test_from_gpt_of_an_mtp_model_uses_its_head1_path():
+    """Adapting an MTPGPT re-uses trunk + head 1 (its next-token path)."""
+    src = tiny_mtp(n_future=2).eval()
+    mtp = MTPGPT.from_gpt(src, n_future=4, attach_layer=0).eval()
+    x, _, _ = batch()
+    with torch.no_grad():
+        ref, _ = src(x, n_heads=1)
+        out, _ = mtp(x)
+    assert max_diff(out[:, :, 0], ref[:, :, 0]) <= TOL
+    whs = MTPGPT.from_gpt(src, n_future=2, whs=True)
+    with pytest.raises(M.UserError, match='head 1'):
+        MTPGPT.from_gpt(whs, n_future=2)
+
+
+def test_one_head_mtp_model_is_the_plain_gpt():
+    """n_future=1: the same parameter count as model.GPT and, with identical weights, the same
+    logits and loss."""
+    cfg = tiny_config()
+    assert MTPGPT(MTPConfig(**cfg.__dict__, n_future=1)).num_params() == M.GPT(cfg).num_params()
+    src = tiny_gpt()
+    mtp = MTPGPT.from_gpt(src, n_future=1).eval()
+    assert mtp.num_params() == src.num_params()
+    assert mtp.num_params(non_embedding=False) == src.num_params(non_embedding=False)
+    x, y, _ = batch()
+    with torch.no_grad():
+        ref_logits, ref_loss = src(x, y)
+        logits, loss = mtp(x, y)
+    assert max_diff(logits[:, :, 0], ref_logits) <= TOL
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=TOL)
+
+
+def test_whs_at_init_equals_plain_heads_and_learns():
+    """WHS starts as 'read the last trunk layer': its logits equal those of the same model
+    without WHS; after a backward every head's whs_logits has a nonzero gradient."""
+    src = tiny_gpt()
+    plain = MTPGPT.from_gpt(src, n_future=3, attach_layer=1).eval()
+    whs = MTPGPT.from_gpt(src, n_future=3, attach_layer=1, whs=True).eval()
+    # perturb head 2 and 3 identically in both so the heads differ from each other
+    torch.manual_seed(5)
+    for hp, hw in zip(plain.heads[1:], whs.heads[1:]):
+        for p, q in zip(hp.blocks.parameters(), hw.blocks.parameters()):
+            noise = 0.02 * torch.randn_like(p)
+            with torch.no_grad():
+                p.add_(noise)
+                q.add_(noise)
+    x, y, _ = batch()
+    with torch.no_grad():
+        a, _ = plain(x)
+        b, _ = whs(x)
+    assert max_diff(a, b) <= TOL
+    whs.train()
+    _, loss = whs(x, y)
+    loss.backward()
+    for head in whs.heads:
+        assert head.whs_logits.grad is not None
+        assert head.whs_logits.grad.abs().sum().item() > 0
+
+
+def test_linear_heads_start_as_the_plain_model():
+    """Medusa (linear) heads are the identity at init: every head's logits equal the source
+    model's."""
+    src = tiny_gpt()
+    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='linear').eval()
+    assert mtp.config.attach_layer == 3 and len(mtp.transformer.h) == 3
+    x, _, _ = batch()
+    with torch.no_grad():
+        ref, _ = src(x)
+        out, _ = mtp(x)
+    for i in range(3):
+        assert max_diff(out[:, :, i], ref) <= TOL
+
+
+def test_model_from_checkpoint_roundtrip_and_mismatch():
+    """A checkpoint's model_args + weights rebuild the same model; weights that do not match
+    model_args are a one-line UserError."""
+    from dataclasses import asdict
+    mtp = tiny_mtp(n_future=2, whs=True).eval()
+    ckpt = dict(model=mtp.state_dict(), model_args=asdict(mtp.config))
+    back = model_from_checkpoint(ckpt).eval()
+    x, _, _ = batch()
+    with torch.no_grad():
+        assert max_diff(back(x)[0], mtp(x)[0]) == 0
+    bad = dict(ckpt, model_args=dict(ckpt['model_args'], n_future=3))
+    with pytest.raises(M.UserError) as e:
+        model_from_checkpoint(bad)
+    assert '\n' not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# the memory-efficient backward
+
+@pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(attach_layer=0, whs=True),
+                                dict(head_type='linear', attach_layer=3)],
+                         ids=['block', 'whs', 'whs-attach0', 'linear'])
+def test_sequential_backward_gives_the_same_gradients(kw):
+    """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
+    of mtp_loss(...).backward() for every parameter, and the same loss value."""
+    a = tiny_mtp(n_future=3, **kw).train()
+    torch.manual_seed(3)
+    with torch.no_grad():  # move away from init so every path carries gradient
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = copy.deepcopy(a)
+    x, y, _ = batch(T_=10, B=3)
+    weights = [1.0, 0.6, 0.3]
+    _, loss = a(x, y, loss_weights=weights)
+    loss.backward()
+    total = b.forward_backward_sequential(x, y, loss_weights=weights)
+    assert float(total) == pytest.approx(loss.item(), abs=TOL)
+    named_b = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        q = named_b[name]
+        assert p.grad is not None and q.grad is not None, name
+        assert max_diff(p.grad, q.grad) <= TOL, name
+
+
+# -----------------------------------------------------------------------------
+# training strategies for adapted models (train.py)
+
+class SaveRecorder:
+    """Wraps train.save_checkpoint: keeps a copy of the weights and optimizer param groups of
+    every checkpoint the run writes, keyed by iteration."""
+
+    def __init__(self, monkeypatch):
+        self.real = T.save_checkpoint
+        self.saves = {}
+        monkeypatch.setattr(T, 'save_checkpoint', self)
+
+    def __call__(self, obj, path):
+        self.saves[obj['iter_num']] = dict(
+            model={k: v.detach().clone() for k, v in obj['model'].items()},
+            groups=copy.deepcopy(obj['optimizer']['param_groups']),
+            config=obj['config'])
+        self.real(obj, path)
+
+
+def trunk_keys(state):
+    return [k for k in state if not k.startswith('heads.')]
+
+
+def test_freeze_trunk_trains_only_the_heads(corpus, ntp_ckpt, tmp_path):
+    """--freeze_trunk=true from an NTP checkpoint: the trunk (embeddings, trunk blocks, final
+    norm, unembedding) is bit-identical after training, the heads changed, and the optimizer
+    holds neither groups nor state for trunk parameters."""
+    src = M.load_checkpoint(ntp_ckpt)['model']
+    out = tmp_path / 'out'
+    run_train(corpus, out, f'--init_from={ntp_ckpt}', '--freeze_trunk=true', '--max_iters=5',
+              '--eval_interval=5')
+    ckpt = M.load_checkpoint(str(out / 'ckpt.pt'))
+    state = ckpt['model']
+    keys = trunk_keys(state)
+    assert 'transformer.wte.weight' in keys and 'transformer.h.0.attn.c_attn.weight' in keys
+    for k in keys:
+        assert torch.equal(state[k], src[k]), k
+    assert not torch.equal(state['heads.0.blocks.0.mlp.c_fc.weight'],
+                           src['heads.0.blocks.0.mlp.c_fc.weight'])
+    model = model_from_checkpoint(ckpt)
+    n_head_params = len(list(model.heads.parameters()))
+    groups = ckpt['optimizer']['param_groups']
+    assert {g['name'] for g in groups} == {'heads'}
+    assert sum(len(g['params']) for g in groups) == n_head_params
+    assert len(ckpt['optimizer']['state']) == n_head_params
+
+
+def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_path,
+                                                          monkeypatch):
+    """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
+    heads have moved); by iteration 8 the trunk has been trained too."""
+    rec = SaveRecorder(monkeypatch)
+    src = M.load_checkpoint(ntp_ckpt)['model']
+    run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_warmup_iters=4',
+              '--max_iters=8', '--eval_interval=4', '--eval_iters=1')
+    assert sorted(rec.saves) == [4, 8]
+    at4, at8 = rec.saves[4]['model'], rec.saves[8]['model']
+    for k in trunk_keys(at4):
+        assert torch.equal(at4[k], src[k]), k
+    head_w = 'heads.0.blocks.0.attn.c_attn.weight'
+    assert not torch.equal(at4[head_w], src[head_w])
+    changed = [k for k in trunk_keys(at8) if not torch.equal(at8[k], src[k])]
+    assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
+
+
+def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
+    """--trunk_lr_scale=0.25: at every step the trunk's param groups have lr = 0.25 *
+    get_lr(it) and the heads' groups lr = get_lr(it)."""
+    rec = SaveRecorder(monkeypatch)
+    run_train(corpus, tmp_path / 'out', '--trunk_lr_scale=0.25', '--max_iters=5',
+              '--eval_interval=1', '--eval_iters=1', '--warmup_iters=2', '--lr_decay_iters=5')
+    assert sorted(rec.saves) == [1, 2, 3, 4, 5]
+    lrs = set()
+    for it, saved in rec.saves.items():
+        cfg = T.TrainConfig(**saved['config'])
+        lr = T.get_lr(it - 1, cfg)  # the LR of the step that produced iteration `it`
+        lrs.add(lr)
+        names = {g['name'] for g in saved['groups']}
+        assert names == {'trunk', 'heads'}
+        for g in saved['groups']:
+            expected = lr * (0.25 if g['name'] == 'trunk' else 1.0)
+            assert g['lr'] == pytest.approx(expected, rel=1e-12), (it, g['name'])
+    assert len(lrs) == 5  # the schedule really moved
+
+
+# -----------------------------------------------------------------------------
+# it learns to look two tokens ahead
+
+def test_head2_learns_the_token_after_next(corpus, tmp_path):
+    """On a corpus of random 8-letter words (x_{t+2} is determined by x_t inside a word), a
+    short n_future=2 run lifts head 2's top-1 val accuracy far above chance (1/32)."""
+    s = run_train(corpus, tmp_path / 'out', '--n_future=2', '--max_iters=80',
+                  '--eval_interval=80', '--eval_iters=4', '--batch_size=16')
+    head2 = s['val_heads'][1]
+    assert head2['head'] == 2
+    assert head2['top1'] > 0.5      # chance is 1/32
+    assert head2['top5'] > 0.9
+    assert head2['loss'] < math.log(32) - 1.5
