@@ -6,12 +6,14 @@ Read top to bottom:
   KVCache            per-layer keys/values; append a chunk of T >= 1 tokens, roll back to any length
   CausalSelfAttention, MLP, Block   pre-LN transformer block (the only attention in the codebase)
   GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding
-  checkpoints        atomic save, load with one-line errors, tokenizer metadata
+  checkpoints        atomic save, load with one-line errors
+  parse_flags        the --name=value command line shared by every script
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
 heads (heads.py) can branch off at any layer and WHS can mix them. This file imports nothing of
 the project.
 """
+import ast
 import inspect
 import math
 import os
@@ -334,3 +336,67 @@ def load_checkpoint(path, map_location='cpu'):
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise UserError(f"{path} is not a nanoMTP checkpoint (no model/model_args)")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# the command line shared by every script: --name=value (nanoGPT's convention)
+
+def _convert(name, value, default):
+    """Give `value` (a string from the command line, or a literal from a preset) the type of
+    `default`; UserError if it cannot be."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                if value.lower() not in ('true', 'false', '1', '0'):
+                    raise ValueError
+                return value.lower() in ('true', '1')
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_preset(path):
+    """[(name, value, where)] from a preset file of `name = value` lines (Python literals)."""
+    if not os.path.isfile(path):
+        raise UserError(f"preset file not found: {path}")
+    try:
+        items = []
+        for node in ast.parse(open(path).read(), path).body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                raise ValueError(f"line {node.lineno} is not `name = value`")
+            items.append((node.targets[0].id, ast.literal_eval(node.value),
+                          f"{path}:{node.lineno}"))
+        return items
+    except (SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read preset {path}: {e}")
+
+
+def parse_flags(argv, defaults, presets=False):
+    """A dict like `defaults`, updated from argv: `--name=value` (a bare `--name` sets a bool
+    flag), and preset files given as plain paths when `presets`. Values take the type of the
+    default. Unknown names and wrong types are UserErrors that say what is valid."""
+    values, items = dict(defaults), []
+    for arg in argv:
+        if arg.startswith('--'):
+            name, eq, value = arg[2:].partition('=')
+            if not eq and type(defaults.get(name)) is bool:
+                value = 'true'
+            elif not eq:
+                raise UserError(f"expected --name=value, got {arg!r}")
+            items.append((name, value, arg))
+        elif presets:
+            items += read_preset(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}; expected --name=value")
+    for name, value, where in items:
+        if name not in defaults:
+            raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(defaults)}")
+        values[name] = _convert(name, value, defaults[name])
+    return values

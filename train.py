@@ -11,7 +11,6 @@ init_from: 'scratch' (random init), 'resume' (continue out_dir/ckpt.pt), a check
 head a copy of the rest; joint training unless freeze_trunk / head_warmup_iters say otherwise).
 The model shape of an adapted model comes from its source, not from the flags.
 """
-import ast
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import UserError, save_checkpoint, load_checkpoint
+from model import UserError, save_checkpoint, load_checkpoint, parse_flags
 from heads import (MTPGPT, MTPConfig, loss_weights_for, head_targets, count_topk, load_model,
                    model_from_checkpoint)
 
@@ -38,17 +37,17 @@ class TrainConfig:
     dataset: str = 'shakespeare_char'   # reads data/<dataset>/{train,val}.bin and meta.json
     data_dir: str = ''                  # overrides data/<dataset>
     init_from: str = 'scratch'          # scratch | resume | path/to/ckpt.pt | gpt2[-medium|-large|-xl]
-    eval_interval: int = 250
+    eval_interval: int = 500
     eval_iters: int = 20                # batches per split per evaluation
     log_interval: int = 10
     # data
-    batch_size: int = 32
-    block_size: int = 128
+    batch_size: int = 16
+    block_size: int = 64
     grad_accum: int = 1                 # micro-batches per optimizer step (split across ranks)
     # model (ignored when adapting a checkpoint: the source decides)
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 192
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False
     # multi-token prediction
@@ -85,55 +84,10 @@ class TrainConfig:
 # -----------------------------------------------------------------------------
 # configuration: defaults < preset file < --name=value
 
-def _convert(name, value, kind):
-    if isinstance(value, str) and kind is not str:
-        text = value
-        try:
-            if kind is bool:
-                if text.lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                return text.lower() in ('true', '1')
-            return kind(text)
-        except ValueError:
-            raise UserError(f"--{name} expects {kind.__name__}, got {text!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
-    return value
-
-
 def parse_config(argv, base=None):
     """TrainConfig from a list like ['preset.py', '--max_iters=100']. A preset file holds
     `name = value` lines (Python literals). Unknown keys and wrong types are UserErrors."""
-    cfg = asdict(base or TrainConfig())
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    valid = ', '.join(kinds)
-    overrides = []
-    for arg in argv:
-        if arg.startswith('--'):
-            key, eq, value = arg[2:].partition('=')
-            if not eq:
-                raise UserError(f"expected --name=value, got {arg!r}")
-            overrides.append((key, value, arg))
-        else:
-            if not os.path.isfile(arg):
-                raise UserError(f"preset file not found: {arg}")
-            try:
-                tree = ast.parse(open(arg).read(), arg)
-                for node in tree.body:
-                    if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                            and isinstance(node.targets[0], ast.Name)):
-                        raise ValueError(f"line {node.lineno} is not `name = value`")
-                    overrides.append((node.targets[0].id, ast.literal_eval(node.value),
-                                      f"{arg}:{node.lineno}"))
-            except (SyntaxError, ValueError) as e:
-                raise UserError(f"cannot read preset {arg}: {e}")
-    for key, value, where in overrides:
-        if key not in kinds:
-            raise UserError(f"unknown config key {key!r} ({where}); valid keys: {valid}")
-        cfg[key] = _convert(key, value, kinds[key])
-    return TrainConfig(**cfg)
+    return TrainConfig(**parse_flags(argv, asdict(base or TrainConfig()), presets=True))
 
 
 def check_config(cfg):
