@@ -379,10 +379,10 @@ def read_preset(path):
 
 
 def parse_flags(argv, defaults, presets=False):
-    """A dict like `defaults`, updated from argv: `--name=value` (a bare `--name` sets a bool
-    flag), and preset files given as plain paths when `presets`. Values take the type of the
+    """A dict like `defaults`, updated from preset files given as plain paths (when `presets`),
+    then from `--name=value` flags (a bare `--name` sets a bool). Values take the type of the
     default. Unknown names and wrong types are UserErrors that say what is valid."""
-    values, items = dict(defaults), []
+    values, preset_items, flag_items = dict(defaults), [], []
     for arg in argv:
         if arg.startswith('--'):
             name, eq, value = arg[2:].partition('=')
@@ -390,12 +390,12 @@ def parse_flags(argv, defaults, presets=False):
                 value = 'true'
             elif not eq:
                 raise UserError(f"expected --name=value, got {arg!r}")
-            items.append((name, value, arg))
+            flag_items.append((name, value, arg))
         elif presets:
-            items += read_preset(arg)
+            preset_items += read_preset(arg)
         else:
             raise UserError(f"unexpected argument {arg!r}; expected --name=value")
-    for name, value, where in items:
+    for name, value, where in preset_items + flag_items:  # flags win over presets
         if name not in defaults:
             raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(defaults)}")
         values[name] = _convert(name, value, defaults[name])

@@ -360,6 +360,13 @@ def train(cfg):
                                             loss_weights),
                              val=evaluate(raw_model, val_batches, cfg.eval_iters, autocast,
                                           loss_weights))
+            bad = [last_eval[s]['loss'] for s in ('train', 'val')
+                   if not math.isfinite(last_eval[s]['loss'])]
+            if bad:  # diverged during the last step: never overwrite the good checkpoint
+                bar.close()
+                raise UserError(f"loss is {bad[0]} at the evaluation of iter {iter_num}: stopping; "
+                                f"the last good checkpoint ({ckpt_path}) is intact; try a lower "
+                                f"learning_rate")
             best_val = min(best_val, last_eval['val']['loss'])
             heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
                              for h in last_eval['val']['heads'])
