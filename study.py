@@ -143,7 +143,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
         return os.path.join(run_dir, 'ckpt.pt')
     summary = trainer.train(tc)
     with open(os.path.join(run_dir, 'done.json'), 'w') as f:
-        json.dump({k: v for k, v in summary.items() if k not in ('losses', 'model')}, f)
+        json.dump(trainer.printable(summary), f)
     return summary['ckpt']
 
 

@@ -14,6 +14,7 @@ The model shape of an adapted model comes from its source, not from the flags.
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -308,13 +309,17 @@ def train(cfg):
                                                       batches=train_batches.gen.get_state())),
                         ckpt_path)
 
+    def diverged(loss, where):
+        raise UserError(f"loss is {loss} at {where}: stopping; the last good checkpoint "
+                        f"({ckpt_path}) is intact; try a lower learning_rate")
+
     log = (lambda s: None) if (cfg.quiet or not master) else tqdm.write
     if master and not cfg.quiet:
         log(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config.n_future} heads, "
             f"device {device}, dtype {dtype}, {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} "
             f"tokens/iter")
-    losses, last_eval = {}, None
-    train_time, t0 = 0.0, time.time()
+    losses, step_ms, last_eval = {}, [], None
+    t0 = time.time()
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=cfg.quiet or not master,
                dynamic_ncols=True)
     while iter_num < cfg.max_iters:
@@ -338,8 +343,7 @@ def train(cfg):
                     _, loss = model(x, y, loss_weights=loss_weights)
             if not torch.isfinite(loss):
                 bar.close()
-                raise UserError(f"loss is {loss.item()} at iter {iter_num}: stopping; the last good "
-                                f"checkpoint ({ckpt_path}) is intact; try a lower learning_rate")
+                diverged(loss.item(), f"iter {iter_num}")
             if not cfg.memory_efficient:
                 (loss / micro_steps).backward()
             loss_accum += loss.item() / micro_steps
@@ -349,7 +353,7 @@ def train(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        train_time += time.time() - t_step
+        step_ms.append(1000 * (time.time() - t_step))
         losses[iter_num] = loss_accum
         bar.update(1)
         if iter_num % cfg.log_interval == 0:
@@ -364,9 +368,7 @@ def train(cfg):
                    if not math.isfinite(last_eval[s]['loss'])]
             if bad:  # diverged during the last step: never overwrite the good checkpoint
                 bar.close()
-                raise UserError(f"loss is {bad[0]} at the evaluation of iter {iter_num}: stopping; "
-                                f"the last good checkpoint ({ckpt_path}) is intact; try a lower "
-                                f"learning_rate")
+                diverged(bad[0], f"the evaluation of iter {iter_num}")
             best_val = min(best_val, last_eval['val']['loss'])
             heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
                              for h in last_eval['val']['heads'])
@@ -377,20 +379,25 @@ def train(cfg):
     bar.close()
     if ddp:
         dist.destroy_process_group()
-    steps_run = len(losses)
     summary = dict(iters=iter_num, train_loss=losses[max(losses)] if losses else None,
                    val_loss=last_eval['val']['loss'] if last_eval else None,
                    val_heads=last_eval['val']['heads'] if last_eval else None,
-                   ms_per_iter=1000 * train_time / max(1, steps_run),
-                   time_s=time.time() - t0, ckpt=ckpt_path, losses=losses, model=raw_model)
+                   ms_per_iter=statistics.median(step_ms) if step_ms else None,
+                   time_s=time.time() - t0, ckpt=ckpt_path, losses=losses, step_ms=step_ms,
+                   model=raw_model)
     return summary
+
+
+def printable(summary):
+    """The JSON-friendly part of train()'s summary (without the model and per-step lists)."""
+    return {k: v for k, v in summary.items() if k not in ('losses', 'step_ms', 'model')}
 
 
 def main(argv):
     cfg = parse_config(argv)
     summary = train(cfg)
     if int(os.environ.get('RANK', 0)) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ('losses', 'model')}))
+        print(json.dumps(printable(summary)))
 
 
 if __name__ == '__main__':
