@@ -1,0 +1,153 @@
+"""
+Benchmarks of nanoMTP, one section per question:
+
+    python bench.py decode --ckpt=out/ckpt.pt                       # vanilla vs self-speculative
+    python bench.py decode --ckpt=out/ckpt.pt --draft=small/ckpt.pt  # ... and a draft model
+
+decode: the same prompts (num_prompts windows of prompt_len tokens, evenly spaced over the
+checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with the same checkpoint
+and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved. It
+prints tokens/s (median over repeats), the speedup over vanilla, tau, the per-position acceptance
+and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
+JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla (MTP_NOTES.md section 4).
+
+To add a section: write bench_<name>(argv) returning a summary dict and register it in SECTIONS.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import UserError
+from heads import load_model
+from sample import (generate, generate_self_speculative, generate_two_model, parse_flags,
+                    pick_device, autocast_for)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# decode
+
+DECODE_FLAGS = dict(ckpt='out/ckpt.pt', draft='', gamma=4, data='', num_prompts=20,
+                    prompt_len=64, max_new_tokens=64, repeats=3, temperature=0.8, top_k=0,
+                    top_p=1.0, seed=1337, device='auto', dtype='auto')
+
+
+def val_prompts(ckpt, data_path, num_prompts, prompt_len):
+    """num_prompts windows of prompt_len tokens, evenly spaced over the validation tokens."""
+    if not data_path:
+        config = ckpt.get('config') or {}
+        data_dir = config.get('data_dir') or os.path.join(REPO, 'data',
+                                                          config.get('dataset', ''))
+        data_path = os.path.join(data_dir, 'val.bin')
+    if not os.path.isfile(data_path):
+        raise UserError(f"validation tokens not found: {data_path}; pass --data=path/to/val.bin")
+    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
+        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
+                        f"{data_path} ({len(data)} tokens)")
+    starts = np.linspace(0, len(data) - prompt_len, num_prompts).astype(int)
+    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
+
+
+def bench_decode(argv):
+    args = parse_flags(argv, DECODE_FLAGS)
+    if args['repeats'] < 1 or args['max_new_tokens'] < 1:
+        raise UserError("repeats and max_new_tokens must be >= 1")
+    device = pick_device(args['device'])
+    autocast = autocast_for(args['dtype'], device)
+    model, ckpt = load_model(args['ckpt'], device)
+    prompts = val_prompts(ckpt, args['data'], args['num_prompts'], args['prompt_len'])
+    n_new = args['max_new_tokens']
+    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw)}
+    if model.config.n_future > 1:
+        modes['self'] = lambda prompt, **kw: generate_self_speculative(model, prompt, n_new, **kw)
+    if args['draft']:
+        draft, _ = load_model(args['draft'], device)
+        modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
+                                                                 args['gamma'], **kw)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+
+    def run_all(mode, seed, **sampling):
+        """Decode every prompt; (tokens/s, summed Stats, outputs)."""
+        generator = torch.Generator(device).manual_seed(seed)
+        stats, outputs = None, []
+        sync()
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            result = modes[mode](prompt, generator=generator, **sampling)
+            stats = result.stats if stats is None else stats.add(result.stats)
+            outputs.append(result.tokens)
+        sync()
+        return stats.new_tokens / (time.perf_counter() - t0), stats, outputs
+
+    settings = {'greedy': dict(temperature=0.0),
+                'sampling': dict(temperature=args['temperature'], top_k=args['top_k'],
+                                 top_p=args['top_p'])}
+    results = {}
+    with autocast:
+        for mode in modes:  # warm-up: allocator, kernels, caches
+            modes[mode](prompts[0], temperature=0.0)
+            modes[mode](prompts[0], generator=torch.Generator(device), **settings['sampling'])
+        for setting, sampling in settings.items():
+            speeds = {mode: [] for mode in modes}
+            stats, outputs = {}, {}
+            for r in range(args['repeats']):
+                for mode in modes:  # interleaved, so a slow patch of the machine hits all modes
+                    tokens_per_s, stats[mode], outputs[mode] = run_all(mode, args['seed'] + r,
+                                                                       **sampling)
+                    speeds[mode].append(tokens_per_s)
+            vanilla_speed = statistics.median(speeds['vanilla'])
+            results[setting] = {}
+            for mode in modes:
+                s = stats[mode].summary()
+                results[setting][mode] = dict(
+                    tokens_per_s=statistics.median(speeds[mode]),
+                    speedup=statistics.median(speeds[mode]) / vanilla_speed,
+                    tau=s['tau'], acceptance=s['acceptance'],
+                    target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+                    identical=outputs[mode] == outputs['vanilla'] if setting == 'greedy' else None)
+
+    print(f"decode benchmark: {args['ckpt']} ({model.config.n_future} heads), {len(prompts)} "
+          f"prompts x {args['prompt_len']} tokens -> {n_new} new tokens, {args['repeats']} "
+          f"repeats, device {device}, dtype {args['dtype']}")
+    for setting, rows in results.items():
+        temperature = settings[setting]['temperature']
+        print(f"{setting} (temperature {temperature})")
+        print(f"  {'mode':8} {'tokens/s':>9} {'speedup':>8} {'tau':>5} {'target fwd':>10} "
+              f"{'draft fwd':>9}  {'greedy == vanilla':17}  acceptance by position")
+        for mode, row in rows.items():
+            acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in row['acceptance'])
+            same = {True: 'yes', False: 'NO', None: '-'}[row['identical']]
+            print(f"  {mode:8} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
+                  f"{row['tau'] or 0:5.2f} {row['target_forwards']:10d} "
+                  f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
+    summary = dict(section='decode', ckpt=args['ckpt'], draft=args['draft'] or None,
+                   n_future=model.config.n_future, num_prompts=len(prompts),
+                   prompt_len=args['prompt_len'], max_new_tokens=n_new, repeats=args['repeats'],
+                   device=device, dtype=args['dtype'], **results)
+    print(json.dumps(summary))
+    return summary
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {'decode': bench_decode}
+
+
+def main(argv):
+    if not argv or argv[0] not in SECTIONS:
+        raise UserError(f"usage: python bench.py {{{'|'.join(SECTIONS)}}} --name=value ...")
+    return SECTIONS[argv[0]](argv[1:])
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,459 @@
+"""Specification of sample.py: vanilla, self-speculative and two-model decoding.
+
+Tiny fp32 models on the CPU. Two kinds:
+  random_model    random weights with a large init (peaked, distinct distributions): its MTP
+                  heads are untrained, so drafts are mostly rejected;
+  counting_model  hand-set weights whose next token is (x + 1) mod V and whose head i predicts
+                  (x + i) mod V: perfect drafts. `wrong` makes chosen (head, token) pairs draft
+                  a wrong token, so rejections happen at every draft position.
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from heads import MTPGPT, MTPConfig
+from model import UserError, save_checkpoint
+from sample import (probs_from_logits, verify, generate, generate_self_speculative,
+                    generate_two_model, encode_prompt, stop_tokens)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models are fastest single-threaded, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3):
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
+                             block_size=block_size, n_future=n_future))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.eval()
+
+
+def counting_model(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64):
+    """Every token is the previous one + 1 (mod vocab); head i predicts x + i, except that for
+    (i, x) in `wrong` it predicts x + i + 1. Each head's MLP maps the one-hot embedding of x to
+    that of its target; the attention outputs are zeroed. A little noise on every weight keeps
+    attention and positions in play (the cache holds real, position-dependent keys and values)
+    without moving any argmax."""
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
+                             block_size=block_size, n_future=n_future))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, noise)
+        model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
+        blocks = list(model.transformer.h) + [b for head in model.heads for b in head.blocks]
+        for block in blocks:
+            block.attn.c_proj.weight.mul_(0.0)
+            block.mlp.c_proj.weight.mul_(0.0)
+        for i, head in enumerate(model.heads, start=1):
+            mlp = head.blocks[0].mlp
+            mlp.c_fc.weight[:vocab, :vocab] += torch.eye(vocab)   # hidden unit x fires for token x
+            for x in range(vocab):
+                target = (x + i + ((i, x) in wrong)) % vocab
+                mlp.c_proj.weight[target, x] += 2.0
+    return model.eval()
+
+
+def random_prompts(n, vocab, max_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def assert_cache_equals_fresh_prefill(model, seq, window, layers=None):
+    """The cache of a run (every layer, head layers included, unless `layers` says which)
+    equals a fresh prefill of the tokens it claims to hold."""
+    cache = window.cache
+    held = seq[window.start:window.start + cache.length]
+    assert cache.length > 0 and len(held) == cache.length
+    fresh = model.new_cache()
+    with torch.no_grad():
+        model(torch.tensor([held]), cache=fresh)
+    for layer in layers or range(cache.n_layers):
+        for got, want in ((cache.k, fresh.k), (cache.v, fresh.v)):
+            torch.testing.assert_close(got[layer][:, :, :cache.length],
+                                       want[layer][:, :, :cache.length], atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the building blocks
+
+def test_probs_from_logits_applies_temperature_top_k_and_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 0.0, 0.0]])
+    greedy = probs_from_logits(logits, temperature=0)
+    assert greedy.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    torch.testing.assert_close(probs_from_logits(logits, 0.5), torch.softmax(logits / 0.5, -1))
+    top2 = probs_from_logits(logits[:1], 1.0, top_k=2)[0]
+    torch.testing.assert_close(top2[:2], torch.softmax(torch.tensor([2.0, 1.0]), -1))
+    assert top2[2:].tolist() == [0, 0]
+    p = torch.softmax(logits[:1], -1)[0]                  # [0.61, 0.22, 0.14, 0.03]
+    nucleus = probs_from_logits(logits[:1], 1.0, top_p=0.7)[0]
+    assert (nucleus > 0).tolist() == [True, True, False, False]   # 0.61 < 0.7 <= 0.61 + 0.22
+    torch.testing.assert_close(nucleus[:2], p[:2] / p[:2].sum())
+    assert (probs_from_logits(logits[:1], 1.0, top_p=0.5)[0] > 0).sum() == 1
+
+
+def test_verify_greedy_accepts_the_longest_matching_prefix_plus_the_free_token():
+    def one_hot(tokens):
+        return torch.nn.functional.one_hot(torch.tensor(tokens), 6).float()
+    target = [3, 1, 4, 5]                       # the target's argmax at the k+1 positions
+    p = one_hot(target)
+    for drafts, emitted in (([3, 1, 4], [3, 1, 4, 5]),   # all accepted + bonus
+                            ([3, 1, 0], [3, 1, 4]),      # draft 3 rejected: the target's 4 is free
+                            ([3, 2, 4], [3, 1]),         # later matches do not count
+                            ([0, 1, 4], [3]),
+                            ([], [3])):                  # no drafts: one token
+        d = torch.tensor(drafts, dtype=torch.long)
+        q = one_hot(drafts) if drafts else torch.empty(0, 6)
+        assert verify(p[:len(drafts) + 1], d, q, greedy=True) == emitted
+        # with one-hot p and q the sampling rule is the greedy rule
+        g = torch.Generator().manual_seed(0)
+        assert verify(p[:len(drafts) + 1], d, q, greedy=False, generator=g) == emitted
+
+
+def test_verify_sampling_emits_tokens_distributed_as_p():
+    """One draft x ~ q: the first emitted token (accepted x, or the residual draw) ~ p[0]."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    n = 10000
+    drafts = torch.multinomial(q[0], n, replacement=True, generator=g)
+    first = [verify(p, drafts[i:i + 1], q, greedy=False, generator=g)[0] for i in range(n)]
+    empirical = torch.bincount(torch.tensor(first), minlength=4).float() / n
+    assert 0.5 * (empirical - p[0]).abs().sum() < 0.02  # noise: ~0.005
+    # accepting every draft would give q instead: far outside that bound
+    assert 0.5 * (q[0] - p[0]).abs().sum() > 0.3
+
+
+# -----------------------------------------------------------------------------
+# greedy: speculative output == vanilla output, token for token
+
+def test_greedy_self_speculative_equals_vanilla_with_untrained_heads():
+    model = random_model()
+    stats = sample.Stats(3)
+    for prompt in random_prompts(50, 13, 40):
+        vanilla = generate(model, prompt, 20, temperature=0)
+        speculative = generate_self_speculative(model, prompt, 20, temperature=0)
+        assert speculative.tokens == vanilla.tokens
+        assert len(vanilla.tokens) == 20
+        stats.add(speculative.stats)
+    summary = stats.summary()
+    assert summary['acceptance'][0] < 0.5          # mostly rejected drafts
+    assert 1 <= summary['tau'] < 1.5
+
+
+def test_greedy_self_speculative_with_perfect_heads_accepts_everything():
+    n_future = 4
+    model = counting_model(n_future=n_future)
+    prompt = [5, 6, 7]
+    max_new = 1 + 6 * n_future                     # the prompt's forward emits 1, then n per step
+    vanilla = generate(model, prompt, max_new, temperature=0)
+    speculative = generate_self_speculative(model, prompt, max_new, temperature=0)
+    assert vanilla.tokens == [(8 + t) % 13 for t in range(max_new)]
+    assert speculative.tokens == vanilla.tokens
+    summary = speculative.stats.summary()
+    assert summary['acceptance'] == [1.0] * (n_future - 1)
+    assert summary['tau'] == n_future
+    assert summary['target_forwards'] == 1 + 6
+    assert vanilla.stats.summary()['tau'] == 1
+
+
+def test_rejections_at_every_draft_position_roll_back_exactly():
+    """Heads 2..4 draft wrongly for about a third of the tokens: acceptance runs of every length,
+    so the cache is rolled back at every offset. Output == vanilla, cache == fresh prefill."""
+    rng = np.random.default_rng(0)
+    wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
+    model = counting_model(n_future=4, wrong=wrong)
+    stats = sample.Stats(3)
+    for prompt in random_prompts(10, 13, 20, seed=1):
+        vanilla = generate(model, prompt, 40, temperature=0)
+        speculative = generate_self_speculative(model, prompt, 40, temperature=0)
+        assert speculative.tokens == vanilla.tokens
+        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, speculative.window)
+        stats.add(speculative.stats)
+    for accepted, drafted in zip(stats.accepted, stats.drafted):
+        assert 0 < accepted < drafted               # accepted and rejected at every position
+    assert 1 < stats.summary()['tau'] < 4
+
+
+def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill():
+    model = random_model()
+    for prompt in random_prompts(5, 13, 30, seed=2):
+        for temperature in (0.0, 1.0):
+            run = generate_self_speculative(model, prompt, 25, temperature=temperature,
+                                            generator=torch.Generator().manual_seed(0))
+            assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
+        draft = random_model(seed=1, n_future=1)
+        run = generate_two_model(model, draft, prompt, 25, gamma=3, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+        # a two-model target decodes with head 1 only: its trunk and head-1 layers are exact
+        head_1_path = range(model.config.attach_layer + model.head_depth())
+        assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window, head_1_path)
+
+
+# -----------------------------------------------------------------------------
+# sampling: speculative samples are distributed exactly as vanilla samples
+
+def exact_vanilla_distribution(model, prompt, n_tokens, **sampling):
+    """P(first n_tokens emitted tokens) by enumerating the tree of continuations."""
+    V = model.config.vocab_size
+    dist = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            grown = {}
+            for prefix, prob in dist.items():
+                logits, _ = model(torch.tensor([prompt + list(prefix)]), n_heads=1)
+                p = probs_from_logits(logits[0, -1, 0], **sampling)
+                for v in range(V):
+                    grown[prefix + (v,)] = prob * float(p[v])
+            dist = grown
+    return dist
+
+
+def total_variation(samples, exact):
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    keys = set(exact) | set(counts)
+    return 0.5 * sum(abs(counts.get(k, 0) / len(samples) - exact.get(k, 0.0)) for k in keys)
+
+
+# 27 outcomes (3 tokens of a 3-token vocabulary), 1000 runs. For this model sampling noise alone
+# gives a TV of 0.02-0.04; accepting every draft gives ~0.6, resampling a rejected draft from p
+# instead of norm(max(0, p - q)) ~0.23 (test_wrong_acceptance_rules_fail_the_distribution_test).
+N_RUNS, TV_BOUND = 1000, 0.1
+
+
+def tiny_vocab_model():
+    return random_model(vocab=3, n_future=3, std=0.5, seed=12), [0, 2, 1]
+
+
+def first_three_tokens(model, prompt):
+    g = torch.Generator().manual_seed(0)
+    # max_new_tokens=4: the second step verifies 2 drafts (heads 2 and 3) for tokens 2 and 3
+    return [tuple(generate_self_speculative(model, prompt, 4, temperature=1.0, generator=g)
+                  .tokens[:3]) for _ in range(N_RUNS)]
+
+
+def test_self_speculative_sampling_matches_vanilla_distribution():
+    model, prompt = tiny_vocab_model()
+    exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
+    assert total_variation(first_three_tokens(model, prompt), exact) < TV_BOUND
+
+
+def accept_every_draft(p, drafts, q, greedy, generator=None):
+    bonus = torch.multinomial(p[len(drafts)], 1, generator=generator)
+    return drafts.tolist() + bonus.tolist()
+
+
+def resample_rejected_from_p(p, drafts, q, greedy, generator=None):
+    k = drafts.numel()
+    u = torch.rand(k, generator=generator)
+    accept = u * q[torch.arange(k), drafts] < p[torch.arange(k), drafts]
+    n = int(accept.long().cumprod(0).sum())
+    return drafts[:n].tolist() + torch.multinomial(p[n], 1, generator=generator).tolist()
+
+
+@pytest.mark.parametrize('wrong_rule', [accept_every_draft, resample_rejected_from_p])
+def test_wrong_acceptance_rules_fail_the_distribution_test(monkeypatch, wrong_rule):
+    """The bound above is tight enough to catch plausible mistakes."""
+    model, prompt = tiny_vocab_model()
+    exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
+    monkeypatch.setattr(sample, 'verify', wrong_rule)
+    assert total_variation(first_three_tokens(model, prompt), exact) > 1.5 * TV_BOUND
+
+
+def test_two_model_sampling_with_top_k_and_top_p_matches_vanilla_distribution():
+    target, prompt = tiny_vocab_model()
+    draft = random_model(vocab=3, n_future=1, n_layer=1, std=0.5, seed=5)
+    sampling = dict(temperature=0.8, top_k=2, top_p=0.9)
+    exact = exact_vanilla_distribution(target, prompt, 3, **sampling)
+    g = torch.Generator().manual_seed(0)
+    # max_new_tokens=4: the second step verifies 2 drafts for tokens 2 and 3
+    samples = [tuple(generate_two_model(target, draft, prompt, 4, gamma=2, generator=g,
+                                        **sampling).tokens[:3]) for _ in range(N_RUNS)]
+    assert total_variation(samples, exact) < TV_BOUND
+
+
+# -----------------------------------------------------------------------------
+# two-model speculative decoding
+
+def test_two_model_with_draft_equal_to_target_accepts_every_draft():
+    model = random_model(n_future=2)
+    gamma = 3
+    for prompt in random_prompts(5, 13, 30, seed=6):
+        max_new = 1 + 5 * (gamma + 1)
+        vanilla = generate(model, prompt, max_new, temperature=0)
+        run = generate_two_model(model, model, prompt, max_new, gamma=gamma, temperature=0)
+        assert run.tokens == vanilla.tokens
+        summary = run.stats.summary()
+        assert summary['tau'] == gamma + 1
+        assert summary['acceptance'] == [1.0] * gamma
+        assert summary['draft_forwards'] == 5 * gamma
+        sampled = generate_two_model(model, model, prompt, max_new, gamma=gamma, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0))
+        assert sampled.stats.summary()['acceptance'] == [1.0] * gamma   # p == q: never rejected
+
+
+def test_two_model_greedy_with_a_different_draft_equals_vanilla():
+    target, draft = random_model(seed=7), random_model(seed=8, n_future=1, n_layer=1)
+    for prompt in random_prompts(10, 13, 30, seed=9):
+        vanilla = generate(target, prompt, 20, temperature=0)
+        run = generate_two_model(target, draft, prompt, 20, gamma=4, temperature=0)
+        assert run.tokens == vanilla.tokens
+        assert run.stats.draft_forwards > 0
+
+
+# -----------------------------------------------------------------------------
+# edge cases
+
+def test_max_new_tokens_zero_runs_no_forward_and_negative_is_an_error():
+    model = random_model()
+    for run in (generate(model, [1, 2], 0), generate_self_speculative(model, [1, 2], 0),
+                generate_two_model(model, model, [1, 2], 0)):
+        assert run.tokens == [] and run.stats.target_forwards == 0
+        assert run.stats.summary()['tau'] is None
+    with pytest.raises(UserError, match='max_new_tokens'):
+        generate_self_speculative(model, [1, 2], -1)
+
+
+def test_empty_prompt_is_an_error_for_char_models_and_starts_bpe_models_at_eot():
+    model = random_model()
+    with pytest.raises(UserError, match='empty prompt'):
+        generate_self_speculative(model, [], 5)
+
+    class CharTokenizer:
+        eot = None
+        encode = staticmethod(lambda text: [ord(c) - 97 for c in text])
+
+    class BPETokenizer(CharTokenizer):
+        eot = 12
+
+    with pytest.raises(UserError, match='empty prompt'):
+        encode_prompt('', CharTokenizer())
+    assert encode_prompt('', BPETokenizer()) == [12]
+    assert encode_prompt('abc', BPETokenizer()) == [0, 1, 2]
+    assert stop_tokens('auto', BPETokenizer()) == [12]
+    assert stop_tokens('auto', CharTokenizer()) == []
+
+
+def test_prompt_longer_than_block_size_slides_the_window():
+    model = random_model(block_size=32)
+    counting = counting_model(block_size=32)
+    for prompt in random_prompts(6, 13, 80, seed=10):
+        prompt = prompt + [1] * 40                             # 41..120 tokens > block_size 32
+        vanilla = generate(model, prompt, 60, temperature=0)
+        speculative = generate_self_speculative(model, prompt, 60, temperature=0)
+        two_model = generate_two_model(model, model, prompt, 60, gamma=3, temperature=0)
+        assert len(vanilla.tokens) == 60
+        assert speculative.tokens == vanilla.tokens == two_model.tokens
+        assert speculative.window.start > 0
+        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, speculative.window)
+        perfect = generate_self_speculative(counting, prompt, 60, temperature=0)
+        assert perfect.tokens == [(prompt[-1] + 1 + t) % 13 for t in range(60)]
+        assert perfect.stats.summary()['acceptance'] == [1.0] * 3
+
+
+def test_stop_sequence_ends_generation_and_is_cut_from_the_output():
+    model = counting_model()
+    for decode in (generate, generate_self_speculative):
+        run = decode(model, [0], 30, temperature=0, stop=[6, 7])
+        assert run.tokens == [1, 2, 3, 4, 5]
+
+
+def test_speculative_decoding_of_a_one_head_checkpoint_is_an_error():
+    with pytest.raises(UserError, match='n_future=1'):
+        generate_self_speculative(random_model(n_future=1), [1, 2], 5)
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint in train.py's format, with a char tokenizer, and a val.bin for bench.py."""
+    out = tmp_path_factory.mktemp('ckpt')
+    chars = 'abcdefghijklm'
+    model = counting_model(n_future=3)
+    meta = {'kind': 'char', 'chars': chars, 'vocab_size': len(chars)}
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), meta=meta,
+                         config={'dataset': 'tiny', 'data_dir': str(out)}), str(out / 'ckpt.pt'))
+    np.arange(200, dtype=np.uint16).__mod__(13).astype(np.uint16).tofile(out / 'val.bin')
+    return out
+
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_cli_decodes_a_checkpoint_and_prints_a_json_summary_last(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    ckpt = str(tiny_checkpoint / 'ckpt.pt')
+    result = run_cli('sample.py', f'--ckpt={ckpt}', '--prompt=abc', '--max_new_tokens=10',
+                     '--speculative=true', '--temperature=0')
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary['mode'] == 'self-speculative'
+    assert summary['samples'] == ['defghijklm']
+    assert summary['tau'] == 3 and summary['new_tokens'] == 10
+
+    sys.argv = ['sample.py', f'--ckpt={ckpt}', '--tempreature=0']   # restored by monkeypatch
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
+    assert str(exit.value.code).startswith('error: unknown flag --tempreature')
+    assert '\n' not in str(exit.value.code)
+
+
+def test_cli_user_errors(tiny_checkpoint, capsys):
+    ckpt = f"--ckpt={tiny_checkpoint / 'ckpt.pt'}"
+    for argv, message in (([ckpt, '--prompt='], 'empty prompt'),
+                          ([ckpt, '--prompt=xyz'], 'not in the vocabulary'),
+                          ([ckpt, '--prompt=a', '--max_new_tokens=-3'], 'max_new_tokens'),
+                          ([ckpt, '--prompt=a', '--top_p=0'], 'top_p'),
+                          ([ckpt, '--prompt=FILE:/nonexistent'], 'prompt file not found'),
+                          ([ckpt, 'speculative'], 'expected --name=value'),
+                          ([ckpt, '--prompt=a', '--gamma=two'], 'expects int')):
+        with pytest.raises(UserError, match=message):
+            sample.main(argv)
+    summary = sample.main([ckpt, '--prompt=a', '--max_new_tokens=5', '--temperature=0',
+                           f"--draft={tiny_checkpoint / 'ckpt.pt'}", '--gamma=2', '--quiet=true'])
+    assert summary['samples'] == ['bcdef'] and summary['acceptance'] == [1.0, 1.0]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['mode'] == 'two-model'
+
+
+def test_bench_decode_compares_modes_and_ends_with_a_json_line(tiny_checkpoint, capsys):
+    import bench
+    ckpt = tiny_checkpoint / 'ckpt.pt'
+    summary = bench.main(['decode', f'--ckpt={ckpt}', f'--draft={ckpt}', '--gamma=2',
+                          '--num_prompts=2', '--prompt_len=8', '--max_new_tokens=7',
+                          '--repeats=1'])
+    for mode in ('self', 'draft'):
+        assert summary['greedy'][mode]['identical'] is True
+        assert summary['greedy'][mode]['tau'] == 3            # perfect drafts: 3 tokens a step
+        assert summary['greedy'][mode]['speedup'] > 0
+    assert summary['sampling']['vanilla']['tau'] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
+    with pytest.raises(UserError, match='usage'):
+        bench.main(['train'])
