@@ -357,7 +357,7 @@ def train(cfg):
         losses[iter_num] = loss_accum
         bar.update(1)
         if iter_num % cfg.log_interval == 0:
-            bar.set_postfix(loss=f"{loss_accum:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(objective=f"{loss_accum:.4f}", lr=f"{lr:.2e}")
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             last_eval = dict(iter=iter_num,
                              train=evaluate(raw_model, eval_train, cfg.eval_iters, autocast,
@@ -379,7 +379,10 @@ def train(cfg):
     bar.close()
     if ddp:
         dist.destroy_process_group()
-    summary = dict(iters=iter_num, train_loss=losses[max(losses)] if losses else None,
+    # val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
+    # last_objective: the weighted MTP loss of the last step (what was minimized)
+    summary = dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
+                   train_loss=last_eval['train']['loss'] if last_eval else None,
                    val_loss=last_eval['val']['loss'] if last_eval else None,
                    val_heads=last_eval['val']['heads'] if last_eval else None,
                    ms_per_iter=statistics.median(step_ms) if step_ms else None,
