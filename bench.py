@@ -22,10 +22,9 @@ import time
 import numpy as np
 import torch
 
-from model import UserError
+from model import UserError, parse_flags, pick_device, autocast_for
 from heads import load_model
-from sample import (generate, generate_self_speculative, generate_two_model, parse_flags,
-                    pick_device, autocast_for)
+from sample import generate, generate_self_speculative, generate_two_model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

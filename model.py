@@ -7,7 +7,7 @@ Read top to bottom:
   CausalSelfAttention, MLP, Block   pre-LN transformer block (the only attention in the codebase)
   GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding
   checkpoints        atomic save, load with one-line errors
-  parse_flags        the --name=value command line shared by every script
+  parse_flags, pick_device, autocast_for   the command line and device choice every script shares
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
 heads (heads.py) can branch off at any layer and WHS can mix them. This file imports nothing of
@@ -18,6 +18,8 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, asdict
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -400,3 +402,25 @@ def parse_flags(argv, defaults, presets=False):
             raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(defaults)}")
         values[name] = _convert(name, value, defaults[name])
     return values
+
+
+def pick_device(name='auto'):
+    """'auto' -> the best device here: cuda > mps > cpu; anything else is used as given."""
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def autocast_for(dtype, device):
+    """The context for --dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32,
+    or bfloat16 (autocast; on CPU too). Weights stay fp32 either way."""
+    if dtype not in ('auto', 'float32', 'bfloat16'):
+        raise UserError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    device_type = device.split(':')[0]
+    if dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda'):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()

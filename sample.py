@@ -56,12 +56,11 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
 
-from model import UserError
+from model import UserError, parse_flags, pick_device, autocast_for
 from heads import load_model
 from data.prepare import Tokenizer
 
@@ -376,45 +375,6 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, temperatu
 FLAGS = dict(ckpt='out/ckpt.pt', prompt='\n', num_samples=1, max_new_tokens=500, temperature=0.8,
              top_k=0, top_p=1.0, seed=1337, speculative=False, draft='', gamma=4, stop='auto',
              device='auto', dtype='auto', quiet=False)
-
-
-def parse_flags(argv, defaults):
-    """{name: value} from ['--name=value', ...]; each value gets the type of its default."""
-    args = dict(defaults)
-    for arg in argv:
-        name, eq, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq:
-            raise UserError(f"expected --name=value, got {arg!r}")
-        if name not in args:
-            raise UserError(f"unknown flag --{name}; valid flags: "
-                            f"{', '.join('--' + n for n in defaults)}")
-        kind = type(defaults[name])
-        try:
-            if kind is bool:
-                if text.lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                args[name] = text.lower() in ('true', '1')
-            else:
-                args[name] = kind(text)
-        except ValueError:
-            raise UserError(f"--{name} expects {kind.__name__}, got {text!r}")
-    return args
-
-
-def pick_device(name):
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    return name
-
-
-def autocast_for(dtype, device):
-    """--dtype: auto (bfloat16 autocast on CUDA, else float32) | float32 | bfloat16."""
-    if dtype not in ('auto', 'float32', 'bfloat16'):
-        raise UserError(f"--dtype must be auto, float32 or bfloat16, not {dtype!r}")
-    device_type = device.split(':')[0]
-    if dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda'):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def encode_prompt(text, tokenizer):

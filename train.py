@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import UserError, save_checkpoint, load_checkpoint, parse_flags
+from model import (UserError, save_checkpoint, load_checkpoint, parse_flags, pick_device,
+                   autocast_for)
 from heads import (MTPGPT, MTPConfig, loss_weights_for, head_targets, count_topk, load_model,
                    model_from_checkpoint)
 
@@ -107,8 +108,7 @@ def check_config(cfg):
                  'eval_iters', 'n_future'):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1")
-    if cfg.dtype not in ('auto', 'float32', 'bfloat16'):
-        raise UserError(f"dtype must be auto, float32 or bfloat16, not {cfg.dtype!r}")
+    autocast_for(cfg.dtype, 'cpu')  # validates dtype
 
 
 # -----------------------------------------------------------------------------
@@ -189,16 +189,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def pick_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
 def build_model(cfg, meta):
     """(model, checkpoint to resume or None). Scratch, resume, or adapt a trained NTP model."""
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -252,12 +242,11 @@ def train(cfg):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
-    dtype = cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32')
+    autocast = autocast_for(cfg.dtype, device)
+    dtype = 'float32' if isinstance(autocast, nullcontext) else 'bfloat16'
     torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever stays in fp32
     torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-                if dtype == 'bfloat16' else nullcontext())
 
     data_dir = cfg.data_dir or os.path.join(REPO, 'data', cfg.dataset)
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
