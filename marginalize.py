@@ -4,7 +4,7 @@ Marginalization: how far ahead can a next-token (NTP) model already see?
 An NTP model defines the distribution of the token k steps ahead (Mehra et al. 2025): sum over
 every path of intermediate tokens v_1 .. v_{k-1},
 
-    p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}}  prod_{j<k} p(v_j | x<=t, v_<j)  *  p(x_{t+k} | x<=t, v_1..v_{k-1})
+    p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}} prod_{j<k} p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
 
 Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: at every step
 only the candidates among the top_k most probable tokens and/or inside the top_p nucleus of
@@ -80,9 +80,10 @@ def check_positions(model, n_tokens, positions, k_ahead):
         raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
     if not 1 <= n_tokens <= block_size:
         raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
+    positions = torch.as_tensor(positions)
     if len(positions) == 0:
         raise UserError("no positions to evaluate")
-    first, last = int(min(positions)), int(max(positions))
+    first, last = int(positions.min()), int(positions.max())
     if first < 0 or last >= n_tokens:
         raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
     if last + k_ahead - 1 >= block_size:
@@ -143,7 +144,8 @@ Paths = namedtuple('Paths', 'root parent token prob')
 
 def children(dist, prob, root, parent, top_k, top_p):
     """Extend paths by their candidates: the path in row i, of probability prob[i], with
-    next-token distribution dist[i], gets a child for every kept v: probability prob[i] * dist[i, v]."""
+    next-token distribution dist[i], gets a child of probability prob[i] * dist[i, v] for every
+    kept v."""
     row, token = candidate_mask(dist, top_k, top_p).nonzero(as_tuple=True)
     return Paths(root[row], parent[row], token, prob[row] * dist[row, token])
 
@@ -197,7 +199,8 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
     """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens,
     a sequence of at most block_size tokens) by the sparsified sum over paths:
 
-        p(x_{t+k} | x<=t) = sum_{kept v_1..v_{k-1}} prod_j p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
+        p(x_{t+k} | x<=t) = sum_{kept v_1..v_{k-1}} prod_j p(v_j | x<=t, v_<j)
+                                                         * p(x_{t+k} | x<=t, v_1..v_{k-1})
 
     The paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
     in chunks of at most chunk_size tokens, each a forward after the cached sequence with a tree
@@ -226,7 +229,8 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
         mass[:, depth].index_add_(0, level.root, level.prob)
         frontier = []
         # a chunk holds its leaves and up to depth-1 ancestors per leaf: <= chunk_size tokens
-        for leaves in torch.arange(len(level.prob), device=device).split(max(1, chunk_size // depth)):
+        leaves_per_chunk = max(1, chunk_size // depth)
+        for leaves in torch.arange(len(level.prob), device=device).split(leaves_per_chunk):
             idx, pos, mask = tree_chunk(levels, leaves, positions, n_cached)
             logits = next_token_logits(model, idx[None], cache=cache, pos=pos, attn_mask=mask)
             cache.rollback(n_cached)  # forget the candidates: the next chunk sees only x
@@ -298,9 +302,9 @@ class Tally:
 
 
 def default_top_ks(vocab_size, all_vocab_max=128):
-    """top_k 1 (greedy chaining), 2, 5, 10, 50 where smaller than V, and all of V (0) if V is small."""
-    return [k for k in (1, 2, 5, 10, 50) if k < vocab_size] + ([0] if vocab_size <= all_vocab_max
-                                                                 else [])
+    """top_k 1 (greedy chaining), 2, 5, 10, 50 where below V, then all of V (0) if V is small."""
+    top_ks = [k for k in (1, 2, 5, 10, 50) if k < vocab_size]
+    return top_ks + [0] if vocab_size <= all_vocab_max else top_ks
 
 
 def row_name(top_k, top_p, max_paths):
@@ -376,20 +380,22 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
 
 
 def format_table(rows, k_ahead):
+    """The rows as a text table: accuracy and captured mass per k, then the cost."""
     def cells(values, ks):
-        return ' '.join(f"{'-' if values is None or values[k] is None else f'{values[k]:.3f}':>6}"
+        return ' '.join('     -' if values is None or values[k] is None else f"{values[k]:6.3f}"
                         for k in ks)
-    ks, later = range(k_ahead), range(1, k_ahead)
+    ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
     width = max(len(r['name']) for r in rows)
-    head = (f"{'':{width}}  {'top-1 accuracy':^{7 * k_ahead}} {'top-5 accuracy':^{7 * k_ahead}}"
-            f" {'captured mass':^{7 * (k_ahead - 1)}}")
-    sub = (f"{'method':{width}}  " + ' '.join(f"{f'k={k + 1}':>6}" for k in ks) + '  '
-           + ' '.join(f"{f'k={k + 1}':>6}" for k in ks) + '  '
-           + ' '.join(f"{f'k={k + 1}':>6}" for k in later) + f"  {'fwd tokens':>11} {'seconds':>8}")
-    lines = [head, sub]
+    group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
+    k_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in ks)
+    mass_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in later)
+    lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
+             f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
+             f"{'fwd tokens':>11} {'seconds':>8}"]
     for r in rows:
         lines.append(f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
-                     f"{cells(r['mass'], later)}  {r['forward_tokens']:>11,} {r['seconds']:>8.2f}")
+                     f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
+                     f"{r['seconds']:>8.2f}")
     return '\n'.join(lines)
 
 

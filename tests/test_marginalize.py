@@ -1,0 +1,287 @@
+"""Specification of marginalize.py: the marginalization estimator and its accuracy table.
+
+Tiny fp32 CPU models (vocab 11, 2 layers, 32 channels, 24-token context). Weights are drawn
+with a large std so the next-token distributions are peaked and distinct (no near-ties that
+could make two correct implementations choose different candidates).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, UserError, save_checkpoint
+from heads import MTPGPT, MTPConfig
+import marginalize as M
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V, BLOCK = 11, 24
+
+
+def tiny_mtp(seed=0, n_future=2):
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
+                             n_future=n_future)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def random_tokens(n, seed=1):
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def ntp(model, seq):
+    """p(next | seq) by a plain uncached forward of the NTP path (trunk + head 1)."""
+    return F.softmax(model(seq[None], n_heads=1)[0][0, -1, 0], dim=-1)
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_mtp()
+
+
+@pytest.fixture(scope='module')
+def tokens():
+    return random_tokens(BLOCK)
+
+
+# -----------------------------------------------------------------------------
+# the batched estimator is the naive per-path sum
+
+SETTINGS = [dict(top_k=3), dict(top_p=0.7), dict(top_k=4, max_paths=5),
+            dict(top_k=2, top_p=0.5, max_paths=3), dict()]
+
+
+@pytest.mark.parametrize('k_ahead', [2, 3])
+@pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: ','.join(f"{k}={v}" for k, v in
+                                                                     s.items()) or 'all')
+def test_batched_equals_naive_per_path_loop(model, tokens, k_ahead, setting):
+    # near the start and at the very end of the window (the last candidates sit at position
+    # id block_size - 1); chunk_size 7 splits every level into several chunks
+    positions = [0, 1, 5, BLOCK - k_ahead - 1, BLOCK - k_ahead]
+    fast = M.marginalize(model, tokens, positions, k_ahead, chunk_size=7, **setting)
+    slow = M.marginalize_naive(model, tokens, positions, k_ahead, **setting)
+    assert fast.probs.shape == (len(positions), k_ahead, V)
+    assert (fast.probs - slow.probs).abs().max() <= 1e-5
+    assert (fast.mass - slow.mass).abs().max() <= 1e-5
+    assert fast.forwards > k_ahead  # prefill + more than one chunk per level: chunking ran
+    assert fast.forwards < slow.forwards / 3  # and far from one forward per path
+
+
+def test_chunk_size_changes_only_the_cost(model, tokens):
+    big = M.marginalize(model, tokens, range(BLOCK - 2), 3, top_k=3, chunk_size=10_000)
+    small = M.marginalize(model, tokens, range(BLOCK - 2), 3, top_k=3, chunk_size=5)
+    assert (big.probs - small.probs).abs().max() <= 1e-5
+    assert big.forwards == 3  # prefill, then one forward per level
+    assert small.forwards > 10
+
+
+def test_works_on_a_plain_gpt_too(tokens):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    fast = M.marginalize(gpt, tokens, [3, 20], 3, top_k=3, chunk_size=4)
+    slow = M.marginalize_naive(gpt, tokens, [3, 20], 3, top_k=3)
+    assert (fast.probs - slow.probs).abs().max() <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# what the estimate is
+
+@torch.no_grad()
+def test_without_sparsification_k2_is_the_exact_sum_over_all_v(model, tokens):
+    positions = [0, 7, BLOCK - 2]
+    est = M.marginalize(model, tokens, positions, k_ahead=2)  # top_k=0, top_p=1: all of V
+    for i, t in enumerate(positions):
+        prefix = tokens[:t + 1]
+        p1 = ntp(model, prefix)
+        exact = sum(p1[v] * ntp(model, torch.cat([prefix, torch.tensor([v])])) for v in range(V))
+        assert (est.probs[i, 1] - exact).abs().max() <= 1e-5
+        assert abs(float(est.probs[i, 1].sum()) - 1) <= 1e-5
+        assert abs(float(est.mass[i, 1]) - 1) <= 1e-5
+
+
+def test_sparsified_estimate_sums_to_captured_mass_or_to_one_renormalized(model, tokens):
+    positions = list(range(BLOCK - 3))
+    for setting in (dict(top_k=2), dict(top_p=0.6), dict(top_k=3, max_paths=4)):
+        est = M.marginalize(model, tokens, positions, 3, **setting)
+        assert (est.probs.sum(-1) - est.mass).abs().max() <= 1e-5
+        assert est.mass[:, 1:].max() < 1 - 1e-3  # something was dropped: the test can fail
+        assert (est.mass[:, 2] <= est.mass[:, 1] + 1e-6).all()  # paths only lose mass
+        renorm = M.marginalize(model, tokens, positions, 3, renormalize=True, **setting)
+        assert (renorm.probs.sum(-1) - 1).abs().max() <= 1e-5
+        assert (renorm.probs * est.mass[:, :, None] - est.probs).abs().max() <= 1e-5
+    # for k = 2 the captured mass is the sum of the kept candidates' NTP probabilities
+    est = M.marginalize(model, tokens, positions, 2, top_k=2)
+    top2 = est.probs[:, 0].topk(2, dim=-1).values.sum(-1)
+    assert (est.mass[:, 1] - top2).abs().max() <= 1e-6
+
+
+def test_k_ahead_1_returns_the_ntp_distribution(model, tokens):
+    positions = [0, 9, BLOCK - 1]
+    est = M.marginalize(model, tokens, positions, k_ahead=1, top_k=1)
+    assert est.probs.shape == (3, 1, V)
+    for i, t in enumerate(positions):
+        assert (est.probs[i, 0] - ntp(model, tokens[:t + 1])).abs().max() <= 1e-5
+    assert (est.mass == 1).all()
+    assert est.forwards == 1  # the prefill alone
+
+
+def test_candidates_are_top_k_and_the_smallest_top_p_set():
+    dist = torch.tensor([[0.05, 0.5, 0.2, 0.25]])
+    assert M.candidate_mask(dist, top_k=2).tolist() == [[False, True, False, True]]
+    assert M.candidate_mask(dist, top_p=0.5).tolist() == [[False, True, False, False]]
+    assert M.candidate_mask(dist, top_p=0.7).tolist() == [[False, True, False, True]]
+    assert M.candidate_mask(dist, top_p=0.76).tolist() == [[False, True, True, True]]
+    assert M.candidate_mask(dist, top_k=2, top_p=0.9).tolist() == [[False, True, False, True]]
+    assert M.candidate_mask(dist).all()
+
+
+# -----------------------------------------------------------------------------
+# the accuracy table
+
+HAND_BUILT = [0.30, 0.20, 0.15, 0.12, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.005]
+
+
+def fixed_distribution_model(n_future=2):
+    """A real MTPGPT whose every head predicts HAND_BUILT at every position, whatever the input:
+    all weights zero except the final LayerNorm's bias e_0 (its gain is zero, so its output is
+    e_0 always) and column 0 of the tied unembedding, which holds the log-probabilities."""
+    model = MTPGPT(MTPConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
+                             n_future=n_future, bias=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = torch.tensor(HAND_BUILT).log()
+    return model
+
+
+def test_accuracy_is_exact_on_a_hand_built_distribution():
+    model = fixed_distribution_model(n_future=2)
+    tokens = random_tokens(70, seed=3).numpy()
+    tokens[[1, 2]], tokens[[-2, -1]] = 7, 0  # so x_{t+1}, x_{t+2}, x_{t+3} score differently
+    k_ahead = 3
+    # every row ranks the tokens like HAND_BUILT: top-1 = {0}, top-5 = {0, .., 4}
+    ts = range(len(tokens) - k_ahead)  # every position that has all three targets
+    expect1 = [np.mean([tokens[t + k] == 0 for t in ts]) for k in (1, 2, 3)]
+    expect5 = [np.mean([tokens[t + k] < 5 for t in ts]) for k in (1, 2, 3)]
+    assert len(set(expect1)) == 3 and len(set(expect5)) == 3  # an off-by-one would show
+    rows = M.evaluate_table(model, tokens, positions=10_000, k_ahead=k_ahead, top_ks=[1, 2, 0])
+    assert [r['method'] for r in rows] == ['marginal'] * 3 + ['heads']
+    for r in rows:
+        assert r['n'] == [len(ts)] * 3 if r['method'] == 'marginal' else [len(ts)] * 2 + [0]
+        assert r['top1'][:2] == pytest.approx(expect1[:2], abs=1e-12)
+        assert r['top5'][:2] == pytest.approx(expect5[:2], abs=1e-12)
+    for r in rows[:3]:
+        assert r['top1'] == pytest.approx(expect1, abs=1e-12)
+        assert r['top5'] == pytest.approx(expect5, abs=1e-12)
+    heads = rows[3]
+    assert heads['top1'][2] is None and heads['top5'][2] is None  # no head 3
+    assert heads['mass'] is None
+    greedy, top2, exact = rows[:3]
+    assert greedy['mass'] == pytest.approx([1, 0.3, 0.09], abs=1e-5)
+    assert top2['mass'] == pytest.approx([1, 0.5, 0.25], abs=1e-5)
+    assert exact['mass'] == pytest.approx([1, 1, 1], abs=1e-5)
+    assert greedy['forward_tokens'] < top2['forward_tokens'] < exact['forward_tokens']
+
+
+def test_tally_counts_tokens_not_batches():
+    tally = M.Tally(k_ahead=1)
+    scores = torch.tensor([[[0.1, 0.9]], [[0.8, 0.2]], [[0.3, 0.7]]])  # argmax 1, 0, 1
+    tally.add(scores, torch.tensor([[1], [1], [1]]))  # 2 of 3 right
+    tally.add(scores[:1], torch.tensor([[0]]))        # 0 of 1 right
+    assert tally.result()['top1'] == [0.5]           # 2 / 4, not the mean of 2/3 and 0
+    assert tally.result()['n'] == [4]
+
+
+def test_positions_without_targets_are_excluded_not_wrapped(model):
+    n_tokens, window, k_ahead = 60, BLOCK, 3
+    windows = M.eval_windows(n_tokens, window, k_ahead, positions=10_000, seed=5)
+    seen = sorted(start + i for start, n in windows for i in range(n))
+    assert seen == list(range(n_tokens - k_ahead))  # every position with a target, once
+    for start, n in windows:
+        assert n + k_ahead <= window and start + n - 1 + k_ahead <= n_tokens - 1
+    assert sum(n for _, n in M.eval_windows(n_tokens, window, k_ahead, 20, seed=5)) == 20
+    rows = M.evaluate_table(model, random_tokens(n_tokens).numpy(), positions=10_000,
+                            k_ahead=k_ahead, top_ks=[1])
+    assert rows[0]['n'] == [n_tokens - k_ahead] * k_ahead
+    # the estimator refuses positions whose candidates would need position ids >= block_size
+    tokens = random_tokens(BLOCK)
+    M.marginalize(model, tokens, [BLOCK - 3], k_ahead=3)
+    with pytest.raises(UserError, match='block_size'):
+        M.marginalize(model, tokens, [BLOCK - 2], k_ahead=3)
+    with pytest.raises(UserError):
+        M.marginalize(model, tokens, [BLOCK], k_ahead=1)
+
+
+def test_bench_reports_agreement_and_cost(model):
+    result = M.bench(model, random_tokens(40).numpy(), positions=12, k_ahead=2, top_k=8)
+    assert result['positions'] == 12
+    assert result['max_abs_diff'] <= 1e-5
+    assert result['batched_forwards'] < result['naive_forwards'] == 12 * (1 + 8)
+    assert result['speedup'] > 0
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def write_checkpoint(tmp_path, text, n_future=2):
+    chars = ''.join(sorted(set(text)))
+    torch.manual_seed(0)
+    model = MTPGPT(MTPConfig(vocab_size=len(chars), n_layer=2, n_head=2, n_embd=32,
+                             block_size=BLOCK, n_future=n_future))
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         meta={'kind': 'char', 'chars': chars, 'vocab_size': len(chars)},
+                         config=dict(dataset='tiny', data_dir=str(tmp_path)), iter_num=0), path)
+    return path, chars
+
+
+def run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(REPO, 'marginalize.py'), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
+    text = 'the cat sat on the mat. ' * 10
+    ckpt, chars = write_checkpoint(tmp_path, text, n_future=2)
+    (tmp_path / 'in.txt').write_text(text)
+    out = run_cli(f'--ckpt={ckpt}', f'--input={tmp_path / "in.txt"}', '--positions=30',
+                  '--k_ahead=2', '--top_k=1,3,all', '--quiet=1')
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    names = [r['name'] for r in result['rows']]
+    assert names == ['greedy (top_k=1)', 'top_k=3', 'all V (exact)', 'MTP heads (n_future=2)']
+    assert result['positions'] == 30
+    for r in result['rows']:
+        assert r['n'] == [30, 30] and len(r['top1']) == len(r['top5']) == 2
+        assert all(0 <= a <= 1 for a in r['top1'] + r['top5'])
+    assert result['rows'][2]['mass'] == pytest.approx([1, 1], abs=1e-5)
+    assert 'top-5' in out.stdout and 'fwd tokens' in out.stdout  # the table precedes the JSON
+
+
+def test_cli_reads_the_val_split_and_rejects_bad_flags(tmp_path):
+    text = 'abcabcabd' * 10
+    ckpt, chars = write_checkpoint(tmp_path, text, n_future=1)
+    np.array([chars.index(c) for c in text], dtype=np.uint16).tofile(tmp_path / 'val.bin')
+    sys_argv = [f'--ckpt={ckpt}', '--positions=10', '--top_k=2', '--quiet=1']
+    result = M.main(sys_argv)  # in-process: reads data_dir/val.bin named by the checkpoint
+    assert result['data'] == str(tmp_path / 'val.bin')
+    assert [r['method'] for r in result['rows']] == ['marginal']  # n_future=1: no heads row
+    with pytest.raises(UserError, match='unknown argument'):
+        M.parse_args([f'--ckpt={ckpt}', '--nope=1'])
+    with pytest.raises(UserError, match='top_k'):
+        M.parse_args([f'--ckpt={ckpt}', '--top_k=x'])
+    out = run_cli(f'--ckpt={ckpt}', '--k_ahead=two')
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == ["error: --k_ahead expects int, got 'two'"]
