@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import UserError
+from model import UserError, parse_flags, pick_device
 from heads import MTPGPT, count_topk, load_model
 from data.prepare import Tokenizer
 
@@ -448,31 +448,14 @@ DEFAULTS = dict(
     chunk_size=512,     # tokens per batched forward
     window=0,           # tokens per window (0 = block_size)
     seed=0,             # which windows
-    device='cpu',
+    device='auto',      # auto (cuda > mps > cpu) | cpu | cuda | ...
     bench=False,        # batched vs naive instead of the table
     quiet=False,        # no progress bars
 )
 
 
 def parse_args(argv):
-    args = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or key not in DEFAULTS:
-            raise UserError(f"unknown argument {arg!r}; expected --name=value with name in "
-                            f"{', '.join(DEFAULTS)}")
-        kind = type(DEFAULTS[key])
-        if not eq and kind is not bool:
-            raise UserError(f"expected --{key}=value")
-        try:
-            if kind is bool:
-                if value.lower() not in ('', 'true', 'false', '1', '0'):
-                    raise ValueError
-                args[key] = value.lower() in ('', 'true', '1')
-            else:
-                args[key] = kind(value)
-        except ValueError:
-            raise UserError(f"--{key} expects {kind.__name__}, got {value!r}")
+    args = parse_flags(argv, DEFAULTS)
     if not args['ckpt']:
         raise UserError("--ckpt=PATH is required")
     for key in ('positions', 'chunk_size'):
@@ -526,7 +509,7 @@ def load_tokens(args, ckpt, vocab_size):
 
 def main(argv):
     args = parse_args(argv)
-    model, ckpt = load_model(args['ckpt'], args['device'])
+    model, ckpt = load_model(args['ckpt'], pick_device(args['device']))
     model.float()  # fp32: the comparisons and sums here are about exactness
     tokens, source = load_tokens(args, ckpt, model.config.vocab_size)
     common = dict(positions=args['positions'], k_ahead=args['k_ahead'], top_p=args['top_p'],

@@ -278,7 +278,7 @@ def test_cli_reads_the_val_split_and_rejects_bad_flags(tmp_path):
     result = M.main(sys_argv)  # in-process: reads data_dir/val.bin named by the checkpoint
     assert result['data'] == str(tmp_path / 'val.bin')
     assert [r['method'] for r in result['rows']] == ['marginal']  # n_future=1: no heads row
-    with pytest.raises(UserError, match='unknown argument'):
+    with pytest.raises(UserError, match='unknown option'):
         M.parse_args([f'--ckpt={ckpt}', '--nope=1'])
     with pytest.raises(UserError, match='top_k'):
         M.parse_args([f'--ckpt={ckpt}', '--top_k=x'])
