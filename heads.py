@@ -119,14 +119,10 @@ class MTPGPT(GPT):
         layers stale for those positions.
         """
         attn_mask = self.default_mask(idx, cache, attn_mask)
-        x = self.embed(idx, cache, pos)
-        trunk_hidden = run_blocks(x, self.transformer.h, cache, 0, attn_mask)
+        trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
         n_heads = self.config.n_future if n_heads is None else n_heads
-        depth = self.head_depth()
-        logits = torch.stack([
-            self.unembed(self.heads[i](trunk_hidden, cache, self.config.attach_layer + i * depth,
-                                       attn_mask))
-            for i in range(n_heads)], dim=2)
+        logits = torch.stack([self.head_logits(i, trunk_hidden, cache, attn_mask)
+                              for i in range(n_heads)], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
         loss = None
@@ -134,18 +130,27 @@ class MTPGPT(GPT):
             loss = mtp_loss(logits, targets, loss_weights)
         return (logits, loss, trunk_hidden) if return_hidden else (logits, loss)
 
+    def trunk(self, idx, cache=None, pos=None, attn_mask=None):
+        """[h_0, .., h_attach]: the embeddings and every trunk block's output."""
+        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask)
+
+    def head_logits(self, i, trunk_hidden, cache=None, attn_mask=None):
+        """Logits (B, T, V) of head i (0-based: predicts x_{t+i+1}) from the trunk states.
+        Head i's blocks use cache layers attach_layer + i * depth onwards."""
+        first_layer = self.config.attach_layer + i * self.head_depth()
+        return self.unembed(self.heads[i](trunk_hidden, cache, first_layer, attn_mask))
+
     def forward_backward_sequential(self, idx, targets, loss_weights=None, loss_scale=1.0):
         """The memory-efficient training step (Gloeckle et al.): run the trunk once, then each
         head's forward AND backward in turn, accumulating the gradient at the trunk outputs, so
         only one head's vocab-sized logits are alive at a time; finally backprop the trunk.
         Gives the same gradients as mtp_loss(...).backward() (tested). Returns the loss value."""
         weights = loss_weights_for(self.config.n_future, loss_weights)
-        x = self.embed(idx)
-        trunk_hidden = run_blocks(x, self.transformer.h)
+        trunk_hidden = self.trunk(idx)
         detached = [h.detach().requires_grad_(h.requires_grad) for h in trunk_hidden]
         total = 0.0
-        for i, head in enumerate(self.heads):
-            logits = self.unembed(head(detached))
+        for i in range(self.config.n_future):
+            logits = self.head_logits(i, detached)
             loss_i = weights[i] * head_ce(logits, targets, i + 1)
             (loss_i * loss_scale).backward()
             total += loss_i.detach()

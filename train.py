@@ -156,10 +156,11 @@ def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
     for _ in range(n_batches):
         x, y = batches.next()
         with autocast:
-            logits, _ = model(x)
-        for i in range(n_future):
+            trunk_hidden = model.trunk(x)
+        for i in range(n_future):  # one head at a time: one vocab-sized logits tensor alive
+            with autocast:
+                scores = model.head_logits(i, trunk_hidden).float()
             t = head_targets(y, i + 1)
-            scores = logits[:, :, i].float()
             loss_sum[i] += torch.nn.functional.cross_entropy(
                 scores.reshape(-1, scores.size(-1)), t.reshape(-1), ignore_index=-1,
                 reduction='sum').item()
