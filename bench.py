@@ -11,12 +11,23 @@ prints tokens/s (median over repeats), the speedup over vanilla, tau, the per-po
 and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
 JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla (MTP_NOTES.md section 4).
 
+    python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
+    python bench.py train --vocab_size=50257 --compare="memory_efficient=true;n_future=1"
+
+train: train.py's own training loop on a synthetic corpus of vocab_size tokens, the base variant
+(the flags) and every --compare variant in a fresh process each: median ms/iter after `warmup`
+iterations, tokens/s, peak memory (CPU: max RSS, and "step MB", its rise over the RSS before
+training started), and on CUDA the MFU against --peak_tflops (989: H100/H200 dense bf16).
+
 To add a section: write bench_<name>(argv) returning a summary dict and register it in SECTIONS.
 """
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,6 +36,7 @@ import torch
 from model import UserError, parse_flags, pick_device, autocast_for
 from heads import load_model
 from sample import generate, generate_self_speculative, generate_two_model
+from train import TrainConfig, train
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,8 +147,98 @@ def bench_decode(argv):
 
 
 # -----------------------------------------------------------------------------
+# train
 
-SECTIONS = {'decode': bench_decode}
+TRAIN_FLAGS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, vocab_size=65,
+                   n_future=4, attach_layer=-1, head_type='block', memory_efficient=False,
+                   iters=20, warmup=5, device='cpu', dtype='auto', compile=False,
+                   compare='', peak_tflops=989.0)
+
+
+def train_config(args, data_dir, out_dir):
+    """The TrainConfig of one benchmarked variant: train.py's own loop on a synthetic corpus."""
+    keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'n_future', 'attach_layer',
+            'head_type', 'memory_efficient', 'device', 'dtype', 'compile')
+    return TrainConfig(**{k: args[k] for k in keys}, data_dir=data_dir, out_dir=out_dir,
+                       max_iters=args['warmup'] + args['iters'], eval_interval=10 ** 9,
+                       eval_iters=1, quiet=True)
+
+
+def rss_mb():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def bench_train_one(argv):
+    """One variant in this process: median ms/iter of train.py's step, tokens/s, MFU on CUDA,
+    and peak memory (CPU: max RSS and its rise over the RSS before training; CUDA: allocated)."""
+    args = parse_flags(argv, TRAIN_FLAGS)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for split in ('train', 'val'):
+            rng.integers(0, args['vocab_size'], 200_000, dtype=np.uint16).tofile(
+                os.path.join(tmp, f'{split}.bin'))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump({'kind': 'synthetic', 'vocab_size': args['vocab_size']}, f)
+        cfg = train_config(args, tmp, os.path.join(tmp, 'out'))
+        rss_before = rss_mb()
+        summary = train(cfg)
+    step_ms = statistics.median(summary['step_ms'][args['warmup']:])
+    model = summary['model']
+    tokens = cfg.batch_size * cfg.block_size
+    # FLOPs per token: 6 per parameter (forward + backward) + attention scores (PaLM appendix B)
+    c = model.config
+    flops = 6 * model.num_params() + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size
+    result = dict(ms_per_iter=step_ms, tokens_per_s=tokens / step_ms * 1000,
+                  params=model.num_params())
+    if 'cuda' in str(next(model.parameters()).device):
+        result['mfu'] = flops * result['tokens_per_s'] / (args['peak_tflops'] * 1e12)
+        result['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.update(peak_mb=peak, step_mb=peak - rss_before)
+    print(json.dumps(result))
+    return result
+
+
+def bench_train(argv):
+    """The base variant and every --compare variant ("n_future=1;memory_efficient=true"), each
+    in a fresh process (so peak memory is its own), with ratios to the base."""
+    args = parse_flags(argv, TRAIN_FLAGS)
+    base = [a for a in argv if not a.startswith('--compare=')]
+    variants = [('base', base)]
+    for variant in filter(None, args['compare'].split(';')):
+        extra = [f'--{item.strip()}' for item in variant.split(',')]
+        parse_flags(base + extra, TRAIN_FLAGS)  # fail early on a bad variant
+        variants.append((variant, base + extra))
+    rows = []
+    for name, flags in variants:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), 'train_one', *flags],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise UserError(f"variant {name} failed: {proc.stderr.strip().splitlines()[-1]}")
+        rows.append(dict(variant=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
+    shape = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
+                                  'vocab_size', 'n_future', 'head_type', 'memory_efficient')}
+    print(f"train benchmark: {shape}, {args['iters']} timed iters after {args['warmup']}, "
+          f"device {args['device']}")
+    print(f"  {'variant':34} {'ms/iter':>8} {'x base':>7} {'tokens/s':>9} {'peak MB':>8} "
+          f"{'step MB':>8} {'x base':>7} {'MFU':>6}")
+    for row in rows:
+        row['time_ratio'] = row['ms_per_iter'] / rows[0]['ms_per_iter']
+        memory = 'step_mb' if 'step_mb' in row else 'peak_mb'
+        row['memory_ratio'] = row[memory] / rows[0][memory]
+        print(f"  {row['variant']:34} {row['ms_per_iter']:8.1f} {row['time_ratio']:6.2f}x "
+              f"{row['tokens_per_s']:9.0f} {row['peak_mb']:8.0f} {row.get('step_mb', 0):8.0f} "
+              f"{row['memory_ratio']:6.2f}x {row.get('mfu', 0):6.1%}")
+    summary = dict(section='train', **shape, device=args['device'], rows=rows)
+    print(json.dumps(summary))
+    return summary
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {'decode': bench_decode, 'train': bench_train, 'train_one': bench_train_one}
 
 
 def main(argv):
