@@ -110,3 +110,18 @@ def test_compile_flag_runs_on_cpu_and_matches_eager(corpus, tmp_path):
     compiled = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/c',
                                                         '--compile=true']))
     assert all(abs(compiled['losses'][i] - eager['losses'][i]) < 1e-4 for i in eager['losses'])
+
+
+def test_train_benchmark_compares_variants_and_ends_with_json():
+    """bench.py train: one row per variant, ratios to the base, the JSON line last."""
+    proc = subprocess.run([sys.executable, 'bench.py', 'train', '--n_layer=1', '--n_embd=32',
+                           '--n_head=2', '--block_size=16', '--batch_size=2', '--iters=2',
+                           '--warmup=1', '--compare=n_future=1;memory_efficient=true'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r['variant'] for r in summary['rows']] == ['base', 'n_future=1',
+                                                       'memory_efficient=true']
+    assert summary['rows'][0]['time_ratio'] == 1.0
+    assert summary['rows'][1]['params'] < summary['rows'][0]['params']  # fewer heads
+    assert all(r['ms_per_iter'] > 0 and r['peak_mb'] > 0 for r in summary['rows'])
