@@ -167,8 +167,17 @@ class Window:
                            device=self.device)
         if drafts is not None and drafts.numel():
             new = torch.cat([new, drafts])
-        logits, _ = self.model(new[None], cache=self.cache, n_heads=n_heads)
+        logits, _, self.trunk_hidden = self.model(new[None], cache=self.cache, n_heads=n_heads,
+                                                  return_hidden=True)
         return logits[0]
+
+    def draft_logits(self, row):
+        """Logits (n_future - 1, V) of heads 2..n at `row` of the last forward, computed from the
+        trunk states of that row alone: for heads without attention (linear) this is all a
+        draft needs, so the forward itself can run head 1 only."""
+        at_row = [h[:, row:row + 1] for h in self.trunk_hidden]
+        return torch.cat([self.model.head_logits(i, at_row)[0]
+                          for i in range(1, self.model.config.n_future)])
 
     def rollback(self, n):
         """Forget the cached tokens from sequence index n on (the rejected drafts)."""
@@ -289,7 +298,8 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
 def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, top_k=0,
                               top_p=1.0, stop=(), generator=None, keep=None):
     """Self-speculative decoding: one forward of all heads per step; head 1 verifies the previous
-    step's drafts, heads 2..n at the last accepted position draft the next n-1 tokens."""
+    step's drafts, heads 2..n at the last accepted position draft the next n-1 tokens. Heads
+    with blocks must see every position (their KV cache); linear heads run at that one row."""
     n_future = model.config.n_future
     if n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
@@ -301,12 +311,13 @@ def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, to
     window = Window(model, keep)
     drafts = torch.empty(0, dtype=torch.long, device=window.device)
     q = torch.empty(0, model.config.vocab_size, device=window.device)
+    lazy_heads = model.config.head_type == 'linear'
     while len(seq) - n_prompt < max_new_tokens:
         room = window.slide(len(seq))
         # a step emits at most k+1 tokens: never draft past max_new_tokens or the window's end
         k = min(drafts.numel(), room, max_new_tokens - (len(seq) - n_prompt) - 1)
-        logits = window.forward(seq, drafts[:k])          # (T, n_future, V): the last k+1 rows
-        T = logits.size(0)                                 # are the last token and the k drafts
+        logits = window.forward(seq, drafts[:k], n_heads=1 if lazy_heads else None)
+        T = logits.size(0)  # the last k+1 rows are the last token and the k drafts
         p = probs_from_logits(logits[T - k - 1:, 0], temperature, top_k, top_p)
         new = verify(p, drafts[:k], q[:k], greedy, generator)
         n_accepted = len(new) - 1
@@ -314,7 +325,9 @@ def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, to
         # the cache keeps the last token and the accepted drafts; the free token is fed next step
         window.rollback(len(seq) + n_accepted)
         # at the last accepted position head 1 gave the free token; heads 2..n draft what follows
-        q = probs_from_logits(logits[T - k - 1 + n_accepted, 1:], temperature, top_k, top_p)
+        row = T - k - 1 + n_accepted
+        q = probs_from_logits(window.draft_logits(row) if lazy_heads else logits[row, 1:],
+                              temperature, top_k, top_p)
         drafts = draw(q, greedy, generator)
         seq += new
         if finish(seq, n_prompt, stop, len(new)):

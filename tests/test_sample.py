@@ -456,4 +456,4 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(tiny_checkpoint, 
     assert summary['sampling']['vanilla']['tau'] == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
     with pytest.raises(UserError, match='usage'):
-        bench.main(['train'])
+        bench.main(['no_such_section'])
