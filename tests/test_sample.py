@@ -36,10 +36,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_model(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3):
+def random_model(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
+                 head_type='block'):
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future))
+                             block_size=block_size, n_future=n_future, head_type=head_type))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -148,8 +149,9 @@ def test_verify_sampling_emits_tokens_distributed_as_p():
 # -----------------------------------------------------------------------------
 # greedy: speculative output == vanilla output, token for token
 
-def test_greedy_self_speculative_equals_vanilla_with_untrained_heads():
-    model = random_model()
+@pytest.mark.parametrize('head_type', ['block', 'linear'])  # linear heads draft lazily
+def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
+    model = random_model(head_type=head_type)
     stats = sample.Stats(3)
     for prompt in random_prompts(50, 13, 40):
         vanilla = generate(model, prompt, 20, temperature=0)
@@ -244,8 +246,8 @@ def total_variation(samples, exact):
 N_RUNS, TV_BOUND = 1000, 0.1
 
 
-def tiny_vocab_model():
-    return random_model(vocab=3, n_future=3, std=0.5, seed=12), [0, 2, 1]
+def tiny_vocab_model(head_type='block'):
+    return random_model(vocab=3, n_future=3, std=0.5, seed=12, head_type=head_type), [0, 2, 1]
 
 
 def first_three_tokens(model, prompt):
@@ -255,8 +257,9 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
-def test_self_speculative_sampling_matches_vanilla_distribution():
-    model, prompt = tiny_vocab_model()
+@pytest.mark.parametrize('head_type', ['block', 'linear'])
+def test_self_speculative_sampling_matches_vanilla_distribution(head_type):
+    model, prompt = tiny_vocab_model(head_type)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
     assert total_variation(first_three_tokens(model, prompt), exact) < TV_BOUND
 
