@@ -24,7 +24,8 @@ Temperature, top-k and top-p shape p and q alike, through one function (probs_fr
 After a rejection the KV cache is rolled back to the accepted length.
   self-speculative: heads 2..n of the SAME forward, read at the last accepted position, draft the
                   n-1 tokens after the free token, so each step is exactly one forward (of all
-                  heads: every head's cache layers must stay in step). Needs n_future >= 2: a
+                  heads: every block head's cache layers must stay in step; linear heads, which
+                  attend to nothing, run on that one row only). Needs n_future >= 2: a
                   1-head checkpoint with --speculative is an error, not a silent fallback.
   two-model:      the draft model (its own KV cache, rolled back too) drafts gamma tokens one
                   forward at a time, the target verifies them in one forward (Leviathan et al.

@@ -136,6 +136,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
     tc = trainer.TrainConfig(out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, batch_size=cfg.batch_size, block_size=cfg.block_size,
                              eval_iters=cfg.eval_iters, device=cfg.device, seed=seed, quiet=True,
+                             head_type='block',
                              warmup_iters=min(100, flags.get('max_iters', 100) // 10))
     tc = replace(tc, **flags)
     tc = replace(tc, eval_interval=tc.max_iters)

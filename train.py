@@ -43,8 +43,8 @@ class TrainConfig:
     eval_iters: int = 20                # batches per split per evaluation
     log_interval: int = 10
     # data
-    batch_size: int = 16
-    block_size: int = 64
+    batch_size: int = 8
+    block_size: int = 256
     grad_accum: int = 1                 # micro-batches per optimizer step (split across ranks)
     # model (ignored when adapting a checkpoint: the source decides)
     n_layer: int = 4
@@ -55,7 +55,7 @@ class TrainConfig:
     # multi-token prediction
     n_future: int = 4                   # heads; head i predicts x_{t+i}
     attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads) / n_layer (linear)
-    head_type: str = 'block'            # block | linear
+    head_type: str = 'linear'           # linear (Medusa ResBlock: cheap drafts) | block (Gloeckle)
     whs: bool = False                   # weighted hidden states
     loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated
     mtp_weight: float = 1.0             # else lambda_1 = 1, lambda_i = mtp_weight * mtp_decay^(i-2)
@@ -67,7 +67,7 @@ class TrainConfig:
     trunk_lr_scale: float = 1.0         # differential LR: trunk LR = scale * head LR
     # optimizer and schedule
     learning_rate: float = 2e-3
-    max_iters: int = 3000
+    max_iters: int = 3500
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
