@@ -10,6 +10,10 @@ and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes 
 prints tokens/s (median over repeats), the speedup over vanilla, tau, the per-position acceptance
 and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
 JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla (MTP_NOTES.md section 4).
+--threads=1 (default; 0 = torch's default): decoding one sequence of a small model is latency
+bound, and on CPU extra threads mostly add synchronization -- more so for the k+1-token verify
+forwards than for single tokens (measured here: 2 threads made both modes slower and the verify
+forward 1.7x a single-token one, against 1.35x with 1 thread).
 
     python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
     python bench.py train --vocab_size=50257 --compare="memory_efficient=true;n_future=1"
@@ -33,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from model import UserError, parse_flags, pick_device, autocast_for
+from model import UserError, parse_flags, pick_device, autocast_for, set_cpu_threads
 from heads import load_model
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
@@ -46,7 +50,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 DECODE_FLAGS = dict(ckpt='out/ckpt.pt', draft='', gamma=4, data='', num_prompts=20,
                     prompt_len=64, max_new_tokens=64, repeats=3, temperature=0.8, top_k=0,
-                    top_p=1.0, seed=1337, device='auto', dtype='auto')
+                    top_p=1.0, seed=1337, device='auto', dtype='auto', threads=1)
 
 
 def val_prompts(ckpt, data_path, num_prompts, prompt_len):
@@ -68,6 +72,7 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len):
 
 def bench_decode(argv):
     args = parse_flags(argv, DECODE_FLAGS)
+    set_cpu_threads(args['threads'])
     if args['repeats'] < 1 or args['max_new_tokens'] < 1:
         raise UserError("repeats and max_new_tokens must be >= 1")
     device = pick_device(args['device'])

@@ -424,3 +424,11 @@ def autocast_for(dtype, device):
     if dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda'):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def set_cpu_threads(n):
+    """torch's intra-op CPU threads (0 = leave torch's default)."""
+    if n < 0:
+        raise UserError(f"threads must be >= 0, got {n}")
+    if n:
+        torch.set_num_threads(n)

@@ -9,7 +9,8 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
 
 Flags (--name=value): ckpt, prompt (a string or FILE:path), num_samples, max_new_tokens,
 temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, speculative, draft, gamma,
-stop, device, dtype, quiet. Every run prints its metrics and then a JSON summary as the last line.
+stop, device, dtype, threads (CPU threads; 0 = torch's default, 1 is fastest for small
+models), quiet. Every run prints its metrics and then a JSON summary as the last line.
 
 Speculative decoding, exactly (MTP_NOTES.md section 3). A step feeds the tokens that are not
 verified yet -- the last emitted token and k drafts -- through the target model in ONE forward;
@@ -61,7 +62,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from model import UserError, parse_flags, pick_device, autocast_for
+from model import UserError, parse_flags, pick_device, autocast_for, set_cpu_threads
 from heads import load_model
 from data.prepare import Tokenizer
 
@@ -388,7 +389,7 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, temperatu
 
 FLAGS = dict(ckpt='out/ckpt.pt', prompt='\n', num_samples=1, max_new_tokens=500, temperature=0.8,
              top_k=0, top_p=1.0, seed=1337, speculative=False, draft='', gamma=4, stop='auto',
-             device='auto', dtype='auto', quiet=False)
+             device='auto', dtype='auto', threads=0, quiet=False)
 
 
 def encode_prompt(text, tokenizer):
@@ -431,6 +432,7 @@ def load_for_sampling(path, device):
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
+    set_cpu_threads(args['threads'])
     device = pick_device(args['device'])
     autocast = autocast_for(args['dtype'], device)
     model, ckpt = load_for_sampling(args['ckpt'], device)

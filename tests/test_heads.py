@@ -107,6 +107,16 @@ def test_count_topk_is_exact_and_skips_missing_targets():
 # -----------------------------------------------------------------------------
 # adapting a next-token model
 
+def assert_every_head_reproduces(src, mtp):
+    """Every head of mtp gives the logits of the source model (1e-5)."""
+    x, _, _ = batch()
+    with torch.no_grad():
+        ref, _ = src(x)
+        out, _ = mtp(x)
+    for i in range(mtp.config.n_future):
+        assert max_diff(out[:, :, i], ref) <= TOL
+
+
 @pytest.mark.parametrize('attach', [0, 1, 2])
 def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach):
     """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a): head 1 gives the source model's
@@ -115,12 +125,7 @@ def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach):
     mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach).eval()
     assert len(mtp.transformer.h) == attach
     assert all(len(h.blocks) == 3 - attach for h in mtp.heads)
-    x, _, _ = batch()
-    with torch.no_grad():
-        ref, _ = src(x)
-        out, _ = mtp(x)
-    for i in range(3):
-        assert max_diff(out[:, :, i], ref) <= TOL
+    assert_every_head_reproduces(src, mtp)
 
 
 def test_from_gpt_of_an_mtp_model_uses_its_head1_path():
@@ -187,12 +192,7 @@ def test_linear_heads_start_as_the_plain_model():
     src = tiny_gpt()
     mtp = MTPGPT.from_gpt(src, n_future=3, head_type='linear').eval()
     assert mtp.config.attach_layer == 3 and len(mtp.transformer.h) == 3
-    x, _, _ = batch()
-    with torch.no_grad():
-        ref, _ = src(x)
-        out, _ = mtp(x)
-    for i in range(3):
-        assert max_diff(out[:, :, i], ref) <= TOL
+    assert_every_head_reproduces(src, mtp)
 
 
 def test_model_from_checkpoint_roundtrip_and_mismatch():

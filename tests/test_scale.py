@@ -14,6 +14,9 @@ import train
 from data.prepare import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4',
+            '--max_iters=3', '--eval_interval=3', '--eval_iters=1', '--n_future=2',
+            '--quiet=true', '--device=cpu']
 
 
 @pytest.fixture
@@ -88,9 +91,7 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
 def test_cuda_path_flags_are_accepted_on_cpu(corpus, tmp_path):
     """--dtype=bfloat16 (CPU autocast) and --compile are accepted on CPU; the default stays fp32
     and the fp32 result does not depend on the flags existing."""
-    common = [f'--data_dir={corpus}', '--n_layer=1', '--n_head=2', '--n_embd=32',
-              '--block_size=16', '--batch_size=4', '--max_iters=3', '--eval_interval=3',
-              '--eval_iters=1', '--n_future=2', '--quiet=true', '--device=cpu']
+    common = [f'--data_dir={corpus}', *TINY_RUN]
     fp32 = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/a']))
     fp32_again = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/b',
                                                           '--dtype=float32']))
@@ -103,9 +104,7 @@ def test_cuda_path_flags_are_accepted_on_cpu(corpus, tmp_path):
 
 def test_compile_flag_runs_on_cpu_and_matches_eager(corpus, tmp_path):
     """--compile=true (torch.compile) trains on CPU to the same losses as eager (fp32)."""
-    common = [f'--data_dir={corpus}', '--n_layer=1', '--n_head=2', '--n_embd=32',
-              '--block_size=16', '--batch_size=4', '--max_iters=3', '--eval_interval=3',
-              '--eval_iters=1', '--n_future=2', '--quiet=true', '--device=cpu']
+    common = [f'--data_dir={corpus}', *TINY_RUN]
     eager = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/e']))
     compiled = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/c',
                                                         '--compile=true']))
