@@ -41,6 +41,8 @@ class MTPConfig(GPTConfig):
     def __post_init__(self):
         if self.head_type not in ('block', 'linear'):
             raise UserError(f"head_type must be 'block' or 'linear', not {self.head_type!r}")
+        if self.n_future == 1:  # no extra heads: the plain GPT, whatever head_type says
+            self.head_type = 'block'
         if self.attach_layer == -1:
             self.attach_layer = self.n_layer - (1 if self.head_type == 'block' else 0)
         if self.n_future < 1:

@@ -61,7 +61,7 @@ def make_corpus(out_dir, text, tokenizer='char'):
 TINY_FLAGS = ['--quiet=true', '--device=cpu', '--dtype=float32', '--compile=false',
               '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=8',
               '--n_future=2', '--eval_iters=2', '--warmup_iters=2', '--learning_rate=1e-2',
-              '--min_lr=1e-3', '--log_interval=1000']
+              '--min_lr=1e-3', '--log_interval=1000', '--head_type=block']
 
 
 def train_config(data_dir, out_dir, *flags):

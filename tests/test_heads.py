@@ -338,3 +338,14 @@ def test_head2_learns_the_token_after_next(corpus, tmp_path):
     assert head2['top1'] > 0.5      # chance is 1/32
     assert head2['top5'] > 0.9
     assert head2['loss'] < math.log(32) - 1.5
+
+
+def test_one_head_is_the_plain_gpt_whatever_the_head_type():
+    """n_future=1 has no extra heads: head_type='linear' still builds the plain block stack."""
+    config = MTPConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8, n_future=1,
+                       head_type='linear')
+    assert config.head_type == 'block' and config.attach_layer == 1
+    model = MTPGPT(config)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in M.GPT(M.GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16,
+                                             block_size=8)).parameters())
