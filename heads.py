@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from model import GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_, load_checkpoint
 
-WHS_INIT_LOGIT = 16.0  # softmax weight of the last trunk layer at init: 1 - O(L * e^-16)
+WHS_INIT_LOGIT = 12.0  # softmax weight of the last trunk layer at init: 1 - O(L * e^-12)
 
 
 @dataclass
@@ -105,6 +105,10 @@ class MTPGPT(GPT):
 
     def num_cache_layers(self):
         return self.config.attach_layer + self.config.n_future * self.head_depth()
+
+    def whs_parameters(self):
+        """The WHS mixing logits of every head (empty without WHS)."""
+        return [head.whs_logits for head in self.heads if hasattr(head, 'whs_logits')]
 
     def trunk_parameters(self):
         """The backbone: embeddings, trunk blocks, and the shared final norm / unembedding."""

@@ -256,21 +256,23 @@ class GPT(nn.Module):
                              param_groups=None):
         """AdamW with weight decay on matrices (>= 2D) only, never on biases or LayerNorm gains.
 
-        param_groups: optional {name: (params, lr_scale)} to give parts of the model their own LR
-        (heads.py uses it for the trunk); every group is split into decay / no-decay. The LR
-        schedule sets group['lr'] = lr * group['lr_scale'].
+        param_groups: optional {name: (params, lr_scale)} or {name: (params, lr_scale, eps)} to
+        give parts of the model their own LR (train.py: trunk, heads, WHS weights) and Adam eps;
+        every group is split into decay / no-decay. The LR schedule sets
+        group['lr'] = lr * group['lr_scale'].
         """
         if param_groups is None:
             param_groups = {'all': ([p for p in self.parameters()], 1.0)}
         groups = []
-        for name, (params, lr_scale) in param_groups.items():
+        for name, (params, lr_scale, *eps) in param_groups.items():
             params = [p for p in params if p.requires_grad]
             decay = [p for p in params if p.dim() >= 2]
             no_decay = [p for p in params if p.dim() < 2]
             for ps, wd in ((decay, weight_decay), (no_decay, 0.0)):
                 if ps:
                     groups.append(dict(params=ps, weight_decay=wd, name=name, lr_scale=lr_scale,
-                                       lr=learning_rate * lr_scale))
+                                       lr=learning_rate * lr_scale,
+                                       **(dict(eps=eps[0]) if eps else {})))
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  **(dict(fused=True) if fused else {}))

@@ -65,6 +65,7 @@ class TrainConfig:
     freeze_trunk: bool = False          # heads only
     head_warmup_iters: int = 0          # heads only for this many iterations, then joint
     trunk_lr_scale: float = 1.0         # differential LR: trunk LR = scale * head LR
+    whs_lr_scale: float = 100.0         # WHS logits' LR = scale * head LR (see build_optimizer)
     # optimizer and schedule
     learning_rate: float = 2e-3
     max_iters: int = 3500
@@ -217,6 +218,21 @@ def build_model(cfg, meta):
     return model, ckpt
 
 
+def build_optimizer(model, cfg, device_type):
+    """AdamW with three parameter groups: the trunk (LR x trunk_lr_scale: differential LR), the
+    heads, and the WHS logits. WHS starts as the last trunk layer, a softmax saturated at logit
+    WHS_INIT_LOGIT, where its gradients are ~1e-7 of normal: with the heads' LR and Adam's eps
+    (1e-8 > those gradients) the mix would not move within a fine-tuning run (measured: WHS rows
+    identical to non-WHS ones). So the logits get LR x whs_lr_scale and a tiny eps: Adam then
+    takes steps of about that LR in logit space whatever the gradient's scale."""
+    whs = {id(p) for p in model.whs_parameters()}
+    groups = {'trunk': (model.trunk_parameters(), cfg.trunk_lr_scale),
+              'heads': ([p for p in model.heads.parameters() if id(p) not in whs], 1.0),
+              'whs': (model.whs_parameters(), cfg.whs_lr_scale, 1e-20)}
+    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                      (cfg.beta1, cfg.beta2), device_type, groups)
+
+
 def set_trunk_trainable(model, trainable):
     for p in model.trunk_parameters():
         p.requires_grad_(trainable)
@@ -265,16 +281,14 @@ def train(cfg):
 
     model, ckpt = build_model(cfg, meta)
     model.to(device)
-    loss_weights = ([float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights
-                    else loss_weights_for(model.config.n_future, None, cfg.mtp_weight,
-                                          cfg.mtp_decay))
-    loss_weights = loss_weights_for(model.config.n_future, loss_weights)
+    try:
+        explicit = [float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights else None
+    except ValueError:
+        raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
+    loss_weights = loss_weights_for(model.config.n_future, explicit, cfg.mtp_weight, cfg.mtp_decay)
     if cfg.freeze_trunk:
         set_trunk_trainable(model, False)
-    groups = {'trunk': (model.trunk_parameters(), cfg.trunk_lr_scale),
-              'heads': (list(model.heads.parameters()), 1.0)}
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), device_type, groups)
+    optimizer = build_optimizer(model, cfg, device_type)
     iter_num, best_val = 0, float('inf')
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])

@@ -1,12 +1,14 @@
 """Specification of the multi-token prediction heads (heads.py) and of the training strategies
 for adapted models in train.py (freeze_trunk, head warmup, differential LR)."""
 import copy
+import os
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import heads as heads_module
 import model as M
 import train as T
 from heads import (MTPGPT, MTPConfig, head_targets, mtp_loss, count_topk, loss_weights_for,
@@ -349,3 +351,17 @@ def test_one_head_is_the_plain_gpt_whatever_the_head_type():
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in M.GPT(M.GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16,
                                              block_size=8)).parameters())
+
+
+def test_whs_logits_have_their_own_optimizer_group_and_move(corpus, ntp_ckpt, tmp_path):
+    """WHS starts in a saturated softmax (tiny gradients): its logits get LR x whs_lr_scale and
+    a tiny Adam eps, so a short adaptation really changes the mix."""
+    summary = run_train(corpus, tmp_path, f'--init_from={ntp_ckpt}', '--whs=true',
+                        '--max_iters=6', '--eval_interval=6', '--whs_lr_scale=50')
+    model = summary['model']
+    for head in model.heads:
+        assert head.whs_logits.detach()[:-1].abs().max() > 0.05
+        assert abs(float(head.whs_logits[-1]) - heads_module.WHS_INIT_LOGIT) > 0.05
+    ckpt = torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=False)
+    whs_groups = [g for g in ckpt['optimizer']['param_groups'] if g['name'] == 'whs']
+    assert whs_groups and all(g['lr_scale'] == 50 and g['eps'] == 1e-20 for g in whs_groups)

@@ -147,6 +147,8 @@ def test_block_size_beyond_the_adapted_model_is_a_user_error(corpus, ntp_ckpt, t
     (['--head_type=linear', '--attach_layer=1'], 'attach_layer'),
     (['--head_type=mlp'], 'head_type'),
     (['--n_future=0'], 'n_future'),
+    (['--loss_weights=1,half'], 'loss_weights'),
+    (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
 ])
 def test_incompatible_options_are_user_errors(corpus, tmp_path, flags, match):
     cfg = train_config(corpus, tmp_path / 'out', '--max_iters=1', *flags)
