@@ -1,7 +1,8 @@
 """
 The paper's study at small scale: one command from corpus to results table.
 
-    python study.py --quick=true        # 2 corpora x 2 sizes x 2 seeds, ~15 min on a 2-core CPU
+    python study.py --quick=true --results_dir=results   # 2 corpora x 2 sizes x 2 seeds, ~12 min
+                                                         # on a 2-core CPU
     python study.py                     # the full setting (bigger models, longer runs: a GPU)
 
 For every corpus, model size and seed it
@@ -13,8 +14,9 @@ For every corpus, model size and seed it
   4. trains an MTP model from scratch with the same total number of iterations;
   5. sweeps attach_layer with a frozen trunk (seed 0): where should the heads branch off?
   6. measures greedy self-speculative decoding (tau, speedup over vanilla) for each MTP model;
-  7. writes results.md / results.json (rows = strategies, columns = next / 2nd token top-5 and
-     top-1, tau, speedup; mean +- spread over seeds) and layer_sweep.png when matplotlib exists.
+  7. writes study_quick.md / .json (or study_full.*; rows = strategies, columns = next / 2nd
+     token top-5 and top-1, tau, speedup; mean +- spread over seeds) and a layer-sweep PNG when
+     matplotlib is installed (optional), into --results_dir.
 
 The two corpora differ in determinism: tiny Shakespeare (open-ended text) and `counting`, the
 numbers from 1 on written out in English words ("one hundred and twelve, ..."), where the next
@@ -26,17 +28,18 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, asdict, replace
 
 import numpy as np
 import torch
 
 from model import UserError, parse_flags
 from heads import load_model
-from data.prepare import prepare
+from data.prepare import prepare, load_meta
 import train as trainer
 from marginalize import evaluate_table
-from sample import generate, generate_self_speculative
+from sample import generate, generate_self_speculative, Stats
+from bench import val_prompts
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt')
@@ -44,7 +47,8 @@ SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt')
 
 @dataclass
 class StudyConfig:
-    out_dir: str = 'out-study'
+    out_dir: str = 'out-study'      # data, runs and checkpoints
+    results_dir: str = ''           # study_{quick,full}.md / .json / _layer_sweep.png (default out_dir)
     corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
     shakespeare: str = ''           # local tinyshakespeare.txt (default: ../shared or data/)
     sizes: str = 'S,M'              # model sizes, see SIZES
@@ -63,7 +67,7 @@ class StudyConfig:
     decode_tokens: int = 128
     sweep: bool = True              # the attach_layer sweep
     device: str = 'auto'
-    quick: bool = False             # the 2-core-CPU setting (overrides the sizes above)
+    quick: bool = False             # the 2-core-CPU setting: QUICK_SIZES, and QUICK's defaults
 
 
 # n_layer, n_head, n_embd per size; QUICK_SIZES for --quick
@@ -140,11 +144,14 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
                              warmup_iters=min(100, flags.get('max_iters', 100) // 10))
     tc = replace(tc, **flags)
     tc = replace(tc, eval_interval=tc.max_iters)
-    if os.path.isfile(os.path.join(run_dir, 'done.json')):  # finished earlier: reuse
-        return os.path.join(run_dir, 'ckpt.pt')
+    done = os.path.join(run_dir, 'done.json')
+    if os.path.isfile(done):  # finished earlier with exactly this config: reuse it
+        with open(done) as f:
+            if json.load(f)['config'] == asdict(tc):
+                return os.path.join(run_dir, 'ckpt.pt')
     summary = trainer.train(tc)
-    with open(os.path.join(run_dir, 'done.json'), 'w') as f:
-        json.dump(trainer.printable(summary), f)
+    with open(done, 'w') as f:
+        json.dump(dict(config=asdict(tc), summary=trainer.printable(summary)), f)
     return summary['ckpt']
 
 
@@ -158,32 +165,39 @@ def accuracy(model, tokens, cfg, top_ks):
                           top_ks=top_ks, seed=0)
 
 
-def decode_speed(model, tokens, cfg):
-    """Greedy self-speculative vs vanilla decoding on fixed val prompts: tau, speedup, and
-    whether the texts are identical (they must be)."""
+def decode_speed(model, data_dir, cfg):
+    """Greedy self-speculative vs vanilla decoding on fixed val prompts (bench.py's): tau,
+    speedup, and whether the texts are identical (they must be)."""
     prompt_len = cfg.block_size // 2
-    starts = np.linspace(0, len(tokens) - prompt_len - 1, cfg.decode_prompts).astype(int)
-    prompts = [tokens[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
+    prompts = val_prompts({}, os.path.join(data_dir, 'val.bin'), cfg.decode_prompts, prompt_len)
     new = min(cfg.decode_tokens, model.config.block_size - prompt_len)
-    runs = {}
-    for name, decode in (('vanilla', generate), ('speculative', generate_self_speculative)):
-        decode(model, prompts[0], 8, temperature=0.0)  # warm-up
-        t0 = time.perf_counter()
-        results = [decode(model, p, new, temperature=0.0) for p in prompts]
-        seconds = time.perf_counter() - t0
-        runs[name] = (results, sum(len(r.tokens) for r in results) / seconds)
-    spec = runs['speculative'][0]
-    tau = sum(len(r.tokens) for r in spec) / sum(r.stats.target_forwards for r in spec)
-    same = [r.tokens for r in spec] == [r.tokens for r in runs['vanilla'][0]]
-    return dict(tau=tau, speedup=runs['speculative'][1] / runs['vanilla'][1], identical=same)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as bench.py decode: small-model decoding is latency bound
+    try:
+        runs = {}
+        for name, decode in (('vanilla', generate), ('speculative', generate_self_speculative)):
+            decode(model, prompts[0], 8, temperature=0.0)  # warm-up
+            t0 = time.perf_counter()
+            results = [decode(model, p, new, temperature=0.0) for p in prompts]
+            runs[name] = (results, sum(len(r.tokens) for r in results) / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(threads)
+    stats = Stats(cfg.n_future - 1)
+    for result in runs['speculative'][0]:
+        stats.add(result.stats)
+    same = [r.tokens for r in runs['speculative'][0]] == [r.tokens for r in runs['vanilla'][0]]
+    return dict(tau=stats.summary()['tau'], speedup=runs['speculative'][1] / runs['vanilla'][1],
+                identical=same)
 
 
 def run_cell(cfg, corpus, size_name, seed, log):
     size = (QUICK_SIZES if cfg.quick else SIZES)[size_name]
     data_dir = prepare_corpus(corpus, cfg)
-    cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-{size_name}-s{seed}")
+    setting = 'quick' if cfg.quick else 'full'
+    cell_dir = os.path.join(cfg.out_dir, 'runs',
+                            f"{setting}-{os.path.basename(data_dir)}-{size_name}-s{seed}")
     tokens = val_tokens(data_dir)
-    vocab = int(json.load(open(os.path.join(data_dir, 'meta.json')))['vocab_size'])
+    vocab = load_meta(data_dir)['vocab_size']
     adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
 
     def path(name):
@@ -212,7 +226,7 @@ def run_cell(cfg, corpus, size_name, seed, log):
     for name, (ckpt, _) in strategy_runs.items():
         model, _ = load_model(ckpt)
         heads_row = accuracy(model, tokens, cfg, [])[-1]
-        rows.append(dict(strategy=name, **scores(heads_row), **decode_speed(model, tokens, cfg)))
+        rows.append(dict(strategy=name, **scores(heads_row), **decode_speed(model, data_dir, cfg)))
         log(f"{os.path.basename(cell_dir)}: {name} done")
 
     sweep = []
@@ -258,7 +272,7 @@ def aggregate(rows_per_seed):
 
 
 def markdown(results, cfg):
-    second = '2nd' if cfg.n_future == 2 else f'{cfg.n_future}th'
+    second = {2: '2nd', 3: '3rd'}.get(cfg.n_future, f'{cfg.n_future}th')
     lines = []
     for key, cell in results.items():
         n_seeds = cell['seeds']
@@ -305,8 +319,6 @@ def plot_sweep(results, path):
 
 
 def run_study(cfg, log=print):
-    if cfg.quick:
-        cfg = replace(cfg, **QUICK)
     sizes = (QUICK_SIZES if cfg.quick else SIZES)
     size_names = [s for s in cfg.sizes.split(',') if s]
     unknown = [s for s in size_names if s not in sizes]
@@ -314,7 +326,6 @@ def run_study(cfg, log=print):
         raise UserError(f"unknown sizes {unknown}; choose from {list(sizes)}")
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     results = {}
     for corpus in [c for c in cfg.corpora.split(',') if c]:
@@ -328,24 +339,28 @@ def run_study(cfg, log=print):
             results[f"{os.path.basename(corpus).split('.')[0]} / {size_name}"] = dict(
                 params=f"{n_layer} layers, {n_embd} dim", seeds=cfg.seeds,
                 table=aggregate(per_seed), sweep=sweep)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    results_dir = cfg.results_dir or cfg.out_dir
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, 'study_quick' if cfg.quick else 'study_full')
     text = markdown(results, cfg)
-    with open(os.path.join(cfg.out_dir, 'results.md'), 'w') as f:
+    with open(stem + '.md', 'w') as f:
         f.write(text)
     summary = dict(config=asdict(cfg), results=results, seconds=time.time() - t0,
-                   plot=plot_sweep(results, os.path.join(cfg.out_dir, 'layer_sweep.png')))
-    with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
+                   table=stem + '.md', plot=plot_sweep(results, stem + '_layer_sweep.png'))
+    with open(stem + '.json', 'w') as f:
         json.dump(summary, f, indent=1)
     return text, summary
 
 
 def main(argv):
-    cfg = StudyConfig(**parse_flags(argv, asdict(StudyConfig())))
+    defaults = asdict(StudyConfig())
+    if parse_flags(argv, defaults)['quick']:  # the quick setting, then the flags given
+        defaults.update(QUICK, quick=True)
+    cfg = StudyConfig(**parse_flags(argv, defaults))
     text, summary = run_study(cfg)
     print(text)
     print(json.dumps(dict(out_dir=cfg.out_dir, seconds=round(summary['seconds'], 1),
-                          results=os.path.join(cfg.out_dir, 'results.json'),
-                          plot=summary['plot'])))
+                          table=summary['table'], plot=summary['plot'])))
 
 
 if __name__ == '__main__':

@@ -35,7 +35,7 @@ def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, 
     table_lines = [l for l in text.splitlines() if l.startswith('| ') and 'strategy' not in l]
     assert len(table_lines) == len(strategies)
     assert all(l.count('|') == 8 for l in table_lines)
-    assert os.path.isfile(tmp_path / 'study' / 'results.json')
+    assert os.path.isfile(tmp_path / 'study' / 'study_full.json')
 
 
 def test_readme_shows_the_committed_quick_study_results():
