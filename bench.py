@@ -9,7 +9,7 @@ checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with 
 and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved. It
 prints tokens/s (median over repeats), the speedup over vanilla, tau, the per-position acceptance
 and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
-JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla (MTP_NOTES.md section 4).
+JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla.
 --threads=1 (default; 0 = torch's default): decoding one sequence of a small model is latency
 bound, and on CPU extra threads mostly add synchronization -- more so for the k+1-token verify
 forwards than for single tokens (measured here: 2 threads made both modes slower and the verify
@@ -38,11 +38,9 @@ import numpy as np
 import torch
 
 from model import UserError, parse_flags, pick_device, autocast_for, set_cpu_threads
-from heads import load_model
+from heads import load_model, val_path
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
@@ -55,11 +53,7 @@ DECODE_FLAGS = dict(ckpt='out/ckpt.pt', draft='', gamma=4, data='', num_prompts=
 
 def val_prompts(ckpt, data_path, num_prompts, prompt_len):
     """num_prompts windows of prompt_len tokens, evenly spaced over the validation tokens."""
-    if not data_path:
-        config = ckpt.get('config') or {}
-        data_dir = config.get('data_dir') or os.path.join(REPO, 'data',
-                                                          config.get('dataset', ''))
-        data_path = os.path.join(data_dir, 'val.bin')
+    data_path = data_path or val_path(ckpt)
     if not os.path.isfile(data_path):
         raise UserError(f"validation tokens not found: {data_path}; pass --data=path/to/val.bin")
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
@@ -191,9 +185,11 @@ def bench_train_one(argv):
     step_ms = statistics.median(summary['step_ms'][args['warmup']:])
     model = summary['model']
     tokens = cfg.batch_size * cfg.block_size
-    # FLOPs per token: 6 per parameter (forward + backward) + attention scores (PaLM appendix B)
+    # FLOPs per token: 6 per parameter (forward + backward; the tied unembedding runs once per
+    # head) + attention scores (PaLM appendix B)
     c = model.config
-    flops = 6 * model.num_params() + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size
+    flops = (6 * (model.num_params() + (c.n_future - 1) * c.vocab_size * c.n_embd)
+             + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size)
     result = dict(ms_per_iter=step_ms, tokens_per_s=tokens / step_ms * 1000,
                   params=model.num_params())
     if 'cuda' in str(next(model.parameters()).device):
@@ -221,7 +217,8 @@ def bench_train(argv):
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), 'train_one', *flags],
                               capture_output=True, text=True)
         if proc.returncode:
-            raise UserError(f"variant {name} failed: {proc.stderr.strip().splitlines()[-1]}")
+            why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            raise UserError(f"variant {name} failed: {why}")
         rows.append(dict(variant=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
     shape = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
                                   'vocab_size', 'n_future', 'head_type', 'memory_efficient')}

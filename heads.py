@@ -19,14 +19,15 @@ the plain GPT. Loss (positions without a target are ignored, never wrapped):
 This file also holds the checkpoint -> model builders (every nanoMTP checkpoint is an MTPGPT)
 and the token-weighted top-k accuracy counter used by every evaluation.
 """
-import copy
+import os
 from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_, load_checkpoint
+from model import (GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_, load_checkpoint,
+                   GPT2_SIZES)
 
 WHS_INIT_LOGIT = 12.0  # softmax weight of the last trunk layer at init: 1 - O(L * e^-12)
 
@@ -236,7 +237,7 @@ def mtp_loss(logits, targets, loss_weights=None):
 
 
 # -----------------------------------------------------------------------------
-# accuracy bookkeeping (token-weighted; MTP_NOTES.md section 4)
+# accuracy bookkeeping (token-weighted: every position with a target counts once)
 
 def count_topk(scores, targets, ks=(1, 5)):
     """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
@@ -264,9 +265,32 @@ def model_from_checkpoint(ckpt):
     return model
 
 
+def val_path(ckpt, data_dir=''):
+    """The val.bin a checkpoint was trained with (its config's data_dir or data/<dataset>), or
+    data_dir's; '' when the checkpoint names no dataset."""
+    config = ckpt.get('config') or {}
+    data_dir = data_dir or config.get('data_dir') or (
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', config['dataset'])
+        if config.get('dataset') else '')
+    return os.path.join(data_dir, 'val.bin') if data_dir else ''
+
+
+def tokenizer_for(ckpt):
+    """The checkpoint's tokenizer (data.prepare.Tokenizer); one-line UserErrors when the
+    checkpoint has none or tiktoken cannot load its BPE (offline without a cache)."""
+    from data.prepare import Tokenizer  # only the decoding scripts need it
+    if not ckpt.get('meta'):
+        raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
+    try:
+        return Tokenizer(ckpt['meta'])
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? set "
+                        f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
+
+
 def load_model(path, device='cpu'):
     """(model in eval mode on device, checkpoint dict) from a checkpoint path, or 'gpt2*'."""
-    if path.startswith('gpt2'):
+    if path in GPT2_SIZES and not os.path.exists(path):
         model = MTPGPT.from_gpt(GPT.from_pretrained(path))
         ckpt = {'meta': {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257},
                 'model_args': asdict(model.config), 'config': {}}

@@ -40,10 +40,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import UserError, parse_flags, pick_device
-from heads import MTPGPT, count_topk, load_model
-from data.prepare import Tokenizer
+from heads import MTPGPT, count_topk, load_model, tokenizer_for, val_path
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
 # mass (P, k_ahead): the captured mass (1 at k = 1); forward_tokens / forwards: the cost.
@@ -481,24 +479,17 @@ def load_tokens(args, ckpt, vocab_size):
     if args['input']:
         if not os.path.isfile(args['input']):
             raise UserError(f"input file not found: {args['input']}")
-        if 'meta' not in ckpt:
-            raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
         with open(args['input'], encoding='utf-8') as f:
             text = f.read()
+        tokenizer = tokenizer_for(ckpt)
         try:
-            tokens = np.array(Tokenizer(ckpt['meta']).encode(text), dtype=np.int64)
+            tokens = np.array(tokenizer.encode(text), dtype=np.int64)
         except ValueError as e:
             raise UserError(f"cannot tokenize {args['input']}: {e}")
-        except Exception as e:  # tiktoken needs its cache (TIKTOKEN_CACHE_DIR) when offline
-            raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? set "
-                            f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
         source = args['input']
     else:
-        config = ckpt.get('config') or {}
-        data_dir = args['data_dir'] or config.get('data_dir') or (
-            os.path.join(REPO, 'data', config['dataset']) if config.get('dataset') else '')
-        source = os.path.join(data_dir, 'val.bin')
-        if not data_dir or not os.path.isfile(source):
+        source = val_path(ckpt, args['data_dir'])
+        if not os.path.isfile(source):
             raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
                             f"pass --input=FILE or --data_dir=DIR")
         tokens = np.memmap(source, dtype=np.uint16, mode='r')
@@ -519,6 +510,8 @@ def main(argv):
         top_ks = args['top_k'] or [8]
         if len(top_ks) != 1:
             raise UserError("--bench takes a single --top_k")
+        if args['renormalize']:
+            raise UserError("--bench compares the unnormalized estimates: drop --renormalize")
         result = dict(ckpt=args['ckpt'], data=source,
                       **bench(model, tokens, top_k=top_ks[0], **common))
         print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, "

@@ -17,7 +17,7 @@ import ast
 import inspect
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 from contextlib import nullcontext
 
@@ -28,6 +28,9 @@ from torch.nn import functional as F
 
 class UserError(Exception):
     """Bad input from the user (flags, data, checkpoints). CLIs print it as one line and exit."""
+
+
+GPT2_SIZES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # from_pretrained's names
 
 
 @dataclass
@@ -70,6 +73,8 @@ class KVCache:
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        if self.k[layer] is not None and self.k[layer].shape[0] != k.shape[0] and self.length:
+            raise ValueError("the batch size changed while the cache holds tokens")
         if self.k[layer] is None or self.k[layer].shape[0] != k.shape[0]:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.k[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
@@ -285,10 +290,8 @@ class GPT(nn.Module):
         except ImportError:
             raise UserError("loading GPT-2 weights needs the optional package transformers: "
                             "pip install transformers")
-        sizes = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-                 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}
-        if model_type not in sizes:
-            raise UserError(f"unknown GPT-2 model {model_type!r}; choose from {sorted(sizes)}")
+        if model_type not in GPT2_SIZES:
+            raise UserError(f"unknown GPT-2 model {model_type!r}; choose from {GPT2_SIZES}")
         try:
             hf = GPT2LMHeadModel.from_pretrained(model_type)
         except Exception as e:  # network, disk, hub errors: one line, with the cause
@@ -333,7 +336,7 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                         f"retrain or restore it")
@@ -409,6 +412,12 @@ def parse_flags(argv, defaults, presets=False):
 def pick_device(name='auto'):
     """'auto' -> the best device here: cuda > mps > cpu; anything else is used as given."""
     if name != 'auto':
+        kind = name.split(':')[0]
+        if kind not in ('cpu', 'cuda', 'mps'):
+            raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not (
+                getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+            raise UserError(f"device {name!r} is not available on this machine")
         return name
     if torch.cuda.is_available():
         return 'cuda'

@@ -12,7 +12,7 @@ temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, speculative, d
 stop, device, dtype, threads (CPU threads; 0 = torch's default, 1 is fastest for small
 models), quiet. Every run prints its metrics and then a JSON summary as the last line.
 
-Speculative decoding, exactly (MTP_NOTES.md section 3). A step feeds the tokens that are not
+Speculative decoding, exactly. A step feeds the tokens that are not
 verified yet -- the last emitted token and k drafts -- through the target model in ONE forward;
 its next-token head gives the target distribution p at each of the k+1 positions, and `verify`
 decides which drafts stand:
@@ -45,7 +45,7 @@ prefilled again. The jumps depend only on the sequence length, so vanilla and sp
 condition every token on the same context (greedy outputs stay identical), and a speculative step
 feeds only as many drafts as fit before the window's end.
 
-Metrics (MTP_NOTES.md section 4). tau = tokens emitted per target forward, free/bonus token
+Metrics. tau = tokens emitted per target forward, free/bonus token
 included, counted over the decode forwards: the first forward, which prefills the prompt and
 emits one token in every mode, is left out (so vanilla has tau = 1 and perfect drafts give
 tau = n_future, resp. gamma + 1). acceptance[j] = P(draft j+1 accepted | drafts 1..j accepted).
@@ -63,8 +63,7 @@ import torch
 from torch.nn import functional as F
 
 from model import UserError, parse_flags, pick_device, autocast_for, set_cpu_threads
-from heads import load_model
-from data.prepare import Tokenizer
+from heads import load_model, tokenizer_for
 
 
 # -----------------------------------------------------------------------------
@@ -436,11 +435,14 @@ def main(argv):
     device = pick_device(args['device'])
     autocast = autocast_for(args['dtype'], device)
     model, ckpt = load_for_sampling(args['ckpt'], device)
-    tokenizer = Tokenizer(ckpt['meta'])
+    tokenizer = tokenizer_for(ckpt)
     prompt = encode_prompt(args['prompt'], tokenizer)
     stop = stop_tokens(args['stop'], tokenizer)
     if args['num_samples'] < 1:
         raise UserError(f"num_samples must be >= 1, got {args['num_samples']}")
+    if args['draft'] and args['speculative']:
+        raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
+                        "exclusive: pick one")
     sampling = dict(temperature=args['temperature'], top_k=args['top_k'], top_p=args['top_p'],
                     stop=stop, generator=torch.Generator(device).manual_seed(args['seed']))
     if args['draft']:

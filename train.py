@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
@@ -95,20 +95,23 @@ def parse_config(argv, base=None):
 
 def check_config(cfg):
     """Reject combinations that cannot mean anything, before any work is done."""
-    adapting = cfg.init_from not in ('scratch', 'resume')
     if cfg.freeze_trunk and cfg.init_from == 'scratch':
         raise UserError("freeze_trunk needs a trained trunk: use init_from=<ckpt> or gpt2")
-    if cfg.head_warmup_iters and not adapting:
+    if cfg.head_warmup_iters and cfg.init_from == 'scratch':
         raise UserError("head_warmup_iters needs a trained trunk: use init_from=<ckpt> or gpt2")
     if cfg.freeze_trunk and (cfg.head_warmup_iters or cfg.trunk_lr_scale != 1.0):
         raise UserError("freeze_trunk never trains the trunk: drop head_warmup_iters / "
                         "trunk_lr_scale")
-    if cfg.whs and cfg.n_future == 1:
-        raise UserError("whs needs n_future > 1")
+    if cfg.compile and cfg.memory_efficient:
+        raise UserError("memory_efficient runs the heads one by one outside the compiled "
+                        "forward: drop compile or memory_efficient")
     for name in ('batch_size', 'block_size', 'grad_accum', 'max_iters', 'eval_interval',
-                 'eval_iters', 'n_future'):
+                 'eval_iters', 'log_interval', 'n_future'):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1")
+    if cfg.block_size <= cfg.n_future:
+        raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target: "
+                        f"use block_size > n_future")
     autocast_for(cfg.dtype, 'cpu')  # validates dtype
 
 
@@ -291,7 +294,12 @@ def train(cfg):
     optimizer = build_optimizer(model, cfg, device_type)
     iter_num, best_val = 0, float('inf')
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError):
+            raise UserError("the checkpoint's optimizer does not match these flags: resume with "
+                            "the strategy flags of the original run (freeze_trunk, "
+                            "trunk_lr_scale, whs_lr_scale, ...)")
         iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
         torch.set_rng_state(ckpt['rng']['torch'])
         train_batches.gen.set_state(ckpt['rng']['batches'])

@@ -6,9 +6,10 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
     python data/prepare.py --input=../shared/data/tinyshakespeare.txt   # offline, local file
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
 
-Writes data/<dataset>/{input.txt, train.bin, val.bin, meta.json}. The first 90% of the text is
-train, the rest val. Tokenizers: `char` (vocabulary = the characters of the corpus) or `bpe`
-(GPT-2's BPE through tiktoken; set TIKTOKEN_CACHE_DIR to a local cache when offline).
+Writes data/<dataset>/{train.bin, val.bin, meta.json} (and input.txt, the cached download).
+The first 90% of the text is train, the rest val. Tokenizers: `char` (vocabulary = the
+characters of the corpus) or `bpe` (GPT-2's BPE through tiktoken; set TIKTOKEN_CACHE_DIR to a
+local cache when offline).
 """
 import json
 import os
@@ -117,25 +118,27 @@ def load_meta(data_dir):
 
 
 def main(argv):
-    args = dict(dataset='shakespeare_char', input='', tokenizer='', out_dir='', val_fraction='0.1')
-    for arg in argv:
-        key, eq, value = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq or key not in args:
-            raise ValueError(f"bad argument {arg!r}; expected --name=value with name in "
-                             f"{sorted(args)}")
-        args[key] = value
+    from model import parse_flags  # the --name=value parser every nanoMTP script shares
+    args = parse_flags(argv, dict(dataset='shakespeare_char', input='', tokenizer='',
+                                  out_dir='', val_fraction=0.1))
     dataset = args['dataset']
     tokenizer = args['tokenizer'] or DATASETS.get(dataset, (None, 'char'))[1]
     out_dir = args['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
     text = read_corpus(args['input'], dataset, out_dir)
-    summary = prepare(text, out_dir, tokenizer, float(args['val_fraction']))
+    try:
+        summary = prepare(text, out_dir, tokenizer, args['val_fraction'])
+    except (ImportError, OSError) as e:  # tiktoken fetches its BPE file on first use
+        raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? set "
+                              f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")
     print(json.dumps(summary))
 
 
 if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
+    from model import UserError
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+    except (UserError, ValueError, FileNotFoundError, ConnectionError) as e:
         sys.exit(f"error: {e}")
