@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from model import (UserError, save_checkpoint, load_checkpoint, parse_flags, pick_device,
                    autocast_for)
+from data.prepare import load_meta
 from heads import (MTPGPT, MTPConfig, loss_weights_for, head_targets, count_topk, load_model,
                    model_from_checkpoint)
 
@@ -272,8 +273,7 @@ def train(cfg):
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
         raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
                         f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        meta = json.load(f)
+    meta = load_meta(data_dir)
     micro_steps = cfg.grad_accum // world
     train_batches = Batches(os.path.join(data_dir, 'train.bin'), cfg.block_size, cfg.batch_size,
                             device, cfg.seed + rank)

@@ -437,7 +437,10 @@ def test_cli_user_errors(tiny_checkpoint, capsys):
                           ([ckpt, '--prompt=a', '--top_p=0'], 'top_p'),
                           ([ckpt, '--prompt=FILE:/nonexistent'], 'prompt file not found'),
                           ([ckpt, 'speculative'], 'expected --name=value'),
-                          ([ckpt, '--prompt=a', '--gamma=two'], 'expects int')):
+                          ([ckpt, '--prompt=a', '--gamma=two'], 'expects int'),
+                          ([ckpt, '--prompt=a', '--speculative=true',
+                            f"--draft={tiny_checkpoint / 'ckpt.pt'}"], 'exclusive'),
+                          ([ckpt, '--prompt=a', '--threads=-1'], 'threads')):
         with pytest.raises(UserError, match=message):
             sample.main(argv)
     summary = sample.main([ckpt, '--prompt=a', '--max_new_tokens=5', '--temperature=0',

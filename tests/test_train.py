@@ -148,6 +148,10 @@ def test_block_size_beyond_the_adapted_model_is_a_user_error(corpus, ntp_ckpt, t
     (['--head_type=mlp'], 'head_type'),
     (['--n_future=0'], 'n_future'),
     (['--loss_weights=1,half'], 'loss_weights'),
+    (['--compile=true', '--memory_efficient=true'], 'memory_efficient'),
+    (['--log_interval=0'], 'log_interval'),
+    (['--block_size=2'], 'block_size'),                             # 2 heads need > 2 positions
+    (['--device=tpu'], 'unknown device'),
     (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
 ])
 def test_incompatible_options_are_user_errors(corpus, tmp_path, flags, match):
