@@ -134,3 +134,18 @@ def test_cli_missing_input_is_a_one_line_error(tmp_path):
     line = _assert_one_line_error(run_cli('--dataset=x', f'--input={missing}',
                                           f'--out_dir={tmp_path / "out"}'))
     assert 'nope.txt' in line
+
+
+def test_failed_download_says_so_and_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    """Without internet the download fails with one line that names --input."""
+    import urllib.request
+    import data.prepare as P
+
+    def offline(*args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    with pytest.raises(ConnectionError) as e:
+        P.read_corpus('', 'shakespeare_char', str(tmp_path / 'sc'))
+    message = str(e.value)
+    assert 'download' in message and '--input=' in message and '\n' not in message
+    assert not os.path.exists(tmp_path / 'sc' / 'input.txt')  # nothing half-written
