@@ -85,8 +85,9 @@ def read_corpus(input_path, dataset, out_dir):
             raise ConnectionError(f"download of {url} failed ({type(e).__name__}); offline? "
                                   f"pass a local copy: --input=path/to/tinyshakespeare.txt")
         os.makedirs(out_dir, exist_ok=True)
-        with open(cached, 'w', encoding='utf-8') as f:
+        with open(cached + '.tmp', 'w', encoding='utf-8') as f:  # atomic: never half a corpus
             f.write(text)
+        os.replace(cached + '.tmp', cached)
     with open(cached, encoding='utf-8') as f:
         return f.read()
 
