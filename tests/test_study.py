@@ -39,7 +39,8 @@ def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, 
 
 
 def test_readme_shows_the_committed_quick_study_results():
-    """README's study section is the results.md that `python study.py --quick=true` wrote."""
+    """README's study section is results/study_quick.md, written by `python study.py --quick=true
+    --results_dir=results`."""
     results = os.path.join(REPO, 'results', 'study_quick.md')
     with open(results) as f:
         table = f.read().strip()
