@@ -5,7 +5,6 @@ with a large std so the next-token distributions are peaked and distinct (no nea
 could make two correct implementations choose different candidates).
 """
 import json
-import math
 import os
 import subprocess
 import sys

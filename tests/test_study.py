@@ -1,8 +1,6 @@
 """The study driver runs end to end, and the README shows what it printed."""
 import os
-import re
 
-import pytest
 
 import study
 
