@@ -128,13 +128,13 @@ class MTPGPT(GPT):
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
         n_heads = self.config.n_future if n_heads is None else n_heads
-        logits = torch.stack([self.head_logits(i, trunk_hidden, cache, attn_mask)
-                              for i in range(n_heads)], dim=2)
+        per_head = [self.head_logits(i, trunk_hidden, cache, attn_mask) for i in range(n_heads)]
+        logits = torch.stack(per_head, dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
         loss = None
-        if targets is not None:
-            loss = mtp_loss(logits, targets, loss_weights)
+        if targets is not None:  # from the list, not the stack: see mtp_loss
+            loss = mtp_loss(per_head, targets, loss_weights)
         return (logits, loss, trunk_hidden) if return_hidden else (logits, loss)
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
@@ -157,6 +157,8 @@ class MTPGPT(GPT):
         detached = [h.detach().requires_grad_(h.requires_grad) for h in trunk_hidden]
         total = 0.0
         for i in range(self.config.n_future):
+            if weights[i] == 0:  # as in mtp_loss: an untrained head gets no gradient
+                continue
             logits = self.head_logits(i, detached)
             loss_i = weights[i] * head_ce(logits, targets, i + 1)
             (loss_i * loss_scale).backward()
@@ -209,11 +211,13 @@ def ntp_blocks(model):
 
 def loss_weights_for(n_future, loss_weights=None, mtp_weight=1.0, decay=1.0):
     """lambda_1..lambda_n: an explicit list, or lambda_1 = 1, lambda_i = mtp_weight * decay^(i-2)."""
-    if loss_weights is not None:
-        if len(loss_weights) != n_future:
-            raise UserError(f"loss_weights has {len(loss_weights)} values for {n_future} heads")
-        return list(loss_weights)
-    return [1.0] + [mtp_weight * decay ** (i - 2) for i in range(2, n_future + 1)]
+    if loss_weights is None:
+        loss_weights = [1.0] + [mtp_weight * decay ** (i - 2) for i in range(2, n_future + 1)]
+    if len(loss_weights) != n_future:
+        raise UserError(f"loss_weights has {len(loss_weights)} values for {n_future} heads")
+    if min(loss_weights) < 0 or not any(loss_weights):
+        raise UserError(f"loss weights must be >= 0 and not all 0, got {list(loss_weights)}")
+    return list(loss_weights)
 
 
 def head_targets(targets, i):
@@ -231,9 +235,13 @@ def head_ce(logits_i, targets, i):
 
 
 def mtp_loss(logits, targets, loss_weights=None):
-    """L = sum_i lambda_i * CE(head i logits at t, x_{t+i}); logits (B, T, n, V)."""
-    weights = loss_weights_for(logits.size(2), loss_weights)
-    return sum(w * head_ce(logits[:, :, i], targets, i + 1) for i, w in enumerate(weights))
+    """L = sum_i lambda_i * CE(head i logits at t, x_{t+i}); logits (B, T, n, V) or a list of
+    the n heads' (B, T, V). A head with lambda_i = 0 is left out of the sum; given the list, its
+    parameters then get no gradient at all (None, not the zeros a backward through a stack of all
+    heads would give) and AdamW leaves them untouched, weight decay included."""
+    per_head = logits.unbind(2) if torch.is_tensor(logits) else logits
+    weights = loss_weights_for(len(per_head), loss_weights)
+    return sum(w * head_ce(per_head[i], targets, i + 1) for i, w in enumerate(weights) if w)
 
 
 # -----------------------------------------------------------------------------

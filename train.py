@@ -9,7 +9,12 @@ Train a GPT with multi-token prediction heads (n_future = 1 is plain next-token 
 init_from: 'scratch' (random init), 'resume' (continue out_dir/ckpt.pt), a checkpoint path or
 'gpt2' / 'gpt2-medium' / ... (adapt that NTP model: trunk = its first attach_layer blocks, every
 head a copy of the rest; joint training unless freeze_trunk / head_warmup_iters say otherwise).
-The model shape of an adapted model comes from its source, not from the flags.
+A checkpoint that has MTP heads already (n_future > 1) is fine-tuned whole, heads included.
+The model shape of an adapted or fine-tuned model comes from its source, not from the flags.
+
+loss_weights: a head with lambda_i = 0 is not trained at all (no gradient, so AdamW leaves it
+untouched). --freeze_trunk=true --loss_weights=0,1,1,1 trains heads 2..4 only: the model's
+next-token distribution stays bit-identical (distill.py does this).
 """
 import json
 import math
@@ -210,9 +215,14 @@ def build_model(cfg, meta):
                                  whs=cfg.whs))
     else:
         ckpt = None
-        source, _ = load_model(cfg.init_from)
-        source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
-        model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs)
+        source, source_ckpt = load_model(cfg.init_from)
+        if source.config.n_future > 1:  # it has heads already: fine-tune it whole (distill.py)
+            model = model_from_checkpoint({**source_ckpt, 'model_args': {
+                **source_ckpt['model_args'], 'dropout': cfg.dropout}})
+        else:
+            source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
+            model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type,
+                                    cfg.whs)
     if model.config.vocab_size != meta['vocab_size']:
         raise UserError(f"model vocab_size {model.config.vocab_size} does not match the dataset's "
                         f"{meta['vocab_size']}")

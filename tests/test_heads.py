@@ -86,6 +86,23 @@ def test_loss_weights_for():
     assert loss_weights_for(2, [1, 0.3]) == [1, 0.3]
     with pytest.raises(M.UserError, match='3 heads'):
         loss_weights_for(3, [1.0, 1.0])
+    for bad in ([0.0, 0.0], [1.0, -0.5]):
+        with pytest.raises(M.UserError, match='>= 0 and not all 0'):
+            loss_weights_for(2, bad)
+
+
+def test_a_head_with_zero_loss_weight_gets_no_gradient():
+    """lambda_i = 0 leaves head i out of the loss: its parameters' .grad stays None (not zeros),
+    so AdamW skips them entirely (no weight decay either). Same in the sequential backward."""
+    for sequential in (False, True):
+        model = tiny_mtp(n_future=3)
+        x, y, _ = batch()
+        if sequential:
+            model.forward_backward_sequential(x, y, [0.0, 1.0, 1.0])
+        else:
+            model(x, y, loss_weights=[0.0, 1.0, 1.0])[1].backward()
+        assert all(p.grad is None for p in model.heads[0].parameters())
+        assert all(p.grad is not None for p in model.heads[1].parameters())
 
 
 def test_count_topk_is_exact_and_skips_missing_targets():

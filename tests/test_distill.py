@@ -1,0 +1,104 @@
+"""Specification of distill.py (self-distillation of the MTP heads) and the train.py pieces it
+uses: fine-tuning an MTP checkpoint whole, and lambda_1 = 0 leaving head 1 untouched."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import distill
+import train as T
+from conftest import run_train, train_config
+from heads import load_model
+from model import UserError, load_checkpoint
+from sample import generate, generate_self_speculative
+from train import evaluate, Batches
+
+
+@pytest.fixture(scope='module')
+def mtp_ckpt(corpus, tmp_path_factory):
+    """A briefly trained 3-head checkpoint (block heads) on the random-words corpus."""
+    out = tmp_path_factory.mktemp('mtp')
+    run_train(corpus, out, '--n_future=3', '--max_iters=60', '--eval_interval=60')
+    return os.path.join(str(out), 'ckpt.pt')
+
+
+def test_init_from_an_mtp_checkpoint_fine_tunes_it_whole(corpus, mtp_ckpt, tmp_path):
+    """A checkpoint with heads is loaded as it is (every head included), not re-adapted."""
+    cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--n_future=2')
+    model, _ = T.build_model(cfg, {'vocab_size': 32})
+    source = load_checkpoint(mtp_ckpt)['model']
+    state = model.state_dict()
+    assert model.config.n_future == 3 and state.keys() == source.keys()
+    assert all(torch.equal(state[k], source[k]) for k in source)
+
+
+def test_zero_weight_for_head1_with_frozen_trunk_trains_only_the_other_heads(corpus, mtp_ckpt,
+                                                                             tmp_path):
+    src = load_checkpoint(mtp_ckpt)['model']
+    run_train(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--freeze_trunk=true',
+              '--loss_weights=0,1,1', '--max_iters=5', '--eval_interval=5')
+    state = load_checkpoint(str(tmp_path / 'ckpt.pt'))['model']
+    untouched = [k for k in src if not k.startswith(('heads.1.', 'heads.2.'))]
+    assert any(k.startswith('heads.0.') for k in untouched)
+    for k in untouched:   # trunk, shared unembedding and head 1: bit-identical
+        assert torch.equal(state[k], src[k]), k
+    for i in (1, 2):
+        assert not torch.equal(state[f'heads.{i}.blocks.0.mlp.c_fc.weight'],
+                               src[f'heads.{i}.blocks.0.mlp.c_fc.weight'])
+
+
+def agreement_with_greedy(model, data_dir, seed=0):
+    """Per head, top-1 agreement with the distilled validation corpus (the model's own greedy
+    continuations)."""
+    batches = Batches(os.path.join(data_dir, 'val.bin'), 16, 8, 'cpu', seed)
+    return [h['top1'] for h in evaluate(model, batches, 8, torch.autocast('cpu', enabled=False)
+                                        )['heads']]
+
+
+def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(mtp_ckpt, tmp_path,
+                                                                           capsys):
+    out = tmp_path / 'distilled'
+    distill.main([f'--ckpt={mtp_ckpt}', f'--out_dir={out}', '--num_sequences=96',
+                  '--val_sequences=16', '--prompt_len=4', '--seq_len=16', '--gen_batch=32',
+                  '--max_iters=150', '--batch_size=16', '--learning_rate=1e-2',
+                  '--eval_interval=150', '--eval_iters=4', '--quiet=true', '--device=cpu',
+                  '--dtype=float32'])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary['loss_weights'] == '0,1,1' and summary['iters'] == 150
+
+    # the corpus: 16-token sequences, each a 4-token prompt continued greedily by the model
+    source, _ = load_model(mtp_ckpt)
+    data = out / 'data'
+    val = np.fromfile(data / 'val.bin', dtype=np.uint16).astype(np.int64).reshape(16, 16)
+    assert len(np.fromfile(data / 'train.bin', dtype=np.uint16)) == 96 * 16
+    for row in val[:4].tolist():
+        assert row[4:] == generate(source, row[:4], 12, temperature=0).tokens
+    assert json.loads((data / 'meta.json').read_text())['vocab_size'] == 32
+
+    # the distilled model: the same next-token model; heads 2..n agree more with its greedy text
+    distilled, _ = load_model(str(out / 'ckpt.pt'))
+    x = torch.tensor(val[:, :12])
+    with torch.no_grad():
+        torch.testing.assert_close(distilled(x, n_heads=1)[0], source(x, n_heads=1)[0],
+                                   atol=0, rtol=0)
+    before, after = agreement_with_greedy(source, data), agreement_with_greedy(distilled, data)
+    assert after[0] == before[0]
+    assert after[1] > before[1] + 0.05 and after[2] > before[2] + 0.05, (before, after)
+    prompt = val[0, :4].tolist()
+    assert (generate_self_speculative(distilled, prompt, 30, temperature=0).tokens
+            == generate(source, prompt, 30, temperature=0).tokens)
+
+
+def test_distill_user_errors(corpus, mtp_ckpt, tmp_path):
+    ntp = tmp_path / 'ntp'
+    run_train(corpus, ntp, '--n_future=1', '--max_iters=2', '--eval_interval=2')
+    for argv, message in (([f'--ckpt={ntp / "ckpt.pt"}'], 'no MTP heads'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=4', '--prompt_len=4'],
+                           'must exceed prompt_len'),
+                          ([f'--ckpt={mtp_ckpt}', '--gen_batch=0'], 'gen_batch'),
+                          ([f'--ckpt={mtp_ckpt}', '--init_from=scratch'], 'unknown option'),
+                          ([f'--ckpt={tmp_path / "missing.pt"}'], 'not found')):
+        with pytest.raises(UserError, match=message):
+            distill.main([*argv, f'--out_dir={tmp_path / "out"}', '--device=cpu'])
