@@ -21,8 +21,8 @@ x_{t+i} in the corpus IS the greedy continuation of x<=t -- exactly what greedy 
 accepts. temperature 1: x_{t+i} is a sample of the model's own marginal
 p(x_{t+i} | x<=t) = sum_v p(v | x<=t) p(x_{t+i} | x<=t, v) (what marginalize.py computes exactly),
 so cross-entropy fits the heads to that marginal: the q that lossless sampling wants.
-Only the generated tokens are the model's; the prompt_len prompt tokens of each sequence are real
-text, a small share of the corpus (prompt_len / seq_len).
+Only the generated tokens are learned: each sequence is one training window, and the targets
+inside its prompt (real text) are ignored (train.py's doc_len / doc_prompt).
 
 Flags: ckpt, num_sequences, val_sequences, prompt_len, seq_len (prompt + generated; <= the
 model's block_size), temperature, top_k, top_p, gen_batch (sequences generated at once), plus
@@ -47,11 +47,11 @@ from train import TrainConfig, train, printable
 
 GEN_FLAGS = dict(ckpt='out/ckpt.pt', num_sequences=4096, val_sequences=256, prompt_len=32,
                  seq_len=256, temperature=0.0, top_k=0, top_p=1.0, gen_batch=64)
-# the fine-tuning: heads only, a short run (init_from and data_dir are set by this script)
+# the fine-tuning: heads only, a short run; the data and the model come from this script
 TRAIN_DEFAULTS = asdict(TrainConfig(out_dir='out-distill', freeze_trunk=True, max_iters=2000,
                                     batch_size=16, learning_rate=1e-3, min_lr=1e-4,
                                     eval_interval=500))
-for fixed in ('init_from', 'data_dir', 'dataset'):
+for fixed in ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt'):
     del TRAIN_DEFAULTS[fixed]
 
 
@@ -82,8 +82,10 @@ def write_corpus(model, prompts, path, args, device, generator):
 
 def main(argv):
     args = parse_flags(argv, {**GEN_FLAGS, **TRAIN_DEFAULTS})
+    # each document (prompt + continuation) is one training window; the prompt is not learned
     cfg = TrainConfig(**{k: args[k] for k in TRAIN_DEFAULTS}, init_from=args['ckpt'],
-                      data_dir=os.path.join(args['out_dir'], 'data'))
+                      data_dir=os.path.join(args['out_dir'], 'data'), block_size=args['seq_len'],
+                      doc_len=args['seq_len'], doc_prompt=args['prompt_len'])
     for name in ('num_sequences', 'val_sequences', 'prompt_len', 'gen_batch'):
         if args[name] < 1:
             raise UserError(f"{name} must be >= 1")
@@ -98,7 +100,6 @@ def main(argv):
                         "heads first (train.py --init_from=... --n_future=4)")
     if not cfg.loss_weights:
         cfg.loss_weights = ','.join(['0'] + ['1'] * (n_future - 1))  # head 1 stays as it is
-    cfg.block_size = min(cfg.block_size, args['seq_len'])
     source_val = val_path(ckpt)
     if not source_val:
         raise UserError("the checkpoint names no dataset to cut prompts from")
@@ -112,8 +113,11 @@ def main(argv):
                                      torch.Generator().manual_seed(cfg.seed + (split == 'val')))
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
                          device, generator)
+    # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
+    # (bench.py, marginalize.py) use that, not this model-written corpus (heads.val_path)
+    meta = {**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
-        json.dump(ckpt['meta'], f)
+        json.dump(meta, f)
     corpus_s = time.time() - t0
     del model
     summary = printable(train(cfg))

@@ -274,10 +274,11 @@ def model_from_checkpoint(ckpt):
 
 
 def val_path(ckpt, data_dir=''):
-    """The val.bin a checkpoint was trained with (its config's data_dir or data/<dataset>), or
-    data_dir's; '' when the checkpoint names no dataset."""
-    config = ckpt.get('config') or {}
-    data_dir = data_dir or config.get('data_dir') or (
+    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
+    distilled on a model-written corpus, the real text that corpus came from: meta's
+    source_data), or data_dir's; '' when the checkpoint names no dataset."""
+    config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
+    data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
         os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', config['dataset'])
         if config.get('dataset') else '')
     return os.path.join(data_dir, 'val.bin') if data_dir else ''

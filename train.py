@@ -52,6 +52,8 @@ class TrainConfig:
     batch_size: int = 8
     block_size: int = 256
     grad_accum: int = 1                 # micro-batches per optimizer step (split across ranks)
+    doc_len: int = 0                    # > 0: the corpus is documents of doc_len tokens (distill.py)
+    doc_prompt: int = 0                 # ... whose first doc_prompt tokens are context only
     # model (ignored when adapting a checkpoint: the source decides)
     n_layer: int = 4
     n_head: int = 4
@@ -115,6 +117,9 @@ def check_config(cfg):
                  'eval_iters', 'log_interval', 'n_future'):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1")
+    if cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len:
+        raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
+                        f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
     if cfg.block_size <= cfg.n_future:
         raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target: "
                         f"use block_size > n_future")
@@ -126,9 +131,14 @@ def check_config(cfg):
 
 class Batches:
     """Random windows of a uint16 token file. The generator state is saved in checkpoints so
-    a resumed run draws the same batches as an uninterrupted one."""
+    a resumed run draws the same batches as an uninterrupted one.
 
-    def __init__(self, path, block_size, batch_size, device, seed):
+    Documents (doc_len > 0): the file is a run of documents of doc_len tokens each, and every
+    window starts at a document's start. Targets outside the document and those of its first
+    doc_prompt tokens are -1 (no loss, no accuracy): distill.py's documents are a prompt of real
+    text followed by the model's own tokens, and only the latter are to be learned."""
+
+    def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
         if not os.path.isfile(path):
             raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
                             f"(or --input=FILE for a local text)")
@@ -136,15 +146,29 @@ class Batches:
         if len(self.data) <= block_size + 1:
             raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
                             f"{block_size}")
+        if doc_len and len(self.data) % doc_len:
+            raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
+                            f"doc_len={doc_len} tokens")
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.doc_len, self.doc_prompt = doc_len, doc_prompt
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self):
-        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.gen)
-        x = torch.stack([torch.from_numpy(self.data[i:i + self.block_size].astype(np.int64))
-                         for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(self.data[i + 1:i + 1 + self.block_size].astype(np.int64))
-                         for i in ix.tolist()])
+        if self.doc_len:
+            ix = torch.randint(len(self.data) // self.doc_len, (self.batch_size,),
+                               generator=self.gen) * self.doc_len
+        else:
+            ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,),
+                               generator=self.gen)
+        # block_size + 1 tokens from each start (one fewer for the file's last document)
+        windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
+        for row, i in enumerate(ix.tolist()):
+            tokens = self.data[i:i + self.block_size + 1].astype(np.int64)
+            windows[row, :len(tokens)] = torch.from_numpy(tokens)
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if self.doc_len:  # y[t] is token t + 1 of the document
+            y[:, :max(0, self.doc_prompt - 1)] = -1
+            y[:, self.doc_len - 1:] = -1
         if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
             return (x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True))
@@ -285,12 +309,13 @@ def train(cfg):
                         f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
     meta = load_meta(data_dir)
     micro_steps = cfg.grad_accum // world
+    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
     train_batches = Batches(os.path.join(data_dir, 'train.bin'), cfg.block_size, cfg.batch_size,
-                            device, cfg.seed + rank)
+                            device, cfg.seed + rank, **docs)
     val_batches = Batches(os.path.join(data_dir, 'val.bin'), cfg.block_size, cfg.batch_size,
-                          device, 0)
+                          device, 0, **docs)
     eval_train = Batches(os.path.join(data_dir, 'train.bin'), cfg.block_size, cfg.batch_size,
-                         device, 0)
+                         device, 0, **docs)
 
     model, ckpt = build_model(cfg, meta)
     model.to(device)

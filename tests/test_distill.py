@@ -10,7 +10,7 @@ import torch
 import distill
 import train as T
 from conftest import run_train, train_config
-from heads import load_model
+from heads import load_model, val_path
 from model import UserError, load_checkpoint
 from sample import generate, generate_self_speculative
 from train import evaluate, Batches
@@ -49,16 +49,35 @@ def test_zero_weight_for_head1_with_frozen_trunk_trains_only_the_other_heads(cor
                                src[f'heads.{i}.blocks.0.mlp.c_fc.weight'])
 
 
+def test_document_batches_start_at_documents_and_skip_prompt_targets(tmp_path):
+    """doc_len=6, doc_prompt=2: windows are whole documents; the targets that are prompt tokens
+    or lie past the document's end are -1."""
+    docs = np.arange(30, dtype=np.uint16)   # 5 documents: 0..5, 6..11, ...
+    docs.tofile(tmp_path / 'docs.bin')
+    batches = Batches(str(tmp_path / 'docs.bin'), 6, 64, 'cpu', 0, doc_len=6, doc_prompt=2)
+    x, y = batches.next()
+    starts = x[:, 0]
+    assert set(starts.tolist()) == {0, 6, 12, 18, 24}   # the last document too
+    assert torch.equal(x, starts[:, None] + torch.arange(6))
+    want = starts[:, None] + torch.arange(1, 7)
+    want[:, :1] = -1    # y[0] = token 1: a prompt token
+    want[:, 5:] = -1    # y[5] = token 6: the next document
+    assert torch.equal(y, want)
+    with pytest.raises(UserError, match='not a run of documents'):
+        Batches(str(tmp_path / 'docs.bin'), 6, 4, 'cpu', 0, doc_len=7)
+
+
 def agreement_with_greedy(model, data_dir, seed=0):
     """Per head, top-1 agreement with the distilled validation corpus (the model's own greedy
     continuations)."""
-    batches = Batches(os.path.join(data_dir, 'val.bin'), 16, 8, 'cpu', seed)
+    batches = Batches(os.path.join(data_dir, 'val.bin'), 16, 8, 'cpu', seed, doc_len=16,
+                      doc_prompt=4)
     return [h['top1'] for h in evaluate(model, batches, 8, torch.autocast('cpu', enabled=False)
                                         )['heads']]
 
 
-def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(mtp_ckpt, tmp_path,
-                                                                           capsys):
+def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(corpus, mtp_ckpt,
+                                                                           tmp_path, capsys):
     out = tmp_path / 'distilled'
     distill.main([f'--ckpt={mtp_ckpt}', f'--out_dir={out}', '--num_sequences=96',
                   '--val_sequences=16', '--prompt_len=4', '--seq_len=16', '--gen_batch=32',
@@ -78,14 +97,17 @@ def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(mtp_ck
     assert json.loads((data / 'meta.json').read_text())['vocab_size'] == 32
 
     # the distilled model: the same next-token model; heads 2..n agree more with its greedy text
-    distilled, _ = load_model(str(out / 'ckpt.pt'))
+    distilled, distilled_ckpt = load_model(str(out / 'ckpt.pt'))
+    # prompts and evaluations of the distilled checkpoint still come from the real text
+    assert val_path(distilled_ckpt) == os.path.join(corpus, 'val.bin')
     x = torch.tensor(val[:, :12])
     with torch.no_grad():
         torch.testing.assert_close(distilled(x, n_heads=1)[0], source(x, n_heads=1)[0],
                                    atol=0, rtol=0)
     before, after = agreement_with_greedy(source, data), agreement_with_greedy(distilled, data)
-    assert after[0] == before[0]
+    assert after[0] == before[0] > 0.99   # the corpus is head 1's own greedy text
     assert after[1] > before[1] + 0.05 and after[2] > before[2] + 0.05, (before, after)
+    assert min(after) > 0.95, after
     prompt = val[0, :4].tolist()
     assert (generate_self_speculative(distilled, prompt, 30, temperature=0).tokens
             == generate(source, prompt, 30, temperature=0).tokens)
