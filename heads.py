@@ -75,14 +75,17 @@ class Head(nn.Module):
         else:
             self.linear = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None):
+    def mix(self, trunk_hidden):
+        """The head's input z from the trunk states [h_0 .. h_attach] (any shape (..., C))."""
         if hasattr(self, 'whs_logits'):
             # WHS: z = sum_l softmax(w)_l * h_l over the trunk's hidden states h_0 .. h_attach
             weights = F.softmax(self.whs_logits, dim=0)
-            z = torch.einsum('l,lbtc->btc', weights.to(trunk_hidden[-1].dtype),
-                             torch.stack(trunk_hidden))
-        else:
-            z = trunk_hidden[-1]
+            return torch.einsum('l,l...->...', weights.to(trunk_hidden[-1].dtype),
+                                torch.stack(trunk_hidden))
+        return trunk_hidden[-1]
+
+    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None):
+        z = self.mix(trunk_hidden)
         if hasattr(self, 'blocks'):
             return run_blocks(z, self.blocks, cache, first_layer, attn_mask)[-1]
         return z + F.silu(self.linear(z))  # Medusa ResBlock; identity at init (linear is zero)
@@ -146,6 +149,19 @@ class MTPGPT(GPT):
         Head i's blocks use cache layers attach_layer + i * depth onwards."""
         first_layer = self.config.attach_layer + i * self.head_depth()
         return self.unembed(self.heads[i](trunk_hidden, cache, first_layer, attn_mask))
+
+    def draft_logits(self, trunk_hidden):
+        """Logits (n_future - 1, V) of linear heads 2..n at ONE position, trunk_hidden = that
+        position's trunk states [h_0 .. h_attach], each (C,). The same numbers as head_logits
+        (up to rounding), computed as one batched matmul and one unembedding rather than a chain
+        of small ops per head: self-speculative decoding pays this every step."""
+        heads = self.heads[1:]
+        z = torch.stack([head.mix(trunk_hidden) for head in heads])        # (n - 1, C)
+        weight = torch.stack([head.linear.weight for head in heads])      # (n - 1, C, C)
+        y = torch.bmm(weight, z[:, :, None])[:, :, 0]
+        if heads[0].linear.bias is not None:
+            y = y + torch.stack([head.linear.bias for head in heads])
+        return self.unembed(z + F.silu(y))
 
     def forward_backward_sequential(self, idx, targets, loss_weights=None, loss_scale=1.0):
         """The memory-efficient training step (Gloeckle et al.): run the trunk once, then each

@@ -176,9 +176,7 @@ class Window:
         """Logits (n_future - 1, V) of heads 2..n at `row` of the last forward, computed from the
         trunk states of that row alone: for heads without attention (linear) this is all a
         draft needs, so the forward itself can run head 1 only."""
-        at_row = [h[:, row:row + 1] for h in self.trunk_hidden]
-        return torch.cat([self.model.head_logits(i, at_row)[0]
-                          for i in range(1, self.model.config.n_future)])
+        return self.model.draft_logits([h[0, row] for h in self.trunk_hidden])
 
     def rollback(self, n):
         """Forget the cached tokens from sequence index n on (the rejected drafts)."""

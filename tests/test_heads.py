@@ -213,6 +213,22 @@ def test_linear_heads_start_as_the_plain_model():
     assert_every_head_reproduces(src, mtp)
 
 
+@pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(bias=True)])
+def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
+    """draft_logits (the decode loop's batched linear heads 2..n at one position) equals
+    head_logits of every head at that position, with WHS mixes and biases too."""
+    torch.manual_seed(0)
+    model = MTPGPT(MTPConfig(**{**tiny_config().__dict__, 'bias': kw.get('bias', False)},
+                             n_future=4, head_type='linear', whs=kw.get('whs', False))).eval()
+    with torch.no_grad():
+        for p in model.heads.parameters():  # not the identity / last-layer init
+            p.normal_(0, 0.5)
+        trunk_hidden = model.trunk(batch()[0])
+        want = torch.stack([model.head_logits(i, trunk_hidden)[1, 5] for i in range(1, 4)])
+        got = model.draft_logits([h[1, 5] for h in trunk_hidden])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_model_from_checkpoint_roundtrip_and_mismatch():
     """A checkpoint's model_args + weights rebuild the same model; weights that do not match
     model_args are a one-line UserError."""
