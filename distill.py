@@ -73,7 +73,7 @@ def write_corpus(model, prompts, path, args, device, generator):
     new_tokens = args['seq_len'] - args['prompt_len']
     with open(path + '.tmp', 'wb') as f:
         for batch in tqdm(prompts.split(args['gen_batch']), desc=os.path.basename(path),
-                          dynamic_ncols=True):
+                          dynamic_ncols=True, disable=args['quiet']):
             seqs = generate_batch(model, batch.to(device), new_tokens, args['temperature'],
                                   args['top_k'], args['top_p'], generator)
             f.write(seqs.cpu().numpy().astype(np.uint16).tobytes())
@@ -98,6 +98,9 @@ def main(argv):
     if n_future < 2:
         raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
                         "heads first (train.py --init_from=... --n_future=4)")
+    if args['seq_len'] > model.config.block_size:
+        raise UserError(f"seq_len {args['seq_len']} exceeds the model's block_size "
+                        f"{model.config.block_size}: pass --seq_len={model.config.block_size}")
     if not cfg.loss_weights:
         cfg.loss_weights = ','.join(['0'] + ['1'] * (n_future - 1))  # head 1 stays as it is
     source_val = val_path(ckpt)

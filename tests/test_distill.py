@@ -120,6 +120,8 @@ def test_distill_user_errors(corpus, mtp_ckpt, tmp_path):
                           ([f'--ckpt={mtp_ckpt}', '--seq_len=4', '--prompt_len=4'],
                            'must exceed prompt_len'),
                           ([f'--ckpt={mtp_ckpt}', '--gen_batch=0'], 'gen_batch'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=17', '--prompt_len=4'],
+                           'exceeds the model'),
                           ([f'--ckpt={mtp_ckpt}', '--init_from=scratch'], 'unknown option'),
                           ([f'--ckpt={tmp_path / "missing.pt"}'], 'not found')):
         with pytest.raises(UserError, match=message):
