@@ -6,10 +6,12 @@ Benchmarks of nanoMTP, one section per question:
 
 decode: the same prompts (num_prompts windows of prompt_len tokens, evenly spaced over the
 checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with the same checkpoint
-and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved. It
-prints tokens/s (median over repeats), the speedup over vanilla, tau, the per-position acceptance
-and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
-JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla.
+and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved prompt
+by prompt. It prints tokens/s (median over repeats), the speedup over vanilla, tau, the
+per-position acceptance and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
+JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per forward
+(prefills and Python work included), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode:
+what separates tau from the speedup is how much more a verify step costs than a plain one.
 --threads=1 (default; 0 = torch's default): decoding one sequence of a small model is latency
 bound, and on CPU extra threads mostly add synchronization -- more so for the k+1-token verify
 forwards than for single tokens (measured here: 2 threads made both modes slower and the verify
@@ -83,18 +85,23 @@ def bench_decode(argv):
                                                                  args['gamma'], **kw)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
 
-    def run_all(mode, seed, **sampling):
-        """Decode every prompt; (tokens/s, summed Stats, outputs)."""
-        generator = torch.Generator(device).manual_seed(seed)
-        stats, outputs = None, []
-        sync()
-        t0 = time.perf_counter()
+    def run_all(seed, **sampling):
+        """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch
+        of a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
+        generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
+        seconds = {mode: 0.0 for mode in modes}
+        stats, outputs = {}, {mode: [] for mode in modes}
         for prompt in prompts:
-            result = modes[mode](prompt, generator=generator, **sampling)
-            stats = result.stats if stats is None else stats.add(result.stats)
-            outputs.append(result.tokens)
-        sync()
-        return stats.new_tokens / (time.perf_counter() - t0), stats, outputs
+            for mode in modes:
+                sync()
+                t0 = time.perf_counter()
+                result = modes[mode](prompt, generator=generators[mode], **sampling)
+                sync()
+                seconds[mode] += time.perf_counter() - t0
+                stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+                outputs[mode].append(result.tokens)
+        return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
+                for mode in modes}
 
     settings = {'greedy': dict(temperature=0.0),
                 'sampling': dict(temperature=args['temperature'], top_k=args['top_k'],
@@ -108,9 +115,8 @@ def bench_decode(argv):
             speeds = {mode: [] for mode in modes}
             stats, outputs = {}, {}
             for r in range(args['repeats']):
-                for mode in modes:  # interleaved, so a slow patch of the machine hits all modes
-                    tokens_per_s, stats[mode], outputs[mode] = run_all(mode, args['seed'] + r,
-                                                                       **sampling)
+                for mode, (tokens_per_s, stats[mode], outputs[mode]) in run_all(
+                        args['seed'] + r, **sampling).items():
                     speeds[mode].append(tokens_per_s)
             vanilla_speed = statistics.median(speeds['vanilla'])
             results[setting] = {}
@@ -120,6 +126,10 @@ def bench_decode(argv):
                     tokens_per_s=statistics.median(speeds[mode]),
                     speedup=statistics.median(speeds[mode]) / vanilla_speed,
                     tau=s['tau'], acceptance=s['acceptance'],
+                    # the cost of a step (of one forward: its Python work included): the speedup
+                    # is about tau x vanilla's ms_per_forward / this mode's
+                    ms_per_forward=1000 * s['new_tokens'] / statistics.median(speeds[mode])
+                    / (s['target_forwards'] + s['draft_forwards']),
                     target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
                     identical=outputs[mode] == outputs['vanilla'] if setting == 'greedy' else None)
 
@@ -129,13 +139,15 @@ def bench_decode(argv):
     for setting, rows in results.items():
         temperature = settings[setting]['temperature']
         print(f"{setting} (temperature {temperature})")
-        print(f"  {'mode':8} {'tokens/s':>9} {'speedup':>8} {'tau':>5} {'target fwd':>10} "
-              f"{'draft fwd':>9}  {'greedy == vanilla':17}  acceptance by position")
+        print(f"  {'mode':8} {'tokens/s':>9} {'speedup':>8} {'tau':>5} {'ms/fwd':>6} "
+              f"{'target fwd':>10} {'draft fwd':>9}  {'greedy == vanilla':17}  "
+              f"acceptance by position")
         for mode, row in rows.items():
             acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in row['acceptance'])
             same = {True: 'yes', False: 'NO', None: '-'}[row['identical']]
             print(f"  {mode:8} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
-                  f"{row['tau'] or 0:5.2f} {row['target_forwards']:10d} "
+                  f"{row['tau'] or 0:5.2f} {row['ms_per_forward']:6.3f} "
+                  f"{row['target_forwards']:10d} "
                   f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
     summary = dict(section='decode', ckpt=args['ckpt'], draft=args['draft'] or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),

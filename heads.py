@@ -155,11 +155,13 @@ class MTPGPT(GPT):
         position's trunk states [h_0 .. h_attach], each (C,). The same numbers as head_logits
         (up to rounding), computed as one batched matmul and one unembedding rather than a chain
         of small ops per head: self-speculative decoding pays this every step."""
-        heads = self.heads[1:]
-        z = torch.stack([head.mix(trunk_hidden) for head in heads])        # (n - 1, C)
+        heads = list(self.heads)[1:]  # (slicing the ModuleList would build a new module)
+        # z: (C,), the last trunk state shared by all heads, or (n - 1, C) with WHS mixes
+        z = torch.stack([head.mix(trunk_hidden) for head in heads]) if self.config.whs \
+            else trunk_hidden[-1]
         weight = torch.stack([head.linear.weight for head in heads])      # (n - 1, C, C)
-        y = torch.bmm(weight, z[:, :, None])[:, :, 0]
-        if heads[0].linear.bias is not None:
+        y = (weight @ z[..., None])[..., 0]                              # (n - 1, C)
+        if self.config.bias:
             y = y + torch.stack([head.linear.bias for head in heads])
         return self.unembed(z + F.silu(y))
 
