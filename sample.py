@@ -32,6 +32,10 @@ After a rejection the KV cache is rolled back to the accepted length.
                   forward at a time, the target verifies them in one forward (Leviathan et al.
                   2023, Chen et al. 2023). Draft and target must share the tokenizer.
 
+Better drafts. Heads trained on a corpus predict the data; drafts are judged against the model's
+own next tokens. distill.py fine-tunes heads 2..n on the model's own generations (trunk and head 1
+untouched, so every output distribution here is unchanged): greedy tau 1.92 -> 2.94 (README).
+
 Prompts and stops. An empty prompt is an error for char models (there is no start token); BPE
 models start from <|endoftext|>, GPT-2's document separator. Generation stops after
 max_new_tokens or at the stop sequence, which is cut from the output: --stop=auto (default) is
