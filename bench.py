@@ -9,9 +9,10 @@ checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with 
 and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved prompt
 by prompt. It prints tokens/s (median over repeats), the speedup over vanilla, tau, the
 per-position acceptance and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
-JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per forward
-(prefills and Python work included), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode:
-what separates tau from the speedup is how much more a verify step costs than a plain one.
+JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per target
+forward, i.e. per step (the step's Python work, a draft model's forwards and the prefills
+included), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode: what separates tau from the
+speedup is how much more a speculative step costs than a plain one.
 --threads=1 (default; 0 = torch's default): decoding one sequence of a small model is latency
 bound, and on CPU extra threads mostly add synchronization -- more so for the k+1-token verify
 forwards than for single tokens (measured here: 2 threads made both modes slower and the verify
@@ -112,12 +113,14 @@ def bench_decode(argv):
             modes[mode](prompts[0], temperature=0.0)
             modes[mode](prompts[0], generator=torch.Generator(device), **settings['sampling'])
         for setting, sampling in settings.items():
-            speeds = {mode: [] for mode in modes}
+            speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
             stats, outputs = {}, {}
             for r in range(args['repeats']):
                 for mode, (tokens_per_s, stats[mode], outputs[mode]) in run_all(
                         args['seed'] + r, **sampling).items():
                     speeds[mode].append(tokens_per_s)
+                    ms_per_forward[mode].append(1000 * stats[mode].new_tokens / tokens_per_s
+                                                / stats[mode].target_forwards)
             vanilla_speed = statistics.median(speeds['vanilla'])
             results[setting] = {}
             for mode in modes:
@@ -126,10 +129,7 @@ def bench_decode(argv):
                     tokens_per_s=statistics.median(speeds[mode]),
                     speedup=statistics.median(speeds[mode]) / vanilla_speed,
                     tau=s['tau'], acceptance=s['acceptance'],
-                    # the cost of a step (of one forward: its Python work included): the speedup
-                    # is about tau x vanilla's ms_per_forward / this mode's
-                    ms_per_forward=1000 * s['new_tokens'] / statistics.median(speeds[mode])
-                    / (s['target_forwards'] + s['draft_forwards']),
+                    ms_per_forward=statistics.median(ms_per_forward[mode]),
                     target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
                     identical=outputs[mode] == outputs['vanilla'] if setting == 'greedy' else None)
 

@@ -26,9 +26,10 @@ inside its prompt (real text) are ignored (train.py's doc_len / doc_prompt).
 
 Flags: ckpt, num_sequences, val_sequences, prompt_len, seq_len (prompt + generated; <= the
 model's block_size), temperature, top_k, top_p, gen_batch (sequences generated at once), plus
-train.py's flags for the fine-tuning (out_dir, max_iters, learning_rate, batch_size, ...;
-loss_weights defaults to 0,1,..,1). The corpus goes to <out_dir>/data/, the model to
-<out_dir>/ckpt.pt. The last line is a JSON summary.
+train.py's optimization flags for the fine-tuning (out_dir, max_iters, learning_rate, batch_size,
+eval_interval, device, dtype, ...; loss_weights defaults to 0,1,..,1 and must start with 0). The
+model's shape and what is frozen are not flags here. The corpus goes to <out_dir>/data/, the
+model to <out_dir>/ckpt.pt. The last line is a JSON summary.
 """
 import json
 import os
@@ -41,17 +42,21 @@ import torch
 from tqdm import tqdm
 
 from model import UserError, parse_flags, pick_device, autocast_for
-from heads import load_model, val_path
+from heads import load_model, val_path, loss_weights_for
 from sample import generate_batch
-from train import TrainConfig, train, printable
+from train import TrainConfig, train, printable, check_config
 
 GEN_FLAGS = dict(ckpt='out/ckpt.pt', num_sequences=4096, val_sequences=256, prompt_len=32,
                  seq_len=256, temperature=0.0, top_k=0, top_p=1.0, gen_batch=64)
-# the fine-tuning: heads only, a short run; the data and the model come from this script
+# the fine-tuning: heads 2..n only, a short run. The data, the model (its shape included) and
+# the frozen parts are this script's business, so those train.py flags are not taken here.
 TRAIN_DEFAULTS = asdict(TrainConfig(out_dir='out-distill', freeze_trunk=True, max_iters=2000,
                                     batch_size=16, learning_rate=1e-3, min_lr=1e-4,
                                     eval_interval=500))
-for fixed in ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt'):
+for fixed in ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt',
+              'n_layer', 'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type',
+              'whs', 'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters',
+              'trunk_lr_scale'):
     del TRAIN_DEFAULTS[fixed]
 
 
@@ -85,7 +90,7 @@ def main(argv):
     # each document (prompt + continuation) is one training window; the prompt is not learned
     cfg = TrainConfig(**{k: args[k] for k in TRAIN_DEFAULTS}, init_from=args['ckpt'],
                       data_dir=os.path.join(args['out_dir'], 'data'), block_size=args['seq_len'],
-                      doc_len=args['seq_len'], doc_prompt=args['prompt_len'])
+                      doc_len=args['seq_len'], doc_prompt=args['prompt_len'], freeze_trunk=True)
     for name in ('num_sequences', 'val_sequences', 'prompt_len', 'gen_batch'):
         if args[name] < 1:
             raise UserError(f"{name} must be >= 1")
@@ -98,11 +103,20 @@ def main(argv):
     if n_future < 2:
         raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
                         "heads first (train.py --init_from=... --n_future=4)")
-    if args['seq_len'] > model.config.block_size:
-        raise UserError(f"seq_len {args['seq_len']} exceeds the model's block_size "
-                        f"{model.config.block_size}: pass --seq_len={model.config.block_size}")
+    if not n_future < args['seq_len'] <= model.config.block_size:
+        raise UserError(f"seq_len {args['seq_len']} must be in {n_future + 1}.."
+                        f"{model.config.block_size} (more than the {n_future} heads, at most the "
+                        f"model's block_size)")
     if not cfg.loss_weights:
         cfg.loss_weights = ','.join(['0'] + ['1'] * (n_future - 1))  # head 1 stays as it is
+    try:
+        weights = loss_weights_for(n_future, [float(w) for w in cfg.loss_weights.split(',')])
+    except ValueError:
+        raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
+    if weights[0] != 0:
+        raise UserError("distill.py keeps the model's next-token head as it is: loss_weights must "
+                        "start with 0 (train other heads with train.py)")
+    check_config(cfg)  # every training flag is checked before minutes of generation
     source_val = val_path(ckpt)
     if not source_val:
         raise UserError("the checkpoint names no dataset to cut prompts from")
@@ -122,7 +136,7 @@ def main(argv):
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     corpus_s = time.time() - t0
-    del model
+    del model, ckpt  # train() loads the checkpoint again
     summary = printable(train(cfg))
     print(json.dumps(dict(corpus_dir=cfg.data_dir, corpus_s=corpus_s,
                           corpus_tokens=args['num_sequences'] * args['seq_len'],

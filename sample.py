@@ -302,7 +302,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
                    generator=None):
     """Vanilla decoding of a batch: prompts (B, P) of equal length -> (B, P + max_new_tokens).
     For writing corpora (distill.py), so there are no stop sequences, no metrics and no window:
-    P + max_new_tokens must fit block_size. Row b is what generate() gives for prompts[b]."""
+    P + max_new_tokens must fit block_size. Greedy row b is what generate() gives for prompts[b]
+    (up to floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
     check_request(prompts[0].tolist() if len(prompts) else [], max_new_tokens, temperature,
                   top_k, top_p)
     if prompts.size(1) + max_new_tokens > model.config.block_size:

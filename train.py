@@ -12,9 +12,9 @@ head a copy of the rest; joint training unless freeze_trunk / head_warmup_iters 
 A checkpoint that has MTP heads already (n_future > 1) is fine-tuned whole, heads included.
 The model shape of an adapted or fine-tuned model comes from its source, not from the flags.
 
-loss_weights: a head with lambda_i = 0 is not trained at all (no gradient, so AdamW leaves it
-untouched). --freeze_trunk=true --loss_weights=0,1,1,1 trains heads 2..4 only: the model's
-next-token distribution stays bit-identical (distill.py does this).
+loss_weights: a head with lambda_i = 0 is frozen (out of the loss and the optimizer), so
+--freeze_trunk=true --loss_weights=0,1,1,1 trains heads 2..4 only: the model's next-token
+distribution stays bit-identical (distill.py does this).
 """
 import json
 import math
@@ -53,7 +53,7 @@ class TrainConfig:
     block_size: int = 256
     grad_accum: int = 1                 # micro-batches per optimizer step (split across ranks)
     doc_len: int = 0                    # > 0: the corpus is documents of doc_len tokens (distill.py)
-    doc_prompt: int = 0                 # ... whose first doc_prompt tokens are context only
+    doc_prompt: int = 0                 # ... whose first doc_prompt tokens are never targets
     # model (ignored when adapting a checkpoint: the source decides)
     n_layer: int = 4
     n_head: int = 4
@@ -120,9 +120,6 @@ def check_config(cfg):
     if cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len:
         raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
                         f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
-    if cfg.block_size <= cfg.n_future:
-        raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target: "
-                        f"use block_size > n_future")
     autocast_for(cfg.dtype, 'cpu')  # validates dtype
 
 
@@ -134,16 +131,18 @@ class Batches:
     a resumed run draws the same batches as an uninterrupted one.
 
     Documents (doc_len > 0): the file is a run of documents of doc_len tokens each, and every
-    window starts at a document's start. Targets outside the document and those of its first
-    doc_prompt tokens are -1 (no loss, no accuracy): distill.py's documents are a prompt of real
-    text followed by the model's own tokens, and only the latter are to be learned."""
+    window starts at a document's start. Targets past the document's end and targets that are
+    among its first doc_prompt tokens are -1 (no loss, no accuracy): distill.py's documents are a
+    prompt of real text followed by the model's own tokens, and only the latter are to be learned.
+    (Head i > 1 at the last i - 1 prompt positions still predicts a generated token, with real
+    text in between: i - 1 targets per document, about 1% at distill.py's defaults.)"""
 
     def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
         if not os.path.isfile(path):
             raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
                             f"(or --input=FILE for a local text)")
         self.data = np.memmap(path, dtype=np.uint16, mode='r')
-        if len(self.data) <= block_size + 1:
+        if len(self.data) < (doc_len or block_size + 2):
             raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
                             f"{block_size}")
         if doc_len and len(self.data) % doc_len:
@@ -253,6 +252,9 @@ def build_model(cfg, meta):
     if cfg.block_size > model.config.block_size:
         raise UserError(f"block_size {cfg.block_size} is larger than the model supports "
                         f"({model.config.block_size})")
+    if cfg.block_size <= model.config.n_future:  # (the model's heads, not the flag's)
+        raise UserError(f"block_size {cfg.block_size} leaves head {model.config.n_future} no "
+                        f"target: use block_size > n_future")
     return model, ckpt
 
 
@@ -326,6 +328,9 @@ def train(cfg):
     loss_weights = loss_weights_for(model.config.n_future, explicit, cfg.mtp_weight, cfg.mtp_decay)
     if cfg.freeze_trunk:
         set_trunk_trainable(model, False)
+    for head, weight in zip(model.heads, loss_weights):
+        if weight == 0:  # untrained: out of the optimizer, and DDP must not wait for its gradient
+            head.requires_grad_(False)
     optimizer = build_optimizer(model, cfg, device_type)
     iter_num, best_val = 0, float('inf')
     if ckpt is not None:

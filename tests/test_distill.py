@@ -32,6 +32,10 @@ def test_init_from_an_mtp_checkpoint_fine_tunes_it_whole(corpus, mtp_ckpt, tmp_p
     state = model.state_dict()
     assert model.config.n_future == 3 and state.keys() == source.keys()
     assert all(torch.equal(state[k], source[k]) for k in source)
+    cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--n_future=1',
+                       '--block_size=3')
+    with pytest.raises(UserError, match='leaves head 3 no target'):   # its heads, not the flag's
+        T.build_model(cfg, {'vocab_size': 32})
 
 
 def test_zero_weight_for_head1_with_frozen_trunk_trains_only_the_other_heads(corpus, mtp_ckpt,
@@ -121,8 +125,19 @@ def test_distill_user_errors(corpus, mtp_ckpt, tmp_path):
                            'must exceed prompt_len'),
                           ([f'--ckpt={mtp_ckpt}', '--gen_batch=0'], 'gen_batch'),
                           ([f'--ckpt={mtp_ckpt}', '--seq_len=17', '--prompt_len=4'],
-                           'exceeds the model'),
+                           r'must be in 4\.\.16'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=3', '--prompt_len=1'],
+                           r'must be in 4\.\.16'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
+                            '--loss_weights=1,1,1'], 'must start with 0'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
+                            '--loss_weights=0,1'], '2 values for 3 heads'),
+                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
+                            '--eval_iters=0'], 'eval_iters'),
+                          ([f'--ckpt={mtp_ckpt}', '--n_future=5'], 'unknown option'),
+                          ([f'--ckpt={mtp_ckpt}', '--freeze_trunk=false'], 'unknown option'),
                           ([f'--ckpt={mtp_ckpt}', '--init_from=scratch'], 'unknown option'),
                           ([f'--ckpt={tmp_path / "missing.pt"}'], 'not found')):
         with pytest.raises(UserError, match=message):
             distill.main([*argv, f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+    assert not (tmp_path / 'out' / 'data' / 'train.bin').exists()  # refused before generating

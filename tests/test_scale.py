@@ -58,7 +58,8 @@ def test_from_pretrained_rejects_unknown_model_in_one_line():
 
 def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     """2-process torchrun (gloo): loss goes down, both ranks end with identical parameters, and
-    only rank 0 writes a checkpoint."""
+    only rank 0 writes a checkpoint. Head 3 has loss weight 0 (no gradient): DDP must not wait
+    for it."""
     out = tmp_path / 'out'
     driver = tmp_path / 'driver.py'
     driver.write_text(textwrap.dedent(f"""
@@ -74,7 +75,8 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     args = [f'--data_dir={corpus}', f'--out_dir={out}', '--n_layer=2', '--n_head=2',
             '--n_embd=32', '--block_size=16', '--batch_size=8', '--grad_accum=2',
             '--max_iters=30', '--eval_interval=30', '--eval_iters=2', '--warmup_iters=5',
-            '--n_future=2', '--quiet=true', '--device=cpu', '--learning_rate=3e-3']
+            '--n_future=3', '--loss_weights=1,1,0', '--quiet=true', '--device=cpu',
+            '--learning_rate=3e-3']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                            '--master_port=29533', str(driver), *args],
