@@ -341,8 +341,11 @@ def train(cfg):
                             "the strategy flags of the original run (freeze_trunk, "
                             "trunk_lr_scale, whs_lr_scale, ...)")
         iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
-        torch.set_rng_state(ckpt['rng']['torch'])
-        train_batches.gen.set_state(ckpt['rng']['batches'])
+        # each rank its own RNG states (exact when resumed with as many ranks as were saved)
+        saved = ckpt['rng'].get('ranks', [ckpt['rng']])
+        if rank < len(saved):
+            torch.set_rng_state(saved[rank]['torch'])
+            train_batches.gen.set_state(saved[rank]['batches'])
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -353,12 +356,20 @@ def train(cfg):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
-    def save(last_eval):
+    def rng_states():
+        """The RNG states (torch, batches) of every rank; every rank must call this."""
+        mine = dict(torch=torch.get_rng_state(), batches=train_batches.gen.get_state())
+        if not ddp:
+            return [mine]
+        states = [None] * world
+        dist.all_gather_object(states, mine)
+        return states
+
+    def save(last_eval, states):
         save_checkpoint(dict(model=raw_model.state_dict(), model_args=asdict(raw_model.config),
                              optimizer=optimizer.state_dict(), iter_num=iter_num,
                              best_val_loss=best_val, config=asdict(cfg), meta=meta,
-                             eval=last_eval, rng=dict(torch=torch.get_rng_state(),
-                                                      batches=train_batches.gen.get_state())),
+                             eval=last_eval, rng=dict(**states[0], ranks=states)),
                         ckpt_path)
 
     def diverged(loss, where):
@@ -426,8 +437,9 @@ def train(cfg):
                              for h in last_eval['val']['heads'])
             log(f"iter {iter_num}: train loss {last_eval['train']['loss']:.4f}, val loss "
                 f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}")
+            states = rng_states()
             if master:
-                save(last_eval)
+                save(last_eval, states)
     bar.close()
     if ddp:
         dist.destroy_process_group()

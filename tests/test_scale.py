@@ -88,6 +88,9 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     losses = r0['losses']
     assert sum(losses[i] for i in range(26, 31)) < sum(losses[i] for i in range(1, 6))
     assert sorted(os.listdir(out)) == ['ckpt.pt']
+    # each rank's own batch RNG is saved, so a resumed run does not give every rank rank 0's
+    ranks = torch.load(out / 'ckpt.pt', weights_only=True)['rng']['ranks']
+    assert len(ranks) == 2 and not torch.equal(ranks[0]['batches'], ranks[1]['batches'])
 
 
 def test_cuda_path_flags_are_accepted_on_cpu(corpus, tmp_path):
