@@ -8,8 +8,8 @@ decode: the same prompts (num_prompts windows of prompt_len tokens, evenly space
 checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with the same checkpoint
 and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved prompt
 by prompt. It prints tokens/s (median over repeats), the speedup over vanilla, tau, the
-per-position acceptance and whether the greedy outputs equal vanilla's, at temperature 0 and at --temperature, then a
-JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per target
+per-position acceptance and whether the greedy outputs equal vanilla's, at temperature 0 and at
+--temperature, then a JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per target
 forward, i.e. per step (the step's Python work, a draft model's forwards and the prefills
 included), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode: what separates tau from the
 speedup is how much more a speculative step costs than a plain one.

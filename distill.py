@@ -12,7 +12,7 @@ accepts is the MODEL's continuation. So (the self-distillation of Medusa-2, Cai 
      checkpoint's training data (validation data for val.bin), each continued by vanilla
      decoding (sample.generate_batch) to seq_len tokens at --temperature;
   2. train.py fine-tunes heads 2..n on it with the trunk and head 1 frozen (freeze_trunk, and
-     lambda_1 = 0 so head 1 gets no gradient): the next-token distribution of the output
+     lambda_1 = 0, which freezes head 1): the next-token distribution of the output
      checkpoint is bit-identical to the input's, so vanilla decoding is unchanged and
      speculative decoding stays exactly as lossless; only the drafts get better.
 

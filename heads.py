@@ -131,13 +131,13 @@ class MTPGPT(GPT):
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
         n_heads = self.config.n_future if n_heads is None else n_heads
-        per_head = [self.head_logits(i, trunk_hidden, cache, attn_mask) for i in range(n_heads)]
-        logits = torch.stack(per_head, dim=2)
+        logits = torch.stack([self.head_logits(i, trunk_hidden, cache, attn_mask)
+                              for i in range(n_heads)], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
         loss = None
-        if targets is not None:  # from the list, not the stack: see mtp_loss
-            loss = mtp_loss(per_head, targets, loss_weights)
+        if targets is not None:
+            loss = mtp_loss(logits, targets, loss_weights)
         return (logits, loss, trunk_hidden) if return_hidden else (logits, loss)
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
@@ -175,7 +175,7 @@ class MTPGPT(GPT):
         detached = [h.detach().requires_grad_(h.requires_grad) for h in trunk_hidden]
         total = 0.0
         for i in range(self.config.n_future):
-            if weights[i] == 0:  # as in mtp_loss: an untrained head gets no gradient
+            if weights[i] == 0:  # as in mtp_loss: skipped
                 continue
             logits = self.head_logits(i, detached)
             loss_i = weights[i] * head_ce(logits, targets, i + 1)
@@ -253,13 +253,10 @@ def head_ce(logits_i, targets, i):
 
 
 def mtp_loss(logits, targets, loss_weights=None):
-    """L = sum_i lambda_i * CE(head i logits at t, x_{t+i}); logits (B, T, n, V) or a list of
-    the n heads' (B, T, V). A head with lambda_i = 0 is left out of the sum; given the list, its
-    parameters then get no gradient at all (None, not the zeros a backward through a stack of all
-    heads would give) and AdamW leaves them untouched, weight decay included."""
-    per_head = logits.unbind(2) if torch.is_tensor(logits) else logits
-    weights = loss_weights_for(len(per_head), loss_weights)
-    return sum(w * head_ce(per_head[i], targets, i + 1) for i, w in enumerate(weights) if w)
+    """L = sum_i lambda_i * CE(head i logits at t, x_{t+i}); logits (B, T, n, V). Heads with
+    lambda_i = 0 are skipped (train.py freezes them: they are not trained at all)."""
+    weights = loss_weights_for(logits.size(2), loss_weights)
+    return sum(w * head_ce(logits[:, :, i], targets, i + 1) for i, w in enumerate(weights) if w)
 
 
 # -----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_from_pretrained_rejects_unknown_model_in_one_line():
 
 def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     """2-process torchrun (gloo): loss goes down, both ranks end with identical parameters, and
-    only rank 0 writes a checkpoint. Head 3 has loss weight 0 (no gradient): DDP must not wait
+    only rank 0 writes a checkpoint. Head 3 has loss weight 0 (frozen): DDP must not wait
     for it."""
     out = tmp_path / 'out'
     driver = tmp_path / 'driver.py'
