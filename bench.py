@@ -4,29 +4,28 @@ Benchmarks of nanoMTP, one section per question:
     python bench.py decode --ckpt=out/ckpt.pt                       # vanilla vs self-speculative
     python bench.py decode --ckpt=out/ckpt.pt --draft=small/ckpt.pt  # ... and a draft model
 
-decode: the same prompts (num_prompts windows of prompt_len tokens, evenly spaced over the
-checkpoint's val.bin, or --data=path/to/val.bin) are decoded by every mode with the same checkpoint
-and the same KV cache code (sample.py), after a warm-up, `repeats` times, modes interleaved prompt
-by prompt. It prints tokens/s (median over repeats), the speedup over vanilla, tau, the
-per-position acceptance and whether the greedy outputs equal vanilla's, at temperature 0 and at
---temperature, then a JSON line. Speedup = tokens/s of a mode / tokens/s of vanilla. ms/fwd = wall time per target
-forward, i.e. per step (the step's Python work, a draft model's forwards and the prefills
-included), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode: what separates tau from the
-speedup is how much more a speculative step costs than a plain one.
---threads=1 (default; 0 = torch's default): decoding one sequence of a small model is latency
-bound, and on CPU extra threads mostly add synchronization -- more so for the k+1-token verify
-forwards than for single tokens (measured here: 2 threads made both modes slower and the verify
-forward 1.7x a single-token one, against 1.35x with 1 thread).
+decode: the same val prompts are decoded by every mode (sample.py's code), after a warm-up,
+`repeats` times, modes interleaved prompt by prompt; greedy and at --temperature. It prints
+tokens/s (median), speedup over vanilla, tau, acceptance by position, whether greedy outputs
+equal vanilla's, and ms/fwd = wall time per target forward (per step, all its work included), so
+speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode. --threads=1 (default): one small model's
+decoding is latency bound; on CPU more threads mostly add synchronization (measured: 2 threads
+made both modes slower, and a verify forward 1.7x a single-token one, against 1.35x with 1).
 
     python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
     python bench.py train --vocab_size=50257 --compare="memory_efficient=true;n_future=1"
 
-train: train.py's own training loop on a synthetic corpus of vocab_size tokens, the base variant
-(the flags) and every --compare variant in a fresh process each: median ms/iter after `warmup`
-iterations, tokens/s, peak memory (CPU: max RSS, and "step MB", its rise over the RSS before
-training started), and on CUDA the MFU against --peak_tflops (989: H100/H200 dense bf16).
+train: train.py's own loop on a synthetic corpus, the base variant and every --compare variant
+in a fresh process each: median ms/iter after `warmup` iterations, tokens/s, peak memory (CPU:
+max RSS and "step MB", its rise during training), and on CUDA the MFU against --peak_tflops.
 
-To add a section: write bench_<name>(argv) returning a summary dict and register it in SECTIONS.
+    python bench.py marginalize --ckpt=out/ckpt.pt --positions=256     # batched vs naive
+
+marginalize: both estimators of marginalize.py on the same positions: their max abs difference,
+seconds, forwards and forward tokens, and the speedup of the batched one.
+
+To add a section: write bench_<name>(argv) returning a summary dict and register it in SECTIONS;
+`python bench.py --help` lists every section's flags.
 """
 import json
 import os
@@ -35,13 +34,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass, asdict, fields, replace
 
 import numpy as np
 import torch
 
-from model import UserError, parse_flags, pick_device, autocast_for, set_cpu_threads
-from heads import load_model, val_path
+from common import (UserError, parse_flags, help_text, check_ranges, parse_top_ks, pick_device,
+                    autocast_for,
+                    set_cpu_threads, Clock, load_model, load_tokens, val_prompts, eval_windows,
+                    window_batch, cli)
+from marginalize import marginalize, marginalize_naive, MarginalizeConfig
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
 
@@ -49,110 +51,110 @@ from train import TrainConfig, train
 # -----------------------------------------------------------------------------
 # decode
 
-DECODE_FLAGS = dict(ckpt='out/ckpt.pt', draft='', gamma=4, data='', num_prompts=20,
-                    prompt_len=64, max_new_tokens=64, repeats=3, temperature=0.8, top_k=0,
-                    top_p=1.0, seed=1337, device='auto', dtype='auto', threads=1)
+@dataclass
+class DecodeBench:
+    """python bench.py decode --ckpt=out/ckpt.pt [--name=value ...]
+Vanilla vs self-speculative (and two-model) decoding on the same val prompts: speedup, tau."""
+    ckpt: str = 'out/ckpt.pt'   # the checkpoint (its heads draft in self-speculative mode)
+    draft: str = ''             # a draft model's checkpoint: adds two-model decoding
+    gamma: int = 4              # drafts per step of the draft model
+    data: str = ''              # val.bin to cut prompts from (default: the checkpoint's)
+    num_prompts: int = 20       # prompts, evenly spaced over the val tokens
+    prompt_len: int = 64        # tokens per prompt
+    max_new_tokens: int = 64    # tokens generated per prompt
+    repeats: int = 3            # runs of every mode (the median is reported)
+    temperature: float = 0.8    # the sampling setting's temperature (greedy is always run too)
+    top_k: int = 0              # the sampling setting's top_k (0 = off)
+    top_p: float = 1.0          # the sampling setting's top_p (1 = off)
+    seed: int = 1337            # sampling seed (repeat r uses seed + r)
+    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | mps
+    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    threads: int = 1            # CPU threads (0 = torch's default); see the docstring
 
 
-def val_prompts(ckpt, data_path, num_prompts, prompt_len):
-    """num_prompts windows of prompt_len tokens, evenly spaced over the validation tokens."""
-    data_path = data_path or val_path(ckpt)
-    if not os.path.isfile(data_path):
-        raise UserError(f"validation tokens not found: {data_path}; pass --data=path/to/val.bin")
-    data = np.memmap(data_path, dtype=np.uint16, mode='r')
-    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
-        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
-                        f"{data_path} ({len(data)} tokens)")
-    starts = np.linspace(0, len(data) - prompt_len, num_prompts).astype(int)
-    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
+def interleaved(modes, prompts, device, seed, **sampling):
+    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
+    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
+    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
+    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
+    for prompt in prompts:
+        for mode, decode in modes.items():
+            clock = Clock(device)
+            result = decode(prompt, generator=generators[mode], **sampling)
+            seconds[mode] += clock.seconds()
+            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+            outputs[mode].append(result.tokens)
+    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
+            for mode in modes}
+
+
+def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
+    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
+    speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
+    for r in range(repeats):
+        runs = interleaved(modes, prompts, device, seed + r, **sampling)
+        for mode, (tokens_per_s, stats, _) in runs.items():
+            speeds[mode].append(tokens_per_s)
+            ms_per_forward[mode].append(1000 * stats.new_tokens / tokens_per_s
+                                        / stats.target_forwards)
+    rows = {}
+    for mode, (_, stats, outputs) in runs.items():
+        s = stats.summary()
+        rows[mode] = dict(
+            tokens_per_s=statistics.median(speeds[mode]),
+            speedup=statistics.median(speeds[mode]) / statistics.median(speeds['vanilla']),
+            tau=s['tau'], acceptance=s['acceptance'],
+            ms_per_forward=statistics.median(ms_per_forward[mode]),
+            target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+            identical=outputs == runs['vanilla'][2] if greedy else None)
+    return rows
+
+
+def print_rows(setting, temperature, rows):
+    print(f"{setting} (temperature {temperature})\n  {'mode':8} {'tokens/s':>9} {'speedup':>8} "
+          f"{'tau':>5} {'ms/fwd':>6} {'target fwd':>10} {'draft fwd':>9}  "
+          f"{'greedy == vanilla':17}  acceptance by position")
+    for mode, row in rows.items():
+        acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in row['acceptance'])
+        same = {True: 'yes', False: 'NO', None: '-'}[row['identical']]
+        print(f"  {mode:8} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
+              f"{row['tau'] or 0:5.2f} {row['ms_per_forward']:6.3f} {row['target_forwards']:10d} "
+              f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
 
 
 def bench_decode(argv):
-    args = parse_flags(argv, DECODE_FLAGS)
-    set_cpu_threads(args['threads'])
-    if args['repeats'] < 1 or args['max_new_tokens'] < 1:
-        raise UserError("repeats and max_new_tokens must be >= 1")
-    device = pick_device(args['device'])
-    autocast = autocast_for(args['dtype'], device)
-    model, ckpt = load_model(args['ckpt'], device)
-    prompts = val_prompts(ckpt, args['data'], args['num_prompts'], args['prompt_len'])
-    n_new = args['max_new_tokens']
+    args = parse_flags(argv, DecodeBench())
+    set_cpu_threads(args.threads)
+    check_ranges(args, positive=('repeats', 'max_new_tokens'))
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
+    n_new = args.max_new_tokens
     modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw)}
     if model.config.n_future > 1:
         modes['self'] = lambda prompt, **kw: generate_self_speculative(model, prompt, n_new, **kw)
-    if args['draft']:
-        draft, _ = load_model(args['draft'], device)
+    if args.draft:
+        draft, _ = load_model(args.draft, device)
         modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
-                                                                 args['gamma'], **kw)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-
-    def run_all(seed, **sampling):
-        """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch
-        of a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
-        generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
-        seconds = {mode: 0.0 for mode in modes}
-        stats, outputs = {}, {mode: [] for mode in modes}
-        for prompt in prompts:
-            for mode in modes:
-                sync()
-                t0 = time.perf_counter()
-                result = modes[mode](prompt, generator=generators[mode], **sampling)
-                sync()
-                seconds[mode] += time.perf_counter() - t0
-                stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
-                outputs[mode].append(result.tokens)
-        return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
-                for mode in modes}
-
+                                                                 args.gamma, **kw)
     settings = {'greedy': dict(temperature=0.0),
-                'sampling': dict(temperature=args['temperature'], top_k=args['top_k'],
-                                 top_p=args['top_p'])}
+                'sampling': dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)}
+    print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
+          f"prompts x {args.prompt_len} tokens -> {n_new} new tokens, {args.repeats} "
+          f"repeats, device {device}, dtype {args.dtype}")
     results = {}
-    with autocast:
-        for mode in modes:  # warm-up: allocator, kernels, caches
-            modes[mode](prompts[0], temperature=0.0)
-            modes[mode](prompts[0], generator=torch.Generator(device), **settings['sampling'])
+    with autocast_for(args.dtype, device):
+        for decode in modes.values():  # warm-up: allocator, kernels, caches
+            decode(prompts[0], temperature=0.0)
+            decode(prompts[0], generator=torch.Generator(device), **settings['sampling'])
         for setting, sampling in settings.items():
-            speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
-            stats, outputs = {}, {}
-            for r in range(args['repeats']):
-                for mode, (tokens_per_s, stats[mode], outputs[mode]) in run_all(
-                        args['seed'] + r, **sampling).items():
-                    speeds[mode].append(tokens_per_s)
-                    ms_per_forward[mode].append(1000 * stats[mode].new_tokens / tokens_per_s
-                                                / stats[mode].target_forwards)
-            vanilla_speed = statistics.median(speeds['vanilla'])
-            results[setting] = {}
-            for mode in modes:
-                s = stats[mode].summary()
-                results[setting][mode] = dict(
-                    tokens_per_s=statistics.median(speeds[mode]),
-                    speedup=statistics.median(speeds[mode]) / vanilla_speed,
-                    tau=s['tau'], acceptance=s['acceptance'],
-                    ms_per_forward=statistics.median(ms_per_forward[mode]),
-                    target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
-                    identical=outputs[mode] == outputs['vanilla'] if setting == 'greedy' else None)
-
-    print(f"decode benchmark: {args['ckpt']} ({model.config.n_future} heads), {len(prompts)} "
-          f"prompts x {args['prompt_len']} tokens -> {n_new} new tokens, {args['repeats']} "
-          f"repeats, device {device}, dtype {args['dtype']}")
-    for setting, rows in results.items():
-        temperature = settings[setting]['temperature']
-        print(f"{setting} (temperature {temperature})")
-        print(f"  {'mode':8} {'tokens/s':>9} {'speedup':>8} {'tau':>5} {'ms/fwd':>6} "
-              f"{'target fwd':>10} {'draft fwd':>9}  {'greedy == vanilla':17}  "
-              f"acceptance by position")
-        for mode, row in rows.items():
-            acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in row['acceptance'])
-            same = {True: 'yes', False: 'NO', None: '-'}[row['identical']]
-            print(f"  {mode:8} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
-                  f"{row['tau'] or 0:5.2f} {row['ms_per_forward']:6.3f} "
-                  f"{row['target_forwards']:10d} "
-                  f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
-    summary = dict(section='decode', ckpt=args['ckpt'], draft=args['draft'] or None,
+            results[setting] = measure(modes, prompts, device, args.repeats, args.seed,
+                                       setting == 'greedy', **sampling)
+            print_rows(setting, sampling['temperature'], results[setting])
+    summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
-                   prompt_len=args['prompt_len'], max_new_tokens=n_new, repeats=args['repeats'],
-                   device=device, dtype=args['dtype'], **results)
+                   prompt_len=args.prompt_len, max_new_tokens=n_new, repeats=args.repeats,
+                   device=device, dtype=args.dtype, **results)
     print(json.dumps(summary))
     return summary
 
@@ -160,19 +162,41 @@ def bench_decode(argv):
 # -----------------------------------------------------------------------------
 # train
 
-TRAIN_FLAGS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, vocab_size=65,
-                   n_future=4, attach_layer=-1, head_type='block', memory_efficient=False,
-                   iters=20, warmup=5, device='cpu', dtype='auto', compile=False,
-                   compare='', peak_tflops=989.0)
+@dataclass
+class TrainBench(TrainConfig):
+    """python bench.py train [--name=value ...] [--compare="n_future=1;memory_efficient=true"]
+train.py's step on a synthetic corpus, each variant in a fresh process: ms/iter, memory, MFU.
+Every train.py flag (model shape, head type, device, dtype, compile, ...) can be benchmarked."""
+    vocab_size: int = 65        # of the synthetic corpus (50257: GPT-2's BPE)
+    iters: int = 20             # timed iterations
+    warmup: int = 5             # untimed iterations first
+    compare: str = ''           # variants: "flag=value,flag=value;flag=value" (';' between)
+    peak_tflops: float = 989.0  # for MFU (989: H100/H200 dense bf16)
+    block_size: int = 64        # context length (train.py's flag, the benchmark's default)
+    batch_size: int = 16        # sequences per step
+    head_type: str = 'block'    # block | resblock
+    device: str = 'cpu'         # cpu | cuda | mps
+
+
+TRAIN_FIXED = ('out_dir', 'dataset', 'data_dir', 'init_from', 'eval_interval', 'eval_iters',
+               'max_iters', 'quiet')  # the benchmark decides these
+
+
+@dataclass
+class MarginalizeBench(MarginalizeConfig):
+    """python bench.py marginalize --ckpt=out/ckpt.pt [--name=value ...]
+Batched (KV cache + tree attention) vs naive marginalization on the same positions."""
+    ckpt: str = 'out/ckpt.pt'  # checkpoint path (or gpt2 / gpt2-medium / ...)
+    positions: int = 64       # positions t to estimate
+    k_ahead: int = 2          # estimate x_{t+1} .. x_{t+k_ahead}
+    top_k: str = '8'          # candidates per step: one number, or 'all'
 
 
 def train_config(args, data_dir, out_dir):
     """The TrainConfig of one benchmarked variant: train.py's own loop on a synthetic corpus."""
-    keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'n_future', 'attach_layer',
-            'head_type', 'memory_efficient', 'device', 'dtype', 'compile')
-    return TrainConfig(**{k: args[k] for k in keys}, data_dir=data_dir, out_dir=out_dir,
-                       max_iters=args['warmup'] + args['iters'], eval_interval=10 ** 9,
-                       eval_iters=1, quiet=True)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return replace(cfg, data_dir=data_dir, out_dir=out_dir, max_iters=args.warmup + args.iters,
+                   eval_interval=10 ** 9, eval_iters=1, quiet=True)
 
 
 def rss_mb():
@@ -183,18 +207,18 @@ def rss_mb():
 def bench_train_one(argv):
     """One variant in this process: median ms/iter of train.py's step, tokens/s, MFU on CUDA,
     and peak memory (CPU: max RSS and its rise over the RSS before training; CUDA: allocated)."""
-    args = parse_flags(argv, TRAIN_FLAGS)
+    args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split in ('train', 'val'):
-            rng.integers(0, args['vocab_size'], 200_000, dtype=np.uint16).tofile(
+            rng.integers(0, args.vocab_size, 200_000, dtype=np.uint16).tofile(
                 os.path.join(tmp, f'{split}.bin'))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump({'kind': 'synthetic', 'vocab_size': args['vocab_size']}, f)
+            json.dump({'kind': 'synthetic', 'vocab_size': args.vocab_size}, f)
         cfg = train_config(args, tmp, os.path.join(tmp, 'out'))
         rss_before = rss_mb()
         summary = train(cfg)
-    step_ms = statistics.median(summary['step_ms'][args['warmup']:])
+    step_ms = statistics.median(summary['step_ms'][args.warmup:])
     model = summary['model']
     tokens = cfg.batch_size * cfg.block_size
     # FLOPs per token: 6 per parameter (forward + backward; the tied unembedding runs once per
@@ -205,7 +229,7 @@ def bench_train_one(argv):
     result = dict(ms_per_iter=step_ms, tokens_per_s=tokens / step_ms * 1000,
                   params=model.num_params())
     if 'cuda' in str(next(model.parameters()).device):
-        result['mfu'] = flops * result['tokens_per_s'] / (args['peak_tflops'] * 1e12)
+        result['mfu'] = flops * result['tokens_per_s'] / (args.peak_tflops * 1e12)
         result['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -217,12 +241,12 @@ def bench_train_one(argv):
 def bench_train(argv):
     """The base variant and every --compare variant ("n_future=1;memory_efficient=true"), each
     in a fresh process (so peak memory is its own), with ratios to the base."""
-    args = parse_flags(argv, TRAIN_FLAGS)
+    args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
     base = [a for a in argv if not a.startswith('--compare=')]
     variants = [('base', base)]
-    for variant in filter(None, args['compare'].split(';')):
+    for variant in filter(None, args.compare.split(';')):
         extra = [f'--{item.strip()}' for item in variant.split(',')]
-        parse_flags(base + extra, TRAIN_FLAGS)  # fail early on a bad variant
+        parse_flags(base + extra, TrainBench(), fixed=TRAIN_FIXED)  # fail early on a bad variant
         variants.append((variant, base + extra))
     rows = []
     for name, flags in variants:
@@ -232,10 +256,10 @@ def bench_train(argv):
             why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise UserError(f"variant {name} failed: {why}")
         rows.append(dict(variant=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
-    shape = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
+    shape = {k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
                                   'vocab_size', 'n_future', 'head_type', 'memory_efficient')}
-    print(f"train benchmark: {shape}, {args['iters']} timed iters after {args['warmup']}, "
-          f"device {args['device']}")
+    print(f"train benchmark: {shape}, {args.iters} timed iters after {args.warmup}, "
+          f"device {args.device}")
     print(f"  {'variant':34} {'ms/iter':>8} {'x base':>7} {'tokens/s':>9} {'peak MB':>8} "
           f"{'step MB':>8} {'x base':>7} {'MFU':>6}")
     for row in rows:
@@ -245,24 +269,83 @@ def bench_train(argv):
         print(f"  {row['variant']:34} {row['ms_per_iter']:8.1f} {row['time_ratio']:6.2f}x "
               f"{row['tokens_per_s']:9.0f} {row['peak_mb']:8.0f} {row.get('step_mb', 0):8.0f} "
               f"{row['memory_ratio']:6.2f}x {row.get('mfu', 0):6.1%}")
-    summary = dict(section='train', **shape, device=args['device'], rows=rows)
+    summary = dict(section='train', **shape, device=args.device, rows=rows)
     print(json.dumps(summary))
     return summary
 
 
 # -----------------------------------------------------------------------------
+# marginalize
 
-SECTIONS = {'decode': bench_decode, 'train': bench_train, 'train_one': bench_train_one}
+def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
+          chunk_size=512, window=0, seed=0):
+    """Run both estimators on the same positions; max abs difference of the probabilities and
+    captured masses, seconds of each and the speed ratio naive / batched."""
+    device = next(model.parameters()).device
+    window = min(window or model.config.block_size, model.config.block_size)
+    windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
+    batches = [window_batch(tokens, start, n, k_ahead, device)[0] for start, n in windows]
+    args = dict(k_ahead=k_ahead, top_k=top_k, top_p=top_p, max_paths=max_paths)
+    marginalize(model, batches[0], [0], **args)  # warm-up
+    results, seconds = {}, {}
+    for name, estimator, extra in (('naive', marginalize_naive, {}),
+                                   ('batched', marginalize, dict(chunk_size=chunk_size))):
+        clock = Clock(device)
+        results[name] = [estimator(model, seq, torch.arange(len(seq) - k_ahead), **args, **extra)
+                         for seq in batches]
+        seconds[name] = clock.seconds()
+    naive, batched = results['naive'], results['batched']
+    diff = max(max(float((a.probs - b.probs).abs().max()), float((a.mass - b.mass).abs().max()))
+               for a, b in zip(naive, batched))
+    return dict(positions=sum(n for _, n in windows), k_ahead=k_ahead, top_k=top_k, top_p=top_p,
+                max_paths=max_paths, max_abs_diff=diff, naive_s=seconds['naive'],
+                batched_s=seconds['batched'], speedup=seconds['naive'] / seconds['batched'],
+                naive_forward_tokens=sum(e.forward_tokens for e in naive),
+                batched_forward_tokens=sum(e.forward_tokens for e in batched),
+                naive_forwards=sum(e.forwards for e in naive),
+                batched_forwards=sum(e.forwards for e in batched))
+
+
+
+def bench_marginalize(argv):
+    args = parse_flags(argv, MarginalizeBench(), fixed=('renormalize', 'quiet'))
+    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
+                 non_negative=('max_paths', 'window'))
+    top_ks = parse_top_ks(args.top_k) or []
+    if len(top_ks) != 1:
+        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    model.float()  # fp32: the comparison is about exactness
+    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    result = dict(section='marginalize', ckpt=args.ckpt, data=source, **naive_vs_batched(
+        model, tokens, args.positions, args.k_ahead, top_ks[0], args.top_p, args.max_paths,
+        args.chunk_size, args.window, args.seed))
+    print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, "
+          f"top_k={result['top_k']}: max abs diff {result['max_abs_diff']:.2e}, naive "
+          f"{result['naive_s']:.2f}s, batched {result['batched_s']:.2f}s, speedup "
+          f"{result['speedup']:.1f}x")
+    print(json.dumps(result))
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {'decode': bench_decode, 'train': bench_train, 'marginalize': bench_marginalize,
+            'train_one': bench_train_one}
 
 
 def main(argv):
+    if argv and argv[0] in ('--help', '-h'):
+        for config, fixed in ((DecodeBench, ()), (TrainBench, TRAIN_FIXED),
+                              (MarginalizeBench, ('renormalize', 'quiet'))):
+            flags = {k: v for k, v in asdict(config()).items() if k not in fixed}
+            print(help_text(config(), flags) + '\n')
+        sys.exit(0)
     if not argv or argv[0] not in SECTIONS:
-        raise UserError(f"usage: python bench.py {{{'|'.join(SECTIONS)}}} --name=value ...")
+        raise UserError("usage: python bench.py {decode|train|marginalize} --name=value ... "
+                        "(--help lists the flags)")
     return SECTIONS[argv[0]](argv[1:])
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -6,11 +6,10 @@ every path of intermediate tokens v_1 .. v_{k-1},
 
     p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}} prod_{j<k} p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
 
-Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: at every step
-only the candidates among the top_k most probable tokens and/or inside the top_p nucleus of
-p(v_j | ...) are followed, and at most max_paths paths (most probable first) are kept per
-position. The kept paths' total probability is the captured mass; the estimate sums to it
-(the honest, unnormalized sum) or to 1 with renormalize. Two implementations of one estimate:
+Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: only candidates
+among the top_k most probable and/or inside the top_p nucleus of p(v_j | ...) are followed, and
+at most max_paths paths (most probable first) are kept per position. Their total probability is
+the captured mass; the estimate sums to it, or to 1 with renormalize. Two implementations:
 
   marginalize_naive  one forward per (position, path) over x<=t + path, no cache: the reference
   marginalize        one forward fills a KV cache with the sequence, then the candidates of all
@@ -18,29 +17,25 @@ position. The kept paths' total probability is the captured mass; the estimate s
                      candidate sees its own prefix x<=t in the cache and its own ancestors in
                      the path tree, nothing else), in chunks so memory stays bounded
 
-and the evaluation of the paper's Table 1: token-weighted top-1/top-5 accuracy of x_{t+1} ..
-x_{t+K} for greedy chaining, marginalization at several sparsities, and the checkpoint's own MTP
-heads, with the captured mass and the cost of every row.
+and the paper's Table 1: top-1/top-5 accuracy of x_{t+1} .. x_{t+K} by greedy chaining,
+marginalization at several sparsities and the model's own MTP heads, with mass and cost.
 
     python marginalize.py --ckpt=out/ckpt.pt                         # its dataset's val split
     python marginalize.py --ckpt=out/ckpt.pt --input=some.txt --k_ahead=2 --top_k=1,5,all
-    python marginalize.py --ckpt=out/ckpt.pt --bench=1               # batched vs naive
-
-Study scripts import: marginalize, marginalize_naive, evaluate_table, bench, eval_windows.
+    python bench.py marginalize --ckpt=out/ckpt.pt                   # batched vs naive
 """
 import json
-import os
-import sys
-import time
 from collections import namedtuple
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import UserError, parse_flags, pick_device
-from heads import MTPGPT, count_topk, load_model, tokenizer_for, val_path
+from heads import MTPGPT, Tally
+from common import (UserError, parse_flags, check_ranges, parse_top_ks, check_positions,
+                    eval_windows, window_batch, pick_device, Clock, load_model, load_tokens,
+                    format_table, cli)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
@@ -70,24 +65,6 @@ def candidate_mask(dist, top_k=0, top_p=1.0):
     if top_k:
         keep[:, top_k:] = False
     return torch.zeros_like(keep).scatter(-1, order, keep)
-
-
-def check_positions(model, n_tokens, positions, k_ahead):
-    block_size = model.config.block_size
-    if k_ahead < 1:
-        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
-    if not 1 <= n_tokens <= block_size:
-        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
-    positions = torch.as_tensor(positions)
-    if len(positions) == 0:
-        raise UserError("no positions to evaluate")
-    first, last = int(positions.min()), int(positions.max())
-    if first < 0 or last >= n_tokens:
-        raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
-    if last + k_ahead - 1 >= block_size:
-        # the path tokens of position t sit at positions t+1 .. t+k_ahead-1: never wrap them
-        raise UserError(f"position {last} with k_ahead={k_ahead} needs position ids up to "
-                        f"{last + k_ahead - 1}, beyond block_size {block_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -250,55 +227,6 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
 # -----------------------------------------------------------------------------
 # evaluation: the accuracy table
 
-def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
-    """Which positions to evaluate: [(start, n)] meaning the window tokens[start : start+n+k_ahead]
-    and its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} all lie inside the window
-    (positions without them are left out, never wrapped). Windows of `window` tokens tile the
-    sequence so every position appears at most once; a seeded shuffle picks which windows,
-    until `positions` positions are reached (or the tokens run out)."""
-    stride = window - k_ahead  # positions per window
-    if stride < 1 or n_tokens <= k_ahead:
-        raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
-                        f"{n_tokens} tokens)")
-    starts = list(range(0, n_tokens - k_ahead, stride))
-    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen, left = [], positions
-    for i in order:
-        if left <= 0:
-            break
-        n = min(stride, n_tokens - k_ahead - starts[i], left)
-        chosen.append((starts[i], n))
-        left -= n
-    return chosen
-
-
-class Tally:
-    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from heads.count_topk,
-    summed over windows, divided at the end) and the mean captured mass."""
-
-    def __init__(self, k_ahead):
-        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
-        self.mass = None
-
-    def add(self, scores, targets, mass=None):
-        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
-        for k in range(scores.size(1)):
-            n, hits = count_topk(scores[:, k], targets[:, k])
-            self.n[k] += n
-            self.top1[k] += hits[1]
-            self.top5[k] += hits[5]
-        if mass is not None:
-            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
-            for k in range(mass.size(1)):
-                self.mass[k] += float(mass[:, k].sum())
-
-    def result(self):
-        def mean(counts):
-            return None if counts is None else [c / n if n else None
-                                                for c, n in zip(counts, self.n)]
-        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))
-
-
 def default_top_ks(vocab_size, all_vocab_max=128):
     """top_k 1 (greedy chaining), 2, 5, 10, 50 where below V, then all of V (0) if V is small."""
     top_ks = [k for k in (1, 2, 5, 10, 50) if k < vocab_size]
@@ -314,36 +242,12 @@ def row_name(top_k, top_p, max_paths):
     return name + (' (exact)' if name == 'all V' else '')
 
 
-class Clock:
-    """Wall-clock seconds, waiting for the GPU to finish first."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == 'cuda'
-        self.t0 = self.now()
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def seconds(self):
-        return self.now() - self.t0
-
-
-def window_batch(tokens, start, n, k_ahead, device):
-    """The window's tokens and the targets (n, k_ahead): column k-1 holds x_{t+k}."""
-    seq = torch.as_tensor(np.asarray(tokens[start:start + n + k_ahead], dtype=np.int64),
-                          device=device)
-    targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
-    return seq, targets
-
-
 @torch.no_grad()
 def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1.0, max_paths=0,
                    renormalize=False, chunk_size=512, window=0, seed=0, progress=False):
     """The rows of the accuracy table on the same positions and targets: marginalization for
     every top_k in top_ks (0 = all of V; default default_top_ks), then, for a model with
-    n_future > 1, its MTP heads (head i is the column k = i). tokens: a 1-D array of ids;
+    n_future > 1, its MTP heads (head k is the column k). tokens: a 1-D array of ids;
     window: tokens per window (default block_size). Each row is a dict: name, method, n,
     top1 / top5 / mass (lists over k = 1..k_ahead, mass None for heads), forward_tokens,
     forwards, seconds."""
@@ -368,7 +272,7 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     if n_future > 1:
         tally, cost, clock = Tally(k_ahead), 0, Clock(device)
         for seq, targets in batches:
-            logits = model(seq[None])[0][0, :len(targets)]  # (n, n_future, V); head i: x_{t+i}
+            logits = model(seq[None])[0][0, :len(targets)]  # (n, n_future, V); head k: x_{t+k}
             tally.add(logits[:, :k_ahead].float(), targets)
             cost += len(seq)
         rows.append(dict(name=f"MTP heads (n_future={n_future})", method='heads',
@@ -377,161 +281,52 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     return rows
 
 
-def format_table(rows, k_ahead):
-    """The rows as a text table: accuracy and captured mass per k, then the cost."""
-    def cells(values, ks):
-        return ' '.join('     -' if values is None or values[k] is None else f"{values[k]:6.3f}"
-                        for k in ks)
-    ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
-    width = max(len(r['name']) for r in rows)
-    group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
-    k_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in ks)
-    mass_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in later)
-    lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
-             f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
-             f"{'fwd tokens':>11} {'seconds':>8}"]
-    for r in rows:
-        lines.append(f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
-                     f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
-                     f"{r['seconds']:>8.2f}")
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# benchmark: batched vs naive on the same positions
-
-def bench(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
-          chunk_size=512, window=0, seed=0):
-    """Run both estimators on the same positions; max abs difference of the probabilities and
-    captured masses, seconds of each and the speed ratio naive / batched."""
-    device = next(model.parameters()).device
-    window = min(window or model.config.block_size, model.config.block_size)
-    windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
-    batches = [window_batch(tokens, start, n, k_ahead, device)[0] for start, n in windows]
-    args = dict(k_ahead=k_ahead, top_k=top_k, top_p=top_p, max_paths=max_paths)
-    marginalize(model, batches[0], [0], **args)  # warm-up
-    results, seconds = {}, {}
-    for name, estimator, extra in (('naive', marginalize_naive, {}),
-                                   ('batched', marginalize, dict(chunk_size=chunk_size))):
-        clock = Clock(device)
-        results[name] = [estimator(model, seq, torch.arange(len(seq) - k_ahead), **args, **extra)
-                         for seq in batches]
-        seconds[name] = clock.seconds()
-    naive, batched = results['naive'], results['batched']
-    diff = max(max(float((a.probs - b.probs).abs().max()), float((a.mass - b.mass).abs().max()))
-               for a, b in zip(naive, batched))
-    return dict(positions=sum(n for _, n in windows), k_ahead=k_ahead, top_k=top_k, top_p=top_p,
-                max_paths=max_paths, max_abs_diff=diff, naive_s=seconds['naive'],
-                batched_s=seconds['batched'], speedup=seconds['naive'] / seconds['batched'],
-                naive_forward_tokens=sum(e.forward_tokens for e in naive),
-                batched_forward_tokens=sum(e.forward_tokens for e in batched),
-                naive_forwards=sum(e.forwards for e in naive),
-                batched_forwards=sum(e.forwards for e in batched))
-
-
 # -----------------------------------------------------------------------------
 # command line
 
-DEFAULTS = dict(
-    ckpt='',            # checkpoint path (or gpt2 / gpt2-medium / ...)
-    input='',           # a text file to evaluate on, instead of the dataset's val.bin
-    data_dir='',        # override the checkpoint's data dir (data/<dataset>)
-    positions=256,      # how many positions t to evaluate
-    k_ahead=0,          # predict x_{t+1} .. x_{t+k_ahead}; 0 = 3 for the table, 2 for --bench
-    top_k='',           # comma list of marginalization settings, 'all' = all of V;
-                        # '' = 1,2,5,10,50(,all if V <= 128) for the table, 8 for --bench
-    top_p=1.0,          # nucleus of every step's candidates (applies to every row)
-    max_paths=0,        # at most this many paths per position (0 = no cap)
-    renormalize=False,  # divide the estimate by the captured mass
-    chunk_size=512,     # tokens per batched forward
-    window=0,           # tokens per window (0 = block_size)
-    seed=0,             # which windows
-    device='auto',      # auto (cuda > mps > cpu) | cpu | cuda | ...
-    bench=False,        # batched vs naive instead of the table
-    quiet=False,        # no progress bars
-)
-
-
-def parse_args(argv):
-    args = parse_flags(argv, DEFAULTS)
-    if not args['ckpt']:
-        raise UserError("--ckpt=PATH is required")
-    for key in ('positions', 'chunk_size'):
-        if args[key] < 1:
-            raise UserError(f"--{key} must be >= 1")
-    for key in ('k_ahead', 'max_paths', 'window'):
-        if args[key] < 0:
-            raise UserError(f"--{key} must be >= 0")
-    if not 0 < args['top_p'] <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {args['top_p']}")
-    top_ks = []
-    for item in filter(None, args['top_k'].split(',')):
-        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
-            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
-        top_ks.append(0 if item == 'all' else int(item))
-    args['top_k'] = top_ks or None
-    args['k_ahead'] = args['k_ahead'] or (2 if args['bench'] else 3)
-    return args
-
-
-def load_tokens(args, ckpt, vocab_size):
-    """The evaluation tokens: the --input text file, or val.bin of the checkpoint's dataset."""
-    if args['input']:
-        if not os.path.isfile(args['input']):
-            raise UserError(f"input file not found: {args['input']}")
-        with open(args['input'], encoding='utf-8') as f:
-            text = f.read()
-        tokenizer = tokenizer_for(ckpt)
-        try:
-            tokens = np.array(tokenizer.encode(text), dtype=np.int64)
-        except ValueError as e:
-            raise UserError(f"cannot tokenize {args['input']}: {e}")
-        source = args['input']
-    else:
-        source = val_path(ckpt, args['data_dir'])
-        if not os.path.isfile(source):
-            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
-                            f"pass --input=FILE or --data_dir=DIR")
-        tokens = np.memmap(source, dtype=np.uint16, mode='r')
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
-    return tokens, source
+@dataclass
+class MarginalizeConfig:
+    """python marginalize.py --ckpt=out/ckpt.pt [--name=value ...]
+The accuracy table: x_{t+1}..x_{t+k_ahead} by greedy chaining, marginalization and the MTP heads."""
+    ckpt: str = ''            # checkpoint path (or gpt2 / gpt2-medium / ...); required
+    input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
+    data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
+    positions: int = 256      # how many positions t to evaluate
+    k_ahead: int = 3          # predict x_{t+1} .. x_{t+k_ahead}
+    top_k: str = ''           # comma list of marginalization settings, 'all' = all of V;
+                              # '' = 1,2,5,10,50 (and all if V <= 128)
+    top_p: float = 1.0        # nucleus of every step's candidates (applies to every row)
+    max_paths: int = 0        # at most this many paths per position (0 = no cap)
+    renormalize: bool = False  # divide the estimate by the captured mass
+    chunk_size: int = 512     # tokens per batched forward
+    window: int = 0           # tokens per window (0 = block_size)
+    seed: int = 0             # which windows
+    device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
+    quiet: bool = False       # no progress bars
 
 
 def main(argv):
-    args = parse_args(argv)
-    model, ckpt = load_model(args['ckpt'], pick_device(args['device']))
+    args = parse_flags(argv, MarginalizeConfig())
+    if not args.ckpt:
+        raise UserError("--ckpt=PATH is required")
+    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
+                 non_negative=('max_paths', 'window'))
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    top_ks = parse_top_ks(args.top_k)
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
     model.float()  # fp32: the comparisons and sums here are about exactness
-    tokens, source = load_tokens(args, ckpt, model.config.vocab_size)
-    common = dict(positions=args['positions'], k_ahead=args['k_ahead'], top_p=args['top_p'],
-                  max_paths=args['max_paths'], chunk_size=args['chunk_size'],
-                  window=args['window'], seed=args['seed'])
-    if args['bench']:
-        top_ks = args['top_k'] or [8]
-        if len(top_ks) != 1:
-            raise UserError("--bench takes a single --top_k")
-        if args['renormalize']:
-            raise UserError("--bench compares the unnormalized estimates: drop --renormalize")
-        result = dict(ckpt=args['ckpt'], data=source,
-                      **bench(model, tokens, top_k=top_ks[0], **common))
-        print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, "
-              f"top_k={result['top_k']}: max abs diff {result['max_abs_diff']:.2e}, naive "
-              f"{result['naive_s']:.2f}s, batched {result['batched_s']:.2f}s, speedup "
-              f"{result['speedup']:.1f}x")
-        print(json.dumps(result))
-        return result
-    rows = evaluate_table(model, tokens, top_ks=args['top_k'], renormalize=args['renormalize'],
-                          progress=not args['quiet'], **common)
-    print(f"{args['ckpt']} on {source}: {rows[0]['n'][0]} positions, k_ahead={args['k_ahead']}")
-    print(format_table(rows, args['k_ahead']))
-    result = dict(ckpt=args['ckpt'], data=source, k_ahead=args['k_ahead'],
-                  positions=rows[0]['n'][0], rows=rows)
+    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    rows = evaluate_table(model, tokens, args.positions, args.k_ahead, top_ks, args.top_p,
+                          args.max_paths, args.renormalize, args.chunk_size, args.window,
+                          args.seed, progress=not args.quiet)
+    print(f"{args.ckpt} on {source}: {rows[0]['n'][0]} positions, k_ahead={args.k_ahead}")
+    print(format_table(rows, args.k_ahead))
+    result = dict(ckpt=args.ckpt, data=source, k_ahead=args.k_ahead, positions=rows[0]['n'][0],
+                  rows=rows)
     print(json.dumps(result))
     return result
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

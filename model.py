@@ -5,21 +5,15 @@ Read top to bottom:
   GPTConfig          hyperparameters of the network
   KVCache            per-layer keys/values; append a chunk of T >= 1 tokens, roll back to any length
   CausalSelfAttention, MLP, Block   pre-LN transformer block (the only attention in the codebase)
-  GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding
-  checkpoints        atomic save, load with one-line errors
-  parse_flags, pick_device, autocast_for   the command line and device choice every script shares
+  GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding; GPT-2 weights
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
 heads (heads.py) can branch off at any layer and WHS can mix them. This file imports nothing of
-the project.
+the project; flags, devices and checkpoint files live in common.py.
 """
-import ast
 import inspect
 import math
-import os
 from dataclasses import dataclass
-
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -257,29 +251,25 @@ class GPT(nn.Module):
             return chunk_mask(cache.length, T, idx.device)
         return attn_mask
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
-                             param_groups=None):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, groups=None):
         """AdamW with weight decay on matrices (>= 2D) only, never on biases or LayerNorm gains.
 
-        param_groups: optional {name: (params, lr_scale)} or {name: (params, lr_scale, eps)} to
-        give parts of the model their own LR (train.py: trunk, heads, WHS weights) and Adam eps;
-        every group is split into decay / no-decay. The LR schedule sets
-        group['lr'] = lr * group['lr_scale'].
+        groups: optional list of dict(name=..., params=[...], lr_scale=s, **adam_options) giving
+        parts of the model their own LR (train.py: trunk, heads, WHS weights) or Adam options;
+        each is split into decay / no-decay. The LR schedule sets group['lr'] = lr * lr_scale.
+        Parameters with requires_grad off (frozen) are left out.
         """
-        if param_groups is None:
-            param_groups = {'all': ([p for p in self.parameters()], 1.0)}
-        groups = []
-        for name, (params, lr_scale, *eps) in param_groups.items():
-            params = [p for p in params if p.requires_grad]
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
-            for ps, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        groups = groups or [dict(name='all', params=list(self.parameters()), lr_scale=1.0)]
+        adam_groups = []
+        for group in groups:
+            params = [p for p in group['params'] if p.requires_grad]
+            for ps, wd in (([p for p in params if p.dim() >= 2], weight_decay),
+                           ([p for p in params if p.dim() < 2], 0.0)):
                 if ps:
-                    groups.append(dict(params=ps, weight_decay=wd, name=name, lr_scale=lr_scale,
-                                       lr=learning_rate * lr_scale,
-                                       **(dict(eps=eps[0]) if eps else {})))
+                    adam_groups.append({**group, 'params': ps, 'weight_decay': wd,
+                                        'lr': learning_rate * group['lr_scale']})
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+        return torch.optim.AdamW(adam_groups, lr=learning_rate, betas=betas,
                                  **(dict(fused=True) if fused else {}))
 
     @classmethod
@@ -318,128 +308,3 @@ class GPT(nn.Module):
                     raise UserError(f"unexpected GPT-2 weight {k}")
                 sd[k].copy_(v.t() if k.endswith(transposed) else v)
         return model
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint dict; missing or corrupt files raise UserError with one clear line."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                        f"retrain or restore it")
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        raise UserError(f"{path} is not a nanoMTP checkpoint (no model/model_args)")
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
-# the command line shared by every script: --name=value (nanoGPT's convention)
-
-def _convert(name, value, default):
-    """Give `value` (a string from the command line, or a literal from a preset) the type of
-    `default`; UserError if it cannot be."""
-    kind = type(default)
-    if isinstance(value, str) and kind is not str:
-        try:
-            if kind is bool:
-                if value.lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                return value.lower() in ('true', '1')
-            return kind(value)
-        except ValueError:
-            raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
-    if kind is float and type(value) is int:
-        return float(value)
-    if type(value) is not kind:
-        raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
-    return value
-
-
-def read_preset(path):
-    """[(name, value, where)] from a preset file of `name = value` lines (Python literals)."""
-    if not os.path.isfile(path):
-        raise UserError(f"preset file not found: {path}")
-    try:
-        items = []
-        for node in ast.parse(open(path).read(), path).body:
-            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                    and isinstance(node.targets[0], ast.Name)):
-                raise ValueError(f"line {node.lineno} is not `name = value`")
-            items.append((node.targets[0].id, ast.literal_eval(node.value),
-                          f"{path}:{node.lineno}"))
-        return items
-    except (SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read preset {path}: {e}")
-
-
-def parse_flags(argv, defaults, presets=False):
-    """A dict like `defaults`, updated from preset files given as plain paths (when `presets`),
-    then from `--name=value` flags (a bare `--name` sets a bool). Values take the type of the
-    default. Unknown names and wrong types are UserErrors that say what is valid."""
-    values, preset_items, flag_items = dict(defaults), [], []
-    for arg in argv:
-        if arg.startswith('--'):
-            name, eq, value = arg[2:].partition('=')
-            if not eq and type(defaults.get(name)) is bool:
-                value = 'true'
-            elif not eq:
-                raise UserError(f"expected --name=value, got {arg!r}")
-            flag_items.append((name, value, arg))
-        elif presets:
-            preset_items += read_preset(arg)
-        else:
-            raise UserError(f"unexpected argument {arg!r}; expected --name=value")
-    for name, value, where in preset_items + flag_items:  # flags win over presets
-        if name not in defaults:
-            raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(defaults)}")
-        values[name] = _convert(name, value, defaults[name])
-    return values
-
-
-def pick_device(name='auto'):
-    """'auto' -> the best device here: cuda > mps > cpu; anything else is used as given."""
-    if name != 'auto':
-        kind = name.split(':')[0]
-        if kind not in ('cpu', 'cuda', 'mps'):
-            raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not (
-                getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-            raise UserError(f"device {name!r} is not available on this machine")
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
-def autocast_for(dtype, device):
-    """The context for --dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32,
-    or bfloat16 (autocast; on CPU too). Weights stay fp32 either way."""
-    if dtype not in ('auto', 'float32', 'bfloat16'):
-        raise UserError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
-    device_type = device.split(':')[0]
-    if dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda'):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def set_cpu_threads(n):
-    """torch's intra-op CPU threads (0 = leave torch's default)."""
-    if n < 0:
-        raise UserError(f"threads must be >= 0, got {n}")
-    if n:
-        torch.set_num_threads(n)

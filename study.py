@@ -2,71 +2,59 @@
 The paper's study at small scale: one command from corpus to results table.
 
     python study.py --quick=true --results_dir=results   # 2 corpora x 2 sizes x 2 seeds, ~12 min
-                                                         # on a 2-core CPU
     python study.py                     # the full setting (bigger models, longer runs: a GPU)
 
-For every corpus, model size and seed it
-  1. trains an NTP baseline from scratch, then fine-tunes it with NTP for as many iterations as
-     every MTP adaptation gets (the "FT base model" row: no row gets more training than another);
-  2. evaluates marginalization on the fine-tuned baseline (2nd token; several sparsities);
-  3. adapts the baseline to MTP (n_future heads) with each strategy of the paper: heads only,
-     joint, head warmup, differential LR, head warmup + differential LR, differential LR + WHS;
-  4. trains an MTP model from scratch with the same total number of iterations;
-  5. sweeps attach_layer with a frozen trunk (seed 0): where should the heads branch off?
-  6. measures greedy self-speculative decoding (tau, speedup over vanilla) for each MTP model;
-  7. writes study_quick.md / .json (or study_full.*; rows = strategies, columns = next / 2nd
-     token top-5 and top-1, tau, speedup; mean +- spread over seeds) and a layer-sweep PNG when
-     matplotlib is installed (optional), into --results_dir.
-
-The two corpora differ in determinism: tiny Shakespeare (open-ended text) and `counting`, the
-numbers from 1 on written out in English words ("one hundred and twelve, ..."), where the next
-tokens are mostly determined. Everything reuses train.train, marginalize.evaluate_table and
-sample's decoders; nothing shells out.
+For every corpus, model size and seed it trains an NTP baseline, fine-tunes it with NTP for as
+many iterations as every MTP adaptation gets (no row gets more training than another), evaluates
+marginalization on it, adapts it to MTP with each strategy of the paper, trains an MTP model from
+scratch with the same total iterations, sweeps attach_layer with a frozen trunk (seed 0),
+measures greedy self-speculative decoding, and writes study_<setting>.md / .json (mean +- spread
+over seeds) and a layer-sweep PNG (matplotlib optional). The two corpora differ in determinism:
+tiny Shakespeare, and `counting` (the numbers 1.. in English words). Finished runs are reused.
 """
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, asdict, replace
 
 import numpy as np
 import torch
 
-from model import UserError, parse_flags
-from heads import load_model
+from common import UserError, parse_flags, load_model, val_prompts, REPO, cli
 from data.prepare import prepare, load_meta
 import train as trainer
 from marginalize import evaluate_table
-from sample import generate, generate_self_speculative, Stats
-from bench import val_prompts
+from sample import generate, generate_self_speculative
+from bench import measure
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt')
 
 
 @dataclass
 class StudyConfig:
+    """python study.py [--quick=true] [--name=value ...]
+The paper's study at small scale: every strategy, marginalization, MTP from scratch, per seed."""
     out_dir: str = 'out-study'      # data, runs and checkpoints
     results_dir: str = ''           # study_{quick,full}.md / .json / _layer_sweep.png (default out_dir)
     corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
     shakespeare: str = ''           # local tinyshakespeare.txt (default: ../shared or data/)
     sizes: str = 'S,M'              # model sizes, see SIZES
-    seeds: int = 2
-    n_future: int = 2
+    seeds: int = 2                  # seeds per (corpus, size)
+    n_future: int = 2               # heads of the MTP models
     base_iters: int = 3000          # NTP pretraining from scratch
     adapt_iters: int = 1000         # fine-tuning / each MTP adaptation
     head_warmup_iters: int = 250    # of adapt_iters
     trunk_lr_scale: float = 0.25    # differential LR (Medusa-2: heads 4x the backbone)
-    adapt_lr: float = 3e-4
-    batch_size: int = 32
-    block_size: int = 128
-    eval_iters: int = 20
+    adapt_lr: float = 3e-4          # peak LR of the adaptations
+    batch_size: int = 32            # sequences per step
+    block_size: int = 128           # context length
+    eval_iters: int = 20            # batches per evaluation
     positions: int = 2048           # positions for the accuracy table
     decode_prompts: int = 10        # greedy self-speculative decoding: prompts x new tokens
-    decode_tokens: int = 128
+    decode_tokens: int = 128        # (see decode_prompts)
     sweep: bool = True              # the attach_layer sweep
-    device: str = 'auto'
+    device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
     quick: bool = False             # the 2-core-CPU setting: QUICK_SIZES, and QUICK's defaults
 
 
@@ -166,28 +154,23 @@ def accuracy(model, tokens, cfg, top_ks):
 
 
 def decode_speed(model, data_dir, cfg):
-    """Greedy self-speculative vs vanilla decoding on fixed val prompts (bench.py's): tau,
-    speedup, and whether the texts are identical (they must be)."""
+    """Greedy self-speculative vs vanilla decoding on fixed val prompts, measured as bench.py
+    decode does: tau, speedup, and whether the texts are identical (they must be)."""
     prompt_len = cfg.block_size // 2
     prompts = val_prompts({}, os.path.join(data_dir, 'val.bin'), cfg.decode_prompts, prompt_len)
     new = min(cfg.decode_tokens, model.config.block_size - prompt_len)
+    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, new, **kw),
+             'self': lambda prompt, **kw: generate_self_speculative(model, prompt, new, **kw)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as bench.py decode: small-model decoding is latency bound
     try:
-        runs = {}
-        for name, decode in (('vanilla', generate), ('speculative', generate_self_speculative)):
-            decode(model, prompts[0], 8, temperature=0.0)  # warm-up
-            t0 = time.perf_counter()
-            results = [decode(model, p, new, temperature=0.0) for p in prompts]
-            runs[name] = (results, sum(len(r.tokens) for r in results) / (time.perf_counter() - t0))
+        for decode in modes.values():  # warm-up
+            decode(prompts[0], temperature=0.0)
+        row = measure(modes, prompts, str(next(model.parameters()).device), 1, 0, True,
+                      temperature=0.0)['self']
     finally:
         torch.set_num_threads(threads)
-    stats = Stats(cfg.n_future - 1)
-    for result in runs['speculative'][0]:
-        stats.add(result.stats)
-    same = [r.tokens for r in runs['speculative'][0]] == [r.tokens for r in runs['vanilla'][0]]
-    return dict(tau=stats.summary()['tau'], speedup=runs['speculative'][1] / runs['vanilla'][1],
-                identical=same)
+    return dict(tau=row['tau'], speedup=row['speedup'], identical=row['identical'])
 
 
 def run_cell(cfg, corpus, size_name, seed, log):
@@ -353,10 +336,9 @@ def run_study(cfg, log=print):
 
 
 def main(argv):
-    defaults = asdict(StudyConfig())
-    if parse_flags(argv, defaults)['quick']:  # the quick setting, then the flags given
-        defaults.update(QUICK, quick=True)
-    cfg = StudyConfig(**parse_flags(argv, defaults))
+    cfg = parse_flags(argv, StudyConfig())
+    if cfg.quick:  # the quick setting, then the flags given
+        cfg = parse_flags(argv, replace(StudyConfig(), **QUICK, quick=True))
     text, summary = run_study(cfg)
     print(text)
     print(json.dumps(dict(out_dir=cfg.out_dir, seconds=round(summary['seconds'], 1),
@@ -364,7 +346,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -118,16 +119,25 @@ def load_meta(data_dir):
         return json.load(f)
 
 
+@dataclass
+class PrepareConfig:
+    """python data/prepare.py [--name=value ...]
+Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
+    dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
+    input: str = ''                 # a local text file (default: download the dataset once)
+    tokenizer: str = ''             # char | bpe (default: the dataset's, char for unknown names)
+    out_dir: str = ''               # where to write (default: data/<dataset>)
+    val_fraction: float = 0.1       # the last part of the text that is the val split
+
+
 def main(argv):
-    from model import parse_flags  # the --name=value parser every nanoMTP script shares
-    args = parse_flags(argv, dict(dataset='shakespeare_char', input='', tokenizer='',
-                                  out_dir='', val_fraction=0.1))
-    dataset = args['dataset']
-    tokenizer = args['tokenizer'] or DATASETS.get(dataset, (None, 'char'))[1]
-    out_dir = args['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
-    text = read_corpus(args['input'], dataset, out_dir)
+    from common import parse_flags  # the --name=value parser every nanoMTP script shares
+    args = parse_flags(argv, PrepareConfig())
+    tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
+    text = read_corpus(args.input, args.dataset, out_dir)
     try:
-        summary = prepare(text, out_dir, tokenizer, args['val_fraction'])
+        summary = prepare(text, out_dir, tokenizer, args.val_fraction)
     except (ImportError, OSError) as e:  # tiktoken fetches its BPE file on first use
         raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? set "
                               f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
@@ -138,8 +148,5 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
-    from model import UserError
-    try:
-        main(sys.argv[1:])
-    except (UserError, ValueError, FileNotFoundError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
+    from common import UserError, cli
+    cli(main, errors=(UserError, ValueError, FileNotFoundError, ConnectionError))

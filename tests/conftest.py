@@ -1,20 +1,29 @@
-"""Shared tiny fixtures for the nanoMTP test suite.
+"""The nanoMTP test suite's shared fixtures and helpers: the only place they are defined.
 
-Everything here is CPU, fp32 and tiny (2 layers, 32 channels, 16-token context) so the whole
-suite runs in seconds. Helpers:
+Everything here is CPU, fp32 and tiny (2-3 layers, 32 channels) so the suite runs in seconds.
+`python -m pytest tests -m "not slow"` leaves out the few tests marked slow (torch.compile,
+torchrun, bench.py subprocesses); CI runs everything.
 
-  REPO, SHARED        the repository root and ../shared
-  tiny_config(...)    a GPTConfig for a tiny model
-  tiny_gpt(...)       a seeded tiny model.GPT in eval mode
-  make_corpus(...)    write train.bin / val.bin / meta.json with data.prepare.prepare
-  pattern_text(...)   a synthetic corpus: random choice among a few fixed 8-letter words, so
-                      inside a word x_{t+1} and x_{t+2} are determined by x_t
-  run_train(...)      train.train(train.parse_config([...])) with tiny, quiet, CPU defaults
+  REPO, SHARED          the repository root and ../shared
+  tiny models           tiny_config(...) a GPTConfig; tiny_gpt(...) a seeded model.GPT;
+                        tiny_mtp(...) a seeded heads.MTPGPT of the same shape (default init);
+                        random_mtp(...) an MTPGPT with a large random init (peaked, distinct
+                        next-token distributions; its heads are untrained);
+                        counting_mtp(...) hand-set weights: token x+1 follows x, head k predicts
+                        x+k (perfect drafts)
+  corpora, training     pattern_text, make_corpus, run_train, train_config; fixtures corpus
+                        (random 8-letter words), ntp_ckpt (a trained next-token checkpoint),
+                        counting_ckpt (counting_mtp saved with a char tokenizer and a val.bin)
+  command lines         run_cli(script, *args) runs a script in a fresh process;
+                        one_line_error(...) asserts an error reaches the user as one line
 """
 import os
 import random
+import subprocess
 import sys
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,13 +39,16 @@ torch.set_num_threads(1)
 
 import model as M  # noqa: E402
 import train as T  # noqa: E402
+from common import UserError, save_checkpoint  # noqa: E402
+from heads import MTPGPT, MTPConfig  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 
-LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEF'
-WORDS = [LETTERS[i * 8:(i + 1) * 8] for i in range(4)]  # 4 words, 32 distinct characters
 
+# -----------------------------------------------------------------------------
+# tiny models
 
 def tiny_config(**kw):
+    """A GPTConfig: 3 layers, 4 heads, 32 channels, vocab 40, 32 positions (kw override)."""
     args = dict(block_size=32, vocab_size=40, n_layer=3, n_head=4, n_embd=32, dropout=0.0,
                 bias=False)
     args.update(kw)
@@ -44,16 +56,76 @@ def tiny_config(**kw):
 
 
 def tiny_gpt(seed=0, **kw):
+    """A seeded model.GPT of tiny_config(**kw), in eval mode."""
     torch.manual_seed(seed)
     return M.GPT(tiny_config(**kw)).eval()
 
 
+def tiny_mtp(n_future=3, seed=0, **kw):
+    """A seeded MTPGPT of tiny_config's shape with n_future heads, in eval mode; kw sets any
+    GPTConfig or MTPConfig field (whs, attach_layer, head_type, bias, ...)."""
+    torch.manual_seed(seed)
+    return MTPGPT(MTPConfig(**{**tiny_config().__dict__, **kw}, n_future=n_future)).eval()
+
+
+def random_mtp(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
+               head_type='block'):
+    """An MTPGPT (2 heads of attention, 32 channels) whose matrices are drawn with a large std:
+    peaked, distinct next-token distributions (no near-ties); its MTP heads are untrained, so
+    their drafts are mostly rejected."""
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
+                             block_size=block_size, n_future=n_future, head_type=head_type))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.eval()
+
+
+def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64):
+    """Every token is the previous one + 1 (mod vocab); head i predicts x + i, except that for
+    (i, x) in `wrong` it predicts x + i + 1. Each head's MLP maps the one-hot embedding of x to
+    that of its target; the attention outputs are zeroed. A little noise on every weight keeps
+    attention and positions in play (the cache holds real, position-dependent keys and values)
+    without moving any argmax."""
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
+                             block_size=block_size, n_future=n_future))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, noise)
+        model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
+        blocks = list(model.transformer.h) + [b for head in model.heads for b in head.blocks]
+        for block in blocks:
+            block.attn.c_proj.weight.mul_(0.0)
+            block.mlp.c_proj.weight.mul_(0.0)
+        for i, head in enumerate(model.heads, start=1):
+            mlp = head.blocks[0].mlp
+            mlp.c_fc.weight[:vocab, :vocab] += torch.eye(vocab)   # hidden unit x fires for token x
+            for x in range(vocab):
+                target = (x + i + ((i, x) in wrong)) % vocab
+                mlp.c_proj.weight[target, x] += 2.0
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# corpora and training runs
+
+LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEF'
+WORDS = [LETTERS[i * 8:(i + 1) * 8] for i in range(4)]  # 4 words, 32 distinct characters
+
+
 def pattern_text(n_words=2500, seed=0):
+    """A synthetic corpus: random choice among a few fixed 8-letter words, so inside a word
+    x_{t+1} and x_{t+2} are determined by x_t."""
     rng = random.Random(seed)
     return ''.join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def make_corpus(out_dir, text, tokenizer='char'):
+    """train.bin / val.bin / meta.json of `text`, written by data.prepare.prepare."""
     prepare(text, str(out_dir), tokenizer)
     return str(out_dir)
 
@@ -65,6 +137,7 @@ TINY_FLAGS = ['--quiet=true', '--device=cpu', '--dtype=float32', '--compile=fals
 
 
 def train_config(data_dir, out_dir, *flags):
+    """train.py's config for a tiny, quiet CPU run (later flags override earlier ones)."""
     return T.parse_config(TINY_FLAGS + [f'--data_dir={data_dir}', f'--out_dir={out_dir}',
                                         *flags])
 
@@ -91,3 +164,51 @@ def ntp_ckpt(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp('ntp')
     run_train(corpus, out, '--n_future=1', '--max_iters=10', '--eval_interval=10')
     return os.path.join(str(out), 'ckpt.pt')
+
+
+@pytest.fixture(scope='session')
+def counting_ckpt(tmp_path_factory):
+    """A directory with counting_mtp(n_future=3) saved as ckpt.pt in train.py's format, with a
+    char tokenizer (a..m), and the val.bin its config points to (0, 1, .., 12, 0, 1, ..)."""
+    out = tmp_path_factory.mktemp('ckpt')
+    chars = 'abcdefghijklm'
+    model = counting_mtp(n_future=3)
+    meta = {'kind': 'char', 'chars': chars, 'vocab_size': len(chars)}
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), meta=meta,
+                         config={'dataset': 'tiny', 'data_dir': str(out)}), str(out / 'ckpt.pt'))
+    np.arange(200, dtype=np.uint16).__mod__(13).astype(np.uint16).tofile(out / 'val.bin')
+    return out
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+def run_cli(script, *args, env_extra=None):
+    """`python <script> args...` (script relative to the repository) in a fresh process, from
+    the repository root, single-threaded; the CompletedProcess with text stdout / stderr."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env_extra or {})}
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def one_line_error(source, *args, match=()):
+    """Assert that an error reaches the user as exactly one line, and return that line.
+
+    source is either a finished script (run_cli's CompletedProcess): it failed (exit code != 0)
+    and its stderr is one line `error: ...`, without a traceback; or a callable: source(*args)
+    raises UserError whose message is one non-empty line without surrounding blanks.
+    match: a fragment, or several, that the line must contain (plain text, not a pattern)."""
+    if isinstance(source, subprocess.CompletedProcess):
+        assert source.returncode != 0, source.stdout[-2000:]
+        lines = source.stderr.strip().splitlines()
+        assert len(lines) == 1, source.stderr
+        assert lines[0].startswith('error:') and 'Traceback' not in source.stderr, source.stderr
+        line = lines[0]
+    else:
+        with pytest.raises(UserError) as e:
+            source(*args)
+        line = str(e.value)
+        assert line and '\n' not in line and line.strip() == line, line
+    for fragment in [match] if isinstance(match, str) else match:
+        assert fragment in line, (fragment, line)
+    return line

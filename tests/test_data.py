@@ -2,14 +2,12 @@
 offline CLI and its one-line errors."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from data.prepare import Tokenizer, prepare, load_meta
-from conftest import REPO, SHARED
+from conftest import SHARED, one_line_error, run_cli
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         "Résumé — naïve café, 3.14 µs; tabs\tand  double  spaces!\n") * 20
@@ -91,19 +89,13 @@ def test_char_tokenizer_rejects_unknown_characters():
 # -----------------------------------------------------------------------------
 # the CLI
 
-def run_cli(*args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, os.path.join(REPO, 'data', 'prepare.py'), *args],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-
-
 def test_cli_prepares_a_local_file_offline(tmp_path):
     """`prepare.py --dataset=x --input=FILE --out_dir=DIR` needs no network, writes the files
     and ends with a JSON summary line."""
     src = tmp_path / 'in.txt'
     src.write_text(TEXT, encoding='utf-8')
     out = tmp_path / 'out'
-    r = run_cli('--dataset=x', f'--input={src}', f'--out_dir={out}',
+    r = run_cli('data/prepare.py', '--dataset=x', f'--input={src}', f'--out_dir={out}',
                 env_extra={'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9'})
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -113,27 +105,21 @@ def test_cli_prepares_a_local_file_offline(tmp_path):
     assert tok.decode(read_ids(out / 'train.bin') + read_ids(out / 'val.bin')) == TEXT
 
 
-def _assert_one_line_error(r):
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith('error:')
-    assert 'Traceback' not in r.stderr
-    return lines[0]
+# (data/prepare.py's arguments, fragments of the one line it prints); {tmp}: the test's directory
+PREPARE_ERRORS = [
+    # an unknown --flag names the valid flags
+    (['--bogus=1', '--out_dir={tmp}'], ('bogus', 'input')),
+    # a missing --input file is named
+    (['--dataset=x', '--input={tmp}/nope.txt', '--out_dir={tmp}/out'], 'nope.txt'),
+]
 
 
-def test_cli_unknown_flag_is_a_one_line_error(tmp_path):
-    """An unknown --flag exits nonzero with a single 'error:' line naming the valid flags."""
-    line = _assert_one_line_error(run_cli('--bogus=1', f'--out_dir={tmp_path}'))
-    assert 'bogus' in line and 'input' in line
-
-
-def test_cli_missing_input_is_a_one_line_error(tmp_path):
-    """A missing --input file exits nonzero with a single 'error:' line naming the file."""
-    missing = tmp_path / 'nope.txt'
-    line = _assert_one_line_error(run_cli('--dataset=x', f'--input={missing}',
-                                          f'--out_dir={tmp_path / "out"}'))
-    assert 'nope.txt' in line
+@pytest.mark.parametrize('args,fragments', PREPARE_ERRORS,
+                         ids=[' '.join(a) for a, _ in PREPARE_ERRORS])
+def test_cli_errors_are_one_line(tmp_path, args, fragments):
+    """Bad input exits nonzero with a single 'error:' line, no traceback."""
+    one_line_error(run_cli('data/prepare.py', *[a.format(tmp=tmp_path) for a in args]),
+                   match=fragments)
 
 
 def test_failed_download_says_so_and_how_to_pass_a_local_file(tmp_path, monkeypatch):

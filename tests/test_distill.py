@@ -9,11 +9,10 @@ import torch
 
 import distill
 import train as T
-from conftest import run_train, train_config
-from heads import load_model, val_path
-from model import UserError, load_checkpoint
+from common import Batches, UserError, load_checkpoint, load_model, val_path
+from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
-from train import evaluate, Batches
+from train import evaluate
 
 
 @pytest.fixture(scope='module')
@@ -117,27 +116,33 @@ def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(corpus
             == generate(source, prompt, 30, temperature=0).tokens)
 
 
-def test_distill_user_errors(corpus, mtp_ckpt, tmp_path):
-    ntp = tmp_path / 'ntp'
-    run_train(corpus, ntp, '--n_future=1', '--max_iters=2', '--eval_interval=2')
-    for argv, message in (([f'--ckpt={ntp / "ckpt.pt"}'], 'no MTP heads'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=4', '--prompt_len=4'],
-                           'must exceed prompt_len'),
-                          ([f'--ckpt={mtp_ckpt}', '--gen_batch=0'], 'gen_batch'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=17', '--prompt_len=4'],
-                           r'must be in 4\.\.16'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=3', '--prompt_len=1'],
-                           r'must be in 4\.\.16'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
-                            '--loss_weights=1,1,1'], 'must start with 0'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
-                            '--loss_weights=0,1'], '2 values for 3 heads'),
-                          ([f'--ckpt={mtp_ckpt}', '--seq_len=16', '--prompt_len=4',
-                            '--eval_iters=0'], 'eval_iters'),
-                          ([f'--ckpt={mtp_ckpt}', '--n_future=5'], 'unknown option'),
-                          ([f'--ckpt={mtp_ckpt}', '--freeze_trunk=false'], 'unknown option'),
-                          ([f'--ckpt={mtp_ckpt}', '--init_from=scratch'], 'unknown option'),
-                          ([f'--ckpt={tmp_path / "missing.pt"}'], 'not found')):
-        with pytest.raises(UserError, match=message):
-            distill.main([*argv, f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+# (distill.py's arguments before --out_dir and --device, a fragment of the message);
+# {mtp}: a 3-head checkpoint, {ntp}: a next-token one (no heads), {tmp}: the test's directory
+DISTILL_ERRORS = [
+    (['--ckpt={ntp}'], 'no MTP heads'),
+    (['--ckpt={mtp}', '--seq_len=4', '--prompt_len=4'], 'must exceed prompt_len'),
+    (['--ckpt={mtp}', '--gen_batch=0'], 'gen_batch'),
+    (['--ckpt={mtp}', '--seq_len=17', '--prompt_len=4'], 'must be in 4..16'),
+    (['--ckpt={mtp}', '--seq_len=3', '--prompt_len=1'], 'must be in 4..16'),
+    (['--ckpt={mtp}', '--seq_len=16', '--prompt_len=4', '--loss_weights=1,1,1'],
+     'must start with 0'),
+    (['--ckpt={mtp}', '--seq_len=16', '--prompt_len=4', '--loss_weights=0,1'],
+     '2 values for 3 heads'),
+    (['--ckpt={mtp}', '--seq_len=16', '--prompt_len=4', '--eval_iters=0'], 'eval_iters'),
+    # the model's shape and what is frozen are not flags here
+    (['--ckpt={mtp}', '--n_future=5'], 'unknown option'),
+    (['--ckpt={mtp}', '--freeze_trunk=false'], 'unknown option'),
+    (['--ckpt={mtp}', '--init_from=scratch'], 'unknown option'),
+    (['--ckpt={tmp}/missing.pt'], 'not found'),
+]
+
+
+@pytest.mark.parametrize('args,fragment', DISTILL_ERRORS,
+                         ids=[' '.join(a) for a, _ in DISTILL_ERRORS])
+def test_distill_user_errors(mtp_ckpt, ntp_ckpt, tmp_path, args, fragment):
+    """Every flag is checked before minutes of generation: a bad one is a one-line UserError
+    and nothing is generated."""
+    args = [a.format(mtp=mtp_ckpt, ntp=ntp_ckpt, tmp=tmp_path) for a in args]
+    one_line_error(distill.main, [*args, f'--out_dir={tmp_path / "out"}', '--device=cpu'],
+                   match=fragment)
     assert not (tmp_path / 'out' / 'data' / 'train.bin').exists()  # refused before generating

@@ -1,25 +1,18 @@
-"""Specification of the multi-token prediction heads (heads.py) and of the training strategies
-for adapted models in train.py (freeze_trunk, head warmup, differential LR)."""
+"""Specification of the multi-token prediction heads (heads.py): targets, loss and accuracy
+counting, adapting a next-token model, 1-based head numbering, the memory-efficient backward.
+(The training strategies for adapted models are specified in test_train.py.)"""
 import copy
-import os
 import math
 
 import pytest
 import torch
 
-import heads as heads_module
 import model as M
-import train as T
-from heads import (MTPGPT, MTPConfig, head_targets, mtp_loss, count_topk, loss_weights_for,
-                   model_from_checkpoint)
-from conftest import tiny_config, tiny_gpt, run_train
+from heads import (MTPGPT, MTPConfig, Tally, head_targets, mtp_loss, count_topk,
+                   loss_weights_for)
+from conftest import tiny_config, tiny_gpt, tiny_mtp, run_train
 
 TOL = 1e-5
-
-
-def tiny_mtp(n_future=3, seed=0, **kw):
-    torch.manual_seed(seed)
-    return MTPGPT(MTPConfig(**tiny_config().__dict__, n_future=n_future, **kw))
 
 
 def batch(T_=12, B=2, vocab=40, seed=1):
@@ -122,6 +115,48 @@ def test_count_topk_is_exact_and_skips_missing_targets():
     assert n == 6 and hits == {1: 2, 5: 6}
 
 
+def test_tally_counts_tokens_not_batches():
+    tally = Tally(k_ahead=1)
+    scores = torch.tensor([[[0.1, 0.9]], [[0.8, 0.2]], [[0.3, 0.7]]])  # argmax 1, 0, 1
+    tally.add(scores, torch.tensor([[1], [1], [1]]))  # 2 of 3 right
+    tally.add(scores[:1], torch.tensor([[0]]))        # 0 of 1 right
+    assert tally.result()['top1'] == [0.5]           # 2 / 4, not the mean of 2/3 and 0
+    assert tally.result()['n'] == [4]
+
+
+# -----------------------------------------------------------------------------
+# heads are numbered from 1: head k predicts x_{t+k}
+
+def test_head_logits_k_is_head_k_of_the_forward_1_based():
+    """head_logits(k, trunk states) is head k, 1-based as in the paper's x_{t+k}: head_logits(1)
+    is the next-token head, logits[:, :, 0] of forward(), and head_logits(k) is
+    logits[:, :, k-1], for every k = 1..n_future."""
+    model = tiny_mtp(n_future=3)
+    x, _, _ = batch()
+    with torch.no_grad():
+        logits, _ = model(x)
+        trunk_hidden = model.trunk(x)
+        for k in range(1, 4):
+            assert max_diff(model.head_logits(k, trunk_hidden), logits[:, :, k - 1]) <= TOL, k
+        ntp, _ = model(x, n_heads=1)  # the next-token path alone is head 1
+        assert max_diff(model.head_logits(1, trunk_hidden), ntp[:, :, 0]) <= TOL
+    # the heads are different functions, so a shifted numbering would fail above
+    assert max_diff(logits[:, :, 0], logits[:, :, 1]) > 1e-3
+    assert max_diff(logits[:, :, 1], logits[:, :, 2]) > 1e-3
+
+
+def test_linear_is_the_old_name_of_the_resblock_head():
+    """head_type='linear' (the old name, still in old checkpoints and flags) is normalized to
+    'resblock' by MTPConfig: the same model, whose heads are ResBlocks z + SiLU(W z)."""
+    config = MTPConfig(**tiny_config().__dict__, n_future=3, head_type='linear')
+    assert config.head_type == 'resblock' and config.attach_layer == 3
+    old, new = tiny_mtp(head_type='linear'), tiny_mtp(head_type='resblock')
+    assert old.state_dict().keys() == new.state_dict().keys()
+    assert 'heads.1.resblock.linear.weight' in old.state_dict()
+    with pytest.raises(M.UserError, match='head_type'):
+        MTPConfig(**tiny_config().__dict__, n_future=3, head_type='mlp')
+
+
 # -----------------------------------------------------------------------------
 # adapting a next-token model
 
@@ -204,53 +239,35 @@ def test_whs_at_init_equals_plain_heads_and_learns():
         assert head.whs_logits.grad.abs().sum().item() > 0
 
 
-def test_linear_heads_start_as_the_plain_model():
-    """Medusa (linear) heads are the identity at init: every head's logits equal the source
+def test_resblock_heads_start_as_the_plain_model():
+    """Medusa (resblock) heads are the identity at init: every head's logits equal the source
     model's."""
     src = tiny_gpt()
-    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='linear').eval()
+    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='resblock').eval()
     assert mtp.config.attach_layer == 3 and len(mtp.transformer.h) == 3
     assert_every_head_reproduces(src, mtp)
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(bias=True)])
 def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
-    """draft_logits (the decode loop's batched linear heads 2..n at one position) equals
+    """draft_logits (the decode loop's batched resblock heads 2..n at one position) equals
     head_logits of every head at that position, with WHS mixes and biases too."""
-    torch.manual_seed(0)
-    model = MTPGPT(MTPConfig(**{**tiny_config().__dict__, 'bias': kw.get('bias', False)},
-                             n_future=4, head_type='linear', whs=kw.get('whs', False))).eval()
+    model = tiny_mtp(n_future=4, head_type='resblock', **kw)
     with torch.no_grad():
         for p in model.heads.parameters():  # not the identity / last-layer init
             p.normal_(0, 0.5)
         trunk_hidden = model.trunk(batch()[0])
-        want = torch.stack([model.head_logits(i, trunk_hidden)[1, 5] for i in range(1, 4)])
+        want = torch.stack([model.head_logits(k, trunk_hidden)[1, 5] for k in range(2, 5)])
         got = model.draft_logits([h[1, 5] for h in trunk_hidden])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_model_from_checkpoint_roundtrip_and_mismatch():
-    """A checkpoint's model_args + weights rebuild the same model; weights that do not match
-    model_args are a one-line UserError."""
-    from dataclasses import asdict
-    mtp = tiny_mtp(n_future=2, whs=True).eval()
-    ckpt = dict(model=mtp.state_dict(), model_args=asdict(mtp.config))
-    back = model_from_checkpoint(ckpt).eval()
-    x, _, _ = batch()
-    with torch.no_grad():
-        assert max_diff(back(x)[0], mtp(x)[0]) == 0
-    bad = dict(ckpt, model_args=dict(ckpt['model_args'], n_future=3))
-    with pytest.raises(M.UserError) as e:
-        model_from_checkpoint(bad)
-    assert '\n' not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
 # the memory-efficient backward
 
 @pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(attach_layer=0, whs=True),
-                                dict(head_type='linear', attach_layer=3)],
-                         ids=['block', 'whs', 'whs-attach0', 'linear'])
+                                dict(head_type='resblock', attach_layer=3)],
+                         ids=['block', 'whs', 'whs-attach0', 'resblock'])
 def test_sequential_backward_gives_the_same_gradients(kw):
     """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
     of mtp_loss(...).backward() for every parameter, and the same loss value."""
@@ -274,92 +291,6 @@ def test_sequential_backward_gives_the_same_gradients(kw):
 
 
 # -----------------------------------------------------------------------------
-# training strategies for adapted models (train.py)
-
-class SaveRecorder:
-    """Wraps train.save_checkpoint: keeps a copy of the weights and optimizer param groups of
-    every checkpoint the run writes, keyed by iteration."""
-
-    def __init__(self, monkeypatch):
-        self.real = T.save_checkpoint
-        self.saves = {}
-        monkeypatch.setattr(T, 'save_checkpoint', self)
-
-    def __call__(self, obj, path):
-        self.saves[obj['iter_num']] = dict(
-            model={k: v.detach().clone() for k, v in obj['model'].items()},
-            groups=copy.deepcopy(obj['optimizer']['param_groups']),
-            config=obj['config'])
-        self.real(obj, path)
-
-
-def trunk_keys(state):
-    return [k for k in state if not k.startswith('heads.')]
-
-
-def test_freeze_trunk_trains_only_the_heads(corpus, ntp_ckpt, tmp_path):
-    """--freeze_trunk=true from an NTP checkpoint: the trunk (embeddings, trunk blocks, final
-    norm, unembedding) is bit-identical after training, the heads changed, and the optimizer
-    holds neither groups nor state for trunk parameters."""
-    src = M.load_checkpoint(ntp_ckpt)['model']
-    out = tmp_path / 'out'
-    run_train(corpus, out, f'--init_from={ntp_ckpt}', '--freeze_trunk=true', '--max_iters=5',
-              '--eval_interval=5')
-    ckpt = M.load_checkpoint(str(out / 'ckpt.pt'))
-    state = ckpt['model']
-    keys = trunk_keys(state)
-    assert 'transformer.wte.weight' in keys and 'transformer.h.0.attn.c_attn.weight' in keys
-    for k in keys:
-        assert torch.equal(state[k], src[k]), k
-    assert not torch.equal(state['heads.0.blocks.0.mlp.c_fc.weight'],
-                           src['heads.0.blocks.0.mlp.c_fc.weight'])
-    model = model_from_checkpoint(ckpt)
-    n_head_params = len(list(model.heads.parameters()))
-    groups = ckpt['optimizer']['param_groups']
-    assert {g['name'] for g in groups} == {'heads'}
-    assert sum(len(g['params']) for g in groups) == n_head_params
-    assert len(ckpt['optimizer']['state']) == n_head_params
-
-
-def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_path,
-                                                          monkeypatch):
-    """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
-    heads have moved); by iteration 8 the trunk has been trained too."""
-    rec = SaveRecorder(monkeypatch)
-    src = M.load_checkpoint(ntp_ckpt)['model']
-    run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_warmup_iters=4',
-              '--max_iters=8', '--eval_interval=4', '--eval_iters=1')
-    assert sorted(rec.saves) == [4, 8]
-    at4, at8 = rec.saves[4]['model'], rec.saves[8]['model']
-    for k in trunk_keys(at4):
-        assert torch.equal(at4[k], src[k]), k
-    head_w = 'heads.0.blocks.0.attn.c_attn.weight'
-    assert not torch.equal(at4[head_w], src[head_w])
-    changed = [k for k in trunk_keys(at8) if not torch.equal(at8[k], src[k])]
-    assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
-
-
-def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
-    """--trunk_lr_scale=0.25: at every step the trunk's param groups have lr = 0.25 *
-    get_lr(it) and the heads' groups lr = get_lr(it)."""
-    rec = SaveRecorder(monkeypatch)
-    run_train(corpus, tmp_path / 'out', '--trunk_lr_scale=0.25', '--max_iters=5',
-              '--eval_interval=1', '--eval_iters=1', '--warmup_iters=2', '--lr_decay_iters=5')
-    assert sorted(rec.saves) == [1, 2, 3, 4, 5]
-    lrs = set()
-    for it, saved in rec.saves.items():
-        cfg = T.TrainConfig(**saved['config'])
-        lr = T.get_lr(it - 1, cfg)  # the LR of the step that produced iteration `it`
-        lrs.add(lr)
-        names = {g['name'] for g in saved['groups']}
-        assert names == {'trunk', 'heads'}
-        for g in saved['groups']:
-            expected = lr * (0.25 if g['name'] == 'trunk' else 1.0)
-            assert g['lr'] == pytest.approx(expected, rel=1e-12), (it, g['name'])
-    assert len(lrs) == 5  # the schedule really moved
-
-
-# -----------------------------------------------------------------------------
 # it learns to look two tokens ahead
 
 def test_head2_learns_the_token_after_next(corpus, tmp_path):
@@ -375,25 +306,11 @@ def test_head2_learns_the_token_after_next(corpus, tmp_path):
 
 
 def test_one_head_is_the_plain_gpt_whatever_the_head_type():
-    """n_future=1 has no extra heads: head_type='linear' still builds the plain block stack."""
+    """n_future=1 has no extra heads: head_type='resblock' still builds the plain block stack."""
     config = MTPConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8, n_future=1,
-                       head_type='linear')
+                       head_type='resblock')
     assert config.head_type == 'block' and config.attach_layer == 1
     model = MTPGPT(config)
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in M.GPT(M.GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16,
                                              block_size=8)).parameters())
-
-
-def test_whs_logits_have_their_own_optimizer_group_and_move(corpus, ntp_ckpt, tmp_path):
-    """WHS starts in a saturated softmax (tiny gradients): its logits get LR x whs_lr_scale and
-    a tiny Adam eps, so a short adaptation really changes the mix."""
-    summary = run_train(corpus, tmp_path, f'--init_from={ntp_ckpt}', '--whs=true',
-                        '--max_iters=6', '--eval_interval=6', '--whs_lr_scale=50')
-    model = summary['model']
-    for head in model.heads:
-        assert head.whs_logits.detach()[:-1].abs().max() > 0.05
-        assert abs(float(head.whs_logits[-1]) - heads_module.WHS_INIT_LOGIT) > 0.05
-    ckpt = torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=False)
-    whs_groups = [g for g in ckpt['optimizer']['param_groups'] if g['name'] == 'whs']
-    assert whs_groups and all(g['lr_scale'] == 50 and g['eps'] == 1e-20 for g in whs_groups)

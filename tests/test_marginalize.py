@@ -5,9 +5,6 @@ with a large std so the next-token distributions are peaked and distinct (no nea
 could make two correct implementations choose different candidates).
 """
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -15,23 +12,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, UserError, save_checkpoint
+from common import UserError, eval_windows, save_checkpoint
 from heads import MTPGPT, MTPConfig
 import marginalize as M
+from conftest import one_line_error, random_mtp, run_cli, tiny_gpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, BLOCK = 11, 24
-
-
-def tiny_mtp(seed=0, n_future=2):
-    torch.manual_seed(seed)
-    model = MTPGPT(MTPConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
-                             n_future=n_future)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    return model
 
 
 def random_tokens(n, seed=1):
@@ -45,7 +31,7 @@ def ntp(model, seq):
 
 @pytest.fixture(scope='module')
 def model():
-    return tiny_mtp()
+    return random_mtp(vocab=V, n_future=2, block_size=BLOCK)
 
 
 @pytest.fixture(scope='module')
@@ -85,8 +71,7 @@ def test_chunk_size_changes_only_the_cost(model, tokens):
 
 
 def test_works_on_a_plain_gpt_too(tokens):
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    gpt = tiny_gpt(seed=0, vocab_size=V, n_layer=2, n_head=2, block_size=BLOCK)
     fast = M.marginalize(gpt, tokens, [3, 20], 3, top_k=3, chunk_size=4)
     slow = M.marginalize_naive(gpt, tokens, [3, 20], 3, top_k=3)
     assert (fast.probs - slow.probs).abs().max() <= 1e-5
@@ -193,23 +178,14 @@ def test_accuracy_is_exact_on_a_hand_built_distribution():
     assert greedy['forward_tokens'] < top2['forward_tokens'] < exact['forward_tokens']
 
 
-def test_tally_counts_tokens_not_batches():
-    tally = M.Tally(k_ahead=1)
-    scores = torch.tensor([[[0.1, 0.9]], [[0.8, 0.2]], [[0.3, 0.7]]])  # argmax 1, 0, 1
-    tally.add(scores, torch.tensor([[1], [1], [1]]))  # 2 of 3 right
-    tally.add(scores[:1], torch.tensor([[0]]))        # 0 of 1 right
-    assert tally.result()['top1'] == [0.5]           # 2 / 4, not the mean of 2/3 and 0
-    assert tally.result()['n'] == [4]
-
-
 def test_positions_without_targets_are_excluded_not_wrapped(model):
     n_tokens, window, k_ahead = 60, BLOCK, 3
-    windows = M.eval_windows(n_tokens, window, k_ahead, positions=10_000, seed=5)
+    windows = eval_windows(n_tokens, window, k_ahead, positions=10_000, seed=5)
     seen = sorted(start + i for start, n in windows for i in range(n))
     assert seen == list(range(n_tokens - k_ahead))  # every position with a target, once
     for start, n in windows:
         assert n + k_ahead <= window and start + n - 1 + k_ahead <= n_tokens - 1
-    assert sum(n for _, n in M.eval_windows(n_tokens, window, k_ahead, 20, seed=5)) == 20
+    assert sum(n for _, n in eval_windows(n_tokens, window, k_ahead, 20, seed=5)) == 20
     rows = M.evaluate_table(model, random_tokens(n_tokens).numpy(), positions=10_000,
                             k_ahead=k_ahead, top_ks=[1])
     assert rows[0]['n'] == [n_tokens - k_ahead] * k_ahead
@@ -220,14 +196,6 @@ def test_positions_without_targets_are_excluded_not_wrapped(model):
         M.marginalize(model, tokens, [BLOCK - 2], k_ahead=3)
     with pytest.raises(UserError):
         M.marginalize(model, tokens, [BLOCK], k_ahead=1)
-
-
-def test_bench_reports_agreement_and_cost(model):
-    result = M.bench(model, random_tokens(40).numpy(), positions=12, k_ahead=2, top_k=8)
-    assert result['positions'] == 12
-    assert result['max_abs_diff'] <= 1e-5
-    assert result['batched_forwards'] < result['naive_forwards'] == 12 * (1 + 8)
-    assert result['speedup'] > 0
 
 
 # -----------------------------------------------------------------------------
@@ -245,17 +213,11 @@ def write_checkpoint(tmp_path, text, n_future=2):
     return path, chars
 
 
-def run_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, os.path.join(REPO, 'marginalize.py'), *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-
-
 def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     text = 'the cat sat on the mat. ' * 10
     ckpt, chars = write_checkpoint(tmp_path, text, n_future=2)
     (tmp_path / 'in.txt').write_text(text)
-    out = run_cli(f'--ckpt={ckpt}', f'--input={tmp_path / "in.txt"}', '--positions=30',
+    out = run_cli('marginalize.py', f'--ckpt={ckpt}', f'--input={tmp_path / "in.txt"}', '--positions=30',
                   '--k_ahead=2', '--top_k=1,3,all', '--quiet=1')
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -269,7 +231,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert 'top-5' in out.stdout and 'fwd tokens' in out.stdout  # the table precedes the JSON
 
 
-def test_cli_reads_the_val_split_and_rejects_bad_flags(tmp_path):
+def test_cli_reads_the_val_split_of_the_checkpoints_data(tmp_path):
     text = 'abcabcabd' * 10
     ckpt, chars = write_checkpoint(tmp_path, text, n_future=1)
     np.array([chars.index(c) for c in text], dtype=np.uint16).tofile(tmp_path / 'val.bin')
@@ -277,10 +239,30 @@ def test_cli_reads_the_val_split_and_rejects_bad_flags(tmp_path):
     result = M.main(sys_argv)  # in-process: reads data_dir/val.bin named by the checkpoint
     assert result['data'] == str(tmp_path / 'val.bin')
     assert [r['method'] for r in result['rows']] == ['marginal']  # n_future=1: no heads row
-    with pytest.raises(UserError, match='unknown option'):
-        M.parse_args([f'--ckpt={ckpt}', '--nope=1'])
-    with pytest.raises(UserError, match='top_k'):
-        M.parse_args([f'--ckpt={ckpt}', '--top_k=x'])
-    out = run_cli(f'--ckpt={ckpt}', '--k_ahead=two')
+
+
+# (marginalize.py's arguments after --ckpt=<a checkpoint>, a fragment of the message)
+MARGINALIZE_ERRORS = [
+    (['--nope=1'], 'unknown option'),
+    (['--top_k=x'], 'top_k'),
+    (['--bench=true'], 'unknown option'),     # the benchmark is `bench.py marginalize` now
+    (['--ckpt='], '--ckpt=PATH is required'),
+    (['--positions=0'], 'positions'),
+    (['--k_ahead=0'], 'k_ahead'),
+    (['--top_p=0'], 'top_p'),
+]
+
+
+@pytest.mark.parametrize('args,fragment', MARGINALIZE_ERRORS,
+                         ids=[' '.join(a) for a, _ in MARGINALIZE_ERRORS])
+def test_bad_flags_are_one_line_user_errors(tmp_path, args, fragment):
+    ckpt, _ = write_checkpoint(tmp_path, 'abcabcabd', n_future=1)
+    one_line_error(M.main, [f'--ckpt={ckpt}', *args], match=fragment)
+
+
+def test_cli_prints_a_bad_flag_as_one_line(tmp_path):
+    ckpt, _ = write_checkpoint(tmp_path, 'abcabcabd', n_future=1)
+    out = run_cli('marginalize.py', f'--ckpt={ckpt}', '--k_ahead=two')
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["error: --k_ahead expects int, got 'two'"]
+    assert one_line_error(out) == "error: --k_ahead expects int, got 'two'"

@@ -1,22 +1,12 @@
-"""Specification of the GPT backbone (model.py): exact KV cache, hidden states, masks,
-optimizer groups and checkpoints."""
-import os
-
+"""Specification of the GPT backbone (model.py): exact KV cache, hidden states, masks and
+optimizer groups. (Checkpoint files are specified in test_common.py.)"""
 import pytest
 import torch
 
 import model as M
-from heads import MTPGPT, MTPConfig
-from conftest import tiny_config, tiny_gpt
+from conftest import tiny_gpt, tiny_mtp
 
 TOL = 1e-5
-
-
-def tiny_mtp(n_future=3, seed=0, **kw):
-    torch.manual_seed(seed)
-    base = dict(tiny_config().__dict__)
-    base.update(kw)
-    return MTPGPT(MTPConfig(**base, n_future=n_future)).eval()
 
 
 def tokens(T, vocab=40, B=2, seed=1):
@@ -233,47 +223,26 @@ def test_configure_optimizers_decays_exactly_the_matrices():
     assert any(g['weight_decay'] == 0 for g in opt.param_groups)  # biases / LN gains exist
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def test_save_checkpoint_is_atomic_and_loads(tmp_path):
-    """save_checkpoint leaves only the final file (no temp files) and it loads back."""
-    model = tiny_gpt()
-    path = tmp_path / 'sub' / 'ckpt.pt'
-    obj = dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__), iter_num=3)
-    M.save_checkpoint(obj, str(path))
-    M.save_checkpoint(obj, str(path))  # overwriting works too
-    assert os.listdir(tmp_path / 'sub') == ['ckpt.pt']
-    ck = M.load_checkpoint(str(path))
-    assert ck['iter_num'] == 3
-    for k, v in model.state_dict().items():
-        assert torch.equal(ck['model'][k], v)
-
-
-def _one_line_user_error(path):
-    with pytest.raises(M.UserError) as e:
-        M.load_checkpoint(str(path))
-    msg = str(e.value)
-    assert '\n' not in msg and msg.strip() == msg and msg
-    return msg
-
-
-def test_load_checkpoint_errors_are_one_line(tmp_path):
-    """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
-    good = tmp_path / 'good.pt'
-    M.save_checkpoint(dict(model=tiny_gpt().state_dict(), model_args={}), str(good))
-    data = good.read_bytes()
-    trunc = tmp_path / 'trunc.pt'
-    trunc.write_bytes(data[:len(data) // 2])
-    garbage = tmp_path / 'garbage.pt'
-    garbage.write_bytes(b'this is not a checkpoint\x00\x01\x02' * 10)
-    empty = tmp_path / 'empty.pt'
-    empty.write_bytes(b'')
-    other = tmp_path / 'other.pt'
-    torch.save([1, 2, 3], str(other))
-
-    assert 'not found' in _one_line_user_error(tmp_path / 'missing.pt')
-    assert 'corrupt' in _one_line_user_error(trunc)
-    assert 'corrupt' in _one_line_user_error(garbage)
-    assert 'corrupt' in _one_line_user_error(empty)
-    assert 'not a nanoMTP checkpoint' in _one_line_user_error(other)
+def test_configure_optimizers_gives_each_named_group_its_lr_scale_and_options():
+    """groups=[dict(name, params, lr_scale, **adam_options)]: every group is split into decay /
+    no-decay AdamW groups that keep its name, lr_scale and options (here eps), with
+    lr = learning_rate * lr_scale; parameters with requires_grad off are left out."""
+    model = tiny_gpt(bias=True)
+    blocks = list(model.transformer.h.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in blocks)]
+    frozen = model.transformer.h[0].attn.c_attn.weight
+    frozen.requires_grad_(False)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', [
+        dict(name='blocks', params=blocks, lr_scale=0.5),
+        dict(name='rest', params=rest, lr_scale=2.0, eps=1e-20)])
+    by_name = {}
+    for g in opt.param_groups:
+        by_name.setdefault(g['name'], []).append(g)
+        assert g['lr'] == pytest.approx(1e-3 * g['lr_scale'])
+    assert sorted(by_name) == ['blocks', 'rest']
+    assert [g['lr_scale'] for g in by_name['blocks']] == [0.5, 0.5]   # decay and no-decay
+    assert all(g['lr_scale'] == 2.0 and g['eps'] == 1e-20 for g in by_name['rest'])
+    assert all(g['eps'] != 1e-20 for g in by_name['blocks'])
+    held = [p for g in opt.param_groups for p in g['params']]
+    assert all(p is not frozen for p in held)
+    assert len(held) == len(blocks) + len(rest) - 1

@@ -1,78 +1,26 @@
 """Specification of sample.py: vanilla, self-speculative and two-model decoding.
 
-Tiny fp32 models on the CPU. Two kinds:
-  random_model    random weights with a large init (peaked, distinct distributions): its MTP
-                  heads are untrained, so drafts are mostly rejected;
-  counting_model  hand-set weights whose next token is (x + 1) mod V and whose head i predicts
-                  (x + i) mod V: perfect drafts. `wrong` makes chosen (head, token) pairs draft
-                  a wrong token, so rejections happen at every draft position.
+Tiny fp32 models on the CPU (conftest.py). Two kinds:
+  random_mtp    random weights with a large init (peaked, distinct distributions): its MTP
+                heads are untrained, so drafts are mostly rejected;
+  counting_mtp  hand-set weights whose next token is (x + 1) mod V and whose head i predicts
+                (x + i) mod V: perfect drafts. `wrong` makes chosen (head, token) pairs draft
+                a wrong token, so rejections happen at every draft position.
 """
 import json
 import os
 import runpy
-import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 import sample
-from heads import MTPGPT, MTPConfig
-from model import UserError, save_checkpoint
+from common import UserError, Stats, encode_prompt, stop_tokens
+from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
 from sample import (probs_from_logits, verify, generate, generate_self_speculative,
-                    generate_two_model, encode_prompt, stop_tokens)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models are fastest single-threaded, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_model(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
-                 head_type='block'):
-    torch.manual_seed(seed)
-    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future, head_type=head_type))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, std)
-    return model.eval()
-
-
-def counting_model(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64):
-    """Every token is the previous one + 1 (mod vocab); head i predicts x + i, except that for
-    (i, x) in `wrong` it predicts x + i + 1. Each head's MLP maps the one-hot embedding of x to
-    that of its target; the attention outputs are zeroed. A little noise on every weight keeps
-    attention and positions in play (the cache holds real, position-dependent keys and values)
-    without moving any argmax."""
-    torch.manual_seed(seed)
-    model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, noise)
-        model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
-        blocks = list(model.transformer.h) + [b for head in model.heads for b in head.blocks]
-        for block in blocks:
-            block.attn.c_proj.weight.mul_(0.0)
-            block.mlp.c_proj.weight.mul_(0.0)
-        for i, head in enumerate(model.heads, start=1):
-            mlp = head.blocks[0].mlp
-            mlp.c_fc.weight[:vocab, :vocab] += torch.eye(vocab)   # hidden unit x fires for token x
-            for x in range(vocab):
-                target = (x + i + ((i, x) in wrong)) % vocab
-                mlp.c_proj.weight[target, x] += 2.0
-    return model.eval()
+                    generate_two_model)
 
 
 def random_prompts(n, vocab, max_len, seed=0):
@@ -149,10 +97,10 @@ def test_verify_sampling_emits_tokens_distributed_as_p():
 # -----------------------------------------------------------------------------
 # greedy: speculative output == vanilla output, token for token
 
-@pytest.mark.parametrize('head_type', ['block', 'linear'])  # linear heads draft lazily
+@pytest.mark.parametrize('head_type', ['block', 'resblock'])  # resblock heads draft lazily
 def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
-    model = random_model(head_type=head_type)
-    stats = sample.Stats(3)
+    model = random_mtp(head_type=head_type)
+    stats = Stats(3)
     for prompt in random_prompts(50, 13, 40):
         vanilla = generate(model, prompt, 20, temperature=0)
         speculative = generate_self_speculative(model, prompt, 20, temperature=0)
@@ -166,7 +114,7 @@ def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
 
 def test_greedy_self_speculative_with_perfect_heads_accepts_everything():
     n_future = 4
-    model = counting_model(n_future=n_future)
+    model = counting_mtp(n_future=n_future)
     prompt = [5, 6, 7]
     max_new = 1 + 6 * n_future                     # the prompt's forward emits 1, then n per step
     vanilla = generate(model, prompt, max_new, temperature=0)
@@ -185,8 +133,8 @@ def test_rejections_at_every_draft_position_roll_back_exactly():
     so the cache is rolled back at every offset. Output == vanilla, cache == fresh prefill."""
     rng = np.random.default_rng(0)
     wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
-    model = counting_model(n_future=4, wrong=wrong)
-    stats = sample.Stats(3)
+    model = counting_mtp(n_future=4, wrong=wrong)
+    stats = Stats(3)
     for prompt in random_prompts(10, 13, 20, seed=1):
         vanilla = generate(model, prompt, 40, temperature=0)
         speculative = generate_self_speculative(model, prompt, 40, temperature=0)
@@ -199,13 +147,13 @@ def test_rejections_at_every_draft_position_roll_back_exactly():
 
 
 def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill():
-    model = random_model()
+    model = random_mtp()
     for prompt in random_prompts(5, 13, 30, seed=2):
         for temperature in (0.0, 1.0):
             run = generate_self_speculative(model, prompt, 25, temperature=temperature,
                                             generator=torch.Generator().manual_seed(0))
             assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
-        draft = random_model(seed=1, n_future=1)
+        draft = random_mtp(seed=1, n_future=1)
         run = generate_two_model(model, draft, prompt, 25, gamma=3, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0))
         # a two-model target decodes with head 1 only: its trunk and head-1 layers are exact
@@ -247,7 +195,7 @@ N_RUNS, TV_BOUND = 1000, 0.1
 
 
 def tiny_vocab_model(head_type='block'):
-    return random_model(vocab=3, n_future=3, std=0.5, seed=12, head_type=head_type), [0, 2, 1]
+    return random_mtp(vocab=3, n_future=3, std=0.5, seed=12, head_type=head_type), [0, 2, 1]
 
 
 def first_three_tokens(model, prompt):
@@ -257,7 +205,7 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
-@pytest.mark.parametrize('head_type', ['block', 'linear'])
+@pytest.mark.parametrize('head_type', ['block', 'resblock'])
 def test_self_speculative_sampling_matches_vanilla_distribution(head_type):
     model, prompt = tiny_vocab_model(head_type)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
@@ -288,7 +236,7 @@ def test_wrong_acceptance_rules_fail_the_distribution_test(monkeypatch, wrong_ru
 
 def test_two_model_sampling_with_top_k_and_top_p_matches_vanilla_distribution():
     target, prompt = tiny_vocab_model()
-    draft = random_model(vocab=3, n_future=1, n_layer=1, std=0.5, seed=5)
+    draft = random_mtp(vocab=3, n_future=1, n_layer=1, std=0.5, seed=5)
     sampling = dict(temperature=0.8, top_k=2, top_p=0.9)
     exact = exact_vanilla_distribution(target, prompt, 3, **sampling)
     g = torch.Generator().manual_seed(0)
@@ -302,7 +250,7 @@ def test_two_model_sampling_with_top_k_and_top_p_matches_vanilla_distribution():
 # two-model speculative decoding
 
 def test_two_model_with_draft_equal_to_target_accepts_every_draft():
-    model = random_model(n_future=2)
+    model = random_mtp(n_future=2)
     gamma = 3
     for prompt in random_prompts(5, 13, 30, seed=6):
         max_new = 1 + 5 * (gamma + 1)
@@ -319,7 +267,7 @@ def test_two_model_with_draft_equal_to_target_accepts_every_draft():
 
 
 def test_two_model_greedy_with_a_different_draft_equals_vanilla():
-    target, draft = random_model(seed=7), random_model(seed=8, n_future=1, n_layer=1)
+    target, draft = random_mtp(seed=7), random_mtp(seed=8, n_future=1, n_layer=1)
     for prompt in random_prompts(10, 13, 30, seed=9):
         vanilla = generate(target, prompt, 20, temperature=0)
         run = generate_two_model(target, draft, prompt, 20, gamma=4, temperature=0)
@@ -333,7 +281,7 @@ def test_two_model_greedy_with_a_different_draft_equals_vanilla():
 def test_batched_generation_equals_generate_row_by_row():
     """generate_batch (distill.py's corpus writer) decodes every row as generate() would: greedy
     token for token; sampling with the same generator draws valid tokens of the right shape."""
-    model = random_model(head_type='linear')
+    model = random_mtp(head_type='resblock')
     prompts = torch.randint(13, (5, 7), generator=torch.Generator().manual_seed(3))
     out = sample.generate_batch(model, prompts, 20, temperature=0)
     assert out.shape == (5, 27) and torch.equal(out[:, :7], prompts)
@@ -347,7 +295,7 @@ def test_batched_generation_equals_generate_row_by_row():
 
 
 def test_max_new_tokens_zero_runs_no_forward_and_negative_is_an_error():
-    model = random_model()
+    model = random_mtp()
     for run in (generate(model, [1, 2], 0), generate_self_speculative(model, [1, 2], 0),
                 generate_two_model(model, model, [1, 2], 0)):
         assert run.tokens == [] and run.stats.target_forwards == 0
@@ -357,7 +305,7 @@ def test_max_new_tokens_zero_runs_no_forward_and_negative_is_an_error():
 
 
 def test_empty_prompt_is_an_error_for_char_models_and_starts_bpe_models_at_eot():
-    model = random_model()
+    model = random_mtp()
     with pytest.raises(UserError, match='empty prompt'):
         generate_self_speculative(model, [], 5)
 
@@ -377,8 +325,8 @@ def test_empty_prompt_is_an_error_for_char_models_and_starts_bpe_models_at_eot()
 
 
 def test_prompt_longer_than_block_size_slides_the_window():
-    model = random_model(block_size=32)
-    counting = counting_model(block_size=32)
+    model = random_mtp(block_size=32)
+    counting = counting_mtp(block_size=32)
     for prompt in random_prompts(6, 13, 80, seed=10):
         prompt = prompt + [1] * 40                             # 41..120 tokens > block_size 32
         vanilla = generate(model, prompt, 60, temperature=0)
@@ -394,7 +342,7 @@ def test_prompt_longer_than_block_size_slides_the_window():
 
 
 def test_stop_sequence_ends_generation_and_is_cut_from_the_output():
-    model = counting_model()
+    model = counting_mtp()
     for decode in (generate, generate_self_speculative):
         run = decode(model, [0], 30, temperature=0, stop=[6, 7])
         assert run.tokens == [1, 2, 3, 4, 5]
@@ -402,34 +350,15 @@ def test_stop_sequence_ends_generation_and_is_cut_from_the_output():
 
 def test_speculative_decoding_of_a_one_head_checkpoint_is_an_error():
     with pytest.raises(UserError, match='n_future=1'):
-        generate_self_speculative(random_model(n_future=1), [1, 2], 5)
+        generate_self_speculative(random_mtp(n_future=1), [1, 2], 5)
 
 
 # -----------------------------------------------------------------------------
 # command lines
 
-@pytest.fixture(scope='module')
-def tiny_checkpoint(tmp_path_factory):
-    """A checkpoint in train.py's format, with a char tokenizer, and a val.bin for bench.py."""
-    out = tmp_path_factory.mktemp('ckpt')
-    chars = 'abcdefghijklm'
-    model = counting_model(n_future=3)
-    meta = {'kind': 'char', 'chars': chars, 'vocab_size': len(chars)}
-    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), meta=meta,
-                         config={'dataset': 'tiny', 'data_dir': str(out)}), str(out / 'ckpt.pt'))
-    np.arange(200, dtype=np.uint16).__mod__(13).astype(np.uint16).tofile(out / 'val.bin')
-    return out
-
-
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def test_cli_decodes_a_checkpoint_and_prints_a_json_summary_last(tiny_checkpoint, monkeypatch):
+def test_cli_decodes_a_checkpoint_and_prints_a_json_summary_last(counting_ckpt, monkeypatch):
     monkeypatch.setattr(sys, 'argv', list(sys.argv))
-    ckpt = str(tiny_checkpoint / 'ckpt.pt')
+    ckpt = str(counting_ckpt / 'ckpt.pt')
     result = run_cli('sample.py', f'--ckpt={ckpt}', '--prompt=abc', '--max_new_tokens=10',
                      '--speculative=true', '--temperature=0')
     assert result.returncode == 0, result.stderr
@@ -445,37 +374,34 @@ def test_cli_decodes_a_checkpoint_and_prints_a_json_summary_last(tiny_checkpoint
     assert '\n' not in str(exit.value.code)
 
 
-def test_cli_user_errors(tiny_checkpoint, capsys):
-    ckpt = f"--ckpt={tiny_checkpoint / 'ckpt.pt'}"
-    for argv, message in (([ckpt, '--prompt='], 'empty prompt'),
-                          ([ckpt, '--prompt=xyz'], 'not in the vocabulary'),
-                          ([ckpt, '--prompt=a', '--max_new_tokens=-3'], 'max_new_tokens'),
-                          ([ckpt, '--prompt=a', '--top_p=0'], 'top_p'),
-                          ([ckpt, '--prompt=FILE:/nonexistent'], 'prompt file not found'),
-                          ([ckpt, 'speculative'], 'expected --name=value'),
-                          ([ckpt, '--prompt=a', '--gamma=two'], 'expects int'),
-                          ([ckpt, '--prompt=a', '--speculative=true',
-                            f"--draft={tiny_checkpoint / 'ckpt.pt'}"], 'exclusive'),
-                          ([ckpt, '--prompt=a', '--threads=-1'], 'threads')):
-        with pytest.raises(UserError, match=message):
-            sample.main(argv)
+# (sample.py's arguments after --ckpt=<the counting checkpoint>, a fragment of the message);
+# {ckpt}: that checkpoint's path
+SAMPLE_ERRORS = [
+    (['--prompt='], 'empty prompt'),                   # a char model has no start token
+    (['--prompt=xyz'], 'not in the vocabulary'),
+    (['--prompt=a', '--max_new_tokens=-3'], 'max_new_tokens'),
+    (['--prompt=a', '--top_p=0'], 'top_p'),
+    (['--prompt=FILE:/nonexistent'], 'prompt file not found'),
+    (['speculative'], 'expected --name=value'),
+    (['--prompt=a', '--gamma=two'], 'expects int'),
+    (['--prompt=a', '--speculative=true', '--draft={ckpt}'], 'exclusive'),
+    (['--prompt=a', '--threads=-1'], 'threads'),
+]
+
+
+@pytest.mark.parametrize('args,fragment', SAMPLE_ERRORS,
+                         ids=[' '.join(a) for a, _ in SAMPLE_ERRORS])
+def test_cli_user_errors(counting_ckpt, args, fragment):
+    """Bad prompts, flags and combinations are one-line UserErrors."""
+    ckpt = str(counting_ckpt / 'ckpt.pt')
+    one_line_error(sample.main, [f'--ckpt={ckpt}', *[a.format(ckpt=ckpt) for a in args]],
+                   match=fragment)
+
+
+def test_cli_two_model_decoding_with_a_draft_checkpoint(counting_ckpt, capsys):
+    """--draft=<checkpoint>: two-model decoding; the JSON line names the mode."""
+    ckpt = f"--ckpt={counting_ckpt / 'ckpt.pt'}"
     summary = sample.main([ckpt, '--prompt=a', '--max_new_tokens=5', '--temperature=0',
-                           f"--draft={tiny_checkpoint / 'ckpt.pt'}", '--gamma=2', '--quiet=true'])
+                           f"--draft={counting_ckpt / 'ckpt.pt'}", '--gamma=2', '--quiet=true'])
     assert summary['samples'] == ['bcdef'] and summary['acceptance'] == [1.0, 1.0]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['mode'] == 'two-model'
-
-
-def test_bench_decode_compares_modes_and_ends_with_a_json_line(tiny_checkpoint, capsys):
-    import bench
-    ckpt = tiny_checkpoint / 'ckpt.pt'
-    summary = bench.main(['decode', f'--ckpt={ckpt}', f'--draft={ckpt}', '--gamma=2',
-                          '--num_prompts=2', '--prompt_len=8', '--max_new_tokens=7',
-                          '--repeats=1'])
-    for mode in ('self', 'draft'):
-        assert summary['greedy'][mode]['identical'] is True
-        assert summary['greedy'][mode]['tau'] == 3            # perfect drafts: 3 tokens a step
-        assert summary['greedy'][mode]['speedup'] > 0
-    assert summary['sampling']['vanilla']['tau'] == 1
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
-    with pytest.raises(UserError, match='usage'):
-        bench.main(['no_such_section'])

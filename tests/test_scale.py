@@ -1,5 +1,5 @@
-"""Real models and scale-out: GPT-2 weight conversion, torchrun DDP, the CUDA-path flags on CPU."""
-import json
+"""Real models and scale-out: GPT-2 weight conversion, torchrun DDP, the CUDA-path flags on CPU.
+(The torchrun and torch.compile tests are marked slow.)"""
 import os
 import subprocess
 import sys
@@ -11,16 +11,16 @@ import torch
 from model import GPT
 from heads import MTPGPT
 import train
+from conftest import REPO
 from data.prepare import prepare
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4',
             '--max_iters=3', '--eval_interval=3', '--eval_iters=1', '--n_future=2',
             '--quiet=true', '--device=cpu']
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def words_corpus(tmp_path):
     """A small synthetic char corpus: short words in a random order."""
     g = torch.Generator().manual_seed(0)
     words = ['the cat ', 'a dog ', 'my hat ', 'one sun ', 'big sea ']
@@ -51,12 +51,13 @@ def test_gpt2_conversion_gives_identical_logits():
 
 def test_from_pretrained_rejects_unknown_model_in_one_line():
     pytest.importorskip('transformers', reason='optional dependency not installed')
-    from model import UserError
+    from common import UserError
     with pytest.raises(UserError, match='unknown GPT-2 model'):
         GPT.from_pretrained('gpt3')
 
 
-def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes_on_cpu(words_corpus, tmp_path):
     """2-process torchrun (gloo): loss goes down, both ranks end with identical parameters, and
     only rank 0 writes a checkpoint. Head 3 has loss weight 0 (frozen): DDP must not wait
     for it."""
@@ -72,7 +73,7 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
         torch.save({{'params': summary['model'].state_dict(), 'losses': summary['losses'],
                     'val': summary['val_loss']}}, os.path.join({str(tmp_path)!r}, f'rank{{rank}}.pt'))
     """))
-    args = [f'--data_dir={corpus}', f'--out_dir={out}', '--n_layer=2', '--n_head=2',
+    args = [f'--data_dir={words_corpus}', f'--out_dir={out}', '--n_layer=2', '--n_head=2',
             '--n_embd=32', '--block_size=16', '--batch_size=8', '--grad_accum=2',
             '--max_iters=30', '--eval_interval=30', '--eval_iters=2', '--warmup_iters=5',
             '--n_future=3', '--loss_weights=1,1,0', '--quiet=true', '--device=cpu',
@@ -93,10 +94,10 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     assert len(ranks) == 2 and not torch.equal(ranks[0]['batches'], ranks[1]['batches'])
 
 
-def test_cuda_path_flags_are_accepted_on_cpu(corpus, tmp_path):
+def test_cuda_path_flags_are_accepted_on_cpu(words_corpus, tmp_path):
     """--dtype=bfloat16 (CPU autocast) and --compile are accepted on CPU; the default stays fp32
     and the fp32 result does not depend on the flags existing."""
-    common = [f'--data_dir={corpus}', *TINY_RUN]
+    common = [f'--data_dir={words_corpus}', *TINY_RUN]
     fp32 = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/a']))
     fp32_again = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/b',
                                                           '--dtype=float32']))
@@ -107,25 +108,11 @@ def test_cuda_path_flags_are_accepted_on_cpu(corpus, tmp_path):
     assert bf16['losses'] != fp32['losses']  # autocast really ran in bf16
 
 
-def test_compile_flag_runs_on_cpu_and_matches_eager(corpus, tmp_path):
+@pytest.mark.slow
+def test_compile_flag_runs_on_cpu_and_matches_eager(words_corpus, tmp_path):
     """--compile=true (torch.compile) trains on CPU to the same losses as eager (fp32)."""
-    common = [f'--data_dir={corpus}', *TINY_RUN]
+    common = [f'--data_dir={words_corpus}', *TINY_RUN]
     eager = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/e']))
     compiled = train.train(train.parse_config(common + [f'--out_dir={tmp_path}/c',
                                                         '--compile=true']))
     assert all(abs(compiled['losses'][i] - eager['losses'][i]) < 1e-4 for i in eager['losses'])
-
-
-def test_train_benchmark_compares_variants_and_ends_with_json():
-    """bench.py train: one row per variant, ratios to the base, the JSON line last."""
-    proc = subprocess.run([sys.executable, 'bench.py', 'train', '--n_layer=1', '--n_embd=32',
-                           '--n_head=2', '--block_size=16', '--batch_size=2', '--iters=2',
-                           '--warmup=1', '--compare=n_future=1;memory_efficient=true'],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r['variant'] for r in summary['rows']] == ['base', 'n_future=1',
-                                                       'memory_efficient=true']
-    assert summary['rows'][0]['time_ratio'] == 1.0
-    assert summary['rows'][1]['params'] < summary['rows'][0]['params']  # fewer heads
-    assert all(r['ms_per_iter'] > 0 and r['peak_mb'] > 0 for r in summary['rows'])

@@ -1,10 +1,11 @@
-"""The study driver runs end to end, and the README shows what it printed."""
+"""The study driver runs end to end, rejects bad flags in one line, and the README shows what it
+printed."""
 import os
 
+import pytest
 
 import study
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import one_line_error
 
 
 def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, monkeypatch):
@@ -36,12 +37,13 @@ def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, 
     assert os.path.isfile(tmp_path / 'study' / 'study_full.json')
 
 
-def test_readme_shows_the_committed_quick_study_results():
-    """README's study section is results/study_quick.md, written by `python study.py --quick=true
-    --results_dir=results`."""
-    results = os.path.join(REPO, 'results', 'study_quick.md')
-    with open(results) as f:
-        table = f.read().strip()
-    with open(os.path.join(REPO, 'README.md')) as f:
-        readme = f.read()
-    assert table in readme
+# (study.py's arguments, a fragment of the one-line message)
+STUDY_ERRORS = [
+    (['--nope=1'], 'unknown option'),
+    (['--seeds=two'], 'expects int'),
+]
+
+
+@pytest.mark.parametrize('args,fragment', STUDY_ERRORS, ids=[' '.join(a) for a, _ in STUDY_ERRORS])
+def test_bad_flags_are_one_line_user_errors(args, fragment):
+    one_line_error(study.main, args, match=fragment)

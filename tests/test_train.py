@@ -1,33 +1,24 @@
-"""Specification of train.py: it learns, resumes exactly, rejects bad input with one-line
-errors, applies presets, and never replaces a good checkpoint with a diverged one."""
+"""Specification of train.py: it learns, resumes exactly, applies the paper's training
+strategies for adapted models (training_strategy: frozen trunk, head warmup, differential LR,
+WHS group, zero-weight heads), rejects bad input with one-line errors, applies presets, and
+never replaces a good checkpoint with a diverged one."""
+import copy
 import hashlib
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import heads
-import model as M
 import train as T
-from conftest import REPO, run_train, train_config
+from common import load_checkpoint, model_from_checkpoint
+from conftest import one_line_error, run_cli, run_train, tiny_mtp, train_config
 
 
 def sha(path):
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def one_line_user_error(fn, *args, match=None):
-    with pytest.raises(M.UserError) as e:
-        fn(*args)
-    msg = str(e.value)
-    assert msg and '\n' not in msg
-    if match:
-        assert match in msg, msg
-    return msg
 
 
 # -----------------------------------------------------------------------------
@@ -85,66 +76,230 @@ def test_lr_schedule():
     assert lrs[14:] == pytest.approx([0.1] * 6)
 
 
+def test_head_type_linear_is_still_accepted_and_means_resblock(corpus, tmp_path):
+    """--head_type=linear, the resblock head's old name, trains resblock heads."""
+    s = run_train(corpus, tmp_path, '--head_type=linear', '--max_iters=2', '--eval_interval=2')
+    assert s['model'].config.head_type == 'resblock'
+    assert all(hasattr(head, 'resblock') for head in s['model'].heads)
+    assert load_checkpoint(s['ckpt'])['model_args']['head_type'] == 'resblock'
+
+
 # -----------------------------------------------------------------------------
-# bad input: one-line errors
+# training strategies for adapted models: training_strategy(model, cfg, device_type)
 
-def test_missing_data_dir_is_a_user_error(tmp_path):
-    """A data_dir without prepared data says how to prepare it."""
-    cfg = train_config(tmp_path / 'nothing', tmp_path / 'out', '--max_iters=1')
-    one_line_user_error(T.train, cfg, match='prepare.py')
-
-
-def test_unknown_flag_lists_valid_keys():
-    msg = one_line_user_error(T.parse_config, ['--max_iter=5'], match="'max_iter'")
-    assert 'max_iters' in msg and 'learning_rate' in msg
+def groups_by_name(optimizer):
+    named = {}
+    for g in optimizer.param_groups:
+        named.setdefault(g['name'], []).append(g)
+    return named
 
 
-@pytest.mark.parametrize('flag,kind', [('--max_iters=abc', 'int'), ('--learning_rate=fast', 'float'),
-                                       ('--whs=maybe', 'bool'), ('--max_iters', None)])
-def test_wrong_flag_value_is_a_user_error(flag, kind):
-    """A value of the wrong type (or no value) names the flag and the expected type."""
-    msg = one_line_user_error(T.parse_config, [flag])
-    assert flag.split('=')[0].lstrip('-') in msg
-    if kind:
-        assert kind in msg
+def held(optimizer, name=None):
+    """ids of the parameters the optimizer holds (in the groups called `name`, or all)."""
+    return [id(p) for g in optimizer.param_groups if name in (None, g['name'])
+            for p in g['params']]
 
 
-def test_flag_values_are_converted():
-    cfg = T.parse_config(['--max_iters=7', '--learning_rate=3e-4', '--whs=true', '--bias=0',
-                          '--out_dir=x'])
-    assert (cfg.max_iters, cfg.learning_rate, cfg.whs, cfg.bias, cfg.out_dir) == \
-        (7, 3e-4, True, False, 'x')
+def test_training_strategy_puts_trunk_heads_and_whs_in_named_groups():
+    """training_strategy(model, cfg, device_type) returns Strategy(loss_weights, optimizer,
+    trunk_trainable). The optimizer's param groups are named: trunk (lr_scale =
+    trunk_lr_scale), heads (1.0) and whs, the heads' mixing logits (whs_lr_scale, Adam eps
+    1e-20); group lr = learning_rate * lr_scale, and every parameter is in exactly one group."""
+    model = tiny_mtp(n_future=3, whs=True)
+    cfg = T.TrainConfig(trunk_lr_scale=0.25, whs_lr_scale=50.0, learning_rate=1e-3)
+    strategy = T.training_strategy(model, cfg, 'cpu')
+    groups = groups_by_name(strategy.optimizer)
+    assert sorted(groups) == ['heads', 'trunk', 'whs']
+    for name, scale in (('trunk', 0.25), ('heads', 1.0), ('whs', 50.0)):
+        for g in groups[name]:
+            assert g['lr_scale'] == scale and g['lr'] == pytest.approx(1e-3 * scale), name
+    assert all(g['eps'] == 1e-20 for g in groups['whs'])
+    assert all(g['eps'] != 1e-20 for g in groups['trunk'] + groups['heads'])
+    whs = model.whs_parameters()
+    assert len(whs) == 3 and sorted(held(strategy.optimizer, 'whs')) == sorted(map(id, whs))
+    assert sorted(held(strategy.optimizer, 'trunk')) == sorted(map(id, model.trunk_parameters()))
+    assert sorted(held(strategy.optimizer, 'heads')) == sorted(
+        id(p) for p in model.heads.parameters() if all(p is not w for w in whs))
+    everything = held(strategy.optimizer)
+    assert len(everything) == len(set(everything)) == len(list(model.parameters()))
+    assert strategy.loss_weights == [1.0, 1.0, 1.0]
+    assert all(strategy.trunk_trainable(it) for it in (0, 1, 10 ** 6))
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
-def test_corrupt_checkpoint_on_resume_is_a_user_error(corpus, ntp_ckpt, tmp_path, damage):
+def test_training_strategy_leaves_a_frozen_trunk_out_of_the_optimizer():
+    """freeze_trunk: the optimizer holds the heads only (one group, heads; no whs group
+    without WHS), the trunk has requires_grad off and is never trainable."""
+    model = tiny_mtp(n_future=3)
+    strategy = T.training_strategy(model, T.TrainConfig(freeze_trunk=True), 'cpu')
+    assert sorted(groups_by_name(strategy.optimizer)) == ['heads']
+    assert sorted(held(strategy.optimizer)) == sorted(map(id, model.heads.parameters()))
+    assert not any(p.requires_grad for p in model.trunk_parameters())
+    assert not any(strategy.trunk_trainable(it) for it in (0, 10, 10 ** 6))
+
+
+def test_training_strategy_freezes_a_head_with_zero_loss_weight():
+    """--loss_weights=0,1,0.5: head 1 (lambda_1 = 0) is frozen, absent from the optimizer;
+    heads 2 and 3 and the trunk are in it. loss_weights come back as numbers; without them,
+    lambda_k = mtp_weight * mtp_decay^(k-2)."""
+    model = tiny_mtp(n_future=3)
+    strategy = T.training_strategy(model, T.TrainConfig(loss_weights='0,1,0.5'), 'cpu')
+    assert strategy.loss_weights == [0.0, 1.0, 0.5]
+    ids = set(held(strategy.optimizer))
+    assert not any(id(p) in ids or p.requires_grad for p in model.heads[0].parameters())
+    for p in [*model.heads[1].parameters(), *model.heads[2].parameters(),
+              *model.trunk_parameters()]:
+        assert id(p) in ids and p.requires_grad
+    decayed = T.training_strategy(tiny_mtp(n_future=3),
+                                  T.TrainConfig(mtp_weight=0.5, mtp_decay=0.5), 'cpu')
+    assert decayed.loss_weights == [1.0, 0.5, 0.25]
+
+
+def test_training_strategy_head_warmup_holds_the_trunk_back_for_its_iterations():
+    """head_warmup_iters=5: the trunk is in the optimizer (its own group, trunk_lr_scale) but
+    trunk_trainable(it) is False for it < 5 and True from then on."""
+    model = tiny_mtp(n_future=2)
+    cfg = T.TrainConfig(head_warmup_iters=5, trunk_lr_scale=0.5)
+    strategy = T.training_strategy(model, cfg, 'cpu')
+    assert sorted(held(strategy.optimizer, 'trunk')) == sorted(map(id, model.trunk_parameters()))
+    assert [strategy.trunk_trainable(it) for it in (0, 4, 5, 100)] == [False, False, True, True]
+
+
+# the same strategies in real training runs
+
+class SaveRecorder:
+    """Wraps train.save_checkpoint: keeps a copy of the weights and optimizer param groups of
+    every checkpoint the run writes, keyed by iteration."""
+
+    def __init__(self, monkeypatch):
+        self.real = T.save_checkpoint
+        self.saves = {}
+        monkeypatch.setattr(T, 'save_checkpoint', self)
+
+    def __call__(self, obj, path):
+        self.saves[obj['iter_num']] = dict(
+            model={k: v.detach().clone() for k, v in obj['model'].items()},
+            groups=copy.deepcopy(obj['optimizer']['param_groups']),
+            config=obj['config'])
+        self.real(obj, path)
+
+
+def trunk_keys(state):
+    return [k for k in state if not k.startswith('heads.')]
+
+
+def test_freeze_trunk_trains_only_the_heads(corpus, ntp_ckpt, tmp_path):
+    """--freeze_trunk=true from an NTP checkpoint: the trunk (embeddings, trunk blocks, final
+    norm, unembedding) is bit-identical after training, the heads changed, and the optimizer
+    holds neither groups nor state for trunk parameters."""
+    src = load_checkpoint(ntp_ckpt)['model']
     out = tmp_path / 'out'
-    out.mkdir()
-    data = open(ntp_ckpt, 'rb').read()
-    (out / 'ckpt.pt').write_bytes(data[:len(data) // 3] if damage == 'truncated'
-                                  else b'\x80garbage' * 100)
-    cfg = train_config(corpus, out, '--init_from=resume', '--max_iters=20')
-    one_line_user_error(T.train, cfg, match='corrupt')
+    run_train(corpus, out, f'--init_from={ntp_ckpt}', '--freeze_trunk=true', '--max_iters=5',
+              '--eval_interval=5')
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    state = ckpt['model']
+    keys = trunk_keys(state)
+    assert 'transformer.wte.weight' in keys and 'transformer.h.0.attn.c_attn.weight' in keys
+    for k in keys:
+        assert torch.equal(state[k], src[k]), k
+    assert not torch.equal(state['heads.0.blocks.0.mlp.c_fc.weight'],
+                           src['heads.0.blocks.0.mlp.c_fc.weight'])
+    model = model_from_checkpoint(ckpt)
+    n_head_params = len(list(model.heads.parameters()))
+    groups = ckpt['optimizer']['param_groups']
+    assert {g['name'] for g in groups} == {'heads'}
+    assert sum(len(g['params']) for g in groups) == n_head_params
+    assert len(ckpt['optimizer']['state']) == n_head_params
 
 
-def test_missing_checkpoint_on_resume_is_a_user_error(corpus, tmp_path):
-    cfg = train_config(corpus, tmp_path / 'out', '--init_from=resume', '--max_iters=20')
-    one_line_user_error(T.train, cfg, match='not found')
+def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_path,
+                                                          monkeypatch):
+    """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
+    heads have moved); by iteration 8 the trunk has been trained too."""
+    rec = SaveRecorder(monkeypatch)
+    src = load_checkpoint(ntp_ckpt)['model']
+    run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_warmup_iters=4',
+              '--max_iters=8', '--eval_interval=4', '--eval_iters=1')
+    assert sorted(rec.saves) == [4, 8]
+    at4, at8 = rec.saves[4]['model'], rec.saves[8]['model']
+    for k in trunk_keys(at4):
+        assert torch.equal(at4[k], src[k]), k
+    head_w = 'heads.0.blocks.0.attn.c_attn.weight'
+    assert not torch.equal(at4[head_w], src[head_w])
+    changed = [k for k in trunk_keys(at8) if not torch.equal(at8[k], src[k])]
+    assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
 
 
-def test_block_size_beyond_the_adapted_model_is_a_user_error(corpus, ntp_ckpt, tmp_path):
-    """Adapting a checkpoint trained with block_size 16 at --block_size=32 is refused."""
-    cfg = train_config(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--block_size=32',
-                       '--max_iters=1')
-    one_line_user_error(T.train, cfg, match='block_size 32')
+def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
+    """--trunk_lr_scale=0.25: at every step the trunk's param groups have lr = 0.25 *
+    get_lr(it) and the heads' groups lr = get_lr(it)."""
+    rec = SaveRecorder(monkeypatch)
+    run_train(corpus, tmp_path / 'out', '--trunk_lr_scale=0.25', '--max_iters=5',
+              '--eval_interval=1', '--eval_iters=1', '--warmup_iters=2', '--lr_decay_iters=5')
+    assert sorted(rec.saves) == [1, 2, 3, 4, 5]
+    lrs = set()
+    for it, saved in rec.saves.items():
+        cfg = T.TrainConfig(**saved['config'])
+        lr = T.get_lr(it - 1, cfg)  # the LR of the step that produced iteration `it`
+        lrs.add(lr)
+        names = {g['name'] for g in saved['groups']}
+        assert names == {'trunk', 'heads'}
+        for g in saved['groups']:
+            expected = lr * (0.25 if g['name'] == 'trunk' else 1.0)
+            assert g['lr'] == pytest.approx(expected, rel=1e-12), (it, g['name'])
+    assert len(lrs) == 5  # the schedule really moved
 
 
-@pytest.mark.parametrize('flags,match', [
+
+def test_whs_logits_have_their_own_optimizer_group_and_move(corpus, ntp_ckpt, tmp_path):
+    """WHS starts in a saturated softmax (tiny gradients): its logits get LR x whs_lr_scale and
+    a tiny Adam eps, so a short adaptation really changes the mix."""
+    summary = run_train(corpus, tmp_path, f'--init_from={ntp_ckpt}', '--whs=true',
+                        '--max_iters=6', '--eval_interval=6', '--whs_lr_scale=50')
+    model = summary['model']
+    for head in model.heads:
+        assert head.whs_logits.detach()[:-1].abs().max() > 0.05
+        assert abs(float(head.whs_logits[-1]) - heads.WHS_INIT_LOGIT) > 0.05
+    ckpt = torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=False)
+    whs_groups = [g for g in ckpt['optimizer']['param_groups'] if g['name'] == 'whs']
+    assert whs_groups and all(g['lr_scale'] == 50 and g['eps'] == 1e-20 for g in whs_groups)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one-line errors, before anything is written
+
+def preset(content):
+    """A table entry: a preset file with this content (written by the test)."""
+    return f'PRESET:{content}'
+
+
+# (flags after the tiny defaults, fragments the one-line message must contain).
+# {ntp}: a trained next-token checkpoint; {tmp}: the test's directory; {truncated} / {garbage}:
+# an out_dir whose ckpt.pt is a truncated checkpoint / garbage.
+TRAIN_ERRORS = [
+    # flags and preset files
+    (['--max_iter=5'], ("'max_iter'", 'max_iters', 'learning_rate')),  # lists the valid flags
+    (['--max_iters=abc'], ('max_iters', 'int')),
+    (['--learning_rate=fast'], ('learning_rate', 'float')),
+    (['--whs=maybe'], ('whs', 'bool')),
+    (['--max_iters'], ('max_iters',)),                              # no value
+    ([preset("max_iterz = 7\n")], "'max_iterz'"),
+    ([preset("max_iters = 'seven'\n")], 'max_iters'),
+    ([preset("import os\n")], 'not `name = value`'),
+    ([preset("max_iters = 7 +\n")], 'cannot read preset'),
+    (['{tmp}/nope.py'], 'not found'),                               # a missing preset file
+    # data and checkpoints
+    (['--data_dir={tmp}/nothing'], 'prepare.py'),                   # says how to prepare it
+    (['--init_from=resume', '--out_dir={truncated}'], 'corrupt'),
+    (['--init_from=resume', '--out_dir={garbage}'], 'corrupt'),
+    (['--init_from=resume'], 'not found'),
+    (['--init_from={ntp}', '--block_size=32'], 'block_size 32'),    # it was trained with 16
+    # options that cannot go together
+    (['--init_from={ntp}', '--freeze_trunk=true', '--trunk_lr_scale=0.5'], 'freeze_trunk'),
     (['--whs=true', '--n_future=1'], 'whs'),
     (['--freeze_trunk=true'], 'freeze_trunk'),                      # with init_from=scratch
     (['--head_warmup_iters=5'], 'head_warmup_iters'),               # with init_from=scratch
     (['--attach_layer=3'], 'attach_layer'),                         # n_layer is 2
-    (['--head_type=linear', '--attach_layer=1'], 'attach_layer'),
+    (['--head_type=resblock', '--attach_layer=1'], 'attach_layer'),
     (['--head_type=mlp'], 'head_type'),
     (['--n_future=0'], 'n_future'),
     (['--loss_weights=1,half'], 'loss_weights'),
@@ -153,51 +308,66 @@ def test_block_size_beyond_the_adapted_model_is_a_user_error(corpus, ntp_ckpt, t
     (['--block_size=2'], 'block_size'),                             # 2 heads need > 2 positions
     (['--device=tpu'], 'unknown device'),
     (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
-])
-def test_incompatible_options_are_user_errors(corpus, tmp_path, flags, match):
-    cfg = train_config(corpus, tmp_path / 'out', '--max_iters=1', *flags)
-    one_line_user_error(T.train, cfg, match=match)
+]
+
+
+def resolve(flags, tmp_path, ntp_ckpt):
+    """The table's flags with their placeholders filled in (files written as needed)."""
+    resolved = []
+    for flag in flags:
+        if flag.startswith('PRESET:'):
+            path = tmp_path / 'p.py'
+            path.write_text(flag[len('PRESET:'):])
+            flag = str(path)
+        for damage in ('truncated', 'garbage'):
+            if '{' + damage + '}' in flag:
+                out = tmp_path / damage
+                out.mkdir()
+                data = open(ntp_ckpt, 'rb').read()
+                (out / 'ckpt.pt').write_bytes(data[:len(data) // 3] if damage == 'truncated'
+                                              else b'\x80garbage' * 100)
+                flag = flag.replace('{' + damage + '}', str(out))
+        resolved.append(flag.format(tmp=tmp_path, ntp=ntp_ckpt))
+    return resolved
+
+
+@pytest.mark.parametrize('flags,fragments', TRAIN_ERRORS,
+                         ids=[' '.join(f) for f, _ in TRAIN_ERRORS])
+def test_bad_input_is_a_one_line_user_error_and_writes_nothing(corpus, ntp_ckpt, tmp_path,
+                                                               flags, fragments):
+    """Unknown flags, wrong types, bad presets, missing data or checkpoints and options that
+    cannot go together stop the run with one line that names the problem; no checkpoint is
+    written."""
+    flags = resolve(flags, tmp_path, ntp_ckpt)
+    one_line_error(lambda: T.train(train_config(corpus, tmp_path / 'out', '--max_iters=1',
+                                                *flags)), match=fragments)
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
-def test_freeze_trunk_with_other_trunk_options_is_a_user_error(corpus, ntp_ckpt, tmp_path):
-    cfg = train_config(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--max_iters=1',
-                       '--freeze_trunk=true', '--trunk_lr_scale=0.5')
-    one_line_user_error(T.train, cfg, match='freeze_trunk')
+# (train.py's arguments, fragments of the line it prints)
+CLI_ERRORS = [
+    (['--quiet=true', '--n_futur=2'], ('n_futur', 'n_future', 'max_iters')),
+    (['--quiet=true', '--max_iters=abc'], ('max_iters', 'int')),
+    (['--quiet=true', '--device=cpu', '--data_dir={tmp}/none', '--out_dir={tmp}/out'],
+     'prepare.py'),
+]
 
 
-def run_train_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-
-
-def assert_cli_error(r):
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith('error:') and 'Traceback' not in r.stderr
-    return lines[0]
-
-
-def test_cli_unknown_flag_is_one_line_listing_valid_keys():
-    line = assert_cli_error(run_train_cli('--quiet=true', '--n_futur=2'))
-    assert 'n_futur' in line and 'n_future' in line and 'max_iters' in line
-
-
-def test_cli_wrong_type_is_one_line():
-    line = assert_cli_error(run_train_cli('--quiet=true', '--max_iters=abc'))
-    assert 'max_iters' in line and 'int' in line
-
-
-def test_cli_missing_data_dir_is_one_line(tmp_path):
-    line = assert_cli_error(run_train_cli('--quiet=true', '--device=cpu',
-                                          f'--data_dir={tmp_path / "none"}',
-                                          f'--out_dir={tmp_path / "out"}'))
-    assert 'prepare.py' in line
+@pytest.mark.parametrize('args,fragments', CLI_ERRORS, ids=[' '.join(a) for a, _ in CLI_ERRORS])
+def test_cli_prints_a_user_error_as_one_line_and_exits_nonzero(tmp_path, args, fragments):
+    one_line_error(run_cli('train.py', *[a.format(tmp=tmp_path) for a in args]),
+                   match=fragments)
 
 
 # -----------------------------------------------------------------------------
-# presets
+# flags and presets
+
+def test_flag_values_are_converted():
+    cfg = T.parse_config(['--max_iters=7', '--learning_rate=3e-4', '--whs=true', '--bias=0',
+                          '--out_dir=x'])
+    assert (cfg.max_iters, cfg.learning_rate, cfg.whs, cfg.bias, cfg.out_dir) == \
+        (7, 3e-4, True, False, 'x')
+
 
 def test_preset_file_is_applied(corpus, tmp_path):
     """`name = value` lines of a preset file set the config, and the run honours them."""
@@ -220,20 +390,6 @@ def test_command_line_flags_override_the_preset(tmp_path):
     assert T.parse_config(['--max_iters=3', str(preset)]).max_iters == 3
 
 
-@pytest.mark.parametrize('content,match', [("max_iterz = 7\n", "'max_iterz'"),
-                                           ("max_iters = 'seven'\n", 'max_iters'),
-                                           ("import os\n", 'not `name = value`'),
-                                           ("max_iters = 7 +\n", 'cannot read preset')])
-def test_bad_preset_is_a_user_error(tmp_path, content, match):
-    preset = tmp_path / 'p.py'
-    preset.write_text(content)
-    one_line_user_error(T.parse_config, [str(preset)], match=match)
-
-
-def test_missing_preset_is_a_user_error(tmp_path):
-    one_line_user_error(T.parse_config, [str(tmp_path / 'nope.py')], match='not found')
-
-
 # -----------------------------------------------------------------------------
 # divergence
 
@@ -254,7 +410,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(corpus, tmp_path, monke
     monkeypatch.setattr(heads, 'mtp_loss', nan_after_two)
     # resumed at iter 4: iters 4 and 5 are fine, iter 6 is NaN, the next eval would be at 8
     cfg = train_config(corpus, out, '--init_from=resume', '--max_iters=12', '--eval_interval=4')
-    msg = one_line_user_error(T.train, cfg, match='loss is nan')
+    msg = one_line_error(T.train, cfg, match='loss is nan')
     assert 'iter 6' in msg
     assert sha(out / 'ckpt.pt') == before
     assert [f for f in os.listdir(out) if f != 'ckpt.pt'] == []
@@ -269,7 +425,7 @@ def test_divergence_right_before_an_eval_keeps_the_good_checkpoint(corpus, tmp_p
     before = sha(out / 'ckpt.pt')
     cfg = train_config(corpus, out, '--init_from=resume', '--max_iters=10', '--eval_interval=1',
                        '--learning_rate=1e30', '--warmup_iters=0')
-    one_line_user_error(T.train, cfg, match='loss')
+    one_line_error(T.train, cfg, match='loss')
     assert sha(out / 'ckpt.pt') == before
-    ckpt = M.load_checkpoint(str(out / 'ckpt.pt'))
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())

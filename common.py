@@ -1,0 +1,706 @@
+"""
+The plumbing every nanoMTP script shares, kept out of the files that hold the ideas:
+
+  flags         --name=value flags and preset files -> a config dataclass; --help lists them
+  devices       device choice, autocast, CPU threads, torchrun (DDP) setup, a CUDA-aware clock
+  checkpoints   atomic save, load with one-line errors, the model a checkpoint describes
+  text          a checkpoint's tokenizer and data, prompts, stop sequences
+  cli           run a script's main(): a UserError ends it with one line, `error: ...`
+
+Imports flow one way: model <- heads <- common <- the scripts.
+"""
+import ast
+import dataclasses
+import inspect
+import os
+import re
+import statistics
+import sys
+import time
+from collections import namedtuple
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import GPT, UserError, GPT2_SIZES
+from heads import MTPGPT, MTPConfig
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# flags: defaults < preset files < --name=value (nanoGPT's convention)
+
+def _convert(name, value, default):
+    """Give `value` (a string from the command line, or a literal from a preset) the type of
+    `default`; UserError if it cannot be."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                if value.lower() not in ('true', 'false', '1', '0'):
+                    raise ValueError
+                return value.lower() in ('true', '1')
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_preset(path):
+    """[(name, value, where)] from a preset file of `name = value` lines (Python literals)."""
+    if not os.path.isfile(path):
+        raise UserError(f"preset file not found: {path}")
+    try:
+        items = []
+        for node in ast.parse(open(path).read(), path).body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                raise ValueError(f"line {node.lineno} is not `name = value`")
+            items.append((node.targets[0].id, ast.literal_eval(node.value),
+                          f"{path}:{node.lineno}"))
+        return items
+    except (SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read preset {path}: {e}")
+
+
+def parse_flags(argv, defaults, presets=False, fixed=()):
+    """`defaults` (a config dataclass instance) updated from preset files given
+    as plain paths (when `presets`), then from `--name=value` flags (a bare `--name` sets a bool).
+    Values take the type of the default; unknown names and wrong types are UserErrors that say
+    what is valid. `fixed` names are not flags. `--help` prints every flag and exits."""
+    values = dataclasses.asdict(defaults)
+    for name in fixed:
+        del values[name]
+    if '--help' in argv or '-h' in argv:
+        print(help_text(defaults, values))
+        sys.exit(0)
+    preset_items, flag_items = [], []
+    for arg in argv:
+        if arg.startswith('--'):
+            name, eq, value = arg[2:].partition('=')
+            if not eq and type(values.get(name)) is bool:
+                value = 'true'
+            elif not eq:
+                raise UserError(f"expected --name=value, got {arg!r}")
+            flag_items.append((name, value, arg))
+        elif presets:
+            preset_items += read_preset(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}; expected --name=value")
+    for name, value, where in preset_items + flag_items:  # flags win over presets
+        if name not in values:
+            raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(values)}")
+        values[name] = _convert(name, value, values[name])
+    return dataclasses.replace(defaults, **values)
+
+
+def field_docs(cls):
+    """{field: description}, read from the `name: type = default  # description` lines of a
+    config dataclass (and its bases), so --help cannot drift from the code. A comment line whose
+    '#' is in the same column as the field's continues its description."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        name, column = None, -1
+        for line in inspect.getsource(klass).splitlines():
+            field = re.match(r'    (\w+)\s*:[^#]*?(?:#\s?(.*))?$', line)
+            if field and field.group(1) in cls.__dataclass_fields__:
+                name, column = field.group(1), line.find('#')
+                docs[name] = field.group(2) or ''
+            elif name and line.find('#') == column > 0 and not line[:column].strip():
+                docs[name] += ' ' + line[column + 1:].strip()
+            else:
+                name = None
+    return docs
+
+
+def help_text(defaults, values):
+    """The --help page: the config class's docstring, then every flag, default, description."""
+    docs = field_docs(type(defaults))
+    shown = {k: v if not isinstance(v, str) or v.isprintable() else repr(v)
+             for k, v in values.items()}
+    width = max(len(f"--{k}={v}") for k, v in shown.items())
+    lines = [inspect.getdoc(type(defaults)) or '', '', 'flags (--name=value):']
+    lines += [f"  {f'--{k}={v}':{width}}  {docs.get(k, '')}".rstrip() for k, v in shown.items()]
+    return '\n'.join(lines)
+
+
+def check_ranges(args, positive=(), non_negative=()):
+    """One-line errors for numeric flags out of range."""
+    for key in positive:
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    for key in non_negative:
+        if getattr(args, key) < 0:
+            raise UserError(f"--{key} must be >= 0, got {getattr(args, key)}")
+
+
+def parse_top_ks(flag):
+    """--top_k=1,5,all -> [1, 5, 0] (0 = all of V); '' -> None (the default rows)."""
+    top_ks = []
+    for item in filter(None, flag.split(',')):
+        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
+            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
+        top_ks.append(0 if item == 'all' else int(item))
+    return top_ks or None
+
+
+def cli(main, errors=(UserError,)):
+    """Run main(sys.argv[1:]) as a script: the errors a user can cause end it with one line."""
+    try:
+        main(sys.argv[1:])
+    except errors as e:
+        sys.exit(f"error: {e}")
+
+
+# -----------------------------------------------------------------------------
+# devices
+
+def pick_device(name='auto'):
+    """'auto' -> the best device here: cuda > mps > cpu; anything else is used as given."""
+    mps = getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()
+    if name != 'auto':
+        kind = name.split(':')[0]
+        if kind not in ('cpu', 'cuda', 'mps'):
+            raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not mps:
+            raise UserError(f"device {name!r} is not available on this machine")
+        return name
+    return 'cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'
+
+
+def autocast_for(dtype, device):
+    """The context for --dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32,
+    or bfloat16 (autocast; on CPU too). Weights stay fp32 either way."""
+    if dtype not in ('auto', 'float32', 'bfloat16'):
+        raise UserError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    device_type = device.split(':')[0]
+    if dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda'):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_cpu_threads(n):
+    """torch's intra-op CPU threads (0 = leave torch's default)."""
+    if n < 0:
+        raise UserError(f"threads must be >= 0, got {n}")
+    if n:
+        torch.set_num_threads(n)
+
+
+class Distributed:
+    """torchrun's data parallelism (a no-op without torchrun): rank, world size, the device of
+    this rank, and gathering a Python object from every rank."""
+
+    def __init__(self, device_flag):
+        self.ddp = int(os.environ.get('RANK', -1)) != -1
+        self.rank, self.world, self.backend = 0, 1, None
+        self.device = pick_device(device_flag)
+        if self.ddp:
+            import torch.distributed as dist
+            self.dist = dist
+            cuda = torch.cuda.is_available() and device_flag != 'cpu'
+            self.backend = 'nccl' if cuda else 'gloo'
+            dist.init_process_group(backend=self.backend)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if cuda:
+                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+                torch.cuda.set_device(self.device)
+        self.master = self.rank == 0
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever stays in fp32
+        torch.backends.cudnn.allow_tf32 = True
+
+    def wrap(self, model):
+        if not self.ddp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        local = [int(os.environ['LOCAL_RANK'])] if self.backend == 'nccl' else None
+        return DDP(model, device_ids=local)
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...]; every rank must call this."""
+        if not self.ddp:
+            return [obj]
+        objs = [None] * self.world
+        self.dist.all_gather_object(objs, obj)
+        return objs
+
+    def close(self):
+        if self.ddp:
+            self.dist.destroy_process_group()
+
+
+class Clock:
+    """Wall-clock seconds, waiting for the GPU to finish first."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+        self.t0 = self.now()
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def seconds(self):
+        return self.now() - self.t0
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint dict; missing or corrupt files raise UserError with one clear line."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                        f"retrain or restore it")
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        raise UserError(f"{path} is not a nanoMTP checkpoint (no model/model_args)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. (Checkpoints written
+    before the ResBlock head had its own module name keep loading: heads.i.linear ->
+    heads.i.resblock.linear.)"""
+    model = MTPGPT(MTPConfig(**ckpt['model_args']))
+    state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
+                    k.removeprefix('_orig_mod.').removeprefix('module.')): v
+             for k, v in ckpt['model'].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not match its model_args ({str(e).splitlines()[0]})")
+    return model
+
+
+def load_model(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict) from a checkpoint path, or 'gpt2*'."""
+    if path in GPT2_SIZES and not os.path.exists(path):
+        model = MTPGPT.from_gpt(GPT.from_pretrained(path))
+        ckpt = {'meta': {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257},
+                'model_args': dataclasses.asdict(model.config), 'config': {}}
+    else:
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt)
+    return model.to(device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------
+# text: tokenizers, data files, prompts
+
+def data_dir_of(dataset, data_dir=''):
+    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
+    return data_dir or os.path.join(REPO, 'data', dataset)
+
+
+def val_path(ckpt, data_dir=''):
+    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
+    distilled on a model-written corpus, the real text that corpus came from: meta's
+    source_data), or data_dir's; '' when the checkpoint names no dataset."""
+    config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
+    data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
+        data_dir_of(config['dataset']) if config.get('dataset') else '')
+    return os.path.join(data_dir, 'val.bin') if data_dir else ''
+
+
+def tokenizer_for(ckpt):
+    """The checkpoint's tokenizer (data.prepare.Tokenizer); one-line UserErrors when the
+    checkpoint has none or tiktoken cannot load its BPE (offline without a cache)."""
+    from data.prepare import Tokenizer
+    if not ckpt.get('meta'):
+        raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
+    try:
+        return Tokenizer(ckpt['meta'])
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? set "
+                        f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
+
+
+def read_text(path, what='input file'):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+def encode(tokenizer, text, what):
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}")
+
+
+def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
+    """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
+    or the val.bin of the checkpoint's dataset (or of data_dir)."""
+    if input_path:
+        text = read_text(input_path)
+        tokens = np.array(encode(tokenizer_for(ckpt), text, f"cannot tokenize {input_path}"),
+                          dtype=np.int64)
+        source = input_path
+    else:
+        source = val_path(ckpt, data_dir)
+        if not os.path.isfile(source):
+            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
+                            f"pass --input=FILE or --data_dir=DIR")
+        tokens = np.memmap(source, dtype=np.uint16, mode='r')
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
+    return tokens, source
+
+
+def check_positions(model, n_tokens, positions, k_ahead):
+    """The checks of a marginalization request (marginalize.py): one-line errors."""
+    block_size = model.config.block_size
+    if k_ahead < 1:
+        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
+    if not 1 <= n_tokens <= block_size:
+        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
+    positions = torch.as_tensor(positions)
+    if len(positions) == 0:
+        raise UserError("no positions to evaluate")
+    first, last = int(positions.min()), int(positions.max())
+    if first < 0 or last >= n_tokens:
+        raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
+    if last + k_ahead - 1 >= block_size:
+        # the path tokens of position t sit at positions t+1 .. t+k_ahead-1: never wrap them
+        raise UserError(f"position {last} with k_ahead={k_ahead} needs position ids up to "
+                        f"{last + k_ahead - 1}, beyond block_size {block_size}")
+
+
+def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
+    """Which positions to evaluate: [(start, n)] meaning the window tokens[start : start+n+k_ahead]
+    and its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} all lie inside the window
+    (positions without them are left out, never wrapped). Windows of `window` tokens tile the
+    sequence so every position appears at most once; a seeded shuffle picks which windows,
+    until `positions` positions are reached (or the tokens run out)."""
+    stride = window - k_ahead  # positions per window
+    if stride < 1 or n_tokens <= k_ahead:
+        raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
+                        f"{n_tokens} tokens)")
+    starts = list(range(0, n_tokens - k_ahead, stride))
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, left = [], positions
+    for i in order:
+        if left <= 0:
+            break
+        n = min(stride, n_tokens - k_ahead - starts[i], left)
+        chosen.append((starts[i], n))
+        left -= n
+    return chosen
+
+
+def window_batch(tokens, start, n, k_ahead, device):
+    """The window's tokens and the targets (n, k_ahead): column k-1 holds x_{t+k}."""
+    seq = torch.as_tensor(np.asarray(tokens[start:start + n + k_ahead], dtype=np.int64),
+                          device=device)
+    targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
+    return seq, targets
+
+
+def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None):
+    """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
+    val.bin), evenly spaced, or at random starts drawn from generator."""
+    data_path = data_path or val_path(ckpt)
+    if not os.path.isfile(data_path):
+        raise UserError(f"tokens not found: {data_path}; pass --data=path/to/val.bin, or run "
+                        f"data/prepare.py for the checkpoint's dataset")
+    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
+        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
+                        f"{data_path} ({len(data)} tokens)")
+    starts = (np.linspace(0, len(data) - prompt_len, num_prompts).astype(int) if generator is None
+              else torch.randint(len(data) - prompt_len + 1, (num_prompts,),
+                                 generator=generator).tolist())
+    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
+
+
+def encode_prompt(text, tokenizer):
+    """Token ids of a prompt string or FILE:path; empty: <|endoftext|> (BPE) or an error (char)."""
+    if text.startswith('FILE:'):
+        text = read_text(text[len('FILE:'):], 'prompt file')
+    if not text:
+        if tokenizer.eot is None:
+            raise UserError("empty prompt: a char model has no start token; give at least one "
+                            "character (--prompt=...)")
+        return [tokenizer.eot]
+    return encode(tokenizer, text, 'prompt')
+
+
+def stop_tokens(flag, tokenizer):
+    """--stop: auto (<|endoftext|> for BPE, none for char) | none | a string."""
+    if flag == 'auto':
+        return [] if tokenizer.eot is None else [tokenizer.eot]
+    if flag in ('none', ''):
+        return []
+    return encode(tokenizer, flag.replace('\\n', '\n').replace('\\t', '\t'), 'stop')
+
+
+# -----------------------------------------------------------------------------
+# training data and resuming (train.py)
+
+class Batches:
+    """Random windows of a uint16 token file. The generator state is saved in checkpoints so
+    a resumed run draws the same batches as an uninterrupted one.
+
+    Documents (doc_len > 0): the file is a run of documents of doc_len tokens each, and every
+    window starts at a document's start. Targets past the document's end and targets that are
+    among its first doc_prompt tokens are -1 (no loss, no accuracy): distill.py's documents are a
+    prompt of real text followed by the model's own tokens, and only the latter are to be learned.
+    (Head k > 1 at the last k - 1 prompt positions still predicts a generated token, with real
+    text in between: k - 1 targets per document, about 1% at distill.py's defaults.)"""
+
+    def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
+        if not os.path.isfile(path):
+            raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
+                            f"(or --input=FILE for a local text)")
+        self.data = np.memmap(path, dtype=np.uint16, mode='r')
+        if len(self.data) < (doc_len or block_size + 2):
+            raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
+                            f"{block_size}")
+        if doc_len and len(self.data) % doc_len:
+            raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
+                            f"doc_len={doc_len} tokens")
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.doc_len, self.doc_prompt = doc_len, doc_prompt
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        if self.doc_len:
+            ix = torch.randint(len(self.data) // self.doc_len, (self.batch_size,),
+                               generator=self.gen) * self.doc_len
+        else:
+            ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,),
+                               generator=self.gen)
+        # block_size + 1 tokens from each start (one fewer for the file's last document)
+        windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
+        for row, i in enumerate(ix.tolist()):
+            tokens = self.data[i:i + self.block_size + 1].astype(np.int64)
+            windows[row, :len(tokens)] = torch.from_numpy(tokens)
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if self.doc_len:  # y[t] is token t + 1 of the document
+            y[:, :max(0, self.doc_prompt - 1)] = -1
+            y[:, self.doc_len - 1:] = -1
+        if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.to(self.device), y.to(self.device)
+
+
+def load_data(cfg, device, rank):
+    """For train.py's cfg: (meta, batches for training, fixed val batches, fixed train batches
+    for evaluation)."""
+    data_dir = data_dir_of(cfg.dataset, cfg.data_dir)
+    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
+                        f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
+    args = (cfg.block_size, cfg.batch_size, device)
+    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
+    split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
+    from data.prepare import load_meta
+    return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
+            Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
+
+
+def restore(ckpt, optimizer, batches, rank):
+    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
+    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError):
+        raise UserError("the checkpoint's optimizer does not match these flags: resume with "
+                        "the strategy flags of the original run (freeze_trunk, "
+                        "trunk_lr_scale, whs_lr_scale, ...)")
+    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
+    if rank < len(saved):
+        torch.set_rng_state(saved[rank]['torch'])
+        batches.gen.set_state(saved[rank]['batches'])
+    return ckpt['iter_num'], ckpt['best_val_loss']
+
+
+# -----------------------------------------------------------------------------
+# reporting a training run (train.py)
+
+def eval_line(last_eval):
+    heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
+                     for h in last_eval['val']['heads'])
+    return (f"iter {last_eval['iter']}: train loss {last_eval['train']['loss']:.4f}, val loss "
+            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}")
+
+
+def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
+    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
+    last_objective: the weighted MTP loss of the last step (what was minimized)."""
+    evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
+    return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
+                train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
+                val_heads=evaluated('val', 'heads'),
+                ms_per_iter=statistics.median(step_ms) if step_ms else None,
+                time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
+
+
+def printable(summary):
+    """The JSON-friendly part of train()'s summary (without the model and per-step lists)."""
+    return {k: v for k, v in summary.items() if k not in ('losses', 'step_ms', 'model')}
+
+
+# -----------------------------------------------------------------------------
+# decoding bookkeeping (sample.py): metrics, request checks, stop sequences
+
+class Stats:
+    """Counters of one or more decoding runs; summary() turns them into the reported metrics:
+    tau = tokens emitted per target forward (accepted drafts + the free/bonus token) over the
+    decode forwards (a run's first forward prefills the prompt and is left out, so vanilla has
+    tau = 1, perfect drafts n_future, resp. gamma + 1); acceptance[j] = P(draft j+1 accepted |
+    drafts 1..j accepted); tokens/s."""
+
+    def __init__(self, n_draft_positions=0):
+        self.new_tokens = 0        # tokens returned (a stop sequence cut off)
+        self.target_forwards = 0   # every forward of the target, prefills included
+        self.draft_forwards = 0    # forwards of a separate draft model
+        self.decode_forwards = 0   # target forwards after each run's first (prompt) forward
+        self.decode_tokens = 0     # tokens those emitted: accepted drafts + the free token
+        self.drafted = [0] * n_draft_positions   # [j]: draft j+1 verified after j accepted ones
+        self.accepted = [0] * n_draft_positions  # [j]: ... and accepted
+        self.time_s = 0.0
+
+    def step(self, n_drafts, n_accepted):
+        """Count one target forward that verified n_drafts drafts and accepted n_accepted."""
+        if self.target_forwards > 0:  # a run's first forward prefills the prompt: not in tau
+            self.decode_forwards += 1
+            self.decode_tokens += n_accepted + 1
+        self.target_forwards += 1
+        for j in range(min(n_accepted + 1, n_drafts)):
+            self.drafted[j] += 1
+            self.accepted[j] += j < n_accepted
+
+    def add(self, other):
+        """Sum another run's counters into these (same number of draft positions)."""
+        for name in ('new_tokens', 'target_forwards', 'draft_forwards', 'decode_forwards',
+                     'decode_tokens', 'time_s'):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.drafted = [a + b for a, b in zip(self.drafted, other.drafted)]
+        self.accepted = [a + b for a, b in zip(self.accepted, other.accepted)]
+        return self
+
+    def summary(self):
+        return dict(
+            new_tokens=self.new_tokens,
+            tau=self.decode_tokens / self.decode_forwards if self.decode_forwards else None,
+            acceptance=[a / d if d else None for a, d in zip(self.accepted, self.drafted)],
+            target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
+            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None,
+            time_s=self.time_s)
+
+
+# a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
+Generation = namedtuple('Generation', 'tokens stats window')
+
+
+def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
+    if len(prompt) == 0:
+        raise UserError("empty prompt: give at least one token (BPE prompts may start with "
+                        "<|endoftext|>)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def stop_index(seq, stop, first, n_new):
+    """Where the stop sequence starts in seq, if it ends among the last n_new tokens and starts
+    at index >= first (after the prompt); else None."""
+    if not stop:
+        return None
+    lo = max(first, len(seq) - n_new - len(stop) + 1)
+    for i in range(lo, len(seq) - len(stop) + 1):
+        if seq[i:i + len(stop)] == stop:
+            return i
+    return None
+
+
+def finish(seq, n_prompt, stop, n_new):
+    """After n_new tokens were appended: cut a completed stop sequence; True if generation ends."""
+    i = stop_index(seq, stop, n_prompt, n_new)
+    if i is not None:
+        del seq[i:]
+    return i is not None
+
+
+class Decoding:
+    """The bookkeeping around a decoding loop (sample.py), so the loop holds only the idea: the
+    request's checks, the sequence so far, the sampling settings, the stop sequence, Stats and
+    timing. A loop runs `while d.running():` steps that end in `d.emit(new_tokens, n_drafts)`."""
+
+    def __init__(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, generator,
+                 n_draft_positions=0):
+        check_request(prompt, max_new_tokens, temperature, top_k, top_p)
+        self.seq, self.n_prompt, self.max_new_tokens = list(prompt), len(prompt), max_new_tokens
+        self.shape = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # of p and q
+        self.greedy, self.stop, self.generator = temperature == 0, list(stop), generator
+        self.stats, self.stopped = Stats(n_draft_positions), False
+        self.t0 = time.perf_counter()
+
+    def running(self):
+        return not self.stopped and self.budget() > 0
+
+    def budget(self):
+        """How many tokens may still be emitted."""
+        return self.max_new_tokens - (len(self.seq) - self.n_prompt)
+
+    def emit(self, new, n_drafts):
+        """Append a step's tokens (its accepted drafts and one target token); count the step;
+        cut a completed stop sequence, which ends the generation."""
+        self.stats.step(n_drafts, len(new) - 1)
+        self.seq += new
+        self.stopped = finish(self.seq, self.n_prompt, self.stop, len(new))
+
+    def result(self, window):
+        self.stats.new_tokens = len(self.seq) - self.n_prompt
+        self.stats.time_s = time.perf_counter() - self.t0
+        return Generation(self.seq[self.n_prompt:], self.stats, window)
+
+
+# -----------------------------------------------------------------------------
+# reporting the accuracy table (marginalize.py)
+
+def format_table(rows, k_ahead):
+    """The rows as a text table: accuracy and captured mass per k, then the cost."""
+    def cells(values, ks):
+        return ' '.join('     -' if values is None or values[k] is None else f"{values[k]:6.3f}"
+                        for k in ks)
+    ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
+    width = max(len(r['name']) for r in rows)
+    group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
+    k_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in ks)
+    mass_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in later)
+    lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
+             f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
+             f"{'fwd tokens':>11} {'seconds':>8}"]
+    for r in rows:
+        lines.append(f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
+                     f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
+                     f"{r['seconds']:>8.2f}")
+    return '\n'.join(lines)

@@ -1,0 +1,96 @@
+"""Specification of bench.py: one section per question (decode, train, marginalize), each ending
+with a JSON line, and one-line errors for a bad section or bad flags."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from conftest import REPO, one_line_error, random_mtp
+
+
+# -----------------------------------------------------------------------------
+# decode: vanilla vs self-speculative vs two-model on the same prompts
+
+def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, capsys):
+    ckpt = counting_ckpt / 'ckpt.pt'
+    summary = bench.main(['decode', f'--ckpt={ckpt}', f'--draft={ckpt}', '--gamma=2',
+                          '--num_prompts=2', '--prompt_len=8', '--max_new_tokens=7',
+                          '--repeats=1'])
+    for mode in ('self', 'draft'):
+        assert summary['greedy'][mode]['identical'] is True
+        assert summary['greedy'][mode]['tau'] == 3            # perfect drafts: 3 tokens a step
+        assert summary['greedy'][mode]['speedup'] > 0
+    assert summary['sampling']['vanilla']['tau'] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
+
+
+# -----------------------------------------------------------------------------
+# marginalize: the batched estimator against the naive one
+
+def test_naive_vs_batched_reports_agreement_and_cost():
+    """naive_vs_batched runs marginalize_naive and marginalize on the same positions: they
+    agree (1e-5), and the batched one needs far fewer forwards than one per path."""
+    model = random_mtp(vocab=11, n_future=2, block_size=24)
+    tokens = torch.randint(0, 11, (40,), generator=torch.Generator().manual_seed(1))
+    result = bench.naive_vs_batched(model, tokens.numpy(), positions=12, k_ahead=2, top_k=8)
+    assert result['positions'] == 12
+    assert result['max_abs_diff'] <= 1e-5
+    assert result['batched_forwards'] < result['naive_forwards'] == 12 * (1 + 8)
+    assert result['speedup'] > 0
+
+
+def test_bench_marginalize_on_a_checkpoint_ends_with_a_json_line(counting_ckpt, capsys):
+    """`bench.py marginalize --ckpt=...` (what marginalize.py --bench was): the checkpoint's
+    val.bin, both estimators, their agreement, a JSON line last."""
+    summary = bench.main(['marginalize', f"--ckpt={counting_ckpt / 'ckpt.pt'}",
+                          '--positions=8', '--k_ahead=2', '--top_k=3', '--device=cpu'])
+    assert summary['section'] == 'marginalize' and summary['positions'] == 8
+    assert summary['data'] == str(counting_ckpt / 'val.bin')
+    assert summary['max_abs_diff'] <= 1e-5
+    assert summary['naive_forwards'] == 8 * (1 + 3)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(
+        json.dumps(summary))
+
+
+# -----------------------------------------------------------------------------
+# train: train.py's step, each variant in its own process
+
+@pytest.mark.slow
+def test_train_benchmark_compares_variants_and_ends_with_json():
+    """bench.py train: one row per variant, ratios to the base, the JSON line last."""
+    proc = subprocess.run([sys.executable, 'bench.py', 'train', '--n_layer=1', '--n_embd=32',
+                           '--n_head=2', '--block_size=16', '--batch_size=2', '--iters=2',
+                           '--warmup=1', '--compare=n_future=1;memory_efficient=true'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r['variant'] for r in summary['rows']] == ['base', 'n_future=1',
+                                                       'memory_efficient=true']
+    assert summary['rows'][0]['time_ratio'] == 1.0
+    assert summary['rows'][1]['params'] < summary['rows'][0]['params']  # fewer heads
+    assert all(r['ms_per_iter'] > 0 and r['peak_mb'] > 0 for r in summary['rows'])
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+# (bench.py's arguments, a fragment of the one-line message); {ckpt}: a checkpoint
+BENCH_ERRORS = [
+    (['no_such_section'], 'usage'),
+    ([], 'usage'),
+    (['decode', '--ckpt={ckpt}', '--nope=1'], 'unknown option'),
+    (['decode', '--ckpt={ckpt}', '--repeats=0'], 'repeats'),
+    (['train', '--iters=two'], 'expects int'),
+    (['train', '--compare=n_future=2;nope=1'], 'unknown option'),  # before any variant runs
+    (['marginalize', '--ckpt={ckpt}', '--positions=0'], 'positions'),
+    (['marginalize', '--ckpt={ckpt}', '--top_k=3,5'], 'top_k'),       # a single setting
+]
+
+
+@pytest.mark.parametrize('args,fragment', BENCH_ERRORS, ids=[' '.join(a) for a, _ in BENCH_ERRORS])
+def test_bad_section_or_flags_are_one_line_user_errors(counting_ckpt, args, fragment):
+    ckpt = str(counting_ckpt / 'ckpt.pt')
+    one_line_error(bench.main, [a.format(ckpt=ckpt) for a in args], match=fragment)

@@ -1,0 +1,241 @@
+"""Specification of the plumbing every script shares (common.py): --help pages generated from
+the config dataclasses, one-line errors on the command line, checkpoint files, and the model a
+checkpoint describes (old checkpoints included)."""
+import importlib
+import inspect
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, fields
+
+import pytest
+import torch
+
+import model as M
+from common import (UserError, cli, field_docs, help_text, load_checkpoint, load_model,
+                    model_from_checkpoint, save_checkpoint)
+from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def tokens(T=12, vocab=40, B=2, seed=1):
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# --help: every script lists its flags, their defaults and what they do
+
+# (module, the arguments before --help, its config dataclass, names that are not flags there)
+HELP_PAGES = [('train', [], 'TrainConfig'),
+              ('sample', [], 'SampleConfig'),
+              ('marginalize', [], 'MarginalizeConfig'),
+              ('distill', [], 'DistillConfig'),
+              ('study', [], 'StudyConfig'),
+              ('data.prepare', [], 'PrepareConfig'),
+              ('bench', ['decode'], 'DecodeBench'),
+              ('bench', ['train'], 'TrainBench'),
+              ('bench', ['marginalize'], 'MarginalizeBench')]
+CONFIGS = [(module, config) for module, _, config in HELP_PAGES]
+
+
+def help_page(module, argv, capsys):
+    """What main(argv) prints before it exits; asserts it exits with status 0."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def shown(default):
+    """How a default is written in --help: as is, or repr() when not printable (e.g. '\\n')."""
+    return repr(default) if isinstance(default, str) and not default.isprintable() else default
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+@pytest.mark.parametrize('module,section,config', HELP_PAGES,
+                         ids=[' '.join([m, *s]) for m, s, _ in HELP_PAGES])
+def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
+        module, section, config, flag, capsys):
+    """`<script> --help` (or -h) prints the config dataclass's docstring, then one line per flag
+    in the dataclass's order: --name=default and its description (common.field_docs), and
+    exits with status 0 before doing anything else. The page lists exactly the flags the
+    script takes: a field it leaves out (a config that extends another script's, e.g.
+    distill.py's of train.py's, decides some fields itself) is refused as an unknown option."""
+    script = importlib.import_module(module)
+    cls = getattr(script, config)
+    out = help_page(module, [*section, flag], capsys)
+    assert out.startswith(inspect.getdoc(cls))
+    lines = out.split('flags (--name=value):\n', 1)[1].rstrip('\n').splitlines()
+    listed = [line.split('=', 1)[0].strip().removeprefix('--') for line in lines]
+    names = [f.name for f in fields(cls)]
+    assert listed and listed == [name for name in names if name in listed], listed
+    docs, defaults = field_docs(cls), cls()
+    for line, name in zip(lines, listed):
+        prefix = f"  --{name}={shown(getattr(defaults, name))} "
+        assert line.startswith(prefix), (line, prefix)
+        assert line[len(prefix):].strip() == docs[name], line
+    for name in set(names) - set(listed):
+        one_line_error(script.main, [*section, f'--{name}=1'], match='unknown option')
+
+
+def test_bench_help_lists_every_section(capsys):
+    """`bench.py --help` shows the help page of every section (decode, train, marginalize)."""
+    pages = [help_page('bench', [*section, '--help'], capsys)
+             for module, section, _ in HELP_PAGES if module == 'bench']
+    everything = help_page('bench', ['--help'], capsys)
+    assert len(pages) == 3
+    for page in pages:
+        assert page.strip() in everything
+
+
+@pytest.mark.parametrize('module,config', CONFIGS, ids=[c for _, c in CONFIGS])
+def test_every_config_field_has_a_description(module, config):
+    """Every field of every script's config dataclass has a non-empty description (the
+    `# ...` comment on its line), so no flag is undocumented in --help."""
+    cls = getattr(importlib.import_module(module), config)
+    docs = field_docs(cls)
+    assert set(docs) == {f.name for f in fields(cls)}
+    for name, description in docs.items():
+        assert description.strip(), f"{config}.{name} has no description"
+
+
+@dataclass
+class Example:
+    """python example.py [--name=value ...]
+What the example does."""
+    alpha: int = 1          # the first flag
+    beta: str = 'x'         # a description that goes on
+                            # over two lines
+    gamma: float = 0.5      # (see alpha)
+    delta: str = '\n'       # not printable: shown as repr
+
+
+def test_field_docs_reads_the_comments_and_their_continuation_lines():
+    """field_docs reads `name: type = default  # description`; a comment line whose '#' is in
+    the same column continues the description. help_text lays them out under the docstring."""
+    assert field_docs(Example) == {'alpha': 'the first flag',
+                                   'beta': 'a description that goes on over two lines',
+                                   'gamma': '(see alpha)',
+                                   'delta': 'not printable: shown as repr'}
+    assert help_text(Example(), asdict(Example())).splitlines() == [
+        'python example.py [--name=value ...]', 'What the example does.', '',
+        'flags (--name=value):',
+        "  --alpha=1     the first flag",
+        "  --beta=x      a description that goes on over two lines",
+        "  --gamma=0.5   (see alpha)",
+        "  --delta='\\n'  not printable: shown as repr"]
+
+
+def test_help_on_the_command_line_exits_0():
+    """The real command line: `python train.py --help` prints the page and exits with 0."""
+    r = run_cli('train.py', '--help')
+    assert r.returncode == 0, r.stderr
+    assert 'flags (--name=value):' in r.stdout and '--max_iters=3500' in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# cli(): what a user can get wrong ends the script with one line
+
+def test_cli_ends_a_user_error_with_one_line_and_lets_bugs_through(monkeypatch):
+    """cli(main) calls main(sys.argv[1:]); a UserError (or one of `errors`) becomes
+    SystemExit('error: <message>') -- exit status 1, the line on stderr; any other exception
+    is a bug and propagates with its traceback."""
+    monkeypatch.setattr(sys, 'argv', ['script.py', '--x=1'])
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        raise UserError(f"bad flags {argv}")
+    with pytest.raises(SystemExit) as e:
+        cli(main)
+    assert seen == [['--x=1']] and e.value.code == "error: bad flags ['--x=1']"
+
+    def buggy(argv):
+        raise ValueError('a bug')
+    with pytest.raises(ValueError):
+        cli(buggy)
+    with pytest.raises(SystemExit) as e:
+        cli(buggy, errors=(ValueError,))
+    assert e.value.code == 'error: a bug'
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def test_save_checkpoint_is_atomic_and_loads(tmp_path):
+    """save_checkpoint leaves only the final file (no temp files) and it loads back."""
+    model = tiny_gpt()
+    path = tmp_path / 'sub' / 'ckpt.pt'
+    obj = dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__), iter_num=3)
+    save_checkpoint(obj, str(path))
+    save_checkpoint(obj, str(path))  # overwriting works too
+    assert os.listdir(tmp_path / 'sub') == ['ckpt.pt']
+    ck = load_checkpoint(str(path))
+    assert ck['iter_num'] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck['model'][k], v)
+
+
+def test_load_checkpoint_errors_are_one_line(tmp_path):
+    """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
+    good = tmp_path / 'good.pt'
+    save_checkpoint(dict(model=tiny_gpt().state_dict(), model_args={}), str(good))
+    data = good.read_bytes()
+    trunc = tmp_path / 'trunc.pt'
+    trunc.write_bytes(data[:len(data) // 2])
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'this is not a checkpoint\x00\x01\x02' * 10)
+    empty = tmp_path / 'empty.pt'
+    empty.write_bytes(b'')
+    other = tmp_path / 'other.pt'
+    torch.save([1, 2, 3], str(other))
+
+    assert 'not found' in one_line_error(load_checkpoint, str(tmp_path / 'missing.pt'))
+    assert 'corrupt' in one_line_error(load_checkpoint, str(trunc))
+    assert 'corrupt' in one_line_error(load_checkpoint, str(garbage))
+    assert 'corrupt' in one_line_error(load_checkpoint, str(empty))
+    assert 'not a nanoMTP checkpoint' in one_line_error(load_checkpoint, str(other))
+
+
+def test_model_from_checkpoint_roundtrip_and_mismatch():
+    """A checkpoint's model_args + weights rebuild the same model; weights that do not match
+    model_args are a one-line UserError."""
+    mtp = tiny_mtp(n_future=2, whs=True).eval()
+    ckpt = dict(model=mtp.state_dict(), model_args=asdict(mtp.config))
+    back = model_from_checkpoint(ckpt).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert max_diff(back(x)[0], mtp(x)[0]) == 0
+    bad = dict(ckpt, model_args=dict(ckpt['model_args'], n_future=3))
+    one_line_error(model_from_checkpoint, bad)
+
+
+def test_an_old_checkpoint_with_linear_heads_loads_as_the_same_model(tmp_path):
+    """Checkpoints written before the resblock head had its own module say head_type='linear'
+    and store heads.i.linear.{weight,bias}. model_from_checkpoint (and load_model, from a file)
+    rebuild the model they were made from: resblock heads, the same logits for every head."""
+    model = tiny_mtp(n_future=3, head_type='resblock', bias=True)
+    with torch.no_grad():
+        for p in model.heads.parameters():  # away from the identity init: the weights matter
+            p.normal_(0, 0.5)
+    old_state = {re.sub(r'^(heads\.\d+)\.resblock\.linear\.', r'\1.linear.', k): v
+                 for k, v in model.state_dict().items()}
+    assert {'heads.2.linear.weight', 'heads.2.linear.bias'} <= old_state.keys()
+    assert not any('resblock' in k for k in old_state)
+    old = dict(model=old_state, model_args={**asdict(model.config), 'head_type': 'linear'})
+    path = str(tmp_path / 'old.pt')
+    save_checkpoint({**old, 'config': {}, 'meta': {}}, path)
+    x = tokens()
+    with torch.no_grad():
+        want, _ = model(x)
+        assert max_diff(model.head_logits(3, model.trunk(x)), want[:, :, 0]) > 1e-3
+        for back in (model_from_checkpoint(old).eval(), load_model(path)[0]):
+            assert back.config.head_type == 'resblock'
+            assert max_diff(back(x)[0], want) == 0
+    # the same weights under a name that is neither the old nor the new one do not load
+    broken = {k.replace('.linear.', '.proj.'): v for k, v in old_state.items()}
+    one_line_error(model_from_checkpoint, dict(old, model=broken))
+    assert M.UserError is UserError  # model.py's UserError is the one common.py raises
