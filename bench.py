@@ -4,28 +4,17 @@ Benchmarks of nanoMTP, one section per question:
     python bench.py decode --ckpt=out/ckpt.pt                       # vanilla vs self-speculative
     python bench.py decode --ckpt=out/ckpt.pt --draft=small/ckpt.pt  # ... and a draft model
 
-decode: the same val prompts are decoded by every mode (sample.py's code), after a warm-up,
-`repeats` times, modes interleaved prompt by prompt; greedy and at --temperature. It prints
-tokens/s (median), speedup over vanilla, tau, acceptance by position, whether greedy outputs
-equal vanilla's, and ms/fwd = wall time per target forward (per step, all its work included), so
-speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode. --threads=1 (default): one small model's
-decoding is latency bound; on CPU more threads mostly add synchronization (measured: 2 threads
-made both modes slower, and a verify forward 1.7x a single-token one, against 1.35x with 1).
-
     python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
-    python bench.py train --vocab_size=50257 --compare="memory_efficient=true;n_future=1"
-
-train: train.py's own loop on a synthetic corpus, the base variant and every --compare variant
-in a fresh process each: median ms/iter after `warmup` iterations, tokens/s, peak memory (CPU:
-max RSS and "step MB", its rise during training), and on CUDA the MFU against --peak_tflops.
-
     python bench.py marginalize --ckpt=out/ckpt.pt --positions=256     # batched vs naive
 
-marginalize: both estimators of marginalize.py on the same positions: their max abs difference,
-seconds, forwards and forward tokens, and the speedup of the batched one.
-
-To add a section: write bench_<name>(argv) returning a summary dict and register it in SECTIONS;
-`python bench.py --help` lists every section's flags.
+decode: the same val prompts, every mode, modes interleaved prompt by prompt, greedy and at
+--temperature: tokens/s, speedup, tau, acceptance, greedy == vanilla, and ms/fwd (wall time per
+target forward), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode. One CPU thread by
+default: small-model decoding is latency bound (2 threads made a verify forward 1.7x a
+single-token one, against 1.35x with 1). train: train.py's own loop on a synthetic corpus, each
+--compare variant in a fresh process: ms/iter, tokens/s, peak memory, MFU on CUDA. marginalize:
+both estimators on the same positions: max abs difference, cost, speedup. To add a section,
+write bench_<name>(argv) and register it in SECTIONS; --help lists every section's flags.
 """
 import json
 import os
@@ -39,11 +28,10 @@ from dataclasses import dataclass, asdict, fields, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, help_text, check_ranges, parse_top_ks, pick_device,
-                    autocast_for,
-                    set_cpu_threads, Clock, load_model, load_tokens, val_prompts, eval_windows,
-                    window_batch, cli)
-from marginalize import marginalize, marginalize_naive, MarginalizeConfig
+from common import (UserError, parse_flags, MarginalizeFlags, help_text, check_ranges,
+                    parse_top_ks, measure, pick_device, autocast_for, set_cpu_threads, Clock,
+                    load_model, load_tokens, val_prompts, eval_windows, window_batch, cli)
+from marginalize import marginalize, marginalize_naive
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
 
@@ -70,44 +58,6 @@ Vanilla vs self-speculative (and two-model) decoding on the same val prompts: sp
     device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | mps
     dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     threads: int = 1            # CPU threads (0 = torch's default); see the docstring
-
-
-def interleaved(modes, prompts, device, seed, **sampling):
-    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
-    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
-    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
-    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
-    for prompt in prompts:
-        for mode, decode in modes.items():
-            clock = Clock(device)
-            result = decode(prompt, generator=generators[mode], **sampling)
-            seconds[mode] += clock.seconds()
-            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
-            outputs[mode].append(result.tokens)
-    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
-            for mode in modes}
-
-
-def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
-    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
-    speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
-    for r in range(repeats):
-        runs = interleaved(modes, prompts, device, seed + r, **sampling)
-        for mode, (tokens_per_s, stats, _) in runs.items():
-            speeds[mode].append(tokens_per_s)
-            ms_per_forward[mode].append(1000 * stats.new_tokens / tokens_per_s
-                                        / stats.target_forwards)
-    rows = {}
-    for mode, (_, stats, outputs) in runs.items():
-        s = stats.summary()
-        rows[mode] = dict(
-            tokens_per_s=statistics.median(speeds[mode]),
-            speedup=statistics.median(speeds[mode]) / statistics.median(speeds['vanilla']),
-            tau=s['tau'], acceptance=s['acceptance'],
-            ms_per_forward=statistics.median(ms_per_forward[mode]),
-            target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
-            identical=outputs == runs['vanilla'][2] if greedy else None)
-    return rows
 
 
 def print_rows(setting, temperature, rows):
@@ -179,15 +129,14 @@ Every train.py flag (model shape, head type, device, dtype, compile, ...) can be
 
 
 TRAIN_FIXED = ('out_dir', 'dataset', 'data_dir', 'init_from', 'eval_interval', 'eval_iters',
-               'max_iters', 'quiet')  # the benchmark decides these
+               'log_interval', 'max_iters', 'doc_len', 'doc_prompt', 'quiet')  # the benchmark's
 
 
 @dataclass
-class MarginalizeBench(MarginalizeConfig):
+class MarginalizeBench(MarginalizeFlags):
     """python bench.py marginalize --ckpt=out/ckpt.pt [--name=value ...]
 Batched (KV cache + tree attention) vs naive marginalization on the same positions."""
     ckpt: str = 'out/ckpt.pt'  # checkpoint path (or gpt2 / gpt2-medium / ...)
-    positions: int = 64       # positions t to estimate
     k_ahead: int = 2          # estimate x_{t+1} .. x_{t+k_ahead}
     top_k: str = '8'          # candidates per step: one number, or 'all'
 
@@ -256,8 +205,9 @@ def bench_train(argv):
             why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise UserError(f"variant {name} failed: {why}")
         rows.append(dict(variant=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
-    shape = {k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
-                                  'vocab_size', 'n_future', 'head_type', 'memory_efficient')}
+    shape = {k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size',
+                                           'batch_size', 'vocab_size', 'n_future', 'head_type',
+                                           'memory_efficient')}
     print(f"train benchmark: {shape}, {args.iters} timed iters after {args.warmup}, "
           f"device {args.device}")
     print(f"  {'variant':34} {'ms/iter':>8} {'x base':>7} {'tokens/s':>9} {'peak MB':>8} "
@@ -308,9 +258,9 @@ def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0,
 
 
 def bench_marginalize(argv):
-    args = parse_flags(argv, MarginalizeBench(), fixed=('renormalize', 'quiet'))
+    args = parse_flags(argv, MarginalizeBench())
     check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'))
+                 non_negative=('max_paths', 'window'), fractions=('top_p',))
     top_ks = parse_top_ks(args.top_k) or []
     if len(top_ks) != 1:
         raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
@@ -336,8 +286,7 @@ SECTIONS = {'decode': bench_decode, 'train': bench_train, 'marginalize': bench_m
 
 def main(argv):
     if argv and argv[0] in ('--help', '-h'):
-        for config, fixed in ((DecodeBench, ()), (TrainBench, TRAIN_FIXED),
-                              (MarginalizeBench, ('renormalize', 'quiet'))):
+        for config, fixed in ((DecodeBench, ()), (TrainBench, TRAIN_FIXED), (MarginalizeBench, ())):
             flags = {k: v for k, v in asdict(config()).items() if k not in fixed}
             print(help_text(config(), flags) + '\n')
         sys.exit(0)

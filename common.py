@@ -130,8 +130,11 @@ def help_text(defaults, values):
     return '\n'.join(lines)
 
 
-def check_ranges(args, positive=(), non_negative=()):
-    """One-line errors for numeric flags out of range."""
+def check_ranges(args, positive=(), non_negative=(), fractions=()):
+    """One-line errors for numeric flags out of range (fractions: in (0, 1])."""
+    for key in fractions:
+        if not 0 < getattr(args, key) <= 1:
+            raise UserError(f"--{key} must be in (0, 1], got {getattr(args, key)}")
     for key in positive:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
@@ -148,6 +151,24 @@ def parse_top_ks(flag):
             raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
         top_ks.append(0 if item == 'all' else int(item))
     return top_ks or None
+
+
+@dataclasses.dataclass
+class MarginalizeFlags:
+    """The flags of a marginalization run (marginalize.py's table, bench.py marginalize)."""
+    ckpt: str = ''            # checkpoint path (or gpt2 / gpt2-medium / ...); required
+    input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
+    data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
+    positions: int = 256      # how many positions t to evaluate
+    k_ahead: int = 3          # predict x_{t+1} .. x_{t+k_ahead}
+    top_k: str = ''           # comma list of marginalization settings, 'all' = all of V;
+                              # '' = 1,2,5,10,50 (and all if V <= 128)
+    top_p: float = 1.0        # nucleus of every step's candidates (1 = off)
+    max_paths: int = 0        # at most this many paths per position (0 = no cap)
+    chunk_size: int = 512     # tokens per batched forward
+    window: int = 0           # tokens per window (0 = block_size)
+    seed: int = 0             # which windows
+    device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
 
 
 def cli(main, errors=(UserError,)):
@@ -203,7 +224,7 @@ class Distributed:
         self.device = pick_device(device_flag)
         if self.ddp:
             import torch.distributed as dist
-            self.dist = dist
+            self.torch_distributed = dist
             cuda = torch.cuda.is_available() and device_flag != 'cpu'
             self.backend = 'nccl' if cuda else 'gloo'
             dist.init_process_group(backend=self.backend)
@@ -227,12 +248,12 @@ class Distributed:
         if not self.ddp:
             return [obj]
         objs = [None] * self.world
-        self.dist.all_gather_object(objs, obj)
+        self.torch_distributed.all_gather_object(objs, obj)
         return objs
 
     def close(self):
         if self.ddp:
-            self.dist.destroy_process_group()
+            self.torch_distributed.destroy_process_group()
 
 
 class Clock:
@@ -277,13 +298,15 @@ def load_checkpoint(path, map_location='cpu'):
 
 
 def model_from_checkpoint(ckpt):
-    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. (Checkpoints written
-    before the ResBlock head had its own module name keep loading: heads.i.linear ->
-    heads.i.resblock.linear.)"""
+    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints keep
+    loading: heads.i.linear -> heads.i.resblock.linear, and WHS softmax logits -> coefficients
+    (the same mix)."""
     model = MTPGPT(MTPConfig(**ckpt['model_args']))
     state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
                     k.removeprefix('_orig_mod.').removeprefix('module.')): v
              for k, v in ckpt['model'].items()}
+    for key in [k for k in state if k.endswith('.whs_logits')]:  # WHS as a softmax, before
+        state[key.replace('whs_logits', 'whs_coef')] = torch.softmax(state.pop(key), dim=0)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -367,9 +390,11 @@ def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
     return tokens, source
 
 
-def check_positions(model, n_tokens, positions, k_ahead):
+def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
     """The checks of a marginalization request (marginalize.py): one-line errors."""
     block_size = model.config.block_size
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if k_ahead < 1:
         raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
     if not 1 <= n_tokens <= block_size:
@@ -416,13 +441,13 @@ def window_batch(tokens, start, n, k_ahead, device):
     return seq, targets
 
 
-def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None):
+def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
+                hint='pass --data=path/to/val.bin'):
     """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
     val.bin), evenly spaced, or at random starts drawn from generator."""
     data_path = data_path or val_path(ckpt)
     if not os.path.isfile(data_path):
-        raise UserError(f"tokens not found: {data_path}; pass --data=path/to/val.bin, or run "
-                        f"data/prepare.py for the checkpoint's dataset")
+        raise UserError(f"token file not found: {data_path}; {hint}")
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
     if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
         raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
@@ -458,15 +483,11 @@ def stop_tokens(flag, tokenizer):
 # training data and resuming (train.py)
 
 class Batches:
-    """Random windows of a uint16 token file. The generator state is saved in checkpoints so
-    a resumed run draws the same batches as an uninterrupted one.
-
-    Documents (doc_len > 0): the file is a run of documents of doc_len tokens each, and every
-    window starts at a document's start. Targets past the document's end and targets that are
-    among its first doc_prompt tokens are -1 (no loss, no accuracy): distill.py's documents are a
-    prompt of real text followed by the model's own tokens, and only the latter are to be learned.
-    (Head k > 1 at the last k - 1 prompt positions still predicts a generated token, with real
-    text in between: k - 1 targets per document, about 1% at distill.py's defaults.)"""
+    """Random windows of a uint16 token file; the generator state is saved in checkpoints, so a
+    resumed run draws the same batches. Documents (doc_len > 0, distill.py): every window starts
+    at a document's start, and targets past its end or among its first doc_prompt tokens are -1
+    (neither loss nor accuracy). Head k > 1 at the last k - 1 prompt positions still predicts a
+    generated token: k - 1 targets per document, about 1% at distill.py's defaults."""
 
     def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
         if not os.path.isfile(path):
@@ -528,7 +549,7 @@ def restore(ckpt, optimizer, batches, rank):
     except (ValueError, KeyError):
         raise UserError("the checkpoint's optimizer does not match these flags: resume with "
                         "the strategy flags of the original run (freeze_trunk, "
-                        "trunk_lr_scale, whs_lr_scale, ...)")
+                        "trunk_lr_scale, ...)")
     saved = ckpt['rng'].get('ranks', [ckpt['rng']])
     if rank < len(saved):
         torch.set_rng_state(saved[rank]['torch'])
@@ -542,8 +563,10 @@ def restore(ckpt, optimizer, batches, rank):
 def eval_line(last_eval):
     heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
                      for h in last_eval['val']['heads'])
+    whs = ' | WHS mix h_0..h_attach per head: ' + '; '.join(
+        ' '.join(f"{c:.2f}" for c in row) for row in last_eval['whs']) if last_eval['whs'] else ''
     return (f"iter {last_eval['iter']}: train loss {last_eval['train']['loss']:.4f}, val loss "
-            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}")
+            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}{whs}")
 
 
 def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
@@ -552,7 +575,7 @@ def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
     evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
     return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
                 train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
-                val_heads=evaluated('val', 'heads'),
+                val_heads=evaluated('val', 'heads'), whs=last_eval['whs'] if last_eval else None,
                 ms_per_iter=statistics.median(step_ms) if step_ms else None,
                 time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
 
@@ -594,11 +617,10 @@ class Stats:
 
     def add(self, other):
         """Sum another run's counters into these (same number of draft positions)."""
-        for name in ('new_tokens', 'target_forwards', 'draft_forwards', 'decode_forwards',
-                     'decode_tokens', 'time_s'):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.drafted = [a + b for a, b in zip(self.drafted, other.drafted)]
-        self.accepted = [a + b for a, b in zip(self.accepted, other.accepted)]
+        for name, mine in vars(self).items():
+            theirs = getattr(other, name)
+            setattr(self, name, [a + b for a, b in zip(mine, theirs)] if isinstance(mine, list)
+                    else mine + theirs)
         return self
 
     def summary(self):
@@ -629,24 +651,15 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
         raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
-def stop_index(seq, stop, first, n_new):
-    """Where the stop sequence starts in seq, if it ends among the last n_new tokens and starts
-    at index >= first (after the prompt); else None."""
-    if not stop:
-        return None
-    lo = max(first, len(seq) - n_new - len(stop) + 1)
-    for i in range(lo, len(seq) - len(stop) + 1):
+def cut_stop(seq, n_prompt, stop, n_new):
+    """After n_new tokens were appended to seq: if the stop sequence now ends among them (and
+    starts after the prompt), cut it off and return True (the generation ends)."""
+    first = max(n_prompt, len(seq) - n_new - len(stop) + 1)
+    for i in range(first, len(seq) - len(stop) + 1) if stop else ():
         if seq[i:i + len(stop)] == stop:
-            return i
-    return None
-
-
-def finish(seq, n_prompt, stop, n_new):
-    """After n_new tokens were appended: cut a completed stop sequence; True if generation ends."""
-    i = stop_index(seq, stop, n_prompt, n_new)
-    if i is not None:
-        del seq[i:]
-    return i is not None
+            del seq[i:]
+            return True
+    return False
 
 
 class Decoding:
@@ -658,7 +671,7 @@ class Decoding:
                  n_draft_positions=0):
         check_request(prompt, max_new_tokens, temperature, top_k, top_p)
         self.seq, self.n_prompt, self.max_new_tokens = list(prompt), len(prompt), max_new_tokens
-        self.shape = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # of p and q
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # p and q
         self.greedy, self.stop, self.generator = temperature == 0, list(stop), generator
         self.stats, self.stopped = Stats(n_draft_positions), False
         self.t0 = time.perf_counter()
@@ -675,12 +688,50 @@ class Decoding:
         cut a completed stop sequence, which ends the generation."""
         self.stats.step(n_drafts, len(new) - 1)
         self.seq += new
-        self.stopped = finish(self.seq, self.n_prompt, self.stop, len(new))
+        self.stopped = cut_stop(self.seq, self.n_prompt, self.stop, len(new))
 
     def result(self, window):
         self.stats.new_tokens = len(self.seq) - self.n_prompt
         self.stats.time_s = time.perf_counter() - self.t0
         return Generation(self.seq[self.n_prompt:], self.stats, window)
+
+
+def interleaved(modes, prompts, device, seed, **sampling):
+    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
+    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
+    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
+    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
+    for prompt in prompts:
+        for mode, decode in modes.items():
+            clock = Clock(device)
+            result = decode(prompt, generator=generators[mode], **sampling)
+            seconds[mode] += clock.seconds()
+            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+            outputs[mode].append(result.tokens)
+    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
+            for mode in modes}
+
+
+def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
+    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
+    speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
+    for r in range(repeats):
+        runs = interleaved(modes, prompts, device, seed + r, **sampling)
+        for mode, (tokens_per_s, stats, _) in runs.items():
+            speeds[mode].append(tokens_per_s)
+            ms_per_forward[mode].append(1000 * stats.new_tokens / tokens_per_s
+                                        / stats.target_forwards)
+    rows = {}
+    for mode, (_, stats, outputs) in runs.items():
+        s = stats.summary()
+        rows[mode] = dict(
+            tokens_per_s=statistics.median(speeds[mode]),
+            speedup=statistics.median(speeds[mode]) / statistics.median(speeds['vanilla']),
+            tau=s['tau'], acceptance=s['acceptance'],
+            ms_per_forward=statistics.median(ms_per_forward[mode]),
+            target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+            identical=outputs == runs['vanilla'][2] if greedy else None)
+    return rows
 
 
 # -----------------------------------------------------------------------------

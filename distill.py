@@ -47,12 +47,14 @@ Self-distillation: the model writes its own corpus, heads 2..n learn it (trunk, 
     top_p: float = 1.0          # of the generation (1 = off)
     gen_batch: int = 64         # documents generated at once
     # the fine-tuning: train.py's flags, with these defaults (heads 2..n only, a short run)
-    out_dir: str = 'out-distill'  # the corpus goes to <out_dir>/data/, the model to <out_dir>/ckpt.pt
+    out_dir: str = 'out-distill'  # corpus -> <out_dir>/data/, model -> <out_dir>/ckpt.pt
     max_iters: int = 2000       # fine-tuning iterations
     batch_size: int = 16        # documents per step
     learning_rate: float = 1e-3  # peak LR of the heads
     min_lr: float = 1e-4        # LR at the end of the cosine decay
     eval_interval: int = 500    # iterations between evaluations / checkpoints
+    loss_weights: str = ''      # lambda_1..lambda_n; default 0,1,..,1 (must start with 0)
+    seed: int = 1337            # of the prompts, the generation and the fine-tuning
 
 
 # The data, the model (its shape included) and the frozen parts are this script's business, so
@@ -94,10 +96,6 @@ def fine_tuning_config(args, n_future):
 
 
 def check_request(args, model):
-    check_ranges(args, positive=('num_sequences', 'val_sequences', 'prompt_len', 'gen_batch'))
-    if args.seq_len <= args.prompt_len:
-        raise UserError(f"seq_len ({args.seq_len}) must exceed prompt_len "
-                        f"({args.prompt_len}): the generated tokens are the corpus")
     n_future = model.config.n_future
     if n_future < 2:
         raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
@@ -110,6 +108,10 @@ def check_request(args, model):
 
 def main(argv):
     args = parse_flags(argv, DistillConfig(), fixed=FIXED)
+    check_ranges(args, positive=('num_sequences', 'val_sequences', 'prompt_len', 'gen_batch'))
+    if args.seq_len <= args.prompt_len:
+        raise UserError(f"seq_len ({args.seq_len}) must exceed prompt_len "
+                        f"({args.prompt_len}): the generated tokens are the corpus")
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     check_request(args, model)
@@ -123,8 +125,10 @@ def main(argv):
     with autocast_for(cfg.dtype, device):
         for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
             source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
-            prompts = torch.tensor(val_prompts(ckpt, source, n, args.prompt_len, torch.Generator(
-                ).manual_seed(cfg.seed + (split == 'val'))))
+            prompts = torch.tensor(val_prompts(
+                ckpt, source, n, args.prompt_len, torch.Generator().manual_seed(
+                    cfg.seed + (split == 'val')), hint="prompts are cut from the checkpoint's "
+                "data: run data/prepare.py for its dataset"))
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
                          device, generator)
     # the tokenizer, and where the real text is: prompts and evaluations of the distilled model

@@ -6,7 +6,7 @@ head 1 is the next-token (NTP) head. The structure follows Gloeckle et al. (2024
 Mehra et al. (2025):
 
     h_0 = embeddings, h_l = trunk block l output            (l = 1 .. attach_layer)
-    z_k = h_attach                      or, with WHS,  z_k = sum_l softmax(w_k)_l h_l
+    z_k = h_attach                      or, with WHS,  z_k = sum_l c_kl h_l   (l = 0 .. attach)
     head k: n_layer - attach_layer transformer blocks on z_k (model.Block; the 'block' type)
             or a Medusa ResBlock z + SiLU(W z), W zero-initialized (the 'resblock' type)
     logits_k = unembed(ln_f(head_k output))       -- ln_f and the unembedding are SHARED
@@ -28,7 +28,6 @@ from torch.nn import functional as F
 
 from model import GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_
 
-WHS_INIT_LOGIT = 12.0  # softmax weight of the last trunk layer at init: 1 - O(L * e^-12)
 HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old checkpoints, flags)
 
 
@@ -75,15 +74,22 @@ class ResBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """One prediction head: optional WHS mix, then its blocks (or a Medusa ResBlock)."""
+    """One prediction head: optional WHS mix, then its blocks (or a Medusa ResBlock).
+
+    Weighted hidden states (WHS): the head reads z = sum_l c_l h_l, a learned combination of the
+    trunk's hidden states h_0 .. h_attach instead of h_attach alone (the paper: heads take "a
+    weighted combination of hidden states from all layers", so they need not rely on layers that
+    specialized for the next token). The coefficients c are unconstrained and start one-hot on
+    h_attach, so an adapted model starts exactly as its source, and dL/dc_l = <dL/dz, h_l> is of
+    order one for every layer from the first step. (A softmax over logits would have to start
+    saturated to reproduce the source, where every other layer's weight and gradient is ~e^-12:
+    measured, such a mix never left the last layer.)"""
 
     def __init__(self, config):
         super().__init__()
         n_in = config.attach_layer + 1  # h_0 .. h_attach
         if config.whs:
-            w = torch.zeros(n_in)
-            w[-1] = WHS_INIT_LOGIT
-            self.whs_logits = nn.Parameter(w)
+            self.whs_coef = nn.Parameter(F.one_hot(torch.tensor(n_in - 1), n_in).float())
         if config.head_type == 'block':
             self.blocks = nn.ModuleList([Block(config)
                                          for _ in range(config.n_layer - config.attach_layer)])
@@ -92,10 +98,8 @@ class Head(nn.Module):
 
     def mix(self, trunk_hidden):
         """The head's input z from the trunk states [h_0 .. h_attach] (any shape (..., C))."""
-        if hasattr(self, 'whs_logits'):
-            # WHS: z = sum_l softmax(w)_l * h_l over the trunk's hidden states h_0 .. h_attach
-            weights = F.softmax(self.whs_logits, dim=0)
-            return torch.einsum('l,l...->...', weights.to(trunk_hidden[-1].dtype),
+        if hasattr(self, 'whs_coef'):  # WHS: z = sum_l c_l h_l over h_0 .. h_attach
+            return torch.einsum('l,l...->...', self.whs_coef.to(trunk_hidden[-1].dtype),
                                 torch.stack(trunk_hidden))
         return trunk_hidden[-1]
 
@@ -125,9 +129,12 @@ class MTPGPT(GPT):
     def num_cache_layers(self):
         return self.config.attach_layer + self.config.n_future * self.head_depth()
 
-    def whs_parameters(self):
-        """The WHS mixing logits of every head (empty without WHS)."""
-        return [head.whs_logits for head in self.heads if hasattr(head, 'whs_logits')]
+    def whs_weights(self):
+        """The WHS mix of every head: (n_future, attach_layer + 1), row k-1 = head k's
+        coefficients c_l of h_0 .. h_attach (None without WHS)."""
+        if not self.config.whs:
+            return None
+        return torch.stack([head.whs_coef.detach() for head in self.heads])
 
     def trunk_parameters(self):
         """The backbone: embeddings, trunk blocks, and the shared final norm / unembedding."""
@@ -229,7 +236,7 @@ def ntp_blocks(model):
     blocks = list(model.transformer.h)
     if isinstance(model, MTPGPT):
         head = model.heads[0]
-        if hasattr(head, 'whs_logits') or hasattr(head, 'resblock'):
+        if hasattr(head, 'whs_coef') or hasattr(head, 'resblock'):
             raise UserError("cannot adapt this model: its head 1 is a WHS or resblock head, not "
                             "a plain stack of blocks")
         blocks += list(head.blocks)

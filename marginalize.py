@@ -33,7 +33,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from heads import MTPGPT, Tally
-from common import (UserError, parse_flags, check_ranges, parse_top_ks, check_positions,
+from common import (UserError, parse_flags, MarginalizeFlags, check_ranges, parse_top_ks,
+                    check_positions,
                     eval_windows, window_batch, pick_device, Clock, load_model, load_tokens,
                     format_table, cli)
 
@@ -78,7 +79,7 @@ def marginalize_naive(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, m
     x<=t + path, no cache, no masks. Slow, and obviously right: the reference for marginalize."""
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
-    check_positions(model, len(tokens), positions, k_ahead)
+    check_positions(model, len(tokens), positions, k_ahead, top_p)
     probs, mass, forward_tokens, forwards = [], [], 0, 0
     for t in [int(t) for t in positions]:
         paths = [([], 1.0)]  # (v_1 .. v_j, prod_j p(v_j | x<=t, v_<j)); the empty path first
@@ -185,7 +186,7 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)
-    check_positions(model, len(tokens), positions, k_ahead)
+    check_positions(model, len(tokens), positions, k_ahead, top_p)
     n_cached = len(tokens)
     cache = model.new_cache(n_cached + max(chunk_size, k_ahead))  # cache slots are not positions
     ntp = F.softmax(next_token_logits(model, tokens[None], cache=cache)[0, positions].float(), -1)
@@ -285,34 +286,21 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
 # command line
 
 @dataclass
-class MarginalizeConfig:
+class MarginalizeConfig(MarginalizeFlags):
     """python marginalize.py --ckpt=out/ckpt.pt [--name=value ...]
 The accuracy table: x_{t+1}..x_{t+k_ahead} by greedy chaining, marginalization and the MTP heads."""
-    ckpt: str = ''            # checkpoint path (or gpt2 / gpt2-medium / ...); required
-    input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
-    data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
-    positions: int = 256      # how many positions t to evaluate
-    k_ahead: int = 3          # predict x_{t+1} .. x_{t+k_ahead}
-    top_k: str = ''           # comma list of marginalization settings, 'all' = all of V;
-                              # '' = 1,2,5,10,50 (and all if V <= 128)
-    top_p: float = 1.0        # nucleus of every step's candidates (applies to every row)
-    max_paths: int = 0        # at most this many paths per position (0 = no cap)
     renormalize: bool = False  # divide the estimate by the captured mass
-    chunk_size: int = 512     # tokens per batched forward
-    window: int = 0           # tokens per window (0 = block_size)
-    seed: int = 0             # which windows
-    device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
     quiet: bool = False       # no progress bars
 
 
 def main(argv):
+    if '--bench' in argv or any(a.startswith('--bench=') for a in argv):
+        raise UserError("--bench moved: python bench.py marginalize --ckpt=... (same flags)")
     args = parse_flags(argv, MarginalizeConfig())
     if not args.ckpt:
         raise UserError("--ckpt=PATH is required")
     check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'))
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+                 non_negative=('max_paths', 'window'), fractions=('top_p',))
     top_ks = parse_top_ks(args.top_k)
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
     model.float()  # fp32: the comparisons and sums here are about exactness

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, parse_flags, pick_device, autocast_for, set_cpu_threads, Decoding,
-                    Stats, check_request, load_model, tokenizer_for, encode_prompt, stop_tokens,
-                    cli)
+from common import (UserError, parse_flags, check_ranges, pick_device, autocast_for,
+                    set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
+                    encode_prompt, stop_tokens, cli)
 
 
 # -----------------------------------------------------------------------------
@@ -164,13 +164,13 @@ class Window:
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop=(),
              generator=None, keep=None):
     """Vanilla decoding with the KV cache: one forward of head 1 per token."""
-    d = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator)
+    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator)
     window = Window(model, keep)
-    while d.running():
-        window.slide(len(d.seq))
-        logits = window.forward(d.seq, n_heads=1)[-1, 0]
-        d.emit([int(draw(probs_from_logits(logits, **d.shape), d.greedy, d.generator))], 0)
-    return d.result(window)
+    while run.running():
+        window.slide(len(run.seq))
+        probs = probs_from_logits(window.forward(run.seq, n_heads=1)[-1, 0], **run.sampling)
+        run.emit([int(draw(probs, run.greedy, run.generator))], 0)
+    return run.result(window)
 
 
 @torch.inference_mode()
@@ -204,28 +204,28 @@ def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, to
     if n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
                         "n_future=1; decode without --speculative, or give a --draft model")
-    d = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, n_future - 1)
+    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, n_future - 1)
     window = Window(model, keep)
     drafts = torch.empty(0, dtype=torch.long, device=window.device)
     q = torch.empty(0, model.config.vocab_size, device=window.device)
     lazy_heads = model.config.head_type == 'resblock'
-    while d.running():
-        room = window.slide(len(d.seq))
+    while run.running():
+        room = window.slide(len(run.seq))
         # a step emits at most k+1 tokens: never draft past max_new_tokens or the window's end
-        k = min(drafts.numel(), room, d.budget() - 1)
-        logits = window.forward(d.seq, drafts[:k], n_heads=1 if lazy_heads else None)
+        k = min(drafts.numel(), room, run.budget() - 1)
+        logits = window.forward(run.seq, drafts[:k], n_heads=1 if lazy_heads else None)
         T = logits.size(0)  # the last k+1 rows are the last token and the k drafts
-        p = probs_from_logits(logits[T - k - 1:, 0], **d.shape)
-        new = verify(p, drafts[:k], q[:k], d.greedy, d.generator)
+        p = probs_from_logits(logits[T - k - 1:, 0], **run.sampling)
+        new = verify(p, drafts[:k], q[:k], run.greedy, run.generator)
         # the cache keeps the last token and the accepted drafts; the free token is fed next step
-        window.rollback(len(d.seq) + len(new) - 1)
+        window.rollback(len(run.seq) + len(new) - 1)
         # at the last accepted position head 1 gave the free token; heads 2..n draft what follows
         row = T - k - 1 + len(new) - 1
         q = probs_from_logits(window.draft_logits(row) if lazy_heads else logits[row, 1:],
-                              **d.shape)
-        drafts = draw(q, d.greedy, d.generator)
-        d.emit(new, k)
-    return d.result(window)
+                              **run.sampling)
+        drafts = draw(q, run.greedy, run.generator)
+        run.emit(new, k)
+    return run.result(window)
 
 
 @torch.inference_mode()
@@ -240,30 +240,30 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, temperatu
                         f"the target's ({target.config.vocab_size})")
     if gamma < 1:
         raise UserError(f"gamma (drafts per step) must be >= 1, got {gamma}")
-    d = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, gamma)
+    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, gamma)
     target_window, draft_window = Window(target, keep), Window(draft)
-    while d.running():
-        room = target_window.slide(len(d.seq))
-        first = d.stats.target_forwards == 0   # as in every mode, the prompt's forward: no drafts
-        k = 0 if first else min(gamma, room, d.budget() - 1)
+    while run.running():
+        room = target_window.slide(len(run.seq))
+        first = run.stats.target_forwards == 0  # as in every mode: the prompt's forward, no drafts
+        k = 0 if first else min(gamma, room, run.budget() - 1)
         if draft.config.block_size >= target.config.block_size:
             draft_window.follow(target_window)  # the target's context: a draft equal to the
         drafts, q = [], []                      # target would be accepted every time
         for j in range(k):
-            draft_window.slide(len(d.seq) + j)
-            logits = draft_window.forward(d.seq + drafts, n_heads=1)[-1, 0]
-            q.append(probs_from_logits(logits, **d.shape))
-            drafts.append(int(draw(q[-1], d.greedy, d.generator)))
-        d.stats.draft_forwards += k
+            draft_window.slide(len(run.seq) + j)
+            logits = draft_window.forward(run.seq + drafts, n_heads=1)[-1, 0]
+            q.append(probs_from_logits(logits, **run.sampling))
+            drafts.append(int(draw(q[-1], run.greedy, run.generator)))
+        run.stats.draft_forwards += k
         drafts = torch.tensor(drafts, dtype=torch.long, device=target_window.device)
         q = torch.stack(q) if q else torch.empty(0, target.config.vocab_size, device=drafts.device)
-        logits = target_window.forward(d.seq, drafts, n_heads=1)
-        p = probs_from_logits(logits[-k - 1:, 0], **d.shape)
-        new = verify(p, drafts, q, d.greedy, d.generator)
-        target_window.rollback(len(d.seq) + len(new) - 1)
-        draft_window.rollback(len(d.seq) + len(new) - 1)
-        d.emit(new, k)
-    return d.result(target_window)
+        logits = target_window.forward(run.seq, drafts, n_heads=1)
+        p = probs_from_logits(logits[-k - 1:, 0], **run.sampling)
+        new = verify(p, drafts, q, run.greedy, run.generator)
+        target_window.rollback(len(run.seq) + len(new) - 1)
+        draft_window.rollback(len(run.seq) + len(new) - 1)
+        run.emit(new, k)
+    return run.result(target_window)
 
 
 # -----------------------------------------------------------------------------
@@ -312,17 +312,17 @@ def main(argv):
     args = parse_flags(argv, SampleConfig())
     set_cpu_threads(args.threads)
     device = pick_device(args.device)
+    autocast = autocast_for(args.dtype, device)  # (checks --dtype before any loading)
     model, ckpt = load_model(args.ckpt, device)
     tokenizer = tokenizer_for(ckpt)  # (a checkpoint without one is a one-line error)
     prompt = encode_prompt(args.prompt, tokenizer)
-    if args.num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {args.num_samples}")
+    check_ranges(args, positive=('num_samples',))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))
     mode, run = decoder(args, model, ckpt, prompt, sampling)
     samples, stats = [], Stats()
-    with autocast_for(args.dtype, device):
+    with autocast:
         for i in range(args.num_samples):
             result = run()
             stats = result.stats if i == 0 else stats.add(result.stats)

@@ -1,16 +1,25 @@
 """
-The paper's study at small scale: one command from corpus to results table.
+The paper's study at small scale: one command from corpus to results.
 
-    python study.py --quick=true --results_dir=results   # 2 corpora x 2 sizes x 2 seeds, ~12 min
-    python study.py                     # the full setting (bigger models, longer runs: a GPU)
+    python study.py --preset=quick --results_dir=results   # the CI-sized smoke, ~12 min on 2 cores
+    python study.py --preset=cpu --results_dir=results     # converged models, 3 seeds: ~2 h here
+    python study.py                                        # the full setting (bigger: a GPU)
 
-For every corpus, model size and seed it trains an NTP baseline, fine-tunes it with NTP for as
-many iterations as every MTP adaptation gets (no row gets more training than another), evaluates
-marginalization on it, adapts it to MTP with each strategy of the paper, trains an MTP model from
-scratch with the same total iterations, sweeps attach_layer with a frozen trunk (seed 0),
-measures greedy self-speculative decoding, and writes study_<setting>.md / .json (mean +- spread
-over seeds) and a layer-sweep PNG (matplotlib optional). The two corpora differ in determinism:
-tiny Shakespeare, and `counting` (the numbers 1.. in English words). Finished runs are reused.
+For every corpus (tiny Shakespeare, open-ended; `counting`, the numbers 1.. in words, nearly
+deterministic) and every model size in `sizes`, with `seeds` seeds, it
+  1. trains an NTP base model, then fine-tunes it with NTP for as many iterations as each MTP
+     adaptation gets (FT NTP: no row gets more training than another), and marginalizes it;
+  2. adapts the base to n_future heads with each strategy of the paper, and trains an MTP
+     model from scratch with the same total iterations; decodes greedily with every MTP model;
+and with seed 0, per corpus and size:
+  3. convergence: a base trained twice as long; how much val loss it gains is reported;
+  4. probes: logit lens and linear probes of every layer of the base (probes.py);
+  5. the size curve over `curve_sizes`: next-token accuracy, the 2nd and 3rd token by exact
+     marginalization, and 3 heads adapted by joint fine-tuning (the paper's Figure 1);
+  6. the attach_layer sweep with a frozen trunk (`sweep`).
+It writes study_<preset>.md / .json and PNGs (matplotlib optional) into results_dir. Finished
+runs and evaluations are reused, so a killed study resumes, and corpora can run in parallel
+processes (--corpora=counting & --corpora=shakespeare_char), a last run assembling the report.
 """
 import json
 import os
@@ -21,28 +30,30 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import UserError, parse_flags, load_model, val_prompts, REPO, cli
-from data.prepare import prepare, load_meta
+from common import UserError, parse_flags, load_model, val_prompts, measure, REPO, cli
+from data.prepare import prepare
 import train as trainer
 from marginalize import evaluate_table
+from probes import layer_probes
 from sample import generate, generate_self_speculative
-from bench import measure
-
-SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt')
 
 
 @dataclass
 class StudyConfig:
-    """python study.py [--quick=true] [--name=value ...]
-The paper's study at small scale: every strategy, marginalization, MTP from scratch, per seed."""
+    """python study.py [--preset=quick|cpu] [--name=value ...]
+The paper's study at small scale: strategies, marginalization, probes and a size curve."""
+    preset: str = ''                # quick | cpu: that preset's defaults (PRESETS), then the flags
+    quick: bool = False             # the same as --preset=quick
     out_dir: str = 'out-study'      # data, runs and checkpoints
-    results_dir: str = ''           # study_{quick,full}.md / .json / _layer_sweep.png (default out_dir)
+    results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
     corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
-    shakespeare: str = ''           # local tinyshakespeare.txt (default: ../shared or data/)
-    sizes: str = 'S,M'              # model sizes, see SIZES
-    seeds: int = 2                  # seeds per (corpus, size)
-    n_future: int = 2               # heads of the MTP models
+    shakespeare: str = ''           # tinyshakespeare.txt (default: data/shakespeare_char/input.txt)
+    sizes: str = 'M,L'              # model sizes of the strategies table, see SIZES
+    curve_sizes: str = 'M,L,XL,XXL'  # model sizes of the size curve ('' = none)
+    seeds: int = 3                  # seeds per (corpus, size) of the strategies table
+    n_future: int = 2               # heads of the strategies table's MTP models
     base_iters: int = 3000          # NTP pretraining from scratch
+    base_lr: float = 2e-3           # its peak LR (cosine to a tenth)
     adapt_iters: int = 1000         # fine-tuning / each MTP adaptation
     head_warmup_iters: int = 250    # of adapt_iters
     trunk_lr_scale: float = 0.25    # differential LR (Medusa-2: heads 4x the backbone)
@@ -50,21 +61,31 @@ The paper's study at small scale: every strategy, marginalization, MTP from scra
     batch_size: int = 32            # sequences per step
     block_size: int = 128           # context length
     eval_iters: int = 20            # batches per evaluation
-    positions: int = 2048           # positions for the accuracy table
+    positions: int = 2048           # positions of the strategies table
+    curve_positions: int = 512      # positions of the size curve (exact 3rd token: |V|^2 paths)
+    probe_positions: int = 8192     # train positions the probes are fit on (val: positions)
     decode_prompts: int = 10        # greedy self-speculative decoding: prompts x new tokens
     decode_tokens: int = 128        # (see decode_prompts)
+    convergence: bool = True        # train a base twice as long to check convergence
     sweep: bool = True              # the attach_layer sweep
+    threads: int = 0                # torch CPU threads (0 = torch's default)
     device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
-    quick: bool = False             # the 2-core-CPU setting: QUICK_SIZES, and QUICK's defaults
 
 
-# n_layer, n_head, n_embd per size; QUICK_SIZES for --quick
-SIZES = {'S': (4, 4, 128), 'M': (8, 8, 256), 'L': (12, 12, 384)}
-QUICK_SIZES = {'S': (2, 2, 48), 'M': (4, 4, 96)}
-QUICK = dict(base_iters=500, adapt_iters=150, head_warmup_iters=40, batch_size=16, block_size=64,
-             eval_iters=8, positions=512, decode_prompts=4, decode_tokens=64, adapt_lr=1e-3)
-
-STRATEGIES = {  # name -> train.py flags for the adaptation (trunk_lr_scale filled in later)
+SIZES = {  # n_layer, n_head, n_embd
+    'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192), 'XL': (8, 8, 256),
+    'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
+PRESETS = {
+    'quick': dict(sizes='qS,M', curve_sizes='qS,M', seeds=2, base_iters=500, adapt_iters=150,
+                  head_warmup_iters=40, batch_size=16, block_size=64, eval_iters=8, positions=512,
+                  curve_positions=64, probe_positions=1024, decode_prompts=4, decode_tokens=64,
+                  adapt_lr=1e-3, convergence=False),
+    'cpu': dict(sizes='S,M', curve_sizes='XS,S,M,L', seeds=3, base_iters=8000, adapt_iters=800,
+                head_warmup_iters=200, adapt_lr=1e-3, batch_size=16, block_size=64,
+                eval_iters=50, positions=2048, curve_positions=512, probe_positions=8192,
+                decode_prompts=8, decode_tokens=96, sweep=False),
+}
+STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's value)
     'heads only (frozen trunk)': dict(freeze_trunk=True),
     'joint fine-tuning': dict(),
     'head warmup': dict(head_warmup_iters=None),
@@ -72,6 +93,7 @@ STRATEGIES = {  # name -> train.py flags for the adaptation (trunk_lr_scale fill
     'head warmup + diff. LR': dict(head_warmup_iters=None, trunk_lr_scale=None),
     'diff. LR + WHS': dict(trunk_lr_scale=None, whs=True),
 }
+SCRATCH = 'MTP from scratch (same total iters)'
 
 
 # -----------------------------------------------------------------------------
@@ -94,63 +116,81 @@ def counting_text(n=60000):
     return ',\n'.join(words(i) for i in range(1, n + 1)) + '\n'
 
 
+def corpus_path(name, cfg):
+    """The text file of a corpus name: shakespeare_char (--shakespeare, or the copy that
+    `python data/prepare.py` downloads), or a path."""
+    if name == 'shakespeare_char':
+        path = cfg.shakespeare or os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt')
+        if not os.path.isfile(path):
+            raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=path/to/"
+                            f"tinyshakespeare.txt (or run python data/prepare.py once)")
+        return path
+    if not os.path.isfile(name):
+        raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
+    return name
+
+
 def prepare_corpus(name, cfg):
     """data dir of a char-level corpus under out_dir/data (prepared once)."""
     data_dir = os.path.join(cfg.out_dir, 'data', os.path.basename(name).split('.')[0])
-    if os.path.isfile(os.path.join(data_dir, 'meta.json')):
-        return data_dir
-    if name == 'counting':
-        text = counting_text()
-    else:
-        path = name
-        if name == 'shakespeare_char':
-            candidates = [cfg.shakespeare, SHAKESPEARE,
-                          os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt')]
-            path = next((p for p in candidates if p and os.path.isfile(p)), '')
-            if not path:
-                raise UserError("tiny Shakespeare not found: pass --shakespeare=path/to/"
-                                "tinyshakespeare.txt (or run python data/prepare.py once)")
-        if not os.path.isfile(path):
-            raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a "
-                            f"text file)")
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-    prepare(text, data_dir, 'char')
+    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        if name == 'counting':
+            text = counting_text()
+        else:
+            with open(corpus_path(name, cfg), encoding='utf-8') as f:
+                text = f.read()
+        prepare(text, data_dir, 'char')
     return data_dir
 
 
+def tokens_of(data_dir, split):
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
 # -----------------------------------------------------------------------------
-# one cell of the study: a corpus, a model size, a seed
+# runs and evaluations, each done once
 
 def run_training(cfg, run_dir, data_dir, size, seed, **flags):
-    """train.train with the study's shared settings; returns the checkpoint path."""
-    n_layer, n_head, n_embd = size
+    """train.train with the study's shared settings; returns (checkpoint path, its summary)."""
+    n_layer, n_head, n_embd = SIZES[size]
+    max_iters = flags.get('max_iters', cfg.base_iters)
     tc = trainer.TrainConfig(out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, batch_size=cfg.batch_size, block_size=cfg.block_size,
                              eval_iters=cfg.eval_iters, device=cfg.device, seed=seed, quiet=True,
-                             head_type='block',
-                             warmup_iters=min(100, flags.get('max_iters', 100) // 10))
+                             head_type='block', learning_rate=cfg.base_lr, min_lr=cfg.base_lr / 10,
+                             max_iters=max_iters, warmup_iters=min(100, max_iters // 10),
+                             eval_interval=max_iters)
     tc = replace(tc, **flags)
-    tc = replace(tc, eval_interval=tc.max_iters)
     done = os.path.join(run_dir, 'done.json')
     if os.path.isfile(done):  # finished earlier with exactly this config: reuse it
         with open(done) as f:
-            if json.load(f)['config'] == asdict(tc):
-                return os.path.join(run_dir, 'ckpt.pt')
-    summary = trainer.train(tc)
+            record = json.load(f)
+        if record['config'] == asdict(tc):
+            return os.path.join(run_dir, 'ckpt.pt'), record['summary']
+    summary = trainer.printable(trainer.train(tc))
     with open(done, 'w') as f:
-        json.dump(dict(config=asdict(tc), summary=trainer.printable(summary)), f)
-    return summary['ckpt']
+        json.dump(dict(config=asdict(tc), summary=summary), f)
+    return summary['ckpt'], summary
 
 
-def val_tokens(data_dir):
-    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+def cached(path, key, compute):
+    """compute()'s JSON-able result, stored at path with key; recomputed when the key differs."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+        if record['key'] == key:
+            return record['value']
+    t0 = time.time()
+    value = compute()
+    with open(path, 'w') as f:
+        json.dump(dict(key=key, value=value, seconds=time.time() - t0), f)
+    return value
 
 
-def accuracy(model, tokens, cfg, top_ks):
-    """Rows of marginalize.evaluate_table (k_ahead = n_future) on the study's fixed positions."""
-    return evaluate_table(model, tokens, positions=cfg.positions, k_ahead=cfg.n_future,
-                          top_ks=top_ks, seed=0)
+def accuracy(model, tokens, positions, k_ahead, top_ks):
+    """Rows of marginalize.evaluate_table on fixed positions (seed 0)."""
+    return evaluate_table(model, tokens, positions=positions, k_ahead=k_ahead, top_ks=top_ks,
+                          seed=0)
 
 
 def decode_speed(model, data_dir, cfg):
@@ -173,176 +213,374 @@ def decode_speed(model, data_dir, cfg):
     return dict(tau=row['tau'], speedup=row['speedup'], identical=row['identical'])
 
 
-def run_cell(cfg, corpus, size_name, seed, log):
-    size = (QUICK_SIZES if cfg.quick else SIZES)[size_name]
-    data_dir = prepare_corpus(corpus, cfg)
-    setting = 'quick' if cfg.quick else 'full'
-    cell_dir = os.path.join(cfg.out_dir, 'runs',
-                            f"{setting}-{os.path.basename(data_dir)}-{size_name}-s{seed}")
-    tokens = val_tokens(data_dir)
-    vocab = load_meta(data_dir)['vocab_size']
-    adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
-
-    def path(name):
-        return os.path.join(cell_dir, name)
-
-    rows = []
-    base = run_training(cfg, path('base'), data_dir, size, seed, n_future=1,
-                        max_iters=cfg.base_iters)
-    ft = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1, init_from=base, **adapt)
-    model, _ = load_model(ft)
-    exact = 0 if vocab <= 128 else 50
-    for row in accuracy(model, tokens, cfg, [exact, 5, 1]):
-        name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
-        rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
-    log(f"{os.path.basename(cell_dir)}: baseline done")
-
-    strategy_runs = {}
-    for name, flags in STRATEGIES.items():
-        flags = {k: (getattr(cfg, k) if v is None else v) for k, v in flags.items()}
-        strategy_runs[name] = (run_training(cfg, path(slug(name)), data_dir, size, seed,
-                                            n_future=cfg.n_future, init_from=base,
-                                            **adapt, **flags), flags)
-    strategy_runs['MTP from scratch (same total iters)'] = (run_training(
-        cfg, path('scratch'), data_dir, size, seed, n_future=cfg.n_future,
-        max_iters=cfg.base_iters + cfg.adapt_iters), {})
-    for name, (ckpt, _) in strategy_runs.items():
-        model, _ = load_model(ckpt)
-        heads_row = accuracy(model, tokens, cfg, [])[-1]
-        rows.append(dict(strategy=name, **scores(heads_row), **decode_speed(model, data_dir, cfg)))
-        log(f"{os.path.basename(cell_dir)}: {name} done")
-
-    sweep = []
-    if cfg.sweep and seed == 0:
-        for layer in range(size[0]):
-            ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, seed,
-                                n_future=cfg.n_future, init_from=base, attach_layer=layer,
-                                freeze_trunk=True, **adapt)
-            model, _ = load_model(ckpt)
-            sweep.append(dict(attach_layer=layer, **scores(accuracy(model, tokens, cfg, [])[-1])))
-    return rows, sweep
-
-
-def scores(row):
-    """next (k=1) and 2nd/last (k=n_future) token accuracies of a table row."""
-    return dict(next_top5=row['top5'][0], next_top1=row['top1'][0], second_top5=row['top5'][-1],
-                second_top1=row['top1'][-1])
+def scores(row, k=None):
+    """next (k=1) and 2nd (or k-th) token accuracies of a table row."""
+    k = k or len(row['top1'])
+    return dict(next_top5=row['top5'][0], next_top1=row['top1'][0],
+                second_top5=row['top5'][k - 1], second_top1=row['top1'][k - 1])
 
 
 def slug(name):
     return ''.join(c if c.isalnum() else '_' for c in name).strip('_')
 
 
+def eval_key(cfg):
+    """What an evaluation depends on besides the checkpoints (which are reused only unchanged)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in (
+        'preset', 'quick', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
+        'shakespeare', 'threads', 'device')}
+
+
 # -----------------------------------------------------------------------------
-# the report
+# one cell of the strategies table: a corpus, a model size, a seed
+
+def run_cell(cfg, data_dir, size, seed, log, strategies=True):
+    """dict(rows=[strategy rows], base_loss, ft_loss, base=path, cell_dir) of one seed; without
+    strategies, only the base and FT NTP runs (the size curve's other sizes)."""
+    cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-{size}-s{seed}")
+    path = lambda name: os.path.join(cell_dir, name)  # noqa: E731
+    adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
+    base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1)
+    ft, ft_summary = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1,
+                                  init_from=base, **adapt)
+    cell = dict(base_loss=base_summary['val_loss'], ft_loss=ft_summary['val_loss'], base=base,
+                ft=ft, cell_dir=cell_dir, rows=[])
+    if not strategies:
+        return cell
+    runs = {}
+    for name, flags in STRATEGIES.items():
+        flags = {k: (getattr(cfg, k) if v is None else v) for k, v in flags.items()}
+        runs[name] = run_training(cfg, path(slug(name)), data_dir, size, seed,
+                                  n_future=cfg.n_future, init_from=base, **adapt, **flags)[0]
+    runs[SCRATCH] = run_training(cfg, path('scratch'), data_dir, size, seed, n_future=cfg.n_future,
+                                 max_iters=cfg.base_iters + cfg.adapt_iters)[0]
+
+    def evaluate_cell():
+        tokens, rows = tokens_of(data_dir, 'val'), []
+        model, _ = load_model(ft)
+        exact = 0 if model.config.vocab_size <= 128 else 50
+        for row in accuracy(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
+            name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
+            rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
+        for name, ckpt in runs.items():
+            model, _ = load_model(ckpt)
+            whs = model.whs_weights()
+            heads = accuracy(model, tokens, cfg.positions, cfg.n_future, [])[-1]
+            rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
+                             whs=None if whs is None else whs.tolist()))
+        return rows
+    cell['rows'] = cached(path('eval.json'), eval_key(cfg), evaluate_cell)
+    log(f"{os.path.basename(cell_dir)}: done")
+    return cell
+
+
+# -----------------------------------------------------------------------------
+# seed 0 of a (corpus, size): convergence, probes, the size curve, the sweep
+
+def run_extras(cfg, data_dir, size, cell, curve, log):
+    path = lambda name: os.path.join(cell['cell_dir'], name)  # noqa: E731
+    adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
+    extras = {}
+    if cfg.convergence:
+        _, longer = run_training(cfg, path('base_2x'), data_dir, size, 0, n_future=1,
+                                 max_iters=2 * cfg.base_iters)
+        extras['convergence'] = dict(base_loss=cell['base_loss'], ft_loss=cell['ft_loss'],
+                                     base_2x_loss=longer['val_loss'],
+                                     gain_2x=cell['base_loss'] - longer['val_loss'])
+    model, _ = load_model(cell['base'])
+    extras['probes'] = cached(path('probes.json'), eval_key(cfg), lambda: layer_probes(
+        model, tokens_of(data_dir, 'train'), tokens_of(data_dir, 'val'), cfg.probe_positions,
+        cfg.positions))
+    if curve:
+        joint3 = run_training(cfg, path('joint3'), data_dir, size, 0, n_future=3,
+                              init_from=cell['base'], **adapt)[0]
+
+        def curve_point():
+            tokens = tokens_of(data_dir, 'val')
+            ft_model, _ = load_model(cell['ft'])
+            exact = 0 if ft_model.config.vocab_size <= 128 else 50
+            marginal = accuracy(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
+            heads = accuracy(load_model(joint3)[0], tokens, cfg.curve_positions, 3, [])[-1]
+            return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
+        extras['curve'] = cached(path('curve.json'), eval_key(cfg), curve_point)
+    if cfg.sweep:
+        extras['sweep'] = []
+        for layer in range(SIZES[size][0]):
+            ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
+                                n_future=cfg.n_future, init_from=cell['base'],
+                                attach_layer=layer, freeze_trunk=True, **adapt)[0]
+            row = cached(path(f'attach{layer}.json'), eval_key(cfg), lambda: accuracy(
+                load_model(ckpt)[0], tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
+                [])[-1])
+            extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
+    log(f"{os.path.basename(cell['cell_dir'])}: extras done")
+    return extras
+
+
+# -----------------------------------------------------------------------------
+# statistics over seeds
 
 COLUMNS = ('next_top5', 'second_top5', 'next_top1', 'second_top1', 'tau', 'speedup')
 
 
+def spread(values):
+    """(mean, half the max-min range) of a list of numbers."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
 def aggregate(rows_per_seed):
-    """Mean and spread (half the max-min range) over seeds, row by row."""
+    """Mean and spread (half the max-min range) over seeds, row by row; the WHS mix's mean."""
     table = []
     for rows in zip(*rows_per_seed):
         entry = dict(strategy=rows[0]['strategy'])
         for col in COLUMNS:
             values = [r[col] for r in rows if r.get(col) is not None]
             if values:
-                entry[col] = statistics.fmean(values)
-                entry[col + '_spread'] = (max(values) - min(values)) / 2
+                entry[col], entry[col + '_spread'] = spread(values)
         entry['identical'] = all(r.get('identical', True) for r in rows)
+        if rows[0].get('whs'):
+            entry['whs'] = torch.tensor([r['whs'] for r in rows]).mean(0).tolist()
         table.append(entry)
     return table
 
 
-def markdown(results, cfg):
-    second = {2: '2nd', 3: '3rd'}.get(cfg.n_future, f'{cfg.n_future}th')
-    lines = []
-    for key, cell in results.items():
-        n_seeds = cell['seeds']
-        lines += [f"**{key}** ({cell['params']}, {n_seeds} seed{'s' * (n_seeds > 1)}, "
-                  f"mean ± half-range)", '',
-                  f"| strategy | next top-5 | {second} top-5 | next top-1 | {second} top-1 | "
-                  f"τ | speedup |", '|---|---|---|---|---|---|---|']
-        for row in cell['table']:
-            def fmt(col, digits=3):
-                if col not in row:
-                    return '-'
-                spread = f" ± {row[col + '_spread']:.{digits}f}" if n_seeds > 1 else ''
-                return f"{row[col]:.{digits}f}{spread}"
-            lines.append(f"| {row['strategy']} | {fmt('next_top5')} | {fmt('second_top5')} | "
-                         f"{fmt('next_top1')} | {fmt('second_top1')} | {fmt('tau', 2)} | "
-                         f"{fmt('speedup', 2)} |")
-        if cell['sweep']:
-            lines += ['', f"attach_layer sweep (frozen trunk, seed 0), {second}-token top-5: " +
-                      ', '.join(f"layer {s['attach_layer']}: {s['second_top5']:.3f}"
-                                for s in cell['sweep'])]
+def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 'second_top5')):
+    """Every row minus the reference row of the same seed (the seeds pair them): per column,
+    the per-seed differences, their mean and sample standard deviation."""
+    result = []
+    for rows in zip(*rows_per_seed):
+        if rows[0]['strategy'] == reference:
+            continue
+        entry = dict(strategy=rows[0]['strategy'])
+        for col in cols:
+            diffs = [row[col] - ref[col] for row, ref in zip(
+                rows, [next(r for r in seed_rows if r['strategy'] == reference)
+                       for seed_rows in rows_per_seed])]
+            entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs),
+                              sd=statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+        result.append(entry)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def fmt(mean, half=None, digits=3):
+    return f"{mean:.{digits}f}" + ('' if half is None else f" ± {half:.{digits}f}")
+
+
+def markdown_strategies(key, cell):
+    n = cell['seeds']
+    lines = [f"**{key}** ({cell['params']}, {n} seed{'s' * (n > 1)}, mean ± half-range)", '',
+             '| strategy | next top-5 | 2nd top-5 | next top-1 | 2nd top-1 | τ | speedup |',
+             '|---|---|---|---|---|---|---|']
+    for row in cell['table']:
+        cells = [fmt(row[c], row[c + '_spread'] if n > 1 else None, 2 if c in ('tau', 'speedup')
+                     else 3) if c in row else '-' for c in COLUMNS]
+        lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
+    for row in cell['table']:
+        if row.get('whs'):
+            lines += ['', f"WHS mix of {row['strategy']} (mean over seeds), coefficients of "
+                      f"h_0..h_attach per head: " + '; '.join(
+                          f"head {k + 1}: " + ' '.join(f"{c:.3f}" for c in mix)
+                          for k, mix in enumerate(row['whs']))]
+    if n > 1:
+        lines += ['', 'Paired differences vs joint fine-tuning, same seed (mean ± sd; per seed):',
+                  '', '| row | Δ 2nd top-1 | per seed | Δ 2nd top-5 | per seed |',
+                  '|---|---|---|---|---|']
+        for row in cell['paired']:
+            lines.append(f"| {row['strategy']} | " + ' | '.join(
+                f"{fmt(row[c]['mean'], row[c]['sd'])} | " + ' '.join(f"{d:+.3f}" for d in
+                                                                     row[c]['diffs'])
+                for c in ('second_top1', 'second_top5')) + ' |')
+    if cell.get('sweep'):
+        lines += ['', "attach_layer sweep (frozen trunk, seed 0), 2nd-token top-5: " + ', '.join(
+            f"layer {s['attach_layer']}: {s['second_top5']:.3f}" for s in cell['sweep'])]
+    return lines + ['']
+
+
+def markdown_probes(key, probes):
+    lines = [f"**{key}**, base model, seed 0, {probes['positions']} val positions "
+             f"(top-1 / top-5):", '',
+             '| layer | lens x_{t+1} | lens x_{t+2} | probe x_{t+1} | probe x_{t+2} |',
+             '|---|---|---|---|---|']
+    for layer in probes['layers']:
+        lines.append(f"| {layer} | " + ' | '.join(
+            f"{probes[r]['top1'][k][layer]:.3f} / {probes[r]['top5'][k][layer]:.3f}"
+            for r in ('lens', 'probe') for k in (0, 1)) + ' |')
+    best = [max(probes['layers'], key=lambda l: probes['probe']['top1'][k][l]) for k in (0, 1)]
+    return lines + ['', f"Best layer by the linear probe (top-1): x_{{t+1}} at {best[0]}, "
+                        f"x_{{t+2}} at {best[1]} (last layer: {probes['layers'][-1]}).", '']
+
+
+def markdown_curve(curve):
+    lines = ['| corpus | size | params | next top-1 | 2nd: marginal / heads | '
+             '3rd: marginal / heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
+             '|---|---|---|---|---|---|---|---|']
+    for corpus, points in curve.items():
+        for size, p in points.items():
+            m, h = p['marginal'], p['heads']
+            lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | {m['top1'][0]:.3f} | "
+                         + ' | '.join(f"{m[t][k]:.3f} / {h[t][k]:.3f}"
+                                      for t in ('top1', 'top5') for k in (1, 2)) + ' |')
+    return lines + ['']
+
+
+def markdown(results, cfg, command, seconds):
+    lines = [f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute {seconds / 60:.1f} "
+             f"min (training and evaluation, summed over processes). base {cfg.base_iters} "
+             f"iters, adaptations {cfg.adapt_iters}, block {cfg.block_size}, batch "
+             f"{cfg.batch_size}, {cfg.n_future} heads.", '']
+    cells = results['cells']
+    if any(c.get('convergence') for c in cells.values()):
+        lines += ['## Convergence', '', 'Val loss of the base models (mean ± half-range over '
+                  'seeds), after FT NTP, and of a seed-0 base trained twice as long:', '',
+                  '| corpus / size | base | FT NTP | base, 2x iters (seed 0) | 2x gains |',
+                  '|---|---|---|---|---|']
+        for key, c in cells.items():
+            if c.get('convergence'):
+                v = c['convergence']
+                lines.append(f"| {key} | {fmt(*spread(c['base_losses']))} | "
+                             f"{fmt(*spread(c['ft_losses']))} | {v['base_2x_loss']:.3f} | "
+                             f"{v['gain_2x']:+.3f} |")
         lines.append('')
+    lines += ['## Strategies', '']
+    for key, cell in cells.items():
+        lines += markdown_strategies(key, cell)
+    lines += ['## Layer probes', '']
+    for key, cell in cells.items():
+        lines += markdown_probes(key, cell['probes'])
+    if results['curve']:
+        lines += ['## Size curve (seed 0)', ''] + markdown_curve(results['curve'])
     return '\n'.join(lines)
 
 
-def plot_sweep(results, path):
+def plots(results, stem):
+    """PNG paths: the size curve and the probes per corpus, and the attach_layer sweep."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, cell in results.items():
-        if cell['sweep']:
-            ax.plot([s['attach_layer'] for s in cell['sweep']],
-                    [s['second_top5'] for s in cell['sweep']], marker='o', label=key)
-    ax.set_xlabel('attach_layer (trunk blocks before the heads)')
-    ax.set_ylabel('2nd-token top-5 accuracy (frozen trunk)')
-    ax.set_title('Where should MTP heads branch off?')
-    ax.legend()
+        return []
+    paths = []
+    for corpus, points in results['curve'].items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        params = [p['params'] for p in points.values()]
+        for label, get in (('next token', lambda p: p['marginal']['top1'][0]),
+                           ('2nd, marginalization', lambda p: p['marginal']['top1'][1]),
+                           ('2nd, heads', lambda p: p['heads']['top1'][1]),
+                           ('3rd, marginalization', lambda p: p['marginal']['top1'][2]),
+                           ('3rd, heads', lambda p: p['heads']['top1'][2])):
+            ax.plot(params, [get(p) for p in points.values()], marker='o', label=label)
+        ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
+        ax.legend(fontsize=8)
+        paths.append(save(fig, f"{stem}_size_curve_{corpus}.png"))
+    for corpus in {key.split(' / ')[0] for key in results['cells']}:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for key, cell in results['cells'].items():
+            if key.startswith(corpus + ' / '):
+                p = cell['probes']
+                depth = [layer / p['layers'][-1] for layer in p['layers']]
+                for k, ax in enumerate(axes):
+                    ax.plot(depth, p['probe']['top1'][k], marker='o', label=f"{key} probe")
+                    ax.plot(depth, p['lens']['top1'][k], ls='--', label=f"{key} lens")
+        for k, ax in enumerate(axes):
+            ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
+                   title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
+            ax.legend(fontsize=7)
+        paths.append(save(fig, f"{stem}_probes_{corpus}.png"))
+    return paths
+
+
+def save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return path
 
 
-def run_study(cfg, log=print):
-    sizes = (QUICK_SIZES if cfg.quick else SIZES)
-    size_names = [s for s in cfg.sizes.split(',') if s]
-    unknown = [s for s in size_names if s not in sizes]
-    if unknown:
-        raise UserError(f"unknown sizes {unknown}; choose from {list(sizes)}")
+# -----------------------------------------------------------------------------
+
+def check_config(cfg):
+    for names in (cfg.sizes, cfg.curve_sizes):
+        unknown = [s for s in names.split(',') if s and s not in SIZES]
+        if unknown:
+            raise UserError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
+    if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
+        raise UserError("no corpora or no sizes given: --corpora=shakespeare_char,counting "
+                        "--sizes=S,M")
+
+
+def run_corpus(cfg, corpus, results, log):
+    data_dir = prepare_corpus(corpus, cfg)
+    name = os.path.basename(corpus).split('.')[0]
+    sizes = [s for s in cfg.sizes.split(',') if s]
+    curve_sizes = [s for s in cfg.curve_sizes.split(',') if s]
+    for size in sizes + [s for s in curve_sizes if s not in sizes]:
+        in_table = size in sizes
+        cells = [run_cell(cfg, data_dir, size, seed, log, in_table)
+                 for seed in range(cfg.seeds if in_table else 1)]
+        extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, log)
+        if 'curve' in extras:
+            results['curve'].setdefault(name, {})[size] = extras.pop('curve')
+        if in_table:
+            n_layer, _, n_embd = SIZES[size]
+            rows = [c['rows'] for c in cells]
+            results['cells'][f"{name} / {size}"] = dict(
+                params=f"{n_layer} layers, {n_embd} dim", seeds=cfg.seeds, table=aggregate(rows),
+                paired=paired(rows) if cfg.seeds > 1 else [], per_seed=rows,
+                base_losses=[c['base_loss'] for c in cells],
+                ft_losses=[c['ft_loss'] for c in cells], **extras)
+
+
+def compute_seconds(out_dir):
+    """Training and evaluation seconds of every run and evaluation on disk."""
+    total = 0.0
+    for root, _, files in os.walk(os.path.join(out_dir, 'runs')):
+        for name in files:
+            if name.endswith('.json'):
+                with open(os.path.join(root, name)) as f:
+                    record = json.load(f)
+                total += record.get('seconds') or record.get('summary', {}).get('time_s') or 0
+    return total
+
+
+def run_study(cfg, log=print, command='python study.py'):
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    results = {}
+    results = dict(cells={}, curve={})
     for corpus in [c for c in cfg.corpora.split(',') if c]:
-        for size_name in size_names:
-            per_seed, sweep = [], []
-            for seed in range(cfg.seeds):
-                rows, cell_sweep = run_cell(cfg, corpus, size_name, seed, log)
-                per_seed.append(rows)
-                sweep = sweep or cell_sweep
-            n_layer, n_head, n_embd = sizes[size_name]
-            results[f"{os.path.basename(corpus).split('.')[0]} / {size_name}"] = dict(
-                params=f"{n_layer} layers, {n_embd} dim", seeds=cfg.seeds,
-                table=aggregate(per_seed), sweep=sweep)
+        run_corpus(cfg, corpus, results, log)
     results_dir = cfg.results_dir or cfg.out_dir
     os.makedirs(results_dir, exist_ok=True)
-    stem = os.path.join(results_dir, 'study_quick' if cfg.quick else 'study_full')
-    text = markdown(results, cfg)
+    stem = os.path.join(results_dir, f"study_{cfg.preset or 'full'}")
+    seconds = compute_seconds(cfg.out_dir)
+    text = markdown(results, cfg, command, seconds)
     with open(stem + '.md', 'w') as f:
         f.write(text)
-    summary = dict(config=asdict(cfg), results=results, seconds=time.time() - t0,
-                   table=stem + '.md', plot=plot_sweep(results, stem + '_layer_sweep.png'))
+    summary = dict(config=asdict(cfg), command=command, results=results, compute_s=seconds,
+                   seconds=time.time() - t0, table=stem + '.md', plots=plots(results, stem))
     with open(stem + '.json', 'w') as f:
         json.dump(summary, f, indent=1)
     return text, summary
 
 
 def main(argv):
-    cfg = parse_flags(argv, StudyConfig())
-    if cfg.quick:  # the quick setting, then the flags given
-        cfg = parse_flags(argv, replace(StudyConfig(), **QUICK, quick=True))
-    text, summary = run_study(cfg)
+    cfg = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig())
+    preset = 'quick' if cfg.quick else cfg.preset
+    if preset and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+    # the preset's defaults, then the flags given (--help shows the preset's defaults)
+    cfg = parse_flags(argv, replace(StudyConfig(), **PRESETS.get(preset, {}), preset=preset))
+    text, summary = run_study(cfg, command=' '.join(['python study.py', *argv]))
     print(text)
     print(json.dumps(dict(out_dir=cfg.out_dir, seconds=round(summary['seconds'], 1),
-                          table=summary['table'], plot=summary['plot'])))
+                          compute_s=round(summary['compute_s'], 1), table=summary['table'],
+                          plots=summary['plots'])))
 
 
 if __name__ == '__main__':

@@ -64,7 +64,6 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     freeze_trunk: bool = False          # heads only
     head_warmup_iters: int = 0          # heads only for this many iterations, then joint
     trunk_lr_scale: float = 1.0         # differential LR: trunk LR = scale * head LR
-    whs_lr_scale: float = 100.0         # WHS logits' LR = scale * head LR
     # optimizer and schedule
     learning_rate: float = 2e-3         # peak LR (of the heads, with differential LR)
     max_iters: int = 3500               # total iterations (a resumed run continues to this)
@@ -105,9 +104,10 @@ def check_config(cfg):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1")
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
-    if ranks and (cfg.grad_accum % ranks or cfg.memory_efficient or cfg.head_warmup_iters):
-        raise UserError(f"with DDP, grad_accum={cfg.grad_accum} must be divisible by the {ranks} "
-                        f"ranks, and memory_efficient and head_warmup_iters are not supported")
+    if ranks and cfg.grad_accum % ranks:
+        raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
+    if ranks and (cfg.memory_efficient or cfg.head_warmup_iters):
+        raise UserError("memory_efficient and head_warmup_iters are not supported with DDP")
     if cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len:
         raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
                         f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
@@ -209,10 +209,8 @@ def training_strategy(model, cfg, device_type):
     frozen trunk       --freeze_trunk: only the heads learn ("MTP heads on a frozen NTP model")
     differential LR    joint training with the trunk's LR = trunk_lr_scale x the heads' LR, so
                        the new heads move fast while the trunk's NTP skills are kept
-    WHS                the heads' mixing logits over h_0..h_attach have their own group: their
-                       softmax starts saturated on the last layer, where gradients are ~1e-7 of
-                       normal, so they get LR x whs_lr_scale and a tiny Adam eps (Adam then
-                       steps ~LR in logit space whatever the gradient's scale)
+    WHS                each head's mixing coefficients over h_0..h_attach (heads.Head) are
+                       head parameters: the heads' LR, no weight decay; reported at every eval
     head warmup        the first head_warmup_iters iterations train the heads only, then all:
                        trunk_trainable(it) says which, and train() applies it every step
     """
@@ -227,11 +225,8 @@ def training_strategy(model, cfg, device_type):
     # a frozen trunk is left out of the optimizer; head warmup's trunk is in it, without
     # gradients (so untouched by AdamW) until the warmup ends
     set_trunk_trainable(model, not cfg.freeze_trunk)
-    whs = model.whs_parameters()
-    head_params = [p for p in model.heads.parameters() if all(p is not w for w in whs)]
     groups = [dict(name='trunk', params=model.trunk_parameters(), lr_scale=cfg.trunk_lr_scale),
-              dict(name='heads', params=head_params, lr_scale=1.0),
-              dict(name='whs', params=whs, lr_scale=cfg.whs_lr_scale, eps=1e-20)]
+              dict(name='heads', params=list(model.heads.parameters()), lr_scale=1.0)]
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), device_type, groups)
 
@@ -272,10 +267,13 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
 
 
 def evaluate_splits(model, eval_train, val_batches, cfg, autocast, loss_weights, iter_num):
-    """Train and val metrics per head; a non-finite loss stops the run before any save."""
+    """Train and val metrics per head, and the WHS mix (MTPGPT.whs_weights); a non-finite loss
+    stops the run before any save."""
+    whs = model.whs_weights()
     result = dict(iter=iter_num,
                   train=evaluate(model, eval_train, cfg.eval_iters, autocast, loss_weights),
-                  val=evaluate(model, val_batches, cfg.eval_iters, autocast, loss_weights))
+                  val=evaluate(model, val_batches, cfg.eval_iters, autocast, loss_weights),
+                  whs=None if whs is None else whs.tolist())
     for split in ('train', 'val'):
         if not math.isfinite(result[split]['loss']):
             raise diverged(result[split]['loss'], f"the evaluation of iter {iter_num}",

@@ -87,6 +87,8 @@ BENCH_ERRORS = [
     (['train', '--compare=n_future=2;nope=1'], 'unknown option'),  # before any variant runs
     (['marginalize', '--ckpt={ckpt}', '--positions=0'], 'positions'),
     (['marginalize', '--ckpt={ckpt}', '--top_k=3,5'], 'top_k'),       # a single setting
+    (['marginalize', '--ckpt={ckpt}', '--top_p=0'], 'top_p must be in (0, 1]'),
+    (['train', '--doc_len=8'], 'unknown option'),                     # not a benchmark flag
 ]
 
 

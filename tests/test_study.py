@@ -1,5 +1,5 @@
-"""The study driver runs end to end, rejects bad flags in one line, and the README shows what it
-printed."""
+"""The study driver runs end to end: the strategies table with paired differences, the WHS mix,
+convergence, probes and the size curve; finished work is reused; bad flags are one-line errors."""
 import os
 
 import pytest
@@ -8,21 +8,33 @@ import study
 from conftest import one_line_error
 
 
-def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, monkeypatch):
-    monkeypatch.setitem(study.SIZES, 'S', (2, 2, 32))
-    corpus = tmp_path / 'tiny.txt'
+@pytest.fixture(scope='module')
+def tiny_study(tmp_path_factory):
+    """A miniature study on a small counting corpus: one table size (S, 2 seeds), a size curve
+    over XS and S, probes, the convergence check and the sweep."""
+    tmp = tmp_path_factory.mktemp('study')
+    sizes = dict(study.SIZES, S=(2, 2, 32), XS=(1, 1, 16))
+    corpus = tmp / 'tiny.txt'
     corpus.write_text(study.counting_text(1500))
-    cfg = study.StudyConfig(out_dir=str(tmp_path / 'study'), corpora=str(corpus), sizes='S',
-                            seeds=2, base_iters=20, adapt_iters=8, head_warmup_iters=3,
-                            batch_size=4, block_size=32, eval_iters=1, positions=40,
+    cfg = study.StudyConfig(out_dir=str(tmp / 'study'), corpora=str(corpus), sizes='S',
+                            curve_sizes='XS,S', seeds=2, base_iters=20, adapt_iters=8,
+                            head_warmup_iters=3, batch_size=4, block_size=32, eval_iters=1,
+                            positions=40, curve_positions=16, probe_positions=200,
                             decode_prompts=2, decode_tokens=8, device='cpu')
-    text, summary = study.run_study(cfg, log=lambda message: None)
-    cell = summary['results']['tiny / S']
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, 'SIZES', sizes)
+        text, summary = study.run_study(cfg, log=lambda message: None)
+    return cfg, text, summary
+
+
+def test_strategies_table_has_every_row_and_column(tiny_study):
+    cfg, text, summary = tiny_study
+    cell = summary['results']['cells']['tiny / S']
     strategies = [row['strategy'] for row in cell['table']]
     assert strategies[:3] == ['FT NTP + marginalization (exact, all V)',
                               'FT NTP + marginalization (top_k=5)',
                               'FT NTP + marginalization (top_k=1)']
-    assert strategies[3:] == list(study.STRATEGIES) + ['MTP from scratch (same total iters)']
+    assert strategies[3:] == list(study.STRATEGIES) + [study.SCRATCH]
     for row in cell['table']:
         for col in ('next_top5', 'second_top5', 'next_top1', 'second_top1'):
             assert 0.0 <= row[col] <= 1.0 and row[col + '_spread'] >= 0.0
@@ -31,16 +43,67 @@ def test_study_runs_end_to_end_and_its_table_has_every_row_and_column(tmp_path, 
         assert 1.0 <= row['tau'] <= cfg.n_future and row['speedup'] > 0 and row['identical']
     assert [s['attach_layer'] for s in cell['sweep']] == [0, 1]
     # the markdown table: one line per strategy, 7 columns
-    table_lines = [l for l in text.splitlines() if l.startswith('| ') and 'strategy' not in l]
-    assert len(table_lines) == len(strategies)
-    assert all(l.count('|') == 8 for l in table_lines)
-    assert os.path.isfile(tmp_path / 'study' / 'study_full.json')
+    table = text[text.index('| strategy |'):].split('\n\n')[0].splitlines()[2:]
+    assert len(table) == len(strategies) and all(line.count('|') == 8 for line in table)
+    assert os.path.isfile(os.path.join(cfg.out_dir, 'study_full.json'))
+
+
+def test_paired_differences_are_per_seed_differences_to_joint_fine_tuning(tiny_study):
+    """Every row but joint fine-tuning, minus joint fine-tuning of the same seed."""
+    _, _, summary = tiny_study
+    cell = summary['results']['cells']['tiny / S']
+    joint = [next(r for r in rows if r['strategy'] == 'joint fine-tuning')
+             for rows in cell['per_seed']]
+    assert len(cell['paired']) == len(cell['table']) - 1
+    for entry in cell['paired']:
+        rows = [next(r for r in seed_rows if r['strategy'] == entry['strategy'])
+                for seed_rows in cell['per_seed']]
+        diffs = [r['second_top1'] - j['second_top1'] for r, j in zip(rows, joint)]
+        assert entry['second_top1']['diffs'] == pytest.approx(diffs)
+        assert entry['second_top1']['mean'] == pytest.approx(sum(diffs) / 2)
+
+
+def test_whs_mix_convergence_probes_and_size_curve_are_reported(tiny_study):
+    cfg, text, summary = tiny_study
+    cell = summary['results']['cells']['tiny / S']
+    whs = next(r for r in cell['table'] if r['strategy'] == 'diff. LR + WHS')['whs']
+    assert len(whs) == cfg.n_future and len(whs[0]) == 2  # heads x (h_0, h_attach)
+    conv = cell['convergence']
+    assert conv['gain_2x'] == pytest.approx(conv['base_loss'] - conv['base_2x_loss'])
+    probes = cell['probes']
+    assert probes['layers'] == [0, 1, 2]
+    for readout in ('lens', 'probe'):
+        for metric in ('top1', 'top5'):
+            assert len(probes[readout][metric]) == 2  # x_{t+1}, x_{t+2}
+            assert all(0 <= v <= 1 for row in probes[readout][metric] for v in row)
+    curve = summary['results']['curve']['tiny']
+    assert sorted(curve) == ['S', 'XS'] and curve['XS']['params'] < curve['S']['params']
+    for point in curve.values():
+        assert len(point['marginal']['top1']) == 3 and len(point['heads']['top1']) == 3
+        assert point['marginal']['mass'][2] == pytest.approx(1.0)  # exact: all of V
+    for section in ('## Convergence', '## Strategies', '## Layer probes', '## Size curve',
+                    'Paired differences', 'WHS mix'):
+        assert section in text
+
+
+def test_a_finished_study_is_reused_not_recomputed(tiny_study, monkeypatch):
+    """Runs and evaluations on disk are reused: running the same study again trains nothing."""
+    cfg, text, _ = tiny_study
+    monkeypatch.setattr(study.trainer, 'train', lambda *a, **k: pytest.fail('trained again'))
+    monkeypatch.setattr(study, 'SIZES', dict(study.SIZES, S=(2, 2, 32), XS=(1, 1, 16)))
+    again, _ = study.run_study(cfg, log=lambda message: None)
+    assert again.split('\n', 1)[1] == text.split('\n', 1)[1]  # (line 1: the compute time)
 
 
 # (study.py's arguments, a fragment of the one-line message)
 STUDY_ERRORS = [
     (['--nope=1'], 'unknown option'),
     (['--seeds=two'], 'expects int'),
+    (['--preset=huge'], 'unknown preset'),
+    (['--sizes=S,Q'], 'unknown sizes'),
+    (['--corpora=,'], 'no corpora'),
+    (['--corpora=missing.txt', '--out_dir=/nonexistent/x'], 'corpus not found'),
+    (['--corpora=shakespeare_char', '--shakespeare=missing.txt'], 'not found at missing.txt'),
 ]
 
 

@@ -1,0 +1,158 @@
+"""
+Layer probes: where in a next-token model does the token after next live?
+
+The paper's explanation of why MTP heads on a frozen next-token (NTP) model do poorly is that its
+hidden layers specialize for NTP (Mehra et al. 2025). This measures that directly. For every
+layer l = 0..L of an NTP model (h_0 = the embeddings, h_L = the last block's output), how well
+does h_l at position t predict x_{t+1}, and x_{t+2}?
+
+  logit lens    logits = unembed(ln_f(h_l)): the model's own readout applied to an inner layer
+                (nostalgebraist 2020). Nothing is trained: it shows what a layer already says in
+                the output basis. At l = L it is the model's own next-token prediction.
+  linear probe  logits = W_l LayerNorm(h_l) + b_l, fit by cross-entropy on train positions with
+                the model frozen (Alain & Bengio 2016): what a linear head can read from h_l.
+
+If the paper's claim holds, x_{t+1} is read best at the last layer, while the best layer for
+x_{t+2} lies below it: the last layers turn the state towards the next token only.
+
+    python probes.py --ckpt=out-ntp/ckpt.pt        # a table per readout, then a JSON line
+"""
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model import run_blocks
+from heads import ntp_blocks, count_topk
+from common import (UserError, parse_flags, check_ranges, pick_device, load_model, eval_windows,
+                    window_batch, data_dir_of, cli)
+
+K_AHEAD = 2  # x_{t+1} and x_{t+2}
+
+
+@torch.no_grad()
+def layer_states(model, tokens, positions, seed=0):
+    """Every layer's hidden state at up to `positions` positions of a token array, and their
+    targets: (states (L+1, N, C), targets (N, 2) holding x_{t+1}, x_{t+2})."""
+    device = next(model.parameters()).device
+    blocks = ntp_blocks(model)  # trunk + head 1: the next-token path, L blocks
+    states, targets = [], []
+    for start, n in eval_windows(len(tokens), model.config.block_size, K_AHEAD, positions, seed):
+        seq, target = window_batch(tokens, start, n, K_AHEAD, device)
+        hidden = run_blocks(model.embed(seq[None]), blocks)  # [h_0, .., h_L], each (1, T, C)
+        states.append(torch.stack([h[0, :n] for h in hidden]))
+        targets.append(target)
+    return torch.cat(states, dim=1), torch.cat(targets)
+
+
+def fit_probes(states, targets, vocab_size, steps=500, lr=1e-2, batch_size=512, seed=0):
+    """One linear probe per (layer, k): logits = W LayerNorm(h_l) + b for x_{t+k}. All (L+1) x 2
+    probes are independent parameters trained together in one batched matmul. Returns (W, b):
+    W (2, L+1, C, V), b (2, L+1, 1, V)."""
+    n_layers, N, C = states.shape
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.zeros(K_AHEAD, n_layers, C, vocab_size, device=states.device, requires_grad=True)
+    b = torch.zeros(K_AHEAD, n_layers, 1, vocab_size, device=states.device, requires_grad=True)
+    optimizer = torch.optim.Adam([W, b], lr=lr)
+    for _ in range(steps):
+        rows = torch.randint(N, (batch_size,), generator=gen).to(states.device)
+        logits = probe_logits(W, b, states[:, rows])                # (2, L+1, B, V)
+        target = targets[rows].T[:, None, :].expand(-1, n_layers, -1)  # (2, L+1, B)
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), target.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return W.detach(), b.detach()
+
+
+def probe_logits(W, b, states):
+    """(2, L+1, N, V) logits of every probe on states (L+1, N, C)."""
+    normed = F.layer_norm(states, states.shape[-1:])
+    return normed[None] @ W + b
+
+
+def accuracy(logits, targets):
+    """{'top1': [[per layer] for k = 1, 2], 'top5': ...} of logits (2, L+1, N, V)."""
+    result = {'top1': [], 'top5': []}
+    for k in range(K_AHEAD):
+        hits = [count_topk(layer_logits, targets[:, k]) for layer_logits in logits[k]]
+        result['top1'].append([h[1] / n for n, h in hits])
+        result['top5'].append([h[5] / n for n, h in hits])
+    return result
+
+
+@torch.no_grad()
+def lens_logits(model, states):
+    """(2, L+1, N, V): the logit lens of every layer, the same readout for k = 1 and 2."""
+    lens = torch.stack([model.unembed(h) for h in states])
+    return torch.stack([lens, lens])
+
+
+def layer_probes(model, train_tokens, val_tokens, train_positions=8192, val_positions=2048,
+                 steps=500, lr=1e-2, seed=0):
+    """Top-1/top-5 val accuracy of x_{t+1} and x_{t+2} from every layer, by the logit lens and
+    by linear probes fit on train positions: dict(layers, lens, probe), where lens and probe
+    hold {'top1': [k=1: [per layer], k=2: [...]], 'top5': ...}."""
+    model.eval()
+    train_states, train_targets = layer_states(model, train_tokens, train_positions, seed)
+    val_states, val_targets = layer_states(model, val_tokens, val_positions, seed)
+    W, b = fit_probes(train_states, train_targets, model.config.vocab_size, steps, lr, seed=seed)
+    with torch.no_grad():
+        probe = accuracy(probe_logits(W, b, val_states), val_targets)
+    return dict(layers=list(range(len(val_states))), positions=len(val_targets),
+                lens=accuracy(lens_logits(model, val_states), val_targets), probe=probe)
+
+
+def format_probes(result):
+    lines = []
+    for readout in ('lens', 'probe'):
+        lines.append(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  "
+                     f"{'t+2 top-1':>9} {'top-5':>6}")
+        for layer in result['layers']:
+            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
+            lines.append(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  "
+                         f"{cells[2]:9.3f} {cells[3]:6.3f}")
+    return '\n'.join(lines)
+
+
+@dataclass
+class ProbeConfig:
+    """python probes.py --ckpt=out-ntp/ckpt.pt [--name=value ...]
+Logit lens and linear probes of every layer of a next-token model, for x_{t+1} and x_{t+2}."""
+    ckpt: str = 'out-ntp/ckpt.pt'  # a next-token (n_future=1) checkpoint
+    data_dir: str = ''          # its train.bin / val.bin (default: the checkpoint's dataset)
+    train_positions: int = 8192  # positions the probes are fit on
+    val_positions: int = 2048   # positions they are scored on
+    steps: int = 500            # Adam steps of the probes
+    lr: float = 1e-2            # the probes' learning rate
+    seed: int = 0               # which windows, which minibatches
+    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | mps
+
+
+def main(argv):
+    args = parse_flags(argv, ProbeConfig())
+    check_ranges(args, positive=('train_positions', 'val_positions', 'steps'))
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    config = ckpt.get('config') or {}
+    data_dir = args.data_dir or (config.get('data_dir') or data_dir_of(config['dataset'])
+                                 if config.get('dataset') or config.get('data_dir') else '')
+    if not data_dir:
+        raise UserError("the checkpoint names no dataset: pass --data_dir=DIR")
+    tokens = {}
+    for split in ('train', 'val'):
+        path = f"{data_dir}/{split}.bin"
+        try:
+            tokens[split] = np.memmap(path, dtype=np.uint16, mode='r')
+        except (FileNotFoundError, ValueError):
+            raise UserError(f"token file not found or empty: {path}")
+    result = layer_probes(model, tokens['train'], tokens['val'], args.train_positions,
+                          args.val_positions, args.steps, args.lr, args.seed)
+    print(format_probes(result))
+    print(json.dumps(dict(ckpt=args.ckpt, data_dir=data_dir, **result)))
+    return result
+
+
+if __name__ == '__main__':
+    cli(main)
