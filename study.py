@@ -12,7 +12,7 @@ deterministic) and every model size in `sizes`, with `seeds` seeds, it
   2. adapts the base to n_future heads with each strategy of the paper, and trains an MTP
      model from scratch with the same total iterations; decodes greedily with every MTP model;
 and with seed 0, per corpus and size:
-  3. convergence: a base trained twice as long; how much val loss it gains is reported;
+  3. convergence (table sizes): a base trained twice as long; the val loss it gains is reported;
   4. probes: logit lens and linear probes of every layer of the base (probes.py);
   5. the size curve over `curve_sizes`: next-token accuracy, the 2nd and 3rd token by exact
      marginalization, and 3 heads adapted by joint fine-tuning (the paper's Figure 1);
@@ -277,11 +277,13 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
 # -----------------------------------------------------------------------------
 # seed 0 of a (corpus, size): convergence, probes, the size curve, the sweep
 
-def run_extras(cfg, data_dir, size, cell, curve, log):
+def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
+    """Seed 0 of a size: the convergence check (table sizes), probes, a size curve point, the
+    attach_layer sweep (table sizes)."""
     path = lambda name: os.path.join(cell['cell_dir'], name)  # noqa: E731
     adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
     extras = {}
-    if cfg.convergence:
+    if cfg.convergence and in_table:
         _, longer = run_training(cfg, path('base_2x'), data_dir, size, 0, n_future=1,
                                  max_iters=2 * cfg.base_iters)
         extras['convergence'] = dict(base_loss=cell['base_loss'], ft_loss=cell['ft_loss'],
@@ -303,7 +305,7 @@ def run_extras(cfg, data_dir, size, cell, curve, log):
             heads = accuracy(load_model(joint3)[0], tokens, cfg.curve_positions, 3, [])[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
         extras['curve'] = cached(path('curve.json'), eval_key(cfg), curve_point)
-    if cfg.sweep:
+    if cfg.sweep and in_table:
         extras['sweep'] = []
         for layer in range(SIZES[size][0]):
             ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
@@ -522,7 +524,7 @@ def run_corpus(cfg, corpus, results, log):
         in_table = size in sizes
         cells = [run_cell(cfg, data_dir, size, seed, log, in_table)
                  for seed in range(cfg.seeds if in_table else 1)]
-        extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, log)
+        extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, in_table, log)
         if 'curve' in extras:
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
         if in_table:
