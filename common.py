@@ -131,16 +131,13 @@ def help_text(defaults, values):
 
 
 def check_ranges(args, positive=(), non_negative=(), fractions=()):
-    """One-line errors for numeric flags out of range (fractions: in (0, 1])."""
-    for key in fractions:
-        if not 0 < getattr(args, key) <= 1:
-            raise UserError(f"--{key} must be in (0, 1], got {getattr(args, key)}")
-    for key in positive:
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
-    for key in non_negative:
-        if getattr(args, key) < 0:
-            raise UserError(f"--{key} must be >= 0, got {getattr(args, key)}")
+    """One-line errors for numeric flags out of range."""
+    for keys, ok, rule in ((fractions, lambda v: 0 < v <= 1, 'in (0, 1]'),
+                           (positive, lambda v: v >= 1, '>= 1'),
+                           (non_negative, lambda v: v >= 0, '>= 0')):
+        for key in keys:
+            if not ok(getattr(args, key)):
+                raise UserError(f"--{key} must be {rule}, got {getattr(args, key)}")
 
 
 def parse_top_ks(flag):

@@ -55,11 +55,8 @@ class KVCache:
     """
 
     def __init__(self, n_layers, max_len):
-        self.n_layers = n_layers
-        self.max_len = max_len
-        self.length = 0
-        self.k = [None] * n_layers
-        self.v = [None] * n_layers
+        self.n_layers, self.max_len, self.length = n_layers, max_len, 0
+        self.k, self.v = [None] * n_layers, [None] * n_layers  # allocated on first use
 
     def update(self, layer, k, v):
         """Store k, v (B, H, T, hd) for `layer` after the cached ones; return all keys/values."""

@@ -47,7 +47,7 @@ The paper's study at small scale: strategies, marginalization, probes and a size
     out_dir: str = 'out-study'      # data, runs and checkpoints
     results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
     corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
-    shakespeare: str = ''           # tinyshakespeare.txt (default: data/shakespeare_char/input.txt)
+    shakespeare: str = ''           # tiny Shakespeare's text (default: the shipped data/ copy)
     sizes: str = 'M,L'              # model sizes of the strategies table, see SIZES
     curve_sizes: str = 'M,L,XL,XXL'  # model sizes of the size curve ('' = none)
     seeds: int = 3                  # seeds per (corpus, size) of the strategies table
@@ -117,13 +117,12 @@ def counting_text(n=60000):
 
 
 def corpus_path(name, cfg):
-    """The text file of a corpus name: shakespeare_char (--shakespeare, or the copy that
-    `python data/prepare.py` downloads), or a path."""
+    """The text file of a corpus name: shakespeare_char (--shakespeare, or the project's copy),
+    or a path."""
     if name == 'shakespeare_char':
-        path = cfg.shakespeare or os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt')
+        path = cfg.shakespeare or os.path.join(REPO, 'data', 'tinyshakespeare.txt')
         if not os.path.isfile(path):
-            raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=path/to/"
-                            f"tinyshakespeare.txt (or run python data/prepare.py once)")
+            raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
         return path
     if not os.path.isfile(name):
         raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")

@@ -1,12 +1,12 @@
 """
 Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (the tokenizer).
 
-    python data/prepare.py                                  # shakespeare_char, downloads once
+    python data/prepare.py                                  # shakespeare_char
     python data/prepare.py --dataset=shakespeare            # GPT-2 BPE (tiktoken r50k_base)
-    python data/prepare.py --input=../shared/data/tinyshakespeare.txt   # offline, local file
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
 
-Writes data/<dataset>/{train.bin, val.bin, meta.json} (and input.txt, the cached download).
+Writes data/<dataset>/{train.bin, val.bin, meta.json}. Tiny Shakespeare ships with the project
+(data/tinyshakespeare.txt, the char-rnn file nanoGPT downloads), so nothing needs a network.
 The first 90% of the text is train, the rest val. Tokenizers: `char` (vocabulary = the
 characters of the corpus) or `bpe` (GPT-2's BPE through tiktoken; set TIKTOKEN_CACHE_DIR to a
 local cache when offline).
@@ -14,15 +14,13 @@ local cache when offline).
 import json
 import os
 import sys
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
-SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
-                   'tinyshakespeare/input.txt')
-# known datasets: name -> (download url, tokenizer)
-DATASETS = {'shakespeare_char': (SHAKESPEARE_URL, 'char'), 'shakespeare': (SHAKESPEARE_URL, 'bpe')}
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tinyshakespeare.txt')
+# known datasets: name -> (their text, shipped in data/, tokenizer)
+DATASETS = {'shakespeare_char': (SHAKESPEARE, 'char'), 'shakespeare': (SHAKESPEARE, 'bpe')}
 BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
 
 
@@ -67,29 +65,14 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
 
-def read_corpus(input_path, dataset, out_dir):
-    """The text: a local file if given, else the cached download, else download it now."""
-    if input_path:
-        if not os.path.isfile(input_path):
-            raise FileNotFoundError(f"input file not found: {input_path}")
-        with open(input_path, encoding='utf-8') as f:
-            return f.read()
-    cached = os.path.join(out_dir, 'input.txt')
-    if not os.path.isfile(cached):
-        if dataset not in DATASETS:
-            raise FileNotFoundError(f"dataset {dataset!r} has no download; pass --input=FILE")
-        url = DATASETS[dataset][0]
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                text = r.read().decode('utf-8')
-        except Exception as e:
-            raise ConnectionError(f"download of {url} failed ({type(e).__name__}); offline? "
-                                  f"pass a local copy: --input=path/to/tinyshakespeare.txt")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(cached + '.tmp', 'w', encoding='utf-8') as f:  # atomic: never half a corpus
-            f.write(text)
-        os.replace(cached + '.tmp', cached)
-    with open(cached, encoding='utf-8') as f:
+def read_corpus(input_path, dataset):
+    """The text: the --input file if given, else the dataset's shipped text."""
+    if not input_path and dataset not in DATASETS:
+        raise FileNotFoundError(f"dataset {dataset!r} has no text of its own; pass --input=FILE")
+    path = input_path or DATASETS[dataset][0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    with open(path, encoding='utf-8') as f:
         return f.read()
 
 
@@ -124,7 +107,7 @@ class PrepareConfig:
     """python data/prepare.py [--name=value ...]
 Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
     dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
-    input: str = ''                 # a local text file (default: download the dataset once)
+    input: str = ''                 # a text file (default: the dataset's own, data/tinyshakespeare.txt)
     tokenizer: str = ''             # char | bpe (default: the dataset's, char for unknown names)
     out_dir: str = ''               # where to write (default: data/<dataset>)
     val_fraction: float = 0.1       # the last part of the text that is the val split
@@ -135,12 +118,14 @@ def main(argv):
     args = parse_flags(argv, PrepareConfig())
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
-    text = read_corpus(args.input, args.dataset, out_dir)
-    try:
-        summary = prepare(text, out_dir, tokenizer, args.val_fraction)
-    except (ImportError, OSError) as e:  # tiktoken fetches its BPE file on first use
-        raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? set "
-                              f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
+    text = read_corpus(args.input, args.dataset)
+    if tokenizer == 'bpe':  # tiktoken fetches its BPE file on first use: fail before any work
+        try:
+            Tokenizer.from_text('bpe', '')
+        except Exception as e:
+            raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
+                                  f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+    summary = prepare(text, out_dir, tokenizer, args.val_fraction)
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")
     print(json.dumps(summary))
@@ -149,4 +134,4 @@ def main(argv):
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
     from common import UserError, cli
-    cli(main, errors=(UserError, ValueError, FileNotFoundError, ConnectionError))
+    cli(main, errors=(UserError, ValueError, OSError))  # (missing files, full disks: one line)

@@ -122,16 +122,23 @@ def test_cli_errors_are_one_line(tmp_path, args, fragments):
                    match=fragments)
 
 
-def test_failed_download_says_so_and_how_to_pass_a_local_file(tmp_path, monkeypatch):
-    """Without internet the download fails with one line that names --input."""
-    import urllib.request
+def test_the_main_job_needs_no_network(tmp_path, monkeypatch):
+    """Tiny Shakespeare ships in data/: preparing it opens no connection (every socket fails
+    here), and gives the text of data/tinyshakespeare.txt."""
+    import socket
     import data.prepare as P
 
     def offline(*args, **kwargs):
         raise OSError('network is unreachable')
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    with pytest.raises(ConnectionError) as e:
-        P.read_corpus('', 'shakespeare_char', str(tmp_path / 'sc'))
-    message = str(e.value)
-    assert 'download' in message and '--input=' in message and '\n' not in message
-    assert not os.path.exists(tmp_path / 'sc' / 'input.txt')  # nothing half-written
+    monkeypatch.setattr(socket, 'create_connection', offline)
+    monkeypatch.setattr(socket.socket, 'connect', offline)
+    text = P.read_corpus('', 'shakespeare_char')
+    assert len(text) == 1115394 and text.startswith('First Citizen:')
+    summary = P.prepare(text, str(tmp_path / 'sc'), 'char')
+    assert summary['vocab_size'] == 65
+
+
+def test_a_dataset_without_text_names_input_in_one_line():
+    import data.prepare as P
+    with pytest.raises(FileNotFoundError, match='pass --input=FILE'):
+        P.read_corpus('', 'no_such_dataset')
