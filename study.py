@@ -94,6 +94,8 @@ STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's v
     'diff. LR + WHS': dict(trunk_lr_scale=None, whs=True),
 }
 SCRATCH = 'MTP from scratch (same total iters)'
+FT_EXACT = 'FT NTP + marginalization (exact, all V)'
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_.975
 
 
 # -----------------------------------------------------------------------------
@@ -242,8 +244,8 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
     base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1)
     ft, ft_summary = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1,
                                   init_from=base, **adapt)
-    cell = dict(base_loss=base_summary['val_loss'], ft_loss=ft_summary['val_loss'], base=base,
-                ft=ft, cell_dir=cell_dir, rows=[])
+    cell = dict(base_loss=base_summary['val_loss'], base_train_loss=base_summary['train_loss'],
+                ft_loss=ft_summary['val_loss'], base=base, ft=ft, cell_dir=cell_dir, rows=[])
     if not strategies:
         return cell
     runs = {}
@@ -269,8 +271,23 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
                              whs=None if whs is None else whs.tolist()))
         return rows
     cell['rows'] = cached(path('eval.json'), eval_key(cfg), evaluate_cell)
+    for row in cell['rows']:
+        if row.get('whs'):
+            row['whs_share'] = whs_share(load_model(runs[row['strategy']])[0], data_dir, cfg)
     log(f"{os.path.basename(cell_dir)}: done")
     return cell
+
+
+@torch.no_grad()
+def whs_share(model, data_dir, cfg):
+    """What each layer contributes to a WHS head's input: |c_l| * RMS(h_l), normalized to sum
+    to 1, per head. The raw coefficients c_l understate or overstate a layer's part, because the
+    hidden states' scales differ (h_0, the embeddings, is much smaller than h_L)."""
+    tokens = torch.as_tensor(val_prompts({}, os.path.join(data_dir, 'val.bin'), 8,
+                                         cfg.block_size))
+    rms = torch.stack([h.pow(2).mean().sqrt() for h in model.trunk(tokens)])
+    share = model.whs_weights().abs() * rms
+    return (share / share.sum(dim=1, keepdim=True)).tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -285,8 +302,7 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
     if cfg.convergence and in_table:
         _, longer = run_training(cfg, path('base_2x'), data_dir, size, 0, n_future=1,
                                  max_iters=2 * cfg.base_iters)
-        extras['convergence'] = dict(base_loss=cell['base_loss'], ft_loss=cell['ft_loss'],
-                                     base_2x_loss=longer['val_loss'],
+        extras['convergence'] = dict(base_2x_loss=longer['val_loss'],
                                      gain_2x=cell['base_loss'] - longer['val_loss'])
     model, _ = load_model(cell['base'])
     extras['probes'] = cached(path('probes.json'), eval_key(cfg), lambda: layer_probes(
@@ -322,6 +338,8 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
 # statistics over seeds
 
 COLUMNS = ('next_top5', 'second_top5', 'next_top1', 'second_top1', 'tau', 'speedup')
+LABELS = dict(next_top1='next top-1', next_top5='next top-5', second_top1='2nd top-1',
+              second_top5='2nd top-5')
 
 
 def spread(values):
@@ -347,7 +365,8 @@ def aggregate(rows_per_seed):
 
 def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 'second_top5')):
     """Every row minus the reference row of the same seed (the seeds pair them): per column,
-    the per-seed differences, their mean and sample standard deviation."""
+    the per-seed differences, their mean, sample standard deviation and the half-width of the
+    mean's 95% confidence interval (Student's t, n - 1 degrees of freedom)."""
     result = []
     for rows in zip(*rows_per_seed):
         if rows[0]['strategy'] == reference:
@@ -357,8 +376,9 @@ def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 's
             diffs = [row[col] - ref[col] for row, ref in zip(
                 rows, [next(r for r in seed_rows if r['strategy'] == reference)
                        for seed_rows in rows_per_seed])]
-            entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs),
-                              sd=statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs), sd=sd,
+                              ci95=T95.get(len(diffs) - 1, 1.96) * sd / len(diffs) ** 0.5)
         result.append(entry)
     return result
 
@@ -379,21 +399,34 @@ def markdown_strategies(key, cell):
         cells = [fmt(row[c], row[c + '_spread'] if n > 1 else None, 2 if c in ('tau', 'speedup')
                      else 3) if c in row else '-' for c in COLUMNS]
         lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
-    for row in cell['table']:
-        if row.get('whs'):
-            lines += ['', f"WHS mix of {row['strategy']} (mean over seeds), coefficients of "
-                      f"h_0..h_attach per head: " + '; '.join(
-                          f"head {k + 1}: " + ' '.join(f"{c:.3f}" for c in mix)
-                          for k, mix in enumerate(row['whs']))]
-    if n > 1:
-        lines += ['', 'Paired differences vs joint fine-tuning, same seed (mean ± sd; per seed):',
-                  '', '| row | Δ 2nd top-1 | per seed | Δ 2nd top-5 | per seed |',
-                  '|---|---|---|---|---|']
-        for row in cell['paired']:
-            lines.append(f"| {row['strategy']} | " + ' | '.join(
-                f"{fmt(row[c]['mean'], row[c]['sd'])} | " + ' '.join(f"{d:+.3f}" for d in
-                                                                     row[c]['diffs'])
-                for c in ('second_top1', 'second_top5')) + ' |')
+    same = all(row['identical'] for row in cell['table'])
+    lines += ['', f"Greedy self-speculative output identical to vanilla: "
+              f"{'yes, every model and seed' if same else 'NO (a bug)'}."]
+    for rows in zip(*cell['per_seed']):
+        if rows[0].get('whs'):
+            lines += ['', f"WHS of {rows[0]['strategy']}, per head (h_0 .. h_attach), each seed: "
+                      f"coefficients c_l; share |c_l| RMS(h_l) / sum:"] + [
+                f"- seed {seed}: " + '; '.join(
+                    f"head {k + 1}: c = " + ' '.join(f"{c:.3f}" for c in mix) + ", share = " +
+                    ' '.join(f"{c:.3f}" for c in share)
+                    for k, (mix, share) in enumerate(zip(row['whs'], row['whs_share'])))
+                for seed, row in enumerate(rows)]
+    for title, table, cols in (
+            ('2nd token, every row minus joint fine-tuning', cell['paired'],
+             ('second_top1', 'second_top5')),
+            ('next token, every MTP model minus FT NTP', [
+                r for r in cell['paired_next'] if not r['strategy'].startswith('FT NTP')],
+             ('next_top1', 'next_top5'))):
+        if table:
+            lines += ['', f"Paired differences, {title}, same seed: mean [95% CI, t over "
+                      f"seeds]; per seed:", '', f"| row | Δ {LABELS[cols[0]]} | per seed | "
+                      f"Δ {LABELS[cols[1]]} | per seed |",
+                      '|---|---|---|---|---|']
+            for row in table:
+                lines.append(f"| {row['strategy']} | " + ' | '.join(
+                    f"{row[c]['mean']:+.3f} [{row[c]['mean'] - row[c]['ci95']:+.3f}, "
+                    f"{row[c]['mean'] + row[c]['ci95']:+.3f}] | "
+                    + ' '.join(f"{d:+.3f}" for d in row[c]['diffs']) for c in cols) + ' |')
     if cell.get('sweep'):
         lines += ['', "attach_layer sweep (frozen trunk, seed 0), 2nd-token top-5: " + ', '.join(
             f"layer {s['attach_layer']}: {s['second_top5']:.3f}" for s in cell['sweep'])]
@@ -419,7 +452,7 @@ def markdown_curve(curve):
              '3rd: marginal / heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
              '|---|---|---|---|---|---|---|---|']
     for corpus, points in curve.items():
-        for size, p in points.items():
+        for size, p in sorted(points.items(), key=lambda item: item[1]['params']):
             m, h = p['marginal'], p['heads']
             lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | {m['top1'][0]:.3f} | "
                          + ' | '.join(f"{m[t][k]:.3f} / {h[t][k]:.3f}"
@@ -428,29 +461,28 @@ def markdown_curve(curve):
 
 
 def markdown(results, cfg, command, seconds):
+    new = min(cfg.decode_tokens, cfg.block_size - cfg.block_size // 2)
     lines = [f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute {seconds / 60:.1f} "
-             f"min (training and evaluation, summed over processes). base {cfg.base_iters} "
-             f"iters, adaptations {cfg.adapt_iters}, block {cfg.block_size}, batch "
-             f"{cfg.batch_size}, {cfg.n_future} heads.", '']
-    cells = results['cells']
-    if any(c.get('convergence') for c in cells.values()):
-        lines += ['## Convergence', '', 'Val loss of the base models (mean ± half-range over '
-                  'seeds), after FT NTP, and of a seed-0 base trained twice as long:', '',
-                  '| corpus / size | base | FT NTP | base, 2x iters (seed 0) | 2x gains |',
-                  '|---|---|---|---|---|']
-        for key, c in cells.items():
-            if c.get('convergence'):
-                v = c['convergence']
-                lines.append(f"| {key} | {fmt(*spread(c['base_losses']))} | "
-                             f"{fmt(*spread(c['ft_losses']))} | {v['base_2x_loss']:.3f} | "
-                             f"{v['gain_2x']:+.3f} |")
-        lines.append('')
-    lines += ['## Strategies', '']
-    for key, cell in cells.items():
+             f"min (training and evaluation, summed over processes). Base models "
+             f"{cfg.base_iters} iters, each adaptation {cfg.adapt_iters}, block {cfg.block_size}, "
+             f"batch {cfg.batch_size}; {cfg.n_future} heads; accuracies on {cfg.positions} val "
+             f"positions (the same for every row and seed); τ / speedup: greedy decoding of "
+             f"{cfg.decode_prompts} val prompts x {new} new tokens, one thread.", '',
+             '## Convergence', '', 'Val loss of the base models (mean ± half-range over seeds; '
+             'train loss beside it), after FT NTP, and of a seed-0 base trained twice as long:', '',
+             '| corpus / size | base val | base train | FT NTP val | base, 2x iters | 2x gains |',
+             '|---|---|---|---|---|---|']
+    for key, c in results['convergence'].items():
+        longer = (f"{c['base_2x_loss']:.3f} | {c['gain_2x']:+.3f}" if 'gain_2x' in c
+                  else '- | -')
+        lines.append(f"| {key} | {fmt(*spread(c['base']))} | {fmt(*spread(c['base_train']))} | "
+                     f"{fmt(*spread(c['ft']))} | {longer} |")
+    lines += ['', '## Strategies', '']
+    for key, cell in results['cells'].items():
         lines += markdown_strategies(key, cell)
     lines += ['## Layer probes', '']
-    for key, cell in cells.items():
-        lines += markdown_probes(key, cell['probes'])
+    for key, probes in results['probes'].items():
+        lines += markdown_probes(key, probes)
     if results['curve']:
         lines += ['## Size curve (seed 0)', ''] + markdown_curve(results['curve'])
     return '\n'.join(lines)
@@ -467,6 +499,7 @@ def plots(results, stem):
     paths = []
     for corpus, points in results['curve'].items():
         fig, ax = plt.subplots(figsize=(6, 4))
+        points = dict(sorted(points.items(), key=lambda item: item[1]['params']))
         params = [p['params'] for p in points.values()]
         for label, get in (('next token', lambda p: p['marginal']['top1'][0]),
                            ('2nd, marginalization', lambda p: p['marginal']['top1'][1]),
@@ -477,15 +510,15 @@ def plots(results, stem):
         ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
         ax.legend(fontsize=8)
         paths.append(save(fig, f"{stem}_size_curve_{corpus}.png"))
-    for corpus in {key.split(' / ')[0] for key in results['cells']}:
+    for corpus in sorted({key.split(' / ')[0] for key in results['probes']}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for key, cell in results['cells'].items():
+        for key, p in results['probes'].items():
             if key.startswith(corpus + ' / '):
-                p = cell['probes']
                 depth = [layer / p['layers'][-1] for layer in p['layers']]
                 for k, ax in enumerate(axes):
-                    ax.plot(depth, p['probe']['top1'][k], marker='o', label=f"{key} probe")
-                    ax.plot(depth, p['lens']['top1'][k], ls='--', label=f"{key} lens")
+                    line, = ax.plot(depth, p['probe']['top1'][k], marker='o', label=f"{key} probe")
+                    ax.plot(depth, p['lens']['top1'][k], ls='--', color=line.get_color(),
+                            label=f"{key} lens")
         for k, ax in enumerate(axes):
             ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
                    title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
@@ -524,16 +557,21 @@ def run_corpus(cfg, corpus, results, log):
         cells = [run_cell(cfg, data_dir, size, seed, log, in_table)
                  for seed in range(cfg.seeds if in_table else 1)]
         extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, in_table, log)
+        key = f"{name} / {size}"
         if 'curve' in extras:
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
+        results['probes'][key] = extras.pop('probes')
+        results['convergence'][key] = dict(
+            base=[c['base_loss'] for c in cells], base_train=[c['base_train_loss'] for c in cells],
+            ft=[c['ft_loss'] for c in cells], **extras.pop('convergence', {}))
         if in_table:
             n_layer, _, n_embd = SIZES[size]
             rows = [c['rows'] for c in cells]
-            results['cells'][f"{name} / {size}"] = dict(
+            results['cells'][key] = dict(
                 params=f"{n_layer} layers, {n_embd} dim", seeds=cfg.seeds, table=aggregate(rows),
-                paired=paired(rows) if cfg.seeds > 1 else [], per_seed=rows,
-                base_losses=[c['base_loss'] for c in cells],
-                ft_losses=[c['ft_loss'] for c in cells], **extras)
+                paired=paired(rows) if cfg.seeds > 1 else [],
+                paired_next=paired(rows, FT_EXACT, ('next_top1', 'next_top5'))
+                if cfg.seeds > 1 else [], per_seed=rows, **extras)
 
 
 def compute_seconds(out_dir):
@@ -553,7 +591,7 @@ def run_study(cfg, log=print, command='python study.py'):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    results = dict(cells={}, curve={})
+    results = dict(cells={}, curve={}, probes={}, convergence={})
     for corpus in [c for c in cfg.corpora.split(',') if c]:
         run_corpus(cfg, corpus, results, log)
     results_dir = cfg.results_dir or cfg.out_dir
@@ -572,6 +610,8 @@ def run_study(cfg, log=print, command='python study.py'):
 
 def main(argv):
     cfg = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig())
+    if cfg.quick and cfg.preset not in ('', 'quick'):
+        raise UserError(f"--quick=true is --preset=quick: it conflicts with --preset={cfg.preset}")
     preset = 'quick' if cfg.quick else cfg.preset
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")

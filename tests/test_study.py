@@ -61,6 +61,8 @@ def test_paired_differences_are_per_seed_differences_to_joint_fine_tuning(tiny_s
         diffs = [r['second_top1'] - j['second_top1'] for r, j in zip(rows, joint)]
         assert entry['second_top1']['diffs'] == pytest.approx(diffs)
         assert entry['second_top1']['mean'] == pytest.approx(sum(diffs) / 2)
+        sd = abs(diffs[0] - diffs[1]) / 2 ** 0.5
+        assert entry['second_top1']['ci95'] == pytest.approx(12.71 * sd / 2 ** 0.5)
 
 
 def test_whs_mix_convergence_probes_and_size_curve_are_reported(tiny_study):
@@ -68,9 +70,13 @@ def test_whs_mix_convergence_probes_and_size_curve_are_reported(tiny_study):
     cell = summary['results']['cells']['tiny / S']
     whs = next(r for r in cell['table'] if r['strategy'] == 'diff. LR + WHS')['whs']
     assert len(whs) == cfg.n_future and len(whs[0]) == 2  # heads x (h_0, h_attach)
-    conv = cell['convergence']
-    assert conv['gain_2x'] == pytest.approx(conv['base_loss'] - conv['base_2x_loss'])
-    probes = cell['probes']
+    conv = summary['results']['convergence']
+    assert sorted(conv) == ['tiny / S', 'tiny / XS'] and 'gain_2x' not in conv['tiny / XS']
+    s0 = conv['tiny / S']
+    assert len(s0['base']) == len(s0['ft']) == len(s0['base_train']) == 2  # seeds
+    assert s0['gain_2x'] == pytest.approx(s0['base'][0] - s0['base_2x_loss'])
+    assert sorted(summary['results']['probes']) == ['tiny / S', 'tiny / XS']
+    probes = summary['results']['probes']['tiny / S']
     assert probes['layers'] == [0, 1, 2]
     for readout in ('lens', 'probe'):
         for metric in ('top1', 'top5'):
@@ -81,8 +87,11 @@ def test_whs_mix_convergence_probes_and_size_curve_are_reported(tiny_study):
     for point in curve.values():
         assert len(point['marginal']['top1']) == 3 and len(point['heads']['top1']) == 3
         assert point['marginal']['mass'][2] == pytest.approx(1.0)  # exact: all of V
+    shares = next(r for r in cell['per_seed'][0] if r['strategy'] == 'diff. LR + WHS')['whs_share']
+    assert all(sum(head) == pytest.approx(1.0) for head in shares)
     for section in ('## Convergence', '## Strategies', '## Layer probes', '## Size curve',
-                    'Paired differences', 'WHS mix'):
+                    'Paired differences, 2nd token', 'Paired differences, next token',
+                    'WHS of diff. LR + WHS', 'identical to vanilla: yes'):
         assert section in text
 
 
@@ -100,6 +109,7 @@ STUDY_ERRORS = [
     (['--nope=1'], 'unknown option'),
     (['--seeds=two'], 'expects int'),
     (['--preset=huge'], 'unknown preset'),
+    (['--quick=true', '--preset=cpu'], 'conflicts'),
     (['--sizes=S,Q'], 'unknown sizes'),
     (['--corpora=,'], 'no corpora'),
     (['--corpora=missing.txt', '--out_dir=/nonexistent/x'], 'corpus not found'),
