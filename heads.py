@@ -82,8 +82,10 @@ class Head(nn.Module):
     specialized for the next token). The coefficients c are unconstrained and start one-hot on
     h_attach, so an adapted model starts exactly as its source, and dL/dc_l = <dL/dz, h_l> is of
     order one for every layer from the first step. (A softmax over logits would have to start
-    saturated to reproduce the source, where every other layer's weight and gradient is ~e^-12:
-    measured, such a mix never left the last layer.)"""
+    saturated to reproduce the source: its Jacobian, ~e^-12 off the last layer, then shrinks
+    every step Adam takes in logit space to nothing in the mix; measured, such a mix never left
+    the last layer.) Unconstrained, c may be negative or not sum to 1: a superset of a convex mix.
+    As the h_l differ in scale, |c_l| RMS(h_l) says more of a layer's part than c_l (study.py)."""
 
     def __init__(self, config):
         super().__init__()

@@ -30,7 +30,8 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import UserError, parse_flags, load_model, val_prompts, measure, REPO, cli
+from common import (UserError, parse_flags, pick_device, load_model, val_prompts, measure, REPO,
+                    cli)
 from data.prepare import prepare
 import train as trainer
 from marginalize import evaluate_table
@@ -162,30 +163,53 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
                              max_iters=max_iters, warmup_iters=min(100, max_iters // 10),
                              eval_interval=max_iters)
     tc = replace(tc, **flags)
-    done = os.path.join(run_dir, 'done.json')
-    if os.path.isfile(done):  # finished earlier with exactly this config: reuse it
-        with open(done) as f:
-            record = json.load(f)
-        if record['config'] == asdict(tc):
-            return os.path.join(run_dir, 'ckpt.pt'), record['summary']
+    run = dict(config=asdict(tc), parent=None if tc.init_from == 'scratch' else
+               lineage(tc.init_from))
+    record = read_json(os.path.join(run_dir, 'done.json'))
+    if record and record.get('lineage') == run:  # finished earlier, from the same sources: reuse
+        return os.path.join(run_dir, 'ckpt.pt'), record['summary']
     summary = trainer.printable(trainer.train(tc))
-    with open(done, 'w') as f:
-        json.dump(dict(config=asdict(tc), summary=summary), f)
+    write_json(os.path.join(run_dir, 'done.json'), dict(lineage=run, summary=summary))
     return summary['ckpt'], summary
+
+
+def lineage(ckpt):
+    """A finished run's config and, recursively, its source's: a run is reused only when its
+    whole lineage is unchanged, so a retrained base retrains every run adapted from it."""
+    record = read_json(os.path.join(os.path.dirname(ckpt), 'done.json'))
+    return record and record.get('lineage')
+
+
+def read_json(path):
+    """A JSON record, or None when it is missing or unreadable (a write cut off by a kill)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    """Write a record atomically (temp file + rename): a killed study never leaves half a one."""
+    with open(f"{path}.tmp.{os.getpid()}", 'w') as f:
+        json.dump(obj, f)
+    os.replace(f"{path}.tmp.{os.getpid()}", path)
 
 
 def cached(path, key, compute):
     """compute()'s JSON-able result, stored at path with key; recomputed when the key differs."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            record = json.load(f)
-        if record['key'] == key:
-            return record['value']
+    record = read_json(path)
+    if record and record['key'] == key:
+        return record['value']
     t0 = time.time()
     value = compute()
-    with open(path, 'w') as f:
-        json.dump(dict(key=key, value=value, seconds=time.time() - t0), f)
+    write_json(path, dict(key=key, value=value, seconds=time.time() - t0))
     return value
+
+
+def model_at(ckpt, cfg):
+    """A run's model, in eval mode, on the study's device."""
+    return load_model(ckpt, pick_device(cfg.device))[0]
 
 
 def accuracy(model, tokens, positions, k_ahead, top_ks):
@@ -225,11 +249,16 @@ def slug(name):
     return ''.join(c if c.isalnum() else '_' for c in name).strip('_')
 
 
-def eval_key(cfg):
-    """What an evaluation depends on besides the checkpoints (which are reused only unchanged)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in (
-        'preset', 'quick', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
-        'shakespeare', 'threads', 'device')}
+EVAL_VERSION = 2  # bump when an evaluation's code changes, so cached results are recomputed
+
+
+def eval_key(cfg, *ckpts):
+    """What an evaluation depends on: the study's settings, the evaluated runs' lineages and
+    the evaluation code's version."""
+    return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
+        k: v for k, v in asdict(cfg).items() if k not in (
+            'preset', 'quick', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes',
+            'seeds', 'shakespeare', 'threads', 'device')})
 
 
 # -----------------------------------------------------------------------------
@@ -258,22 +287,22 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
 
     def evaluate_cell():
         tokens, rows = tokens_of(data_dir, 'val'), []
-        model, _ = load_model(ft)
+        model = model_at(ft, cfg)
         exact = 0 if model.config.vocab_size <= 128 else 50
         for row in accuracy(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
             name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
             rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
         for name, ckpt in runs.items():
-            model, _ = load_model(ckpt)
+            model = model_at(ckpt, cfg)
             whs = model.whs_weights()
             heads = accuracy(model, tokens, cfg.positions, cfg.n_future, [])[-1]
             rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
                              whs=None if whs is None else whs.tolist()))
         return rows
-    cell['rows'] = cached(path('eval.json'), eval_key(cfg), evaluate_cell)
+    cell['rows'] = cached(path('eval.json'), eval_key(cfg, ft, *runs.values()), evaluate_cell)
     for row in cell['rows']:
         if row.get('whs'):
-            row['whs_share'] = whs_share(load_model(runs[row['strategy']])[0], data_dir, cfg)
+            row['whs_share'] = whs_share(model_at(runs[row['strategy']], cfg), data_dir, cfg)
     log(f"{os.path.basename(cell_dir)}: done")
     return cell
 
@@ -284,7 +313,7 @@ def whs_share(model, data_dir, cfg):
     to 1, per head. The raw coefficients c_l understate or overstate a layer's part, because the
     hidden states' scales differ (h_0, the embeddings, is much smaller than h_L)."""
     tokens = torch.as_tensor(val_prompts({}, os.path.join(data_dir, 'val.bin'), 8,
-                                         cfg.block_size))
+                                         cfg.block_size), device=next(model.parameters()).device)
     rms = torch.stack([h.pow(2).mean().sqrt() for h in model.trunk(tokens)])
     share = model.whs_weights().abs() * rms
     return (share / share.sum(dim=1, keepdim=True)).tolist()
@@ -304,30 +333,29 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
                                  max_iters=2 * cfg.base_iters)
         extras['convergence'] = dict(base_2x_loss=longer['val_loss'],
                                      gain_2x=cell['base_loss'] - longer['val_loss'])
-    model, _ = load_model(cell['base'])
-    extras['probes'] = cached(path('probes.json'), eval_key(cfg), lambda: layer_probes(
-        model, tokens_of(data_dir, 'train'), tokens_of(data_dir, 'val'), cfg.probe_positions,
-        cfg.positions))
+    extras['probes'] = cached(path('probes.json'), eval_key(cfg, cell['base']), lambda: (
+        layer_probes(model_at(cell['base'], cfg), tokens_of(data_dir, 'train'),
+                     tokens_of(data_dir, 'val'), cfg.probe_positions, cfg.positions)))
     if curve:
         joint3 = run_training(cfg, path('joint3'), data_dir, size, 0, n_future=3,
                               init_from=cell['base'], **adapt)[0]
 
         def curve_point():
             tokens = tokens_of(data_dir, 'val')
-            ft_model, _ = load_model(cell['ft'])
+            ft_model = model_at(cell['ft'], cfg)
             exact = 0 if ft_model.config.vocab_size <= 128 else 50
             marginal = accuracy(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
-            heads = accuracy(load_model(joint3)[0], tokens, cfg.curve_positions, 3, [])[-1]
+            heads = accuracy(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
-        extras['curve'] = cached(path('curve.json'), eval_key(cfg), curve_point)
+        extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
     if cfg.sweep and in_table:
         extras['sweep'] = []
         for layer in range(SIZES[size][0]):
             ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
                                 n_future=cfg.n_future, init_from=cell['base'],
                                 attach_layer=layer, freeze_trunk=True, **adapt)[0]
-            row = cached(path(f'attach{layer}.json'), eval_key(cfg), lambda: accuracy(
-                load_model(ckpt)[0], tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
+            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy(
+                model_at(ckpt, cfg), tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
                 [])[-1])
             extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
     log(f"{os.path.basename(cell['cell_dir'])}: extras done")
@@ -579,9 +607,8 @@ def compute_seconds(out_dir):
     total = 0.0
     for root, _, files in os.walk(os.path.join(out_dir, 'runs')):
         for name in files:
-            if name.endswith('.json'):
-                with open(os.path.join(root, name)) as f:
-                    record = json.load(f)
+            record = read_json(os.path.join(root, name)) if name.endswith('.json') else None
+            if record:
                 total += record.get('seconds') or record.get('summary', {}).get('time_s') or 0
     return total
 

@@ -213,6 +213,25 @@ def test_model_from_checkpoint_roundtrip_and_mismatch():
     one_line_error(model_from_checkpoint, bad)
 
 
+def test_an_old_checkpoint_with_softmax_whs_loads_as_the_same_mix():
+    """Checkpoints written before WHS had coefficients store softmax logits (heads.i.whs_logits,
+    the mix was softmax(logits)); they load with c = softmax(logits): the same logits."""
+    model = tiny_mtp(n_future=2, whs=True, attach_layer=1)
+    logits = torch.tensor([[0.3, 1.5], [-1.0, 2.0]])
+    with torch.no_grad():
+        for head, w in zip(model.heads, logits):
+            head.whs_coef.copy_(torch.softmax(w, 0))
+    old_state = {k.replace('whs_coef', 'whs_logits'): v for k, v in model.state_dict().items()}
+    for i, w in enumerate(logits):
+        old_state[f'_orig_mod.heads.{i}.whs_logits'] = w  # also through torch.compile's prefix
+        del old_state[f'heads.{i}.whs_logits']
+    back = model_from_checkpoint(dict(model=old_state, model_args=asdict(model.config))).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert max_diff(back(x)[0], model(x)[0]) <= 1e-6
+    assert torch.allclose(back.whs_weights(), torch.softmax(logits, 1))
+
+
 def test_an_old_checkpoint_with_linear_heads_loads_as_the_same_model(tmp_path):
     """Checkpoints written before the resblock head had its own module say head_type='linear'
     and store heads.i.linear.{weight,bias}. model_from_checkpoint (and load_model, from a file)

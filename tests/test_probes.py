@@ -27,6 +27,10 @@ def test_states_are_every_layer_of_the_next_token_path_with_both_targets(word_to
     states, targets = probes.layer_states(model, word_tokens[1], 50)
     assert states.shape == (model.config.n_layer + 1, 50, model.config.n_embd)
     assert targets.shape == (50, 2)
+    tokens = torch.as_tensor(word_tokens[1].astype(np.int64))
+    start, n = probes.eval_windows(len(word_tokens[1]), model.config.block_size, 2, 50)[0]
+    t = torch.arange(start, start + n)  # the first window's positions: targets x_{t+1}, x_{t+2}
+    assert torch.equal(targets[:n, 0], tokens[t + 1]) and torch.equal(targets[:n, 1], tokens[t + 2])
     seq = torch.as_tensor(word_tokens[1][:model.config.block_size].astype(np.int64))
     with torch.no_grad():
         logits = model(seq[None])[0][0, :, 0]

@@ -1,6 +1,7 @@
 """The study driver runs end to end: the strategies table with paired differences, the WHS mix,
 convergence, probes and the size curve; finished work is reused; bad flags are one-line errors."""
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -102,6 +103,29 @@ def test_a_finished_study_is_reused_not_recomputed(tiny_study, monkeypatch):
     monkeypatch.setattr(study, 'SIZES', dict(study.SIZES, S=(2, 2, 32), XS=(1, 1, 16)))
     again, _ = study.run_study(cfg, log=lambda message: None)
     assert again.split('\n', 1)[1] == text.split('\n', 1)[1]  # (line 1: the compute time)
+
+
+def test_a_retrained_base_retrains_every_run_adapted_from_it(tmp_path, monkeypatch):
+    """Reuse follows lineage: changing base_iters retrains the base AND the FT NTP run adapted
+    from it (whose own config, init_from=<the base's path>, did not change)."""
+    trained = []
+    real_train = study.trainer.train
+
+    def recording_train(tc):
+        trained.append(os.path.basename(tc.out_dir))
+        return real_train(tc)
+    monkeypatch.setattr(study.trainer, 'train', recording_train)
+    monkeypatch.setattr(study, 'SIZES', dict(study.SIZES, XS=(1, 1, 16)))
+    corpus = tmp_path / 'tiny.txt'
+    corpus.write_text(study.counting_text(600))
+    cfg = study.StudyConfig(out_dir=str(tmp_path / 'study'), corpora=str(corpus), batch_size=4,
+                            block_size=16, eval_iters=1, base_iters=6, adapt_iters=2, device='cpu')
+    data_dir = study.prepare_corpus(str(corpus), cfg)
+    for base_iters, expected in ((6, ['base', 'ft']), (6, []), (7, ['base', 'ft'])):
+        trained.clear()
+        study.run_cell(replace(cfg, base_iters=base_iters), data_dir, 'XS', 0, print,
+                       strategies=False)
+        assert trained == expected, (base_iters, trained)
 
 
 # (study.py's arguments, a fragment of the one-line message)
