@@ -83,8 +83,8 @@ PRESETS = {
                   adapt_lr=1e-3, convergence=False),
     'cpu': dict(sizes='S,M', curve_sizes='XS,S,M,L', seeds=3, base_iters=8000, adapt_iters=800,
                 head_warmup_iters=200, adapt_lr=1e-3, batch_size=16, block_size=64,
-                eval_iters=50, positions=2048, curve_positions=512, probe_positions=8192,
-                decode_prompts=8, decode_tokens=96, sweep=False),
+                eval_iters=50, positions=8192, curve_positions=512, probe_positions=8192,
+                decode_prompts=20, decode_tokens=32, sweep=False),
 }
 STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's value)
     'heads only (frozen trunk)': dict(freeze_trunk=True),
