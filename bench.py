@@ -1,20 +1,14 @@
 """
-Benchmarks of nanoMTP, one section per question:
+Benchmarks of nanoMTP, one section per question (--help lists every section's flags):
 
-    python bench.py decode --ckpt=out/ckpt.pt                       # vanilla vs self-speculative
-    python bench.py decode --ckpt=out/ckpt.pt --draft=small/ckpt.pt  # ... and a draft model
-
+    python bench.py decode --ckpt=out/ckpt.pt [--draft=small/ckpt.pt]   # speculative decoding
     python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
-    python bench.py marginalize --ckpt=out/ckpt.pt --positions=256     # batched vs naive
+    python bench.py marginalize --ckpt=out/ckpt.pt --positions=256      # batched vs naive
 
-decode: the same val prompts, every mode, modes interleaved prompt by prompt, greedy and at
---temperature: tokens/s, speedup, tau, acceptance, greedy == vanilla, and ms/fwd (wall time per
-target forward), so speedup ~ tau x ms/fwd of vanilla / ms/fwd of the mode. One CPU thread by
-default: small-model decoding is latency bound (2 threads made a verify forward 1.7x a
-single-token one, against 1.35x with 1). train: train.py's own loop on a synthetic corpus, each
---compare variant in a fresh process: ms/iter, tokens/s, peak memory, MFU on CUDA. marginalize:
-both estimators on the same positions: max abs difference, cost, speedup. To add a section,
-write bench_<name>(argv) and register it in SECTIONS; --help lists every section's flags.
+decode also reports ms/fwd, the wall time per target forward: speedup ~ tau x ms/fwd of vanilla
+/ ms/fwd of the mode. One CPU thread by default: small-model decoding is latency bound (2 threads
+made a verify forward 1.7x a single-token one, against 1.35x with 1). To add a section, write
+bench_<name>(argv) and register it in SECTIONS.
 """
 import json
 import os
@@ -28,9 +22,9 @@ from dataclasses import dataclass, asdict, fields, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, MarginalizeFlags, help_text, check_ranges,
-                    parse_top_ks, measure, pick_device, autocast_for, set_cpu_threads, Clock,
-                    load_model, load_tokens, val_prompts, eval_windows, window_batch, cli)
+from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
+                    help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
+                    clock, load_model, val_prompts, eval_windows, window_batch, cli)
 from marginalize import marginalize, marginalize_naive
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
@@ -40,24 +34,15 @@ from train import TrainConfig, train
 # decode
 
 @dataclass
-class DecodeBench:
+class DecodeBench(DecodeFlags):
     """python bench.py decode --ckpt=out/ckpt.pt [--name=value ...]
 Vanilla vs self-speculative (and two-model) decoding on the same val prompts: speedup, tau."""
-    ckpt: str = 'out/ckpt.pt'   # the checkpoint (its heads draft in self-speculative mode)
-    draft: str = ''             # a draft model's checkpoint: adds two-model decoding
-    gamma: int = 4              # drafts per step of the draft model
+    threads: int = 1            # CPU threads (0 = torch's default); see the docstring
     data: str = ''              # val.bin to cut prompts from (default: the checkpoint's)
     num_prompts: int = 20       # prompts, evenly spaced over the val tokens
     prompt_len: int = 64        # tokens per prompt
     max_new_tokens: int = 64    # tokens generated per prompt
     repeats: int = 3            # runs of every mode (the median is reported)
-    temperature: float = 0.8    # the sampling setting's temperature (greedy is always run too)
-    top_k: int = 0              # the sampling setting's top_k (0 = off)
-    top_p: float = 1.0          # the sampling setting's top_p (1 = off)
-    seed: int = 1337            # sampling seed (repeat r uses seed + r)
-    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | mps
-    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    threads: int = 1            # CPU threads (0 = torch's default); see the docstring
 
 
 def print_rows(setting, temperature, rows):
@@ -141,18 +126,6 @@ Batched (KV cache + tree attention) vs naive marginalization on the same positio
     top_k: str = '8'          # candidates per step: one number, or 'all'
 
 
-def train_config(args, data_dir, out_dir):
-    """The TrainConfig of one benchmarked variant: train.py's own loop on a synthetic corpus."""
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    return replace(cfg, data_dir=data_dir, out_dir=out_dir, max_iters=args.warmup + args.iters,
-                   eval_interval=10 ** 9, eval_iters=1, quiet=True)
-
-
-def rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
-
-
 def bench_train_one(argv):
     """One variant in this process: median ms/iter of train.py's step, tokens/s, MFU on CUDA,
     and peak memory (CPU: max RSS and its rise over the RSS before training; CUDA: allocated)."""
@@ -164,8 +137,11 @@ def bench_train_one(argv):
                 os.path.join(tmp, f'{split}.bin'))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump({'kind': 'synthetic', 'vocab_size': args.vocab_size}, f)
-        cfg = train_config(args, tmp, os.path.join(tmp, 'out'))
-        rss_before = rss_mb()
+        cfg = replace(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
+                      data_dir=tmp, out_dir=os.path.join(tmp, 'out'), eval_interval=10 ** 9,
+                      max_iters=args.warmup + args.iters, eval_iters=1, quiet=True)
+        with open('/proc/self/statm') as f:  # the resident set size before training, in MB
+            rss_before = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
         summary = train(cfg)
     step_ms = statistics.median(summary['step_ms'][args.warmup:])
     model = summary['model']
@@ -206,8 +182,7 @@ def bench_train(argv):
             raise UserError(f"variant {name} failed: {why}")
         rows.append(dict(variant=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
     shape = {k: getattr(args, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size',
-                                           'batch_size', 'vocab_size', 'n_future', 'head_type',
-                                           'memory_efficient')}
+             'batch_size', 'vocab_size', 'n_future', 'head_type', 'memory_efficient')}
     print(f"train benchmark: {shape}, {args.iters} timed iters after {args.warmup}, "
           f"device {args.device}")
     print(f"  {'variant':34} {'ms/iter':>8} {'x base':>7} {'tokens/s':>9} {'peak MB':>8} "
@@ -228,7 +203,7 @@ def bench_train(argv):
 # marginalize
 
 def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
-          chunk_size=512, window=0, seed=0):
+                     chunk_size=512, window=0, seed=0):
     """Run both estimators on the same positions; max abs difference of the probabilities and
     captured masses, seconds of each and the speed ratio naive / batched."""
     device = next(model.parameters()).device
@@ -240,40 +215,28 @@ def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0,
     results, seconds = {}, {}
     for name, estimator, extra in (('naive', marginalize_naive, {}),
                                    ('batched', marginalize, dict(chunk_size=chunk_size))):
-        clock = Clock(device)
+        elapsed = clock(device)
         results[name] = [estimator(model, seq, torch.arange(len(seq) - k_ahead), **args, **extra)
                          for seq in batches]
-        seconds[name] = clock.seconds()
-    naive, batched = results['naive'], results['batched']
+        seconds[name] = elapsed()
     diff = max(max(float((a.probs - b.probs).abs().max()), float((a.mass - b.mass).abs().max()))
-               for a, b in zip(naive, batched))
+               for a, b in zip(results['naive'], results['batched']))
+    cost = {f"{name}_{key}": sum(getattr(e, key) for e in results[name])
+            for key in ('forward_tokens', 'forwards') for name in results}
     return dict(positions=sum(n for _, n in windows), k_ahead=k_ahead, top_k=top_k, top_p=top_p,
                 max_paths=max_paths, max_abs_diff=diff, naive_s=seconds['naive'],
-                batched_s=seconds['batched'], speedup=seconds['naive'] / seconds['batched'],
-                naive_forward_tokens=sum(e.forward_tokens for e in naive),
-                batched_forward_tokens=sum(e.forward_tokens for e in batched),
-                naive_forwards=sum(e.forwards for e in naive),
-                batched_forwards=sum(e.forwards for e in batched))
-
+                batched_s=seconds['batched'], speedup=seconds['naive'] / seconds['batched'], **cost)
 
 
 def bench_marginalize(argv):
     args = parse_flags(argv, MarginalizeBench())
-    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k) or []
-    if len(top_ks) != 1:
-        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
-    model, ckpt = load_model(args.ckpt, pick_device(args.device))
-    model.float()  # fp32: the comparison is about exactness
-    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    top_ks, model, tokens, source = marginalize_inputs(args, single_top_k=True)
     result = dict(section='marginalize', ckpt=args.ckpt, data=source, **naive_vs_batched(
         model, tokens, args.positions, args.k_ahead, top_ks[0], args.top_p, args.max_paths,
         args.chunk_size, args.window, args.seed))
-    print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, "
-          f"top_k={result['top_k']}: max abs diff {result['max_abs_diff']:.2e}, naive "
-          f"{result['naive_s']:.2f}s, batched {result['batched_s']:.2f}s, speedup "
-          f"{result['speedup']:.1f}x")
+    print(f"{result['positions']} positions, k_ahead={result['k_ahead']}, top_k={result['top_k']}: "
+          f"max abs diff {result['max_abs_diff']:.2e}, naive {result['naive_s']:.2f}s, batched "
+          f"{result['batched_s']:.2f}s, speedup {result['speedup']:.1f}x")
     print(json.dumps(result))
     return result
 

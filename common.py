@@ -1,13 +1,7 @@
 """
-The plumbing every nanoMTP script shares, kept out of the files that hold the ideas:
-
-  flags         --name=value flags and preset files -> a config dataclass; --help lists them
-  devices       device choice, autocast, CPU threads, torchrun (DDP) setup, a CUDA-aware clock
-  checkpoints   atomic save, load with one-line errors, the model a checkpoint describes
-  text          a checkpoint's tokenizer and data, prompts, stop sequences
-  cli           run a script's main(): a UserError ends it with one line, `error: ...`
-
-Imports flow one way: model <- heads <- common <- the scripts.
+The plumbing every nanoMTP script shares, kept out of the files that hold the ideas: flags (and
+--help), devices, checkpoints, text and data, cli() (a UserError ends a script with one line), the
+bookkeeping of training, decoding, the accuracy table. Imports: model <- heads <- common <- scripts.
 """
 import ast
 import dataclasses
@@ -38,11 +32,9 @@ def _convert(name, value, default):
     kind = type(default)
     if isinstance(value, str) and kind is not str:
         try:
-            if kind is bool:
-                if value.lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                return value.lower() in ('true', '1')
-            return kind(value)
+            if kind is bool and value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError
+            return value.lower() in ('true', '1') if kind is bool else kind(value)
         except ValueError:
             raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
     if kind is float and type(value) is int:
@@ -70,13 +62,11 @@ def read_preset(path):
 
 
 def parse_flags(argv, defaults, presets=False, fixed=()):
-    """`defaults` (a config dataclass instance) updated from preset files given
-    as plain paths (when `presets`), then from `--name=value` flags (a bare `--name` sets a bool).
-    Values take the type of the default; unknown names and wrong types are UserErrors that say
-    what is valid. `fixed` names are not flags. `--help` prints every flag and exits."""
-    values = dataclasses.asdict(defaults)
-    for name in fixed:
-        del values[name]
+    """`defaults` (a config dataclass instance) updated from preset files given as plain paths
+    (when `presets`), then from `--name=value` flags (a bare `--name` sets a bool). Values take the
+    type of the default; unknown names and wrong types are UserErrors that say what is valid.
+    `fixed` names are not flags. `--help` prints every flag and exits."""
+    values = {k: v for k, v in dataclasses.asdict(defaults).items() if k not in fixed}
     if '--help' in argv or '-h' in argv:
         print(help_text(defaults, values))
         sys.exit(0)
@@ -84,11 +74,9 @@ def parse_flags(argv, defaults, presets=False, fixed=()):
     for arg in argv:
         if arg.startswith('--'):
             name, eq, value = arg[2:].partition('=')
-            if not eq and type(values.get(name)) is bool:
-                value = 'true'
-            elif not eq:
+            if not eq and type(values.get(name)) is not bool:
                 raise UserError(f"expected --name=value, got {arg!r}")
-            flag_items.append((name, value, arg))
+            flag_items.append((name, value if eq else 'true', arg))
         elif presets:
             preset_items += read_preset(arg)
         else:
@@ -168,6 +156,34 @@ class MarginalizeFlags:
     device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
 
 
+def marginalize_inputs(args, single_top_k=False):
+    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
+    exactness, the tokens, where they came from)."""
+    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
+                 non_negative=('max_paths', 'window'), fractions=('top_p',))
+    top_ks = parse_top_ks(args.top_k)
+    if single_top_k and len(top_ks or []) != 1:
+        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    return top_ks, model.float(), tokens, source
+
+
+@dataclasses.dataclass
+class DecodeFlags:
+    """The flags of decoding (sample.py, bench.py decode)."""
+    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / gpt2-medium / ...
+    draft: str = ''             # a draft model's checkpoint: two-model speculative decoding
+    gamma: int = 4              # drafts per step of the draft model
+    temperature: float = 0.8    # 0 = greedy (bench.py decode always runs greedy too)
+    top_k: int = 0              # sample among the top_k most probable tokens (0 = all)
+    top_p: float = 1.0          # nucleus sampling: the smallest set with this mass (1 = all)
+    seed: int = 1337            # the sampling generator's seed (bench.py: repeat r uses seed + r)
+    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    threads: int = 0            # CPU threads (0 = torch's default; 1 is fastest for tiny models)
+
+
 def cli(main, errors=(UserError,)):
     """Run main(sys.argv[1:]) as a script: the errors a user can cause end it with one line."""
     try:
@@ -212,61 +228,48 @@ def set_cpu_threads(n):
 
 
 class Distributed:
-    """torchrun's data parallelism (a no-op without torchrun): rank, world size, the device of
-    this rank, and gathering a Python object from every rank."""
+    """torchrun's data parallelism (a no-op without torchrun): rank, world, this rank's device."""
 
     def __init__(self, device_flag):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
-        self.rank, self.world, self.backend = 0, 1, None
+        self.rank, self.world, self.local = 0, 1, None
         self.device = pick_device(device_flag)
         if self.ddp:
             import torch.distributed as dist
-            self.torch_distributed = dist
+            self.dist = dist
             cuda = torch.cuda.is_available() and device_flag != 'cpu'
-            self.backend = 'nccl' if cuda else 'gloo'
-            dist.init_process_group(backend=self.backend)
+            dist.init_process_group(backend='nccl' if cuda else 'gloo')
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            if cuda:
-                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            if cuda:  # (gloo: DDP without device_ids)
+                self.local = [int(os.environ['LOCAL_RANK'])]
+                self.device = f"cuda:{self.local[0]}"
                 torch.cuda.set_device(self.device)
         self.master = self.rank == 0
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever stays in fp32
         torch.backends.cudnn.allow_tf32 = True
 
     def wrap(self, model):
-        if not self.ddp:
-            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
-        local = [int(os.environ['LOCAL_RANK'])] if self.backend == 'nccl' else None
-        return DDP(model, device_ids=local)
+        return DDP(model, device_ids=self.local) if self.ddp else model
 
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...]; every rank must call this."""
-        if not self.ddp:
-            return [obj]
-        objs = [None] * self.world
-        self.torch_distributed.all_gather_object(objs, obj)
+        objs = [obj] * self.world
+        if self.ddp:
+            self.dist.all_gather_object(objs, obj)
         return objs
 
     def close(self):
         if self.ddp:
-            self.torch_distributed.destroy_process_group()
+            self.dist.destroy_process_group()
 
 
-class Clock:
-    """Wall-clock seconds, waiting for the GPU to finish first."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == 'cuda'
-        self.t0 = self.now()
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def seconds(self):
-        return self.now() - self.t0
+def clock(device):
+    """Start a clock: returns seconds(), the wall-clock seconds since, waiting for the GPU first."""
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    return lambda: sync() or time.perf_counter() - t0
 
 
 # -----------------------------------------------------------------------------
@@ -295,9 +298,8 @@ def load_checkpoint(path, map_location='cpu'):
 
 
 def model_from_checkpoint(ckpt):
-    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints keep
-    loading: heads.i.linear -> heads.i.resblock.linear, and WHS softmax logits -> coefficients
-    (the same mix)."""
+    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints load
+    too: heads.i.linear -> heads.i.resblock.linear, WHS softmax logits -> the same mix's coefs."""
     model = MTPGPT(MTPConfig(**ckpt['model_args']))
     state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
                     k.removeprefix('_orig_mod.').removeprefix('module.')): v
@@ -371,13 +373,11 @@ def encode(tokenizer, text, what):
 def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
     """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
     or the val.bin of the checkpoint's dataset (or of data_dir)."""
+    source = input_path or val_path(ckpt, data_dir)
     if input_path:
-        text = read_text(input_path)
-        tokens = np.array(encode(tokenizer_for(ckpt), text, f"cannot tokenize {input_path}"),
-                          dtype=np.int64)
-        source = input_path
+        tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
+                                 f"cannot tokenize {input_path}"), dtype=np.int64)
     else:
-        source = val_path(ckpt, data_dir)
         if not os.path.isfile(source):
             raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
                             f"pass --input=FILE or --data_dir=DIR")
@@ -409,11 +409,10 @@ def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
 
 
 def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
-    """Which positions to evaluate: [(start, n)] meaning the window tokens[start : start+n+k_ahead]
-    and its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} all lie inside the window
-    (positions without them are left out, never wrapped). Windows of `window` tokens tile the
-    sequence so every position appears at most once; a seeded shuffle picks which windows,
-    until `positions` positions are reached (or the tokens run out)."""
+    """Which positions to evaluate: [(start, n)], the window tokens[start : start+n+k_ahead] and
+    its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} lie inside it (others are left out,
+    never wrapped). Windows of `window` tokens tile the sequence, so no position appears twice; a
+    seeded shuffle picks windows until `positions` positions are reached (or the tokens run out)."""
     stride = window - k_ahead  # positions per window
     if stride < 1 or n_tokens <= k_ahead:
         raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
@@ -469,10 +468,8 @@ def encode_prompt(text, tokenizer):
 
 def stop_tokens(flag, tokenizer):
     """--stop: auto (<|endoftext|> for BPE, none for char) | none | a string."""
-    if flag == 'auto':
-        return [] if tokenizer.eot is None else [tokenizer.eot]
-    if flag in ('none', ''):
-        return []
+    if flag in ('auto', 'none', ''):
+        return [tokenizer.eot] if flag == 'auto' and tokenizer.eot is not None else []
     return encode(tokenizer, flag.replace('\\n', '\n').replace('\\t', '\t'), 'stop')
 
 
@@ -502,12 +499,8 @@ class Batches:
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self):
-        if self.doc_len:
-            ix = torch.randint(len(self.data) // self.doc_len, (self.batch_size,),
-                               generator=self.gen) * self.doc_len
-        else:
-            ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,),
-                               generator=self.gen)
+        n = len(self.data) // self.doc_len if self.doc_len else len(self.data) - self.block_size
+        ix = torch.randint(n, (self.batch_size,), generator=self.gen) * max(self.doc_len, 1)
         # block_size + 1 tokens from each start (one fewer for the file's last document)
         windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
         for row, i in enumerate(ix.tolist()):
@@ -518,14 +511,12 @@ class Batches:
             y[:, :max(0, self.doc_prompt - 1)] = -1
             y[:, self.doc_len - 1:] = -1
         if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x.to(self.device), y.to(self.device)
 
 
 def load_data(cfg, device, rank):
-    """For train.py's cfg: (meta, batches for training, fixed val batches, fixed train batches
-    for evaluation)."""
+    """For train.py's cfg: (meta, training batches, fixed val and train batches to evaluate)."""
     data_dir = data_dir_of(cfg.dataset, cfg.data_dir)
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
         raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
@@ -544,9 +535,8 @@ def restore(ckpt, optimizer, batches, rank):
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError):
-        raise UserError("the checkpoint's optimizer does not match these flags: resume with "
-                        "the strategy flags of the original run (freeze_trunk, "
-                        "trunk_lr_scale, ...)")
+        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
+                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
     saved = ckpt['rng'].get('ranks', [ckpt['rng']])
     if rank < len(saved):
         torch.set_rng_state(saved[rank]['torch'])
@@ -626,8 +616,7 @@ class Stats:
             tau=self.decode_tokens / self.decode_forwards if self.decode_forwards else None,
             acceptance=[a / d if d else None for a, d in zip(self.accepted, self.drafted)],
             target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
-            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None,
-            time_s=self.time_s)
+            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None, time_s=self.time_s)
 
 
 # a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
@@ -646,17 +635,6 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
         raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
-def cut_stop(seq, n_prompt, stop, n_new):
-    """After n_new tokens were appended to seq: if the stop sequence now ends among them (and
-    starts after the prompt), cut it off and return True (the generation ends)."""
-    first = max(n_prompt, len(seq) - n_new - len(stop) + 1)
-    for i in range(first, len(seq) - len(stop) + 1) if stop else ():
-        if seq[i:i + len(stop)] == stop:
-            del seq[i:]
-            return True
-    return False
 
 
 class Decoding:
@@ -681,11 +659,17 @@ class Decoding:
         return self.max_new_tokens - (len(self.seq) - self.n_prompt)
 
     def emit(self, new, n_drafts):
-        """Append a step's tokens (its accepted drafts and one target token); count the step;
-        cut a completed stop sequence, which ends the generation."""
+        """Append a step's tokens (its accepted drafts and one target token); count the step. A stop
+        sequence now ending among them (and starting after the prompt) is cut, ending the run."""
         self.stats.step(n_drafts, len(new) - 1)
         self.seq += new
-        self.stopped = cut_stop(self.seq, self.n_prompt, self.stop, len(new))
+        seq, stop = self.seq, self.stop
+        for i in range(max(self.n_prompt, len(seq) - len(new) - len(stop) + 1),
+                       len(seq) - len(stop) + 1) if stop else ():
+            if seq[i:i + len(stop)] == stop:
+                del seq[i:]
+                self.stopped = True
+                return
 
     def result(self, window):
         self.stats.new_tokens = len(self.seq) - self.n_prompt
@@ -700,9 +684,9 @@ def interleaved(modes, prompts, device, seed, **sampling):
     seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
     for prompt in prompts:
         for mode, decode in modes.items():
-            clock = Clock(device)
+            elapsed = clock(device)
             result = decode(prompt, generator=generators[mode], **sampling)
-            seconds[mode] += clock.seconds()
+            seconds[mode] += elapsed()
             stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
             outputs[mode].append(result.tokens)
     return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
@@ -711,23 +695,17 @@ def interleaved(modes, prompts, device, seed, **sampling):
 
 def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
     """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
-    speeds, ms_per_forward = {mode: [] for mode in modes}, {mode: [] for mode in modes}
-    for r in range(repeats):
-        runs = interleaved(modes, prompts, device, seed + r, **sampling)
-        for mode, (tokens_per_s, stats, _) in runs.items():
-            speeds[mode].append(tokens_per_s)
-            ms_per_forward[mode].append(1000 * stats.new_tokens / tokens_per_s
-                                        / stats.target_forwards)
+    runs = [interleaved(modes, prompts, device, seed + r, **sampling) for r in range(repeats)]
+    speed = {mode: statistics.median(run[mode][0] for run in runs) for mode in modes}
     rows = {}
-    for mode, (_, stats, outputs) in runs.items():
+    for mode, (_, stats, outputs) in runs[-1].items():
         s = stats.summary()
-        rows[mode] = dict(
-            tokens_per_s=statistics.median(speeds[mode]),
-            speedup=statistics.median(speeds[mode]) / statistics.median(speeds['vanilla']),
-            tau=s['tau'], acceptance=s['acceptance'],
-            ms_per_forward=statistics.median(ms_per_forward[mode]),
-            target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
-            identical=outputs == runs['vanilla'][2] if greedy else None)
+        ms = statistics.median(1000 * st.new_tokens / tokens_per_s / st.target_forwards
+                               for tokens_per_s, st, _ in (run[mode] for run in runs))
+        rows[mode] = dict(tokens_per_s=speed[mode], speedup=speed[mode] / speed['vanilla'],
+                          tau=s['tau'], acceptance=s['acceptance'], ms_per_forward=ms,
+                          target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+                          identical=outputs == runs[-1]['vanilla'][2] if greedy else None)
     return rows
 
 
@@ -742,13 +720,11 @@ def format_table(rows, k_ahead):
     ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
     width = max(len(r['name']) for r in rows)
     group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
-    k_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in ks)
-    mass_labels = ' '.join(f"{f'k={k + 1}':>6}" for k in later)
+    k_labels, mass_labels = (' '.join(f"{f'k={k + 1}':>6}" for k in r) for r in (ks, later))
     lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
              f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
              f"{'fwd tokens':>11} {'seconds':>8}"]
-    for r in rows:
-        lines.append(f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
-                     f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
-                     f"{r['seconds']:>8.2f}")
+    lines += [f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
+              f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
+              f"{r['seconds']:>8.2f}" for r in rows]
     return '\n'.join(lines)

@@ -4,18 +4,14 @@ Self-distillation of the MTP heads: heads 2..n learn to draft what the model its
     python distill.py --ckpt=out/ckpt.pt                      # -> out-distill/ckpt.pt
     python distill.py --ckpt=out/ckpt.pt --temperature=1 --out_dir=out-distill-t1
 
-Why. A draft is accepted when it agrees with the MODEL's own next tokens, but heads trained on
-the corpus learn the DATA's p(x_{t+k} | x<=t). So (Medusa-2's self-distillation, Cai et al. 2024):
-  1. the model writes its own corpus: prompts of real text (its train / val split), continued by
-     vanilla decoding (sample.generate_batch) to seq_len tokens at --temperature;
-  2. train.py fine-tunes heads 2..n on it, trunk and head 1 frozen (freeze_trunk, lambda_1 = 0):
-     the next-token distribution stays bit-identical, so decoding stays exactly as lossless;
-     only the drafts get better. Each document is one training window and its prompt is not
-     learned (train.py's doc_len / doc_prompt).
-What the heads learn: at temperature 0, x_{t+k} of the corpus IS the greedy continuation, what
-greedy verification accepts; at temperature 1 it is a sample of the model's own marginal
-p(x_{t+k} | x<=t) = sum_v p(v | x<=t) p(x_{t+k} | x<=t, v), so cross-entropy fits the heads to
-it: the q that lossless sampling wants. The model's shape and what is frozen are not flags here.
+A draft is accepted when it agrees with the MODEL's own next tokens, but heads trained on the
+corpus learn the DATA's p(x_{t+k} | x<=t). So (Medusa-2's self-distillation, Cai et al. 2024) the
+model writes its own corpus, prompts of real text continued by vanilla decoding at --temperature,
+and train.py fine-tunes heads 2..n on it with trunk and head 1 frozen: the next-token distribution
+stays bit-identical, so decoding stays exactly as lossless; only the drafts get better. At
+temperature 0, x_{t+k} of the corpus IS the greedy continuation, what greedy verification accepts;
+at 1 it is a sample of the model's own p(x_{t+k} | x<=t) = sum_v p(v | x<=t) p(x_{t+k} | x<=t, v),
+so cross-entropy fits the heads to the q that lossless sampling wants.
 """
 import json
 import os
@@ -52,13 +48,11 @@ Self-distillation: the model writes its own corpus, heads 2..n learn it (trunk, 
     batch_size: int = 16        # documents per step
     learning_rate: float = 1e-3  # peak LR of the heads
     min_lr: float = 1e-4        # LR at the end of the cosine decay
-    eval_interval: int = 500    # iterations between evaluations / checkpoints
     loss_weights: str = ''      # lambda_1..lambda_n; default 0,1,..,1 (must start with 0)
     seed: int = 1337            # of the prompts, the generation and the fine-tuning
 
 
-# The data, the model (its shape included) and the frozen parts are this script's business, so
-# these train.py flags are not taken here.
+# train.py flags this script decides itself: the data, the model (its shape) and what is frozen
 FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt', 'n_layer',
          'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type', 'whs',
          'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters', 'trunk_lr_scale')
@@ -125,24 +119,21 @@ def main(argv):
     with autocast_for(cfg.dtype, device):
         for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
             source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
-            prompts = torch.tensor(val_prompts(
-                ckpt, source, n, args.prompt_len, torch.Generator().manual_seed(
-                    cfg.seed + (split == 'val')), hint="prompts are cut from the checkpoint's "
-                "data: run data/prepare.py for its dataset"))
+            starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
+            prompts = torch.tensor(val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
+                "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset")))
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
                          device, generator)
     # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
     # (bench.py, marginalize.py) use that, not this model-written corpus (common.val_path)
-    meta = {**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
+        json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
     corpus_s = time.time() - t0
     del model, ckpt  # train() loads the checkpoint again
     summary = printable(train(cfg))
     print(json.dumps(dict(corpus_dir=cfg.data_dir, corpus_s=corpus_s,
                           corpus_tokens=args.num_sequences * args.seq_len,
-                          temperature=args.temperature, loss_weights=cfg.loss_weights,
-                          **summary)))
+                          temperature=args.temperature, loss_weights=cfg.loss_weights, **summary)))
 
 
 if __name__ == '__main__':

@@ -16,9 +16,8 @@ the plain GPT. Loss (positions without a target are ignored, never wrapped):
 
     L = sum_k lambda_k * CE(logits_k[t], x_{t+k})
 
-Heads are numbered as in the paper's x_{t+k}, in every function here: head k (1-based) predicts
-k tokens ahead. (Tensors stack the heads on a dimension, where head k sits at index k - 1.)
-This file also holds the token-weighted top-k accuracy counter every evaluation uses.
+Heads are numbered as in the paper's x_{t+k} everywhere: head k (1-based) predicts k tokens ahead;
+tensors that stack heads hold head k at index k - 1. Also here: the top-k accuracy counter.
 """
 from dataclasses import dataclass, fields
 
@@ -117,8 +116,7 @@ class MTPGPT(GPT):
 
     def __init__(self, config):
         super().__init__(config)
-        trunk = self.transformer.h[:config.attach_layer]
-        self.transformer.h = nn.ModuleList(trunk)
+        self.transformer.h = nn.ModuleList(self.transformer.h[:config.attach_layer])  # the trunk
         self.heads = nn.ModuleList([Head(config) for _ in range(config.n_future)])
         init_gpt2_(self.heads, config.n_layer)
         for head in self.heads:
@@ -159,9 +157,7 @@ class MTPGPT(GPT):
                               for k in range(1, n_heads + 1)], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
-        loss = None
-        if targets is not None:
-            loss = mtp_loss(logits, targets, loss_weights)
+        loss = None if targets is None else mtp_loss(logits, targets, loss_weights)
         return (logits, loss, trunk_hidden) if return_hidden else (logits, loss)
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
@@ -222,9 +218,8 @@ class MTPGPT(GPT):
         config = MTPConfig(**base, n_future=n_future, attach_layer=attach_layer,
                            head_type=head_type, whs=whs)
         model = cls(config)
-        model.transformer.wte.load_state_dict(source.transformer.wte.state_dict())
-        model.transformer.wpe.load_state_dict(source.transformer.wpe.state_dict())
-        model.transformer.ln_f.load_state_dict(source.transformer.ln_f.state_dict())
+        for name in ('wte', 'wpe', 'ln_f'):  # embeddings, the shared final norm and unembedding
+            model.transformer[name].load_state_dict(source.transformer[name].state_dict())
         for j in range(config.attach_layer):
             model.transformer.h[j].load_state_dict(blocks[j].state_dict())
         for head in model.heads:
@@ -265,9 +260,7 @@ def loss_weights_for(n_future, loss_weights=None, mtp_weight=1.0, decay=1.0):
 def head_targets(targets, k):
     """Targets of head k from next-token targets: head k at t predicts x_{t+k} = targets[t+k-1];
     the last k-1 positions have no target (-1, ignored)."""
-    shifted = targets[:, k - 1:]
-    pad = torch.full_like(targets[:, :k - 1], -1)
-    return torch.cat([shifted, pad], dim=1)
+    return torch.cat([targets[:, k - 1:], torch.full_like(targets[:, :k - 1], -1)], dim=1)
 
 
 def head_ce(logits_k, targets, k):

@@ -7,18 +7,13 @@ every path of intermediate tokens v_1 .. v_{k-1},
     p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}} prod_{j<k} p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
 
 Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: only candidates
-among the top_k most probable and/or inside the top_p nucleus of p(v_j | ...) are followed, and
-at most max_paths paths (most probable first) are kept per position. Their total probability is
-the captured mass; the estimate sums to it, or to 1 with renormalize. Two implementations:
-
-  marginalize_naive  one forward per (position, path) over x<=t + path, no cache: the reference
-  marginalize        one forward fills a KV cache with the sequence, then the candidates of all
-                     positions go through batched forwards with a tree attention mask (every
-                     candidate sees its own prefix x<=t in the cache and its own ancestors in
-                     the path tree, nothing else), in chunks so memory stays bounded
-
-and the paper's Table 1: top-1/top-5 accuracy of x_{t+1} .. x_{t+K} by greedy chaining,
-marginalization at several sparsities and the model's own MTP heads, with mass and cost.
+among the top_k most probable and/or inside the top_p nucleus of p(v_j | ...) are followed, and at
+most max_paths paths (most probable first) are kept per position. Their total probability is the
+captured mass; the estimate sums to it, or to 1 with renormalize. marginalize_naive writes the sum
+as it is, one forward per path (the reference); marginalize gets the same numbers from one forward
+that fills a KV cache, then batched forwards of every position's candidates under a tree attention
+mask. Then the paper's Table 1: top-1/top-5 accuracy of x_{t+1} .. x_{t+K} by greedy chaining,
+marginalization at several sparsities and the model's MTP heads, with mass and cost.
 
     python marginalize.py --ckpt=out/ckpt.pt                         # its dataset's val split
     python marginalize.py --ckpt=out/ckpt.pt --input=some.txt --k_ahead=2 --top_k=1,5,all
@@ -33,10 +28,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from heads import MTPGPT, Tally
-from common import (UserError, parse_flags, MarginalizeFlags, check_ranges, parse_top_ks,
-                    check_positions,
-                    eval_windows, window_batch, pick_device, Clock, load_model, load_tokens,
-                    format_table, cli)
+from common import (UserError, parse_flags, MarginalizeFlags, marginalize_inputs,
+                    check_positions, eval_windows, window_batch, clock, format_table, cli)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
@@ -105,8 +98,7 @@ def marginalize_naive(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, m
                 paths = children[:max_paths] if max_paths else children
         probs.append(torch.stack(probs_t))
         mass.append(mass_t)
-    return Estimate(torch.stack(probs), torch.tensor(mass, device=device), forward_tokens,
-                    forwards)
+    return Estimate(torch.stack(probs), torch.tensor(mass, device=device), forward_tokens, forwards)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +251,7 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     rows = []
     for top_k in (default_top_ks(model.config.vocab_size) if top_ks is None else top_ks):
         name = row_name(top_k, top_p, max_paths)
-        tally, cost, clock = Tally(k_ahead), [0, 0], Clock(device)
+        tally, cost, elapsed = Tally(k_ahead), [0, 0], clock(device)
         with tqdm(desc=name, unit='chunk', disable=not progress, leave=False) as bar:
             for seq, targets in batches:
                 est = marginalize(model, seq, torch.arange(len(targets)), k_ahead, top_k, top_p,
@@ -268,17 +260,16 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
                 cost = [cost[0] + est.forward_tokens, cost[1] + est.forwards]
         rows.append(dict(name=name, method='marginal', top_k=top_k, top_p=top_p,
                          max_paths=max_paths, **tally.result(), forward_tokens=cost[0],
-                         forwards=cost[1], seconds=clock.seconds()))
+                         forwards=cost[1], seconds=elapsed()))
     n_future = getattr(model.config, 'n_future', 1)
     if n_future > 1:
-        tally, cost, clock = Tally(k_ahead), 0, Clock(device)
+        tally, cost, elapsed = Tally(k_ahead), 0, clock(device)
         for seq, targets in batches:
             logits = model(seq[None])[0][0, :len(targets)]  # (n, n_future, V); head k: x_{t+k}
             tally.add(logits[:, :k_ahead].float(), targets)
             cost += len(seq)
-        rows.append(dict(name=f"MTP heads (n_future={n_future})", method='heads',
-                         **tally.result(), forward_tokens=cost, forwards=len(batches),
-                         seconds=clock.seconds()))
+        rows.append(dict(name=f"MTP heads (n_future={n_future})", method='heads', **tally.result(),
+                         forward_tokens=cost, forwards=len(batches), seconds=elapsed()))
     return rows
 
 
@@ -299,12 +290,7 @@ def main(argv):
     args = parse_flags(argv, MarginalizeConfig())
     if not args.ckpt:
         raise UserError("--ckpt=PATH is required")
-    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k)
-    model, ckpt = load_model(args.ckpt, pick_device(args.device))
-    model.float()  # fp32: the comparisons and sums here are about exactness
-    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    top_ks, model, tokens, source = marginalize_inputs(args)
     rows = evaluate_table(model, tokens, args.positions, args.k_ahead, top_ks, args.top_p,
                           args.max_paths, args.renormalize, args.chunk_size, args.window,
                           args.seed, progress=not args.quiet)

@@ -8,8 +8,7 @@ Read top to bottom:
   GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding; GPT-2 weights
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
-heads (heads.py) can branch off at any layer and WHS can mix them. This file imports nothing of
-the project; flags, devices and checkpoint files live in common.py.
+heads (heads.py) can branch off at any layer and WHS can mix them. It imports nothing of nanoMTP.
 """
 import inspect
 import math

@@ -8,17 +8,11 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
 
 Speculative decoding, exactly. A step feeds the tokens that are not verified yet -- the last
 emitted token and k drafts -- through the target model in ONE forward; its next-token head gives
-the target distribution p at each of the k+1 positions, and `verify` decides which drafts stand:
-greedy, the longest prefix equal to the target's argmax (output = vanilla greedy, token for
-token); sampling, accept x ~ q with probability min(1, p(x)/q(x)), else draw from
-norm(max(0, p - q)), with a bonus token from p when all are accepted (output distributed exactly
-as vanilla sampling). Temperature, top-k and top-p shape p and q alike (probs_from_logits).
-After a rejection the KV cache is rolled back to the accepted length.
-  self-speculative: heads 2..n of the SAME forward, read at the last accepted position, draft the
-                  n-1 tokens after the free token: one forward per step (block heads must see
-                  every position for their KV cache; resblock heads run on that one row only).
-  two-model:      the draft model (its own KV cache, rolled back too) drafts gamma tokens one
-                  forward at a time (Leviathan et al. 2023, Chen et al. 2023).
+the target distribution p at each of the k+1 positions, `verify` decides which drafts stand (the
+output is vanilla greedy decoding token for token, or distributed exactly as vanilla sampling), and
+the KV cache is rolled back to the accepted length. Temperature, top-k and top-p shape p and the
+drafts' q alike (probs_from_logits). Drafts come from heads 2..n of the same forward
+(self-speculative) or a draft model, one forward each (Leviathan et al. 2023, Chen et al. 2023).
 
 Long sequences (sliding window). A model sees at most block_size positions. When the sequence
 outgrows the window, the window jumps to its last `keep` tokens (default 3/4 of block_size), which
@@ -26,8 +20,7 @@ are prefilled again. The jumps depend only on the sequence length, so every mode
 token on the same context (greedy outputs stay identical), and a speculative step feeds only as
 many drafts as fit before the window's end.
 
-Metrics (common.Stats): tau, tokens per target forward, and acceptance by draft position. Greedy
-exactness is tested in fp32; under bfloat16 near-ties may break differently.
+Metrics: common.Stats. Greedy exactness is tested in fp32; under bfloat16 near-ties may differ.
 """
 import json
 from dataclasses import dataclass
@@ -35,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, parse_flags, check_ranges, pick_device, autocast_for,
+from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
                     set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
                     encode_prompt, stop_tokens, cli)
 
@@ -116,11 +109,9 @@ class Window:
     """The cache holds seq[start : start + cache.length] (see "Long sequences" above)."""
 
     def __init__(self, model, keep=None):
-        self.model = model
-        self.block_size = model.config.block_size
+        self.model, self.block_size, self.start = model, model.config.block_size, 0
         self.keep = min(keep or self.block_size - self.block_size // 4, self.block_size)
         self.cache = model.new_cache(self.block_size)
-        self.start = 0
         self.device = next(model.parameters()).device
 
     def slide(self, n):
@@ -185,8 +176,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
     if prompts.size(1) + max_new_tokens > model.config.block_size:
         raise UserError(f"prompt ({prompts.size(1)}) + max_new_tokens ({max_new_tokens}) exceed "
                         f"block_size {model.config.block_size}")
-    cache = model.new_cache()
-    tokens = [prompts]
+    cache, tokens = model.new_cache(), [prompts]
     for _ in range(max_new_tokens):
         logits, _ = model(tokens[-1], cache=cache, n_heads=1)
         probs = probs_from_logits(logits[:, -1, 0], temperature, top_k, top_p)
@@ -270,24 +260,14 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, temperatu
 # command line
 
 @dataclass
-class SampleConfig:
+class SampleConfig(DecodeFlags):
     """python sample.py --ckpt=out/ckpt.pt [--name=value ...]
 Generate text from a checkpoint: vanilla, self-speculative (--speculative) or with a draft model."""
-    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / gpt2-medium / ...
     prompt: str = '\n'          # the prompt text, or FILE:path; '' = <|endoftext|> (BPE only)
     num_samples: int = 1        # samples to draw, one after another
     max_new_tokens: int = 500   # tokens to generate per sample
-    temperature: float = 0.8    # 0 = greedy
-    top_k: int = 0              # sample among the top_k most probable tokens (0 = all)
-    top_p: float = 1.0          # nucleus sampling: the smallest set with this mass (1 = all)
-    seed: int = 1337            # the sampling generator's seed
     speculative: bool = False   # self-speculative decoding: the model's heads 2..n draft
-    draft: str = ''             # a draft model's checkpoint: two-model speculative decoding
-    gamma: int = 4              # drafts per step of the draft model
     stop: str = 'auto'          # stop sequence: auto (<|endoftext|> for BPE) | none | a string
-    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    threads: int = 0            # CPU threads (0 = torch's default; 1 is fastest for tiny models)
     quiet: bool = False         # print only the metrics and the JSON line
 
 

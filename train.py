@@ -89,10 +89,9 @@ def parse_config(argv, base=None):
 
 def check_config(cfg):
     """Reject combinations that cannot mean anything, before any work is done."""
-    if cfg.freeze_trunk and cfg.init_from == 'scratch':
-        raise UserError("freeze_trunk needs a trained trunk: use init_from=<ckpt> or gpt2")
-    if cfg.head_warmup_iters and cfg.init_from == 'scratch':
-        raise UserError("head_warmup_iters needs a trained trunk: use init_from=<ckpt> or gpt2")
+    for flag in ('freeze_trunk', 'head_warmup_iters'):
+        if getattr(cfg, flag) and cfg.init_from == 'scratch':
+            raise UserError(f"{flag} needs a trained trunk: use init_from=<ckpt> or gpt2")
     if cfg.freeze_trunk and (cfg.head_warmup_iters or cfg.trunk_lr_scale != 1.0):
         raise UserError("freeze_trunk never trains the trunk: drop head_warmup_iters / "
                         "trunk_lr_scale")
@@ -177,8 +176,7 @@ def build_model(cfg, meta):
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
-            model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type,
-                                    cfg.whs)
+            model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs)
     if model.config.vocab_size != meta['vocab_size']:
         raise UserError(f"model vocab_size {model.config.vocab_size} does not match the dataset's "
                         f"{meta['vocab_size']}")

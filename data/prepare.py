@@ -5,11 +5,8 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
     python data/prepare.py --dataset=shakespeare            # GPT-2 BPE (tiktoken r50k_base)
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
 
-Writes data/<dataset>/{train.bin, val.bin, meta.json}. Tiny Shakespeare ships with the project
-(data/tinyshakespeare.txt, the char-rnn file nanoGPT downloads), so nothing needs a network.
-The first 90% of the text is train, the rest val. Tokenizers: `char` (vocabulary = the
-characters of the corpus) or `bpe` (GPT-2's BPE through tiktoken; set TIKTOKEN_CACHE_DIR to a
-local cache when offline).
+Tiny Shakespeare ships with the project (data/tinyshakespeare.txt, nanoGPT's char-rnn file), so
+nothing needs a network but tiktoken's BPE file (set TIKTOKEN_CACHE_DIR to a cache when offline).
 """
 import json
 import os
@@ -31,15 +28,13 @@ class Tokenizer:
     def __init__(self, meta):
         self.meta = meta
         if meta['kind'] == 'char':
-            self.itos = meta['chars']
+            self.itos, self.eot = meta['chars'], None
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
             self.vocab_size = len(self.itos)
-            self.eot = None
         elif meta['kind'] == 'bpe':
             import tiktoken
             self.enc = tiktoken.get_encoding(meta['encoding'])
-            self.vocab_size = self.enc.n_vocab
-            self.eot = self.enc.eot_token
+            self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         else:
             raise ValueError(f"unknown tokenizer kind {meta['kind']!r}")
 
@@ -82,8 +77,7 @@ def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
     if tok.vocab_size > 2 ** 16:
         raise ValueError(f"vocabulary of {tok.vocab_size} tokens does not fit uint16 "
                          f"(max 65536); use the bpe tokenizer or a smaller alphabet")
-    n = len(text)
-    split = int(n * (1 - val_fraction))
+    split = int(len(text) * (1 - val_fraction))
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
     for name, part in (('train', text[:split]), ('val', text[split:])):
