@@ -74,14 +74,14 @@ The paper's study at small scale: strategies, marginalization, probes and a size
 
 
 SIZES = {  # n_layer, n_head, n_embd
-    'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192), 'XL': (8, 8, 256),
+    'XXS': (1, 1, 16), 'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192), 'XL': (8, 8, 256),
     'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
 PRESETS = {
     'quick': dict(sizes='qS,M', curve_sizes='qS,M', seeds=2, base_iters=500, adapt_iters=150,
                   head_warmup_iters=40, batch_size=16, block_size=64, eval_iters=8, positions=512,
                   curve_positions=64, probe_positions=1024, decode_prompts=4, decode_tokens=64,
                   adapt_lr=1e-3, convergence=False),
-    'cpu': dict(sizes='S,M', curve_sizes='XS,S,M,L', seeds=3, base_iters=8000, adapt_iters=800,
+    'cpu': dict(sizes='S,M', curve_sizes='XXS,XS,S,M', seeds=3, base_iters=8000, adapt_iters=800,
                 head_warmup_iters=200, adapt_lr=1e-3, batch_size=16, block_size=64,
                 eval_iters=50, positions=8192, curve_positions=512, probe_positions=8192,
                 decode_prompts=20, decode_tokens=32, sweep=False),
