@@ -12,7 +12,7 @@ deterministic) and every model size in `sizes`, with `seeds` seeds, it
   2. adapts the base to n_future heads with each strategy of the paper, and trains an MTP
      model from scratch with the same total iterations; decodes greedily with every MTP model;
 and with seed 0, per corpus and size:
-  3. convergence (table sizes): a base trained twice as long; the val loss it gains is reported;
+  3. convergence (`convergence` sizes): a base trained twice as long; its val loss gain reported;
   4. probes: logit lens and linear probes of every layer of the base (probes.py);
   5. the size curve over `curve_sizes`: next-token accuracy, the 2nd and 3rd token by exact
      marginalization, and 3 heads adapted by joint fine-tuning (the paper's Figure 1);
@@ -67,7 +67,8 @@ The paper's study at small scale: strategies, marginalization, probes and a size
     probe_positions: int = 8192     # train positions the probes are fit on (val: positions)
     decode_prompts: int = 10        # greedy self-speculative decoding: prompts x new tokens
     decode_tokens: int = 128        # (see decode_prompts)
-    convergence: bool = True        # train a base twice as long to check convergence
+    convergence: str = '*'          # table sizes whose seed-0 base is also trained twice as long
+                                    # to check convergence: '*' all, '' none, or a list
     sweep: bool = True              # the attach_layer sweep
     threads: int = 0                # torch CPU threads (0 = torch's default)
     device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
@@ -80,11 +81,11 @@ PRESETS = {
     'quick': dict(sizes='qS,M', curve_sizes='qS,M', seeds=2, base_iters=500, adapt_iters=150,
                   head_warmup_iters=40, batch_size=16, block_size=64, eval_iters=8, positions=512,
                   curve_positions=64, probe_positions=1024, decode_prompts=4, decode_tokens=64,
-                  adapt_lr=1e-3, convergence=False),
+                  adapt_lr=1e-3, convergence=''),
     'cpu': dict(sizes='S,M', curve_sizes='XXS,XS,S,M', seeds=3, base_iters=8000, adapt_iters=800,
                 head_warmup_iters=200, adapt_lr=1e-3, batch_size=16, block_size=64,
                 eval_iters=50, positions=8192, curve_positions=512, probe_positions=8192,
-                decode_prompts=20, decode_tokens=32, sweep=False),
+                decode_prompts=20, decode_tokens=32, sweep=False, convergence='S'),
 }
 STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's value)
     'heads only (frozen trunk)': dict(freeze_trunk=True),
@@ -328,7 +329,7 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
     path = lambda name: os.path.join(cell['cell_dir'], name)  # noqa: E731
     adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
     extras = {}
-    if cfg.convergence and in_table:
+    if in_table and (cfg.convergence == '*' or size in cfg.convergence.split(',')):
         _, longer = run_training(cfg, path('base_2x'), data_dir, size, 0, n_future=1,
                                  max_iters=2 * cfg.base_iters)
         extras['convergence'] = dict(base_2x_loss=longer['val_loss'],
