@@ -7,14 +7,14 @@ a few headline numbers, each next to a link to the file it comes from. Conventio
     skipped whole). A unit that links one or more `results/*.md` files is a headline unit.
   * Every number a headline unit quotes must occur verbatim in one of the results files that
     unit links. Numbers are: decimals (1.683, 1.8e-6), factors (1.72x, 98x), percentages (93%)
-    and wall times (8 min 26 s, 11m45s); a value with a spread, "0.528 ± 0.011", must occur as
+    and wall times (8 min 26 s, 11m45s); a value with a spread, "0.358 ± 0.002", must occur as
     that whole string. Plain integers (layers, seeds, iterations) are not checked, nor is text
     inside `inline code` (flags, commands).
   * So: write a headline number on the paragraph that holds its link, copied from the file.
     A number quoted with no results link in its paragraph is not checked -- don't do that.
 
 Also: every `results/...` path the README names exists; the generated study table
-(results/study_quick.md) and its plot are linked; the functions and files the reading path
+(results/study_cpu.md) and its plots are linked; the functions and files the reading path
 ("Read the code in this order") names exist in the code.
 """
 import os
@@ -109,7 +109,7 @@ def test_the_checker_catches_a_changed_number():
     """A headline number that is not in its file (or a spread that differs) is reported."""
     readme = read('README.md')
     assert not headline_problems(readme)
-    for good, bad in [('98x', '97x'), ('1.8e-6', '1.9e-6'), ('0.528 ± 0.011', '0.528 ± 0.012'),
+    for good, bad in [('98x', '97x'), ('1.8e-6', '1.9e-6'), ('0.358 ± 0.002', '0.358 ± 0.003'),
                       ('8 min 26 s', '8 min 27 s')]:
         assert good in readme, good
         assert headline_problems(readme.replace(good, bad)), f"{good} -> {bad} went unnoticed"
@@ -118,9 +118,11 @@ def test_the_checker_catches_a_changed_number():
 def test_readme_links_the_generated_study_results():
     readme = read('README.md')
     links = RESULTS_LINK.findall(readme)
-    assert 'results/study_quick.md' in links
-    assert 'results/study_quick_layer_sweep.png' in links
-    assert 'python study.py --quick=true --results_dir=results' in readme
+    for name in ('study_cpu.md', 'study_cpu_size_curve_shakespeare_char.png',
+                 'study_cpu_size_curve_counting.png', 'study_cpu_probes_shakespeare_char.png',
+                 'study_cpu_probes_counting.png', 'study_quick.md'):
+        assert f'results/{name}' in links, name
+    assert 'python study.py --preset=cpu --results_dir=results' in readme
 
 
 def definitions(path):
