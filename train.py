@@ -305,7 +305,8 @@ def train(cfg):
               dynamic_ncols=True) as bar:
         while iter_num < cfg.max_iters:
             t_step = time.time()
-            set_trunk_trainable(raw_model, strategy.trunk_trainable(iter_num))
+            if cfg.head_warmup_iters:  # (otherwise trunk_trainable never changes)
+                set_trunk_trainable(raw_model, strategy.trunk_trainable(iter_num))
             lr = get_lr(iter_num, cfg)
             for group in strategy.optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
