@@ -7,12 +7,20 @@ Mehra et al. (2025):
 
     h_0 = embeddings, h_l = trunk block l output            (l = 1 .. attach_layer)
     z_k = h_attach                      or, with WHS,  z_k = sum_l c_kl h_l   (l = 0 .. attach)
-    head k: n_layer - attach_layer transformer blocks on z_k (model.Block; the 'block' type)
-            or a Medusa ResBlock z + SiLU(W z), W zero-initialized (the 'resblock' type)
-    logits_k = unembed(ln_f(head_k output))       -- ln_f and the unembedding are SHARED
+    logits_k = unembed(ln_f(s_k))       -- ln_f and the unembedding are SHARED; s_k is head k's
+                                           state, one of three designs:
+    'block'      (Gloeckle)  s_k = the n_layer - attach_layer transformer blocks of head k on z_k
+    'resblock'   (Medusa)    s_k = z_k + SiLU(W_k z_k), W_k zero-initialized
+    'sequential' (DeepSeek-V3 MTP modules, EAGLE)   s_1 = h_L, and for k >= 2
+                 s_k[t] = Block_k(M_k [norm(s_{k-1}[t]); norm(emb(x_{t+k-1}))])
+                 (head 2 reads z_2 for s_1 when WHS is on; Block_k is causal over t)
 
-so every 'block' head path is n_layer blocks deep, and with n_future = 1 the model is exactly
-the plain GPT. Loss (positions without a target are ignored, never wrapped):
+The parallel designs predict x_{t+k} from the state at t alone. A sequential head also reads the
+token just before the one it predicts: in training the true x_{t+k-1} (teacher forcing), when
+drafting the token just emitted (head 2) or the previous head's draft (heads 3..n), so its
+drafts follow the token that was actually sampled. Every 'block' head path is n_layer blocks
+deep, and with n_future = 1 the model is exactly the plain GPT. Loss (positions without a
+target are ignored, never wrapped):
 
     L = sum_k lambda_k * CE(logits_k[t], x_{t+k})
 
@@ -27,6 +35,7 @@ from torch.nn import functional as F
 
 from model import GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_
 
+HEAD_TYPES = ('block', 'resblock', 'sequential')
 HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old checkpoints, flags)
 
 
@@ -34,13 +43,14 @@ HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old 
 class MTPConfig(GPTConfig):
     n_future: int = 1          # number of heads; head k predicts x_{t+k}
     attach_layer: int = -1     # trunk depth (blocks before the heads); -1: n_layer-1 (block), n_layer (resblock)
-    head_type: str = 'block'   # 'block' (Gloeckle: transformer blocks) or 'resblock' (Medusa)
+    head_type: str = 'block'   # 'block' (Gloeckle), 'resblock' (Medusa) or 'sequential' (DeepSeek-V3)
     whs: bool = False          # weighted hidden states: heads read a learned mix of h_0..h_attach
 
     def __post_init__(self):
         self.head_type = HEAD_TYPE_ALIASES.get(self.head_type, self.head_type)
-        if self.head_type not in ('block', 'resblock'):
-            raise UserError(f"head_type must be 'block' or 'resblock', not {self.head_type!r}")
+        if self.head_type not in HEAD_TYPES:
+            raise UserError(f"head_type must be one of {', '.join(HEAD_TYPES)}, not "
+                            f"{self.head_type!r}")
         if self.n_future == 1:  # no extra heads: the plain GPT, whatever head_type says
             self.head_type = 'block'
         if self.attach_layer == -1:
@@ -52,8 +62,8 @@ class MTPConfig(GPTConfig):
         if self.head_type == 'block' and self.attach_layer == self.n_layer:
             raise UserError("block heads need attach_layer < n_layer (each head owns the last "
                             "n_layer - attach_layer blocks)")
-        if self.head_type == 'resblock' and self.attach_layer != self.n_layer:
-            raise UserError("resblock (Medusa) heads read the last layer: attach_layer must be "
+        if self.head_type != 'block' and self.attach_layer != self.n_layer:
+            raise UserError(f"{self.head_type} heads read the last layer: attach_layer must be "
                             "n_layer")
         if self.whs and self.n_future == 1:
             raise UserError("whs needs n_future > 1 (it mixes hidden states for the extra heads)")
@@ -86,16 +96,23 @@ class Head(nn.Module):
     the last layer.) Unconstrained, c may be negative or not sum to 1: a superset of a convex mix.
     As the h_l differ in scale, |c_l| RMS(h_l) says more of a layer's part than c_l (study.py)."""
 
-    def __init__(self, config):
+    def __init__(self, config, k):
         super().__init__()
         n_in = config.attach_layer + 1  # h_0 .. h_attach
-        if config.whs:
+        sequential = config.head_type == 'sequential'
+        if config.whs and (not sequential or k == 2):  # a sequential chain enters at head 2
             self.whs_coef = nn.Parameter(F.one_hot(torch.tensor(n_in - 1), n_in).float())
         if config.head_type == 'block':
             self.blocks = nn.ModuleList([Block(config)
                                          for _ in range(config.n_layer - config.attach_layer)])
-        else:
+        elif config.head_type == 'resblock':
             self.resblock = ResBlock(config)
+        elif k >= 2:  # sequential; head 1 is the trunk itself (no parameters)
+            C = config.n_embd
+            self.norm_state = nn.LayerNorm(C, bias=config.bias)
+            self.norm_token = nn.LayerNorm(C, bias=config.bias)
+            self.combine = nn.Linear(2 * C, C, bias=config.bias)  # M_k
+            self.block = Block(config)
 
     def mix(self, trunk_hidden):
         """The head's input z from the trunk states [h_0 .. h_attach] (any shape (..., C))."""
@@ -105,10 +122,16 @@ class Head(nn.Module):
         return trunk_hidden[-1]
 
     def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None):
+        """A parallel head's state s_k from the trunk states."""
         z = self.mix(trunk_hidden)
         if hasattr(self, 'blocks'):
             return run_blocks(z, self.blocks, cache, first_layer, attn_mask)[-1]
         return self.resblock(z)
+
+    def step(self, state, token_emb, cache=None, layer=0, attn_mask=None):
+        """A sequential head's state: Block(M [norm(state); norm(emb(token))]), (B, T, C)."""
+        z = self.combine(torch.cat([self.norm_state(state), self.norm_token(token_emb)], dim=-1))
+        return self.block(z, cache, layer, attn_mask)
 
 
 class MTPGPT(GPT):
@@ -117,7 +140,7 @@ class MTPGPT(GPT):
     def __init__(self, config):
         super().__init__(config)
         self.transformer.h = nn.ModuleList(self.transformer.h[:config.attach_layer])  # the trunk
-        self.heads = nn.ModuleList([Head(config) for _ in range(config.n_future)])
+        self.heads = nn.ModuleList([Head(config, k) for k in range(1, config.n_future + 1)])
         init_gpt2_(self.heads, config.n_layer)
         for head in self.heads:
             if hasattr(head, 'resblock'):  # (init_gpt2_ just drew it: back to the identity)
@@ -131,10 +154,12 @@ class MTPGPT(GPT):
 
     def whs_weights(self):
         """The WHS mix of every head: (n_future, attach_layer + 1), row k-1 = head k's
-        coefficients c_l of h_0 .. h_attach (None without WHS)."""
+        coefficients c_l of h_0 .. h_attach (None without WHS). Sequential heads: one row, the
+        chain's entry (head 2)."""
         if not self.config.whs:
             return None
-        return torch.stack([head.whs_coef.detach() for head in self.heads])
+        return torch.stack([head.whs_coef.detach() for head in self.heads
+                            if hasattr(head, 'whs_coef')])
 
     def trunk_parameters(self):
         """The backbone: embeddings, trunk blocks, and the shared final norm / unembedding."""
@@ -148,13 +173,12 @@ class MTPGPT(GPT):
 
         cache / pos / attn_mask as in GPT.forward. return_hidden adds the trunk hidden states.
         Computing fewer heads (n_heads=1 for plain NTP decoding) leaves the other heads' cache
-        layers stale for those positions.
+        layers stale for those positions. Sequential heads read idx shifted (teacher forcing).
         """
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
-        n_heads = self.config.n_future if n_heads is None else n_heads
-        logits = torch.stack([self.head_logits(k, trunk_hidden, cache, attn_mask)
-                              for k in range(1, n_heads + 1)], dim=2)
+        logits = torch.stack([self.unembed(state) for _, state in
+                              self.head_states(idx, trunk_hidden, n_heads, cache, attn_mask)], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
         loss = None if targets is None else mtp_loss(logits, targets, loss_weights)
@@ -164,11 +188,56 @@ class MTPGPT(GPT):
         """[h_0, .., h_attach]: the embeddings and every trunk block's output."""
         return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask)
 
-    def head_logits(self, k, trunk_hidden, cache=None, attn_mask=None):
-        """Logits (B, T, V) of head k (predicts x_{t+k}) from the trunk states. Head k's blocks
-        use cache layers attach_layer + (k - 1) * depth onwards."""
-        first_layer = self.config.attach_layer + (k - 1) * self.head_depth()
-        return self.unembed(self.heads[k - 1](trunk_hidden, cache, first_layer, attn_mask))
+    def head_states(self, idx, trunk_hidden, n_heads=None, cache=None, attn_mask=None):
+        """Yield (k, s_k), head k's state (B, T, C) before ln_f and the unembedding, for
+        k = 1..n_heads, one head at a time (so a caller can drop each head's logits before the
+        next). Parallel head k's blocks use cache layers attach_layer + (k - 1) * depth onwards.
+        Sequential head k reads x_{t+k-1} = idx[t+k-1] (padded past the end, where there is no
+        target either); its block has no cache here (decoding drafts with draft_chain)."""
+        n_heads = self.config.n_future if n_heads is None else n_heads
+        state = None
+        for k in range(1, n_heads + 1):
+            head = self.heads[k - 1]
+            if self.config.head_type != 'sequential':
+                first_layer = self.config.attach_layer + (k - 1) * self.head_depth()
+                state = head(trunk_hidden, cache, first_layer, attn_mask)
+            elif k == 1:
+                state = trunk_hidden[-1]
+            else:
+                if cache is not None:
+                    raise ValueError("sequential heads 2..n decode through draft_chain")
+                tokens = F.pad(idx[:, k - 1:], (0, k - 1))  # x_{t+k-1}
+                entry = head.mix(trunk_hidden) if k == 2 else state
+                state = head.step(entry, self.transformer.wte(tokens), attn_mask=attn_mask)
+            yield k, state
+
+    def head_logits(self, k, trunk_hidden, idx=None):
+        """Logits (B, T, V) of head k (predicts x_{t+k}) from the trunk states (and, for
+        sequential heads, the tokens idx they read)."""
+        for _, state in self.head_states(idx, trunk_hidden, n_heads=k):
+            pass
+        return self.unembed(state)
+
+    @torch.no_grad()
+    def draft_chain(self, entry, tokens, pick, cache=None):
+        """Sequential heads 2..n drafting x_{t+2}..x_{t+n} at the last of m positions.
+
+        entry:  (m, C) head 2's state input (s_1, or the WHS mix z_2) at positions t-m+1..t
+        tokens: (m,) x_{s+1} at those positions; the last is x_{t+1}, the token just emitted
+        pick:   logits (V,) -> (draft token, its draft probabilities q)
+        cache:  the heads' KVCache (layer k-2 = head k) holding the positions before these; the
+                caller advances and rolls it back. Head k+1 reads x_{s+k}: the tokens shifted
+        by one, head k's draft last. Returns (drafts (n-1,), q (n-1, V))."""
+        state, drafts, qs = entry[None], [], []
+        attn_mask = self.default_mask(tokens[None], cache, None)  # causal after the cached ones
+        for k in range(2, self.config.n_future + 1):
+            state = self.heads[k - 1].step(state, self.transformer.wte(tokens[None]), cache, k - 2,
+                                           attn_mask)
+            draft, q = pick(self.unembed(state[0, -1]))
+            drafts.append(draft)
+            qs.append(q)
+            tokens = torch.cat([tokens[1:], draft.view(1)])
+        return torch.stack(drafts), torch.stack(qs)
 
     def draft_logits(self, trunk_hidden):
         """Logits (n_future - 1, V) of resblock heads 2..n at ONE position, trunk_hidden = that
@@ -186,25 +255,26 @@ class MTPGPT(GPT):
         return self.unembed(z + F.silu(y))
 
     def forward_backward_sequential(self, idx, targets, loss_weights=None, loss_scale=1.0):
-        """The memory-efficient training step (Gloeckle et al.): run the trunk once, then each
-        head's forward AND backward in turn, accumulating the gradient at the trunk outputs, so
-        only one head's vocab-sized logits are alive at a time; finally backprop the trunk.
-        Gives the same gradients as mtp_loss(...).backward() (tested). Returns the loss value."""
+        """The memory-efficient training step (Gloeckle et al.): the trunk and the heads' states
+        once, then each head's logits, loss and backward in turn, down to its state only, so one
+        head's vocab-sized logits are alive at a time; finally one backward from every head's
+        state through the heads and the trunk. Gives the same gradients as
+        mtp_loss(...).backward() (tested). Returns the loss value."""
         weights = loss_weights_for(self.config.n_future, loss_weights)
-        trunk_hidden = self.trunk(idx)
-        detached = [h.detach().requires_grad_(h.requires_grad) for h in trunk_hidden]
-        total = 0.0
-        for k, weight in enumerate(weights, start=1):
-            if weight == 0:  # as in mtp_loss: skipped
+        states, grads, total = [], [], 0.0
+        for (k, state), weight in zip(self.head_states(idx, self.trunk(idx)), weights):
+            if weight == 0:  # as in mtp_loss: skipped (a sequential chain still runs through it)
                 continue
-            logits = self.head_logits(k, detached)
-            loss_k = weight * head_ce(logits, targets, k)
-            (loss_k * loss_scale).backward()
+            leaf = state.detach().requires_grad_(state.requires_grad)
+            loss_k = weight * head_ce(self.unembed(leaf), targets, k)
+            if loss_k.requires_grad:  # (not when this head and the shared ln_f are all frozen)
+                (loss_k * loss_scale).backward()
             total += loss_k.detach()
-            del logits, loss_k
-        pairs = [(h, d.grad) for h, d in zip(trunk_hidden, detached) if d.grad is not None]
-        if pairs and pairs[0][0].requires_grad:
-            torch.autograd.backward([h for h, _ in pairs], [g for _, g in pairs])
+            if leaf.grad is not None:
+                states.append(state)
+                grads.append(leaf.grad)
+        if states:
+            torch.autograd.backward(states, grads)
         return total
 
     @classmethod
@@ -222,7 +292,7 @@ class MTPGPT(GPT):
             model.transformer[name].load_state_dict(source.transformer[name].state_dict())
         for j in range(config.attach_layer):
             model.transformer.h[j].load_state_dict(blocks[j].state_dict())
-        for head in model.heads:
+        for head in model.heads:  # (block heads; sequential heads 2..n start at random)
             for j, block in enumerate(getattr(head, 'blocks', [])):
                 block.load_state_dict(blocks[config.attach_layer + j].state_dict())
         return model
@@ -236,7 +306,7 @@ def ntp_blocks(model):
         if hasattr(head, 'whs_coef') or hasattr(head, 'resblock'):
             raise UserError("cannot adapt this model: its head 1 is a WHS or resblock head, not "
                             "a plain stack of blocks")
-        blocks += list(head.blocks)
+        blocks += list(getattr(head, 'blocks', []))  # (a sequential head 1 is the trunk)
     if len(blocks) != model.config.n_layer:
         raise UserError("cannot adapt this model: its next-token path is not a plain stack of "
                         "n_layer blocks")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from model import KVCache
 from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
                     set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
                     encode_prompt, stop_tokens, cli)
@@ -113,12 +114,17 @@ class Window:
         self.keep = min(keep or self.block_size - self.block_size // 4, self.block_size)
         self.cache = model.new_cache(self.block_size)
         self.device = next(model.parameters()).device
+        if getattr(model.config, 'head_type', None) == 'sequential':  # their own cache (below)
+            self.head_cache = KVCache(model.config.n_future - 1, self.block_size)
+            self.entry = torch.empty(self.block_size, model.config.n_embd, device=self.device)
 
     def slide(self, n):
         """Make the window fit a sequence of n tokens; return how many more tokens (drafts) fit."""
         if n - self.start > self.block_size:
             self.start = n - self.keep
             self.cache.rollback(0)
+            if hasattr(self, 'head_cache'):
+                self.head_cache.rollback(0)
         return self.start + self.block_size - n
 
     def follow(self, other):
@@ -135,6 +141,9 @@ class Window:
             new = torch.cat([new, drafts])
         logits, _, self.trunk_hidden = self.model(new[None], cache=self.cache, n_heads=n_heads,
                                                   return_hidden=True)
+        if hasattr(self, 'head_cache'):  # keep the sequential chain's input at every position
+            end = self.cache.length
+            self.entry[end - len(new):end] = self.model.heads[1].mix(self.trunk_hidden)[0]
         return logits[0]
 
     def draft_logits(self, row):
@@ -142,6 +151,19 @@ class Window:
         trunk states of that row alone: for heads without attention (resblock) this is all a
         draft needs, so the forward itself can run head 1 only."""
         return self.model.draft_logits([h[0, row] for h in self.trunk_hidden])
+
+    def draft_chain(self, seq, pick):
+        """Sequential heads: drafts of x_{t+2}..x_{t+n} and their q, where seq ends with the
+        token x_{t+1} just emitted. The heads' cache holds the positions whose inputs were all
+        emitted tokens; each step runs the heads over the rest, up to t (MTPGPT.draft_chain),
+        then forgets the positions that read a draft."""
+        t, n_future = len(seq) - 2 - self.start, self.model.config.n_future  # t: window position
+        done = self.head_cache.length
+        tokens = torch.tensor(seq[self.start + done + 1:], dtype=torch.long, device=self.device)
+        drafts, q = self.model.draft_chain(self.entry[done:t + 1], tokens, pick, self.head_cache)
+        self.head_cache.advance(t + 1 - done)
+        self.head_cache.rollback(max(0, t + 3 - n_future))  # head n at s reads x_{s+n-1} <= x_{t+1}
+        return drafts, q
 
     def rollback(self, n):
         """Forget the cached tokens from sequence index n on (the rejected drafts)."""
@@ -198,7 +220,12 @@ def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, to
     window = Window(model, keep)
     drafts = torch.empty(0, dtype=torch.long, device=window.device)
     q = torch.empty(0, model.config.vocab_size, device=window.device)
-    lazy_heads = model.config.head_type == 'resblock'
+    head_type = model.config.head_type
+    lazy_heads = head_type != 'block'  # heads without attention, or sequential (own cache)
+
+    def pick(logits):  # a draft and its q, from sequential head logits
+        q = probs_from_logits(logits, **run.sampling)
+        return draw(q, run.greedy, run.generator), q
     while run.running():
         room = window.slide(len(run.seq))
         # a step emits at most k+1 tokens: never draft past max_new_tokens or the window's end
@@ -209,12 +236,15 @@ def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, to
         new = verify(p, drafts[:k], q[:k], run.greedy, run.generator)
         # the cache keeps the last token and the accepted drafts; the free token is fed next step
         window.rollback(len(run.seq) + len(new) - 1)
+        run.emit(new, k)
+        if head_type == 'sequential':  # heads 2..n chain from the free token just emitted
+            drafts, q = window.draft_chain(run.seq, pick) if run.running() else (drafts, q)
+            continue
         # at the last accepted position head 1 gave the free token; heads 2..n draft what follows
         row = T - k - 1 + len(new) - 1
         q = probs_from_logits(window.draft_logits(row) if lazy_heads else logits[row, 1:],
                               **run.sampling)
         drafts = draw(q, run.greedy, run.generator)
-        run.emit(new, k)
     return run.result(window)
 
 

@@ -83,29 +83,38 @@ def random_mtp(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
     return model.eval()
 
 
-def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64):
+def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64,
+                 head_type='block'):
     """Every token is the previous one + 1 (mod vocab); head i predicts x + i, except that for
     (i, x) in `wrong` it predicts x + i + 1. Each head's MLP maps the one-hot embedding of x to
     that of its target; the attention outputs are zeroed. A little noise on every weight keeps
     attention and positions in play (the cache holds real, position-dependent keys and values)
-    without moving any argmax."""
+    without moving any argmax. head_type='sequential': head 1 is the trunk (its last MLP maps x
+    to x + 1) and head i >= 2 maps the token it reads, x_{t+i-1}, to x_{t+i-1} + 1 (with `wrong`
+    keyed by that token: (i, y) drafts y + 2)."""
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future))
+                             block_size=block_size, n_future=n_future, head_type=head_type))
+    sequential = head_type == 'sequential'
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, noise)
         model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
-        blocks = list(model.transformer.h) + [b for head in model.heads for b in head.blocks]
-        for block in blocks:
+        head_blocks = [getattr(head, 'block', None) for head in model.heads] if sequential \
+            else [head.blocks[0] for head in model.heads]
+        for block in list(model.transformer.h) + [b for b in head_blocks if b is not None]:
             block.attn.c_proj.weight.mul_(0.0)
             block.mlp.c_proj.weight.mul_(0.0)
-        for i, head in enumerate(model.heads, start=1):
-            mlp = head.blocks[0].mlp
+        if sequential:  # head 1: the trunk's last block; head i >= 2 reads its token x_{t+i-1}
+            head_blocks[0] = model.transformer.h[-1]
+            for head in list(model.heads)[1:]:
+                head.combine.weight[:, 32:] += 0.2 * torch.eye(32)
+        for i, block in enumerate(head_blocks, start=1):
+            mlp, step = block.mlp, 1 if sequential else i
             mlp.c_fc.weight[:vocab, :vocab] += torch.eye(vocab)   # hidden unit x fires for token x
             for x in range(vocab):
-                target = (x + i + ((i, x) in wrong)) % vocab
+                target = (x + step + ((i, x) in wrong)) % vocab
                 mlp.c_proj.weight[target, x] += 2.0
     return model.eval()
 

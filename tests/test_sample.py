@@ -36,8 +36,9 @@ def assert_cache_equals_fresh_prefill(model, seq, window, layers=None):
     held = seq[window.start:window.start + cache.length]
     assert cache.length > 0 and len(held) == cache.length
     fresh = model.new_cache()
-    with torch.no_grad():
-        model(torch.tensor([held]), cache=fresh)
+    with torch.no_grad():  # (sequential heads 2..n have their own cache: test_draft_chain_...)
+        model(torch.tensor([held]), cache=fresh,
+              n_heads=1 if model.config.head_type == 'sequential' else None)
     for layer in layers or range(cache.n_layers):
         for got, want in ((cache.k, fresh.k), (cache.v, fresh.v)):
             torch.testing.assert_close(got[layer][:, :, :cache.length],
@@ -97,7 +98,10 @@ def test_verify_sampling_emits_tokens_distributed_as_p():
 # -----------------------------------------------------------------------------
 # greedy: speculative output == vanilla output, token for token
 
-@pytest.mark.parametrize('head_type', ['block', 'resblock'])  # resblock heads draft lazily
+HEAD_TYPES = ['block', 'resblock', 'sequential']  # resblock and sequential heads draft lazily
+
+
+@pytest.mark.parametrize('head_type', HEAD_TYPES)
 def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
     model = random_mtp(head_type=head_type)
     stats = Stats(3)
@@ -112,9 +116,10 @@ def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
     assert 1 <= summary['tau'] < 1.5
 
 
-def test_greedy_self_speculative_with_perfect_heads_accepts_everything():
+@pytest.mark.parametrize('head_type', ['block', 'sequential'])
+def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type):
     n_future = 4
-    model = counting_mtp(n_future=n_future)
+    model = counting_mtp(n_future=n_future, head_type=head_type)
     prompt = [5, 6, 7]
     max_new = 1 + 6 * n_future                     # the prompt's forward emits 1, then n per step
     vanilla = generate(model, prompt, max_new, temperature=0)
@@ -128,12 +133,13 @@ def test_greedy_self_speculative_with_perfect_heads_accepts_everything():
     assert vanilla.stats.summary()['tau'] == 1
 
 
-def test_rejections_at_every_draft_position_roll_back_exactly():
+@pytest.mark.parametrize('head_type', ['block', 'sequential'])
+def test_rejections_at_every_draft_position_roll_back_exactly(head_type):
     """Heads 2..4 draft wrongly for about a third of the tokens: acceptance runs of every length,
     so the cache is rolled back at every offset. Output == vanilla, cache == fresh prefill."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0 if head_type == 'block' else 1)  # (a seed that does it)
     wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
-    model = counting_mtp(n_future=4, wrong=wrong)
+    model = counting_mtp(n_future=4, wrong=wrong, head_type=head_type)
     stats = Stats(3)
     for prompt in random_prompts(10, 13, 20, seed=1):
         vanilla = generate(model, prompt, 40, temperature=0)
@@ -159,6 +165,75 @@ def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill():
         # a two-model target decodes with head 1 only: its trunk and head-1 layers are exact
         head_1_path = range(model.config.attach_layer + model.head_depth())
         assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window, head_1_path)
+
+
+def recomputed_q(model, seq, start, drafts, temperature):
+    """The draft distributions q of sequential heads after seq (ending with the token just
+    emitted) computed from scratch over the window seq[start:], no cache, each head reading
+    the drafts given."""
+    with torch.no_grad():
+        window = torch.tensor(seq[start:])
+        entry = model.heads[1].mix(model.trunk(window[None, :-1]))[0]
+        forced = iter(drafts)
+        pick = lambda logits: (next(forced), probs_from_logits(logits, temperature))  # noqa: E731
+        return model.draft_chain(entry, window[1:], pick)[1]
+
+
+def drafts_checked_against_recomputation(monkeypatch, found, temperature):
+    """Make every Window.draft_chain of a run also recompute its q from scratch, and record in
+    `found` whether both agree within 1e-4 (at temperature 0, q is the one-hot greedy draft)."""
+    chain = sample.Window.draft_chain
+
+    def checked(window, seq, pick):
+        drafts, q = chain(window, seq, pick)
+        want = recomputed_q(window.model, seq, window.start, drafts, temperature)
+        found.append(bool(torch.allclose(q, want, atol=1e-4)))
+        return drafts, q
+    monkeypatch.setattr(sample.Window, 'draft_chain', checked)
+
+
+def counting_with_live_head_attention(wrong=(), seed=0):
+    """counting_mtp with sequential heads whose attention outputs are not zeroed: drafts depend
+    on the heads' cached keys and values (and are often right)."""
+    model = counting_mtp(n_future=4, wrong=wrong, head_type='sequential', block_size=24)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for head in list(model.heads)[1:]:
+            head.block.attn.c_proj.weight.normal_(0, 0.3)
+    return model
+
+
+def decode_sequential(model, prompts, temperature):
+    for prompt in prompts:
+        generate_self_speculative(model, prompt, 30, temperature=temperature,
+                                  generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize('temperature', [0.0, 1.0])
+def test_sequential_drafts_with_their_cache_equal_a_recomputation(monkeypatch, temperature):
+    """Sequential heads keep their own KV cache of the positions whose inputs were emitted tokens
+    and roll it back past the positions that read a draft. At every step, with rejections at
+    every draft position and a sliding window, their drafts equal drafts computed from scratch."""
+    rng = np.random.default_rng(0)
+    wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
+    model = counting_with_live_head_attention(wrong)
+    found = []
+    drafts_checked_against_recomputation(monkeypatch, found, temperature)
+    decode_sequential(model, random_prompts(6, 13, 40, seed=3), temperature)
+    assert len(found) > 50 and all(found)
+
+
+def test_a_draft_cache_not_rolled_back_fails_the_recomputation_check(monkeypatch):
+    """The negative control: a heads' cache that keeps one position that read a draft."""
+    class RolledBackOneShort(sample.KVCache):
+        def rollback(self, length):
+            super().rollback(min(self.length, length + 1))
+    model = counting_with_live_head_attention()
+    monkeypatch.setattr(sample, 'KVCache', RolledBackOneShort)
+    found = []
+    drafts_checked_against_recomputation(monkeypatch, found, 1.0)
+    decode_sequential(model, random_prompts(3, 13, 10, seed=3), 1.0)
+    assert not all(found)
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +280,7 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
-@pytest.mark.parametrize('head_type', ['block', 'resblock'])
+@pytest.mark.parametrize('head_type', HEAD_TYPES)
 def test_self_speculative_sampling_matches_vanilla_distribution(head_type):
     model, prompt = tiny_vocab_model(head_type)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
@@ -324,9 +399,10 @@ def test_empty_prompt_is_an_error_for_char_models_and_starts_bpe_models_at_eot()
     assert stop_tokens('auto', CharTokenizer()) == []
 
 
-def test_prompt_longer_than_block_size_slides_the_window():
-    model = random_mtp(block_size=32)
-    counting = counting_mtp(block_size=32)
+@pytest.mark.parametrize('head_type', ['block', 'sequential'])
+def test_prompt_longer_than_block_size_slides_the_window(head_type):
+    model = random_mtp(block_size=32, head_type=head_type)
+    counting = counting_mtp(block_size=32, head_type=head_type)
     for prompt in random_prompts(6, 13, 80, seed=10):
         prompt = prompt + [1] * 40                             # 41..120 tokens > block_size 32
         vanilla = generate(model, prompt, 60, temperature=0)
