@@ -43,7 +43,7 @@ HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old 
 class MTPConfig(GPTConfig):
     n_future: int = 1          # number of heads; head k predicts x_{t+k}
     attach_layer: int = -1     # trunk depth (blocks before the heads); -1: n_layer-1 (block), n_layer (resblock)
-    head_type: str = 'block'   # 'block' (Gloeckle), 'resblock' (Medusa) or 'sequential' (DeepSeek-V3)
+    head_type: str = 'block'   # 'block' (Gloeckle), 'resblock' (Medusa), 'sequential' (DeepSeek)
     whs: bool = False          # weighted hidden states: heads read a learned mix of h_0..h_attach
 
     def __post_init__(self):
@@ -177,8 +177,8 @@ class MTPGPT(GPT):
         """
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
-        logits = torch.stack([self.unembed(state) for _, state in
-                              self.head_states(idx, trunk_hidden, n_heads, cache, attn_mask)], dim=2)
+        states = self.head_states(idx, trunk_hidden, n_heads, cache, attn_mask)
+        logits = torch.stack([self.unembed(state) for _, state in states], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
         loss = None if targets is None else mtp_loss(logits, targets, loss_weights)

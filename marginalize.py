@@ -265,12 +265,30 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     if n_future > 1:
         tally, cost, elapsed = Tally(k_ahead), 0, clock(device)
         for seq, targets in batches:
-            logits = model(seq[None])[0][0, :len(targets)]  # (n, n_future, V); head k: x_{t+k}
+            logits = head_scores(model, seq, len(targets))  # (n, n_future, V); head k: x_{t+k}
             tally.add(logits[:, :k_ahead].float(), targets)
             cost += len(seq)
         rows.append(dict(name=f"MTP heads (n_future={n_future})", method='heads', **tally.result(),
                          forward_tokens=cost, forwards=len(batches), seconds=elapsed()))
     return rows
+
+
+def head_scores(model, seq, n):
+    """Logits (n, n_future, V): head k's prediction of x_{t+k} at positions t < n of seq (1-D),
+    from x<=t alone. Parallel heads: one forward. A sequential head k also reads x_{t+k-1}:
+    here, as when drafting, the chain's own greedy guesses (head 2 reads head 1's argmax), never
+    the true tokens, which would hand it x_{t+1}..x_{t+k-1}. One chain per position."""
+    if model.config.head_type != 'sequential':
+        return model(seq[None])[0][0, :n]
+    logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
+    entry = model.heads[1].mix(trunk_hidden)[0]
+    rows = []
+    for t in range(n):
+        guess = logits[0, t, 0].argmax().view(1)
+        chained = model.draft_chain(entry[:t + 1], torch.cat([seq[1:t + 1], guess]),
+                                    lambda scores: (scores.argmax(), scores))[1]
+        rows.append(torch.cat([logits[0, t, :1], chained]))
+    return torch.stack(rows)
 
 
 # -----------------------------------------------------------------------------

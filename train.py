@@ -54,7 +54,7 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     # multi-token prediction
     n_future: int = 4                   # heads; head k predicts x_{t+k}
     attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads) / n_layer (resblock)
-    head_type: str = 'resblock'         # resblock (Medusa: cheap drafts) | block (Gloeckle); 'linear' = resblock
+    head_type: str = 'resblock'         # resblock (Medusa) | block (Gloeckle) | sequential (DeepSeek-V3); linear = resblock
     whs: bool = False                   # weighted hidden states: heads read a learned mix of layers
     loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated
     mtp_weight: float = 1.0             # else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)
@@ -125,16 +125,15 @@ def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
     sums = [dict(loss=0.0, n=0, top1=0, top5=0) for _ in range(model.config.n_future)]
     for _ in range(n_batches):
         x, y = batches.next()
-        with autocast:
-            trunk_hidden = model.trunk(x)
-        for k, s in enumerate(sums, start=1):  # one head at a time: one logits tensor alive
-            with autocast:
-                scores = model.head_logits(k, trunk_hidden).float()
-            targets = head_targets(y, k)
-            s['loss'] += F.cross_entropy(scores.reshape(-1, scores.size(-1)), targets.reshape(-1),
-                                         ignore_index=-1, reduction='sum').item()
-            n, hits = count_topk(scores, targets)
-            s.update(n=s['n'] + n, top1=s['top1'] + hits[1], top5=s['top5'] + hits[5])
+        with autocast:  # the heads one at a time: one logits tensor alive
+            for (k, state), s in zip(model.head_states(x, model.trunk(x)), sums):
+                scores = model.unembed(state).float()
+                targets = head_targets(y, k)
+                s['loss'] += F.cross_entropy(scores.reshape(-1, scores.size(-1)),
+                                             targets.reshape(-1), ignore_index=-1,
+                                             reduction='sum').item()
+                n, hits = count_topk(scores, targets)
+                s.update(n=s['n'] + n, top1=s['top1'] + hits[1], top5=s['top5'] + hits[5])
     model.train()
     heads = [dict(head=k, **{m: s[m] / s['n'] for m in ('loss', 'top1', 'top5')})
              for k, s in enumerate(sums, start=1)]

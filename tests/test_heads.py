@@ -127,17 +127,22 @@ def test_tally_counts_tokens_not_batches():
 # -----------------------------------------------------------------------------
 # heads are numbered from 1: head k predicts x_{t+k}
 
-def test_head_logits_k_is_head_k_of_the_forward_1_based():
+@pytest.mark.parametrize('head_type', ['block', 'resblock', 'sequential'])
+def test_head_logits_k_is_head_k_of_the_forward_1_based(head_type):
     """head_logits(k, trunk states) is head k, 1-based as in the paper's x_{t+k}: head_logits(1)
     is the next-token head, logits[:, :, 0] of forward(), and head_logits(k) is
     logits[:, :, k-1], for every k = 1..n_future."""
-    model = tiny_mtp(n_future=3)
+    model = tiny_mtp(n_future=3, head_type=head_type)
+    torch.manual_seed(2)
+    with torch.no_grad():  # (resblock heads start as the identity: make them differ)
+        for p in model.heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     x, _, _ = batch()
     with torch.no_grad():
         logits, _ = model(x)
         trunk_hidden = model.trunk(x)
         for k in range(1, 4):
-            assert max_diff(model.head_logits(k, trunk_hidden), logits[:, :, k - 1]) <= TOL, k
+            assert max_diff(model.head_logits(k, trunk_hidden, x), logits[:, :, k - 1]) <= TOL, k
         ntp, _ = model(x, n_heads=1)  # the next-token path alone is head 1
         assert max_diff(model.head_logits(1, trunk_hidden), ntp[:, :, 0]) <= TOL
     # the heads are different functions, so a shifted numbering would fail above
@@ -268,8 +273,11 @@ def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
 # the memory-efficient backward
 
 @pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(attach_layer=0, whs=True),
-                                dict(head_type='resblock', attach_layer=3)],
-                         ids=['block', 'whs', 'whs-attach0', 'resblock'])
+                                dict(head_type='resblock', attach_layer=3),
+                                dict(head_type='sequential'),
+                                dict(head_type='sequential', whs=True)],
+                         ids=['block', 'whs', 'whs-attach0', 'resblock', 'sequential',
+                              'sequential-whs'])
 def test_sequential_backward_gives_the_same_gradients(kw):
     """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
     of mtp_loss(...).backward() for every parameter, and the same loss value."""
@@ -305,6 +313,36 @@ def test_head2_learns_the_token_after_next(corpus, tmp_path):
     assert head2['top1'] > 0.5      # chance is 1/32
     assert head2['top5'] > 0.9
     assert head2['loss'] < math.log(32) - 1.5
+
+
+def test_sequential_head_k_reads_x_t_plus_k_minus_1_and_nothing_later():
+    """Sequential head k at t reads x_<=t (through s_1) and x_{t+1}..x_{t+k-1} (through the
+    chain, teacher-forced): changing x_{t+k-1} changes its logits at t; changing any later token
+    does not (causality: no head sees its own target)."""
+    model = tiny_mtp(n_future=3, head_type='sequential')
+    x, _, _ = batch(T_=12, B=1)
+    t = 5
+    with torch.no_grad():
+        base, _ = model(x)
+        for k in (2, 3):
+            for j, changes in ((t + k - 1, True), (t + k, False), (11, False)):
+                x2 = x.clone()
+                x2[0, j] = (x2[0, j] + 1) % 40
+                out, _ = model(x2)
+                assert (max_diff(out[:, t, k - 1], base[:, t, k - 1]) > 1e-4) == changes, (k, j)
+
+
+@pytest.mark.parametrize('whs', [False, True])
+def test_from_gpt_with_sequential_heads_keeps_the_source_as_head_1(whs):
+    """Sequential head 1 is the trunk itself: an adapted model's next-token logits are the
+    source's, heads 2..n are new modules, and with WHS only head 2 (the chain's entry) mixes."""
+    src = tiny_gpt()
+    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='sequential', whs=whs).eval()
+    x, _, _ = batch()
+    with torch.no_grad():
+        assert max_diff(mtp(x)[0][:, :, 0], src(x)[0]) <= TOL
+    assert len(mtp.transformer.h) == 3 and not list(mtp.heads[0].parameters())
+    assert mtp.whs_weights() is None if not whs else mtp.whs_weights().shape == (1, 4)
 
 
 def test_one_head_is_the_plain_gpt_whatever_the_head_type():

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from common import UserError, eval_windows, save_checkpoint
 from heads import MTPGPT, MTPConfig
 import marginalize as M
-from conftest import one_line_error, random_mtp, run_cli, tiny_gpt
+from conftest import one_line_error, random_mtp, run_cli, tiny_gpt, tiny_mtp
 
 V, BLOCK = 11, 24
 
@@ -266,3 +266,21 @@ def test_cli_prints_a_bad_flag_as_one_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["error: --k_ahead expects int, got 'two'"]
     assert one_line_error(out) == "error: --k_ahead expects int, got 'two'"
+
+
+def test_the_sequential_heads_row_reads_greedy_guesses_not_the_true_tokens():
+    """A sequential head k reads x_{t+k-1}; in the accuracy table (x_{t+k} from x<=t alone) it
+    reads the chain's own greedy guesses, as when drafting: head 2 at t gives what it gives on
+    the sequence x<=t followed by head 1's argmax at t, not what it gives on the true x_{t+1}."""
+    model = tiny_mtp(n_future=3, head_type='sequential')
+    seq = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(0))
+    scores = M.head_scores(model, seq, 10)
+    with torch.no_grad():
+        forced = model(seq[None])[0][0]
+        for t in (0, 4, 9):
+            guessed = torch.cat([seq[:t + 1], forced[t, 0].argmax().view(1)])
+            want = model(guessed[None])[0][0, t, 1]
+            assert torch.allclose(scores[t, 1], want, atol=1e-5)
+            assert torch.allclose(scores[t, 0], forced[t, 0], atol=1e-5)
+            if guessed[-1] != seq[t + 1]:
+                assert not torch.allclose(scores[t, 1], forced[t, 1], atol=1e-3)

@@ -229,6 +229,30 @@ def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_
     assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
 
 
+@pytest.mark.parametrize('flags,trunk_moves', [
+    ([], True), (['--freeze_trunk=true'], False), (['--head_warmup_iters=2'], True),
+    (['--trunk_lr_scale=0.1', '--whs=true'], True),
+    (['--freeze_trunk=true', '--loss_weights=0,1,1', '--memory_efficient=true'], False)],
+    ids=['joint', 'frozen-trunk', 'head-warmup', 'differential-lr-whs', 'distill-like'])
+def test_every_strategy_adapts_a_model_to_sequential_heads(corpus, ntp_ckpt, tmp_path, flags,
+                                                           trunk_moves):
+    """--head_type=sequential under each of the paper's strategies: the heads 2..n (new modules)
+    train; the trunk, which is also head 1, moves only when the strategy trains it."""
+    source = model_from_checkpoint(load_checkpoint(ntp_ckpt)).eval()
+    s = run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_type=sequential',
+                  '--n_future=3', '--max_iters=4', '--eval_interval=4', *flags)
+    assert len(s['val_heads']) == 3 and all(math.isfinite(h['loss']) for h in s['val_heads'])
+    ckpt = load_checkpoint(s['ckpt'])
+    state = ckpt['model']
+    assert ckpt['model_args']['head_type'] == 'sequential'
+    assert any(k.startswith('heads.2.block.') for k in state)
+    adapted = model_from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 32, (2, 16))
+    with torch.no_grad():
+        head_1_kept = torch.equal(adapted(x, n_heads=1)[0], source(x, n_heads=1)[0])
+    assert head_1_kept != trunk_moves
+
+
 def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
     """--trunk_lr_scale=0.25: at every step the trunk's param groups have lr = 0.25 *
     get_lr(it) and the heads' groups lr = get_lr(it)."""
