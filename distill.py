@@ -70,11 +70,13 @@ def write_corpus(model, prompts, path, args, device, generator):
     os.replace(path + '.tmp', path)  # a half-written corpus never looks finished
 
 
-def fine_tuning_config(args, n_future):
+def fine_tuning_config(args, model_config):
     """train.py's config for the fine-tuning: each document (prompt + continuation) is one
     training window whose prompt is not learned; heads 2..n only (lambda_1 = 0, frozen trunk)."""
+    n_future = model_config.n_future
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     cfg = replace(cfg, init_from=args.ckpt, data_dir=os.path.join(args.out_dir, 'data'),
+                  head_type=model_config.head_type,  # (the checkpoint's: fine-tuned whole)
                   block_size=args.seq_len, doc_len=args.seq_len, doc_prompt=args.prompt_len,
                   freeze_trunk=True,
                   loss_weights=cfg.loss_weights or ','.join(['0'] + ['1'] * (n_future - 1)))
@@ -109,7 +111,7 @@ def main(argv):
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     check_request(args, model)
-    cfg = fine_tuning_config(args, model.config.n_future)
+    cfg = fine_tuning_config(args, model.config)
     source_val = val_path(ckpt)
     if not source_val:
         raise UserError("the checkpoint names no dataset to cut prompts from")

@@ -170,7 +170,9 @@ def build_model(cfg, meta):
                                  whs=cfg.whs))
     else:
         source, source_ckpt = load_model(cfg.init_from)
-        if source.config.n_future > 1:  # it has heads already: fine-tune it whole (distill.py)
+        if source.config.n_future > 1 and cfg.head_type == source.config.head_type:
+            # it has heads of this type already: fine-tune it whole (distill.py); with another
+            # --head_type, its next-token path gets new heads (from_gpt) like any NTP model
             model = model_from_checkpoint({**source_ckpt, 'model_args': {
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:

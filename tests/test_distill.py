@@ -9,7 +9,7 @@ import torch
 
 import distill
 import train as T
-from common import Batches, UserError, load_checkpoint, load_model, val_path
+from common import Batches, UserError, load_checkpoint, load_model, model_from_checkpoint, val_path
 from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
 from train import evaluate
@@ -35,6 +35,23 @@ def test_init_from_an_mtp_checkpoint_fine_tunes_it_whole(corpus, mtp_ckpt, tmp_p
                        '--block_size=3')
     with pytest.raises(UserError, match='leaves head 3 no target'):   # its heads, not the flag's
         T.build_model(cfg, {'vocab_size': 32})
+
+
+def test_another_head_type_adapts_the_next_token_path_of_an_mtp_checkpoint(corpus, mtp_ckpt,
+                                                                          tmp_path):
+    """--head_type other than the checkpoint's: its next-token path (trunk + head 1) gets new
+    heads, as an NTP model would (so head types can be compared on one next-token model); the
+    checkpoint's own type is fine-tuned whole, as distill.py does for any head type."""
+    source = model_from_checkpoint(load_checkpoint(mtp_ckpt)).eval()
+    cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--head_type=sequential',
+                       '--n_future=4')
+    model, _ = T.build_model(cfg, {'vocab_size': 32})
+    assert (model.config.head_type, model.config.n_future) == ('sequential', 4)
+    x = torch.randint(0, 32, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x, n_heads=1)[0], source(x, n_heads=1)[0], atol=1e-5)
+    args = distill.DistillConfig(ckpt=mtp_ckpt, out_dir=str(tmp_path))
+    assert distill.fine_tuning_config(args, model.config).head_type == 'sequential'
 
 
 def test_zero_weight_for_head1_with_frozen_trunk_trains_only_the_other_heads(corpus, mtp_ckpt,
