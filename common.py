@@ -1,7 +1,8 @@
 """
 The plumbing every nanoMTP script shares, kept out of the files that hold the ideas: flags (and
 --help), devices, checkpoints, text and data, cli() (a UserError ends a script with one line), the
-bookkeeping of training, decoding, the accuracy table. Imports: model <- heads <- common <- scripts.
+bookkeeping of training, decoding, the accuracy table (top-k counts, Tally). Imports: model <-
+heads <- common <- scripts.
 """
 import ast
 import dataclasses
@@ -728,3 +729,44 @@ def format_table(rows, k_ahead):
               f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
               f"{r['seconds']:>8.2f}" for r in rows]
     return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# accuracy bookkeeping (token-weighted: every position with a target counts once)
+
+def count_topk(scores, targets, ks=(1, 5)):
+    """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
+    {k: number of targets among the k highest scores}). Sum these counts over batches and
+    divide at the end, so the accuracy is token-weighted."""
+    valid = targets >= 0
+    n = int(valid.sum())
+    top = scores.topk(min(max(ks), scores.size(-1)), dim=-1).indices
+    hit = top == targets.clamp(min=0).unsqueeze(-1)
+    return n, {k: int((hit[..., :k].any(-1) & valid).sum()) for k in ks}
+
+
+class Tally:
+    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from count_topk,
+    summed over windows, divided at the end) and the mean captured mass."""
+
+    def __init__(self, k_ahead):
+        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
+        self.mass = None
+
+    def add(self, scores, targets, mass=None):
+        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
+        for k in range(scores.size(1)):
+            n, hits = count_topk(scores[:, k], targets[:, k])
+            self.n[k] += n
+            self.top1[k] += hits[1]
+            self.top5[k] += hits[5]
+        if mass is not None:
+            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
+            for k in range(mass.size(1)):
+                self.mass[k] += float(mass[:, k].sum())
+
+    def result(self):
+        def mean(counts):
+            return None if counts is None else [c / n if n else None
+                                                for c, n in zip(counts, self.n)]
+        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))

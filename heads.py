@@ -25,7 +25,7 @@ target are ignored, never wrapped):
     L = sum_k lambda_k * CE(logits_k[t], x_{t+k})
 
 Heads are numbered as in the paper's x_{t+k} everywhere: head k (1-based) predicts k tokens ahead;
-tensors that stack heads hold head k at index k - 1. Also here: the top-k accuracy counter.
+tensors that stack heads hold head k at index k - 1.
 """
 from dataclasses import dataclass, fields
 
@@ -345,44 +345,3 @@ def mtp_loss(logits, targets, loss_weights=None):
     weights = loss_weights_for(logits.size(2), loss_weights)
     return sum(w * head_ce(logits[:, :, k - 1], targets, k)
                for k, w in enumerate(weights, start=1) if w)
-
-
-# -----------------------------------------------------------------------------
-# accuracy bookkeeping (token-weighted: every position with a target counts once)
-
-def count_topk(scores, targets, ks=(1, 5)):
-    """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
-    {k: number of targets among the k highest scores}). Sum these counts over batches and
-    divide at the end, so the accuracy is token-weighted."""
-    valid = targets >= 0
-    n = int(valid.sum())
-    top = scores.topk(min(max(ks), scores.size(-1)), dim=-1).indices
-    hit = top == targets.clamp(min=0).unsqueeze(-1)
-    return n, {k: int((hit[..., :k].any(-1) & valid).sum()) for k in ks}
-
-
-class Tally:
-    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from count_topk,
-    summed over windows, divided at the end) and the mean captured mass."""
-
-    def __init__(self, k_ahead):
-        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
-        self.mass = None
-
-    def add(self, scores, targets, mass=None):
-        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
-        for k in range(scores.size(1)):
-            n, hits = count_topk(scores[:, k], targets[:, k])
-            self.n[k] += n
-            self.top1[k] += hits[1]
-            self.top5[k] += hits[5]
-        if mass is not None:
-            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
-            for k in range(mass.size(1)):
-                self.mass[k] += float(mass[:, k].sum())
-
-    def result(self):
-        def mean(counts):
-            return None if counts is None else [c / n if n else None
-                                                for c, n in zip(counts, self.n)]
-        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))

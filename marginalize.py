@@ -27,9 +27,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from heads import MTPGPT, Tally
+from heads import MTPGPT
 from common import (UserError, parse_flags, MarginalizeFlags, marginalize_inputs,
-                    check_positions, eval_windows, window_batch, clock, format_table, cli)
+                    check_positions, eval_windows, window_batch, clock, format_table, Tally,
+                    cli)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];

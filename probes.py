@@ -25,9 +25,9 @@ import torch
 from torch.nn import functional as F
 
 from model import run_blocks
-from heads import ntp_blocks, count_topk
+from heads import ntp_blocks
 from common import (UserError, parse_flags, check_ranges, pick_device, load_model, eval_windows,
-                    window_batch, data_dir_of, cli)
+                    window_batch, data_dir_of, count_topk, cli)
 
 K_AHEAD = 2  # x_{t+1} and x_{t+2}
 

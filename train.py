@@ -21,10 +21,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets, count_topk
+from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets
 from common import (UserError, parse_flags, autocast_for, Distributed, save_checkpoint,
                     load_checkpoint, model_from_checkpoint, load_model, load_data, restore,
-                    eval_line, summarize, printable, cli)
+                    eval_line, summarize, printable, count_topk, cli)
 
 
 @dataclass
