@@ -104,10 +104,10 @@ class Head(nn.Module):
                                 torch.stack(trunk_hidden))
         return trunk_hidden[-1]
 
-    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None):
+    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None, pos=None):
         z = self.mix(trunk_hidden)
         if hasattr(self, 'blocks'):
-            return run_blocks(z, self.blocks, cache, first_layer, attn_mask)[-1]
+            return run_blocks(z, self.blocks, cache, first_layer, attn_mask, pos)[-1]
         return self.resblock(z)
 
 
@@ -136,6 +136,9 @@ class MTPGPT(GPT):
             return None
         return torch.stack([head.whs_coef.detach() for head in self.heads])
 
+    def ntp_blocks(self):
+        return ntp_blocks(self)
+
     def trunk_parameters(self):
         """The backbone: embeddings, trunk blocks, and the shared final norm / unembedding."""
         head_ids = {id(p) for p in self.heads.parameters()}
@@ -153,7 +156,7 @@ class MTPGPT(GPT):
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
         n_heads = self.config.n_future if n_heads is None else n_heads
-        logits = torch.stack([self.head_logits(k, trunk_hidden, cache, attn_mask)
+        logits = torch.stack([self.head_logits(k, trunk_hidden, cache, attn_mask, pos)
                               for k in range(1, n_heads + 1)], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
@@ -162,13 +165,14 @@ class MTPGPT(GPT):
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
         """[h_0, .., h_attach]: the embeddings and every trunk block's output."""
-        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask)
+        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask,
+                          pos)
 
-    def head_logits(self, k, trunk_hidden, cache=None, attn_mask=None):
+    def head_logits(self, k, trunk_hidden, cache=None, attn_mask=None, pos=None):
         """Logits (B, T, V) of head k (predicts x_{t+k}) from the trunk states. Head k's blocks
-        use cache layers attach_layer + (k - 1) * depth onwards."""
+        use cache layers attach_layer + (k - 1) * depth onwards (pos: rotary positions)."""
         first_layer = self.config.attach_layer + (k - 1) * self.head_depth()
-        return self.unembed(self.heads[k - 1](trunk_hidden, cache, first_layer, attn_mask))
+        return self.unembed(self.heads[k - 1](trunk_hidden, cache, first_layer, attn_mask, pos))
 
     def draft_logits(self, trunk_hidden):
         """Logits (n_future - 1, V) of resblock heads 2..n at ONE position, trunk_hidden = that
@@ -219,7 +223,9 @@ class MTPGPT(GPT):
                            head_type=head_type, whs=whs)
         model = cls(config)
         for name in ('wte', 'wpe', 'ln_f'):  # embeddings, the shared final norm and unembedding
-            model.transformer[name].load_state_dict(source.transformer[name].state_dict())
+            if name in model.transformer:  # (rotary models have no wpe)
+                model.transformer[name].load_state_dict(source.transformer[name].state_dict())
+        model.lm_head.load_state_dict(source.lm_head.state_dict())  # (its own if untied)
         for j in range(config.attach_layer):
             model.transformer.h[j].load_state_dict(blocks[j].state_dict())
         for head in model.heads:
