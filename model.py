@@ -344,12 +344,14 @@ class GPT(nn.Module):
     def to_hf(self):
         """This model's next-token path (an MTPGPT's trunk + head 1) as a transformers model:
         GPTNeoXForCausalLM for a rotary model, else GPT2LMHeadModel. The biases of a bias=False
-        model are exported as zeros (the same function)."""
+        model are exported as zeros (the same function); no token ends generate() early (no eos,
+        as in sample.py)."""
         transformers, c = import_transformers(), self.config
         if not c.rotary_pct and c.parallel_residual:
             raise UserError("GPT-2 has no parallel residual: cannot export this model")
         arch = 'gpt_neox' if c.rotary_pct else 'gpt2'
         kw = {theirs: getattr(c, ours) for ours, theirs in HF_CONFIG[arch].items()}
+        kw.update(bos_token_id=None, eos_token_id=None)
         act = {'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu]
         if c.rotary_pct:
             hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
