@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import GPT, UserError, GPT2_SIZES
+from model import GPT, UserError, GPT2_SIZES, PYTHIA
 from heads import MTPGPT, MTPConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -142,7 +142,7 @@ def parse_top_ks(flag):
 @dataclasses.dataclass
 class MarginalizeFlags:
     """The flags of a marginalization run (marginalize.py's table, bench.py marginalize)."""
-    ckpt: str = ''            # checkpoint path (or gpt2 / gpt2-medium / ...); required
+    ckpt: str = ''            # checkpoint path (or gpt2 / ... / EleutherAI/pythia-*); required
     input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
     data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
     positions: int = 256      # how many positions t to evaluate
@@ -173,7 +173,7 @@ def marginalize_inputs(args, single_top_k=False):
 @dataclasses.dataclass
 class DecodeFlags:
     """The flags of decoding (sample.py, bench.py decode)."""
-    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / gpt2-medium / ...
+    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / ... / EleutherAI/pythia-*
     draft: str = ''             # a draft model's checkpoint: two-model speculative decoding
     gamma: int = 4              # drafts per step of the draft model
     temperature: float = 0.8    # 0 = greedy (bench.py decode always runs greedy too)
@@ -315,11 +315,13 @@ def model_from_checkpoint(ckpt):
 
 
 def load_model(path, device='cpu'):
-    """(model in eval mode on device, checkpoint dict) from a checkpoint path, or 'gpt2*'."""
-    if path in GPT2_SIZES and not os.path.exists(path):
+    """(model in eval mode on device, checkpoint dict) from a checkpoint path, 'gpt2*' or
+    'EleutherAI/pythia-*' (Hugging Face weights, with the model's own tokenizer)."""
+    if (path in GPT2_SIZES or path.startswith(PYTHIA)) and not os.path.exists(path):
         model = MTPGPT.from_gpt(GPT.from_pretrained(path))
-        ckpt = {'meta': {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257},
-                'model_args': dataclasses.asdict(model.config), 'config': {}}
+        meta = ({'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257} if path in GPT2_SIZES
+                else {'kind': 'hf', 'name': path, 'vocab_size': model.config.vocab_size})
+        ckpt = {'meta': meta, 'model_args': dataclasses.asdict(model.config), 'config': {}}
     else:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
@@ -353,8 +355,10 @@ def tokenizer_for(ckpt):
     try:
         return Tokenizer(ckpt['meta'])
     except Exception as e:
-        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? set "
-                        f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
+                if ckpt['meta'].get('kind') == 'hf' else
+                "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
 
 
 def read_text(path, what='input file'):

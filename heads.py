@@ -121,11 +121,11 @@ class Head(nn.Module):
                                 torch.stack(trunk_hidden))
         return trunk_hidden[-1]
 
-    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None):
+    def forward(self, trunk_hidden, cache=None, first_layer=0, attn_mask=None, pos=None):
         """A parallel head's state s_k from the trunk states."""
         z = self.mix(trunk_hidden)
         if hasattr(self, 'blocks'):
-            return run_blocks(z, self.blocks, cache, first_layer, attn_mask)[-1]
+            return run_blocks(z, self.blocks, cache, first_layer, attn_mask, pos)[-1]
         return self.resblock(z)
 
     def step(self, state, token_emb, cache=None, layer=0, attn_mask=None):
@@ -161,6 +161,9 @@ class MTPGPT(GPT):
         return torch.stack([head.whs_coef.detach() for head in self.heads
                             if hasattr(head, 'whs_coef')])
 
+    def ntp_blocks(self):
+        return ntp_blocks(self)
+
     def trunk_parameters(self):
         """The backbone: embeddings, trunk blocks, and the shared final norm / unembedding."""
         head_ids = {id(p) for p in self.heads.parameters()}
@@ -177,7 +180,7 @@ class MTPGPT(GPT):
         """
         attn_mask = self.default_mask(idx, cache, attn_mask)
         trunk_hidden = self.trunk(idx, cache, pos, attn_mask)
-        states = self.head_states(idx, trunk_hidden, n_heads, cache, attn_mask)
+        states = self.head_states(idx, trunk_hidden, n_heads, cache, attn_mask, pos)
         logits = torch.stack([self.unembed(state) for _, state in states], dim=2)
         if cache is not None:
             cache.advance(idx.size(1))
@@ -186,12 +189,14 @@ class MTPGPT(GPT):
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
         """[h_0, .., h_attach]: the embeddings and every trunk block's output."""
-        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask)
+        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask,
+                          pos)
 
-    def head_states(self, idx, trunk_hidden, n_heads=None, cache=None, attn_mask=None):
+    def head_states(self, idx, trunk_hidden, n_heads=None, cache=None, attn_mask=None, pos=None):
         """Yield (k, s_k), head k's state (B, T, C) before ln_f and the unembedding, for
         k = 1..n_heads, one head at a time (so a caller can drop each head's logits before the
-        next). Parallel head k's blocks use cache layers attach_layer + (k - 1) * depth onwards.
+        next). Parallel head k's blocks use cache layers attach_layer + (k - 1) * depth onwards
+        (pos: rotary positions, as in GPT.forward).
         Sequential head k reads x_{t+k-1} = idx[t+k-1] (padded past the end, where there is no
         target either); its block has no cache here (decoding drafts with draft_chain)."""
         n_heads = self.config.n_future if n_heads is None else n_heads
@@ -200,7 +205,7 @@ class MTPGPT(GPT):
             head = self.heads[k - 1]
             if self.config.head_type != 'sequential':
                 first_layer = self.config.attach_layer + (k - 1) * self.head_depth()
-                state = head(trunk_hidden, cache, first_layer, attn_mask)
+                state = head(trunk_hidden, cache, first_layer, attn_mask, pos)
             elif k == 1:
                 state = trunk_hidden[-1]
             else:
@@ -289,7 +294,9 @@ class MTPGPT(GPT):
                            head_type=head_type, whs=whs)
         model = cls(config)
         for name in ('wte', 'wpe', 'ln_f'):  # embeddings, the shared final norm and unembedding
-            model.transformer[name].load_state_dict(source.transformer[name].state_dict())
+            if name in model.transformer:  # (rotary models have no wpe)
+                model.transformer[name].load_state_dict(source.transformer[name].state_dict())
+        model.lm_head.load_state_dict(source.lm_head.state_dict())  # (its own if untied)
         for j in range(config.attach_layer):
             model.transformer.h[j].load_state_dict(blocks[j].state_dict())
         for head in model.heads:  # (block heads; sequential heads 2..n start at random)

@@ -1,11 +1,14 @@
 """
-The GPT backbone of nanoMTP: a GPT-2-style decoder with an exact KV cache.
+The GPT backbone of nanoMTP: a GPT-2-style decoder with an exact KV cache; GPT-NeoX (Pythia) is
+a set of options of the same classes (rotary_pct, parallel_residual, tie_embeddings, gelu, bias).
 
 Read top to bottom:
   GPTConfig          hyperparameters of the network
   KVCache            per-layer keys/values; append a chunk of T >= 1 tokens, roll back to any length
+  rotate             GPT-NeoX's rotary position embedding of queries and keys
   CausalSelfAttention, MLP, Block   pre-LN transformer block (the only attention in the codebase)
-  GPT                embeddings -> blocks -> final LayerNorm -> tied unembedding; GPT-2 weights
+  GPT                embeddings -> blocks -> final LayerNorm -> unembedding; weights from and to
+                     transformers (GPT2LMHeadModel, GPTNeoXForCausalLM)
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
 heads (heads.py) can branch off at any layer and WHS can mix them. It imports nothing of nanoMTP.
@@ -24,6 +27,7 @@ class UserError(Exception):
 
 
 GPT2_SIZES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # from_pretrained's names
+PYTHIA = 'EleutherAI/pythia-'  # from_pretrained also takes EleutherAI/pythia-70m .. -12b
 
 
 @dataclass
@@ -34,7 +38,13 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2 has them)
+    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2 and Pythia have them)
+    # GPT-NeoX (Pythia) options; the defaults are GPT-2 (and old checkpoints, which lack them)
+    rotary_pct: float = 0.0   # > 0: rotary positions on this fraction of head dims, no learned ones
+    rotary_base: float = 10000.0
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) instead of one after the other
+    tie_embeddings: bool = True      # unembedding = token embedding (GPT-2); Pythia has its own
+    gelu: str = 'tanh'        # GPT-2's tanh approximation; 'none' = the exact GELU (Pythia)
 
 
 # -----------------------------------------------------------------------------
@@ -82,6 +92,22 @@ class KVCache:
         self.length = length
 
 
+def rotate(x, pos, n_rot, base):
+    """Rotary position embedding (GPT-NeoX) of x (B, H, T, hd) at positions pos (T,).
+
+    The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by
+    the angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot
+    product rotated by (m - n) only: attention sees relative positions, and a cached key never
+    changes. Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, n_rot, 2, dtype=torch.float, device=x.device) / n_rot)
+    angles = pos.to(x.device).float()[:, None] * inv_freq
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x.dtype) for f in (torch.cos, torch.sin))
+    r, rest = x[..., :n_rot], x[..., n_rot:]
+    rotated_half = torch.cat([-r[..., n_rot // 2:], r[..., :n_rot // 2]], dim=-1)
+    return torch.cat([r * cos + rotated_half * sin, rest], dim=-1)
+
+
 # -----------------------------------------------------------------------------
 # the transformer block
 
@@ -95,14 +121,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.n_rot = int(config.n_embd // config.n_head * config.rotary_pct)  # 0: GPT-2
+        self.rotary_base = config.rotary_base
 
-    def forward(self, x, cache=None, layer=0, attn_mask=None):
+    def forward(self, x, cache=None, layer=0, attn_mask=None, pos=None):
         """attn_mask: None = causal over the new tokens (and all cached ones), or a bool tensor
-        broadcastable to (B, H, T, cached + T), True where a query may attend to a key."""
+        broadcastable to (B, H, T, cached + T), True where a query may attend to a key.
+        pos: position ids (T,) for rotary models, by default continuing after the cache."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.n_rot:  # GPT-NeoX: rotate q and k by their positions (keys are cached rotated)
+            start = cache.length if cache is not None else 0
+            pos = torch.arange(start, start + T, device=x.device) if pos is None else pos
+            q, k = (rotate(t, pos, self.n_rot, self.rotary_base) for t in (q, k))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -120,7 +153,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU
+        self.gelu = nn.GELU(approximate=config.gelu)  # 'tanh' (GPT-2) or 'none' (exact: Pythia)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -129,7 +162,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With parallel_residual
+    (GPT-NeoX) both branches read the same x: x + attn(ln_1(x)) + mlp(ln_2(x)), so the MLP does
+    not see this block's attention output (one residual add per block, and the two can overlap)."""
 
     def __init__(self, config):
         super().__init__()
@@ -137,9 +172,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.parallel_residual = config.parallel_residual
 
-    def forward(self, x, cache=None, layer=0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+    def forward(self, x, cache=None, layer=0, attn_mask=None, pos=None):
+        if self.parallel_residual:  # GPT-NeoX
+            return x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos) + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,12 +186,12 @@ def chunk_mask(cached, T, device):
     return torch.ones(T, cached + T, dtype=torch.bool, device=device).tril(diagonal=cached)
 
 
-def run_blocks(x, blocks, cache=None, first_layer=0, attn_mask=None):
+def run_blocks(x, blocks, cache=None, first_layer=0, attn_mask=None, pos=None):
     """Run `blocks` in order; return [x, out_1, .., out_n] (the input and every block output).
-    Block j reads and writes cache layer first_layer + j."""
+    Block j reads and writes cache layer first_layer + j. pos: as in GPT.forward (rotary)."""
     hidden = [x]
     for j, block in enumerate(blocks):
-        x = block(x, cache, first_layer + j, attn_mask)
+        x = block(x, cache, first_layer + j, attn_mask, pos)
         hidden.append(x)
     return hidden
 
@@ -185,14 +223,22 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.rotary_pct:  # GPT-NeoX: positions are rotations inside attention, no table
+            del self.transformer['wpe']
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the unembedding is the transposed token embedding
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # the unembedding is the transposed token embedding (GPT-2)
+            self.transformer.wte.weight = self.lm_head.weight
         init_gpt2_(self, config.n_layer)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and 'wpe' in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def ntp_blocks(self):
+        """The n_layer blocks of the next-token path (heads.MTPGPT: trunk + head 1)."""
+        return list(self.transformer.h)
 
     def num_cache_layers(self):
         """How many attention layers a KVCache for this model must hold."""
@@ -204,7 +250,8 @@ class GPT(nn.Module):
     # The forward is split in three so heads.py can reuse the pieces: embed, run blocks, unembed.
 
     def embed(self, idx, cache=None, pos=None):
-        """Token + position embeddings (h_0). Positions continue after the cache unless given."""
+        """Token + position embeddings (h_0; rotary models: token embeddings only). Positions
+        continue after the cache unless given."""
         B, T = idx.size()
         if pos is None:
             start = cache.length if cache is not None else 0
@@ -212,10 +259,13 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                                  f"{self.config.block_size}")
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if 'wpe' in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
 
     def unembed(self, h):
-        """Final LayerNorm and the tied unembedding: hidden state -> logits."""
+        """Final LayerNorm and the unembedding: hidden state -> logits."""
         return self.lm_head(self.transformer.ln_f(h))
 
     def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None,
@@ -229,7 +279,7 @@ class GPT(nn.Module):
         """
         attn_mask = self.default_mask(idx, cache, attn_mask)
         x = self.embed(idx, cache, pos)
-        hidden = run_blocks(x, self.transformer.h, cache, 0, attn_mask)
+        hidden = run_blocks(x, self.transformer.h, cache, 0, attn_mask, pos)
         if cache is not None:
             cache.advance(idx.size(1))
         logits = self.unembed(hidden[-1])
@@ -269,38 +319,129 @@ class GPT(nn.Module):
                                  **(dict(fused=True) if fused else {}))
 
     @classmethod
-    def from_pretrained(cls, model_type, dropout=0.0):
-        """GPT-2 weights from Hugging Face `transformers` (optional dependency, needs a download)."""
+    def from_pretrained(cls, name, dropout=0.0):
+        """GPT-2 or Pythia weights from Hugging Face `transformers` (optional, needs a download)."""
+        transformers = import_transformers()
+        if name not in GPT2_SIZES and not name.startswith(PYTHIA):
+            raise UserError(f"unknown pretrained model {name!r}; choose from {GPT2_SIZES} or {PYTHIA}*")
         try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise UserError("loading GPT-2 weights needs the optional package transformers: "
-                            "pip install transformers")
-        if model_type not in GPT2_SIZES:
-            raise UserError(f"unknown GPT-2 model {model_type!r}; choose from {GPT2_SIZES}")
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(model_type)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(name)
         except Exception as e:  # network, disk, hub errors: one line, with the cause
-            raise UserError(f"could not load {model_type} weights from Hugging Face "
+            raise UserError(f"could not load {name} weights from Hugging Face "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return cls.from_hf(hf, dropout=dropout)
 
     @classmethod
     def from_hf(cls, hf_model, dropout=0.0):
-        """Convert a transformers GPT2LMHeadModel (the path from_pretrained uses)."""
-        c = hf_model.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True)
-        model = cls(config)
-        sd = model.state_dict()
-        sd_hf = {k: v for k, v in hf_model.state_dict().items()
-                 if not k.endswith(('.attn.masked_bias', '.attn.bias'))}
-        # HF's GPT-2 uses Conv1D modules: their weights are the transpose of nn.Linear's
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight',
-                      'mlp.c_proj.weight')
-        with torch.no_grad():
-            for k, v in sd_hf.items():
-                if k not in sd:
-                    raise UserError(f"unexpected GPT-2 weight {k}")
-                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+        """Convert a transformers GPT2LMHeadModel or GPTNeoXForCausalLM (from_pretrained's path)."""
+        model = cls(GPTConfig(**config_from_hf(hf_model.config), dropout=dropout))
+        used = copy_weights(model.config, model.state_dict(), hf_model.state_dict(), to_hf=False)
+        unused = [k for k, _ in hf_model.named_parameters() if hf_key(k) not in used]
+        if unused:
+            raise UserError(f"unexpected weight {unused[0]} in the transformers model")
         return model
+
+    def to_hf(self):
+        """This model's next-token path (an MTPGPT's trunk + head 1) as a transformers model:
+        GPTNeoXForCausalLM for a rotary model, else GPT2LMHeadModel. The biases of a bias=False
+        model are exported as zeros (the same function); no token ends generate() early (no eos,
+        as in sample.py)."""
+        transformers, c = import_transformers(), self.config
+        if not c.rotary_pct and c.parallel_residual:
+            raise UserError("GPT-2 has no parallel residual: cannot export this model")
+        arch = 'gpt_neox' if c.rotary_pct else 'gpt2'
+        kw = {theirs: getattr(c, ours) for ours, theirs in HF_CONFIG[arch].items()}
+        kw.update(bos_token_id=None, eos_token_id=None)
+        act = {'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu]
+        if c.rotary_pct:
+            hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+                **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
+                rotary_emb_base=c.rotary_base, hidden_dropout=0.0, attention_dropout=0.0))
+        else:
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                **kw, activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        ours = {k: v for k, v in self.state_dict().items() if not k.startswith(('transformer.h.', 'heads.'))}
+        ours.update({f'transformer.h.{i}.{k}': v for i, block in enumerate(self.ntp_blocks())
+                     for k, v in block.state_dict().items()})
+        with torch.no_grad():
+            for p in hf.parameters():  # what this model lacks (biases) stays zero
+                p.zero_()
+        copy_weights(c, ours, hf.state_dict(), to_hf=True)
+        return hf.eval()
+
+
+# -----------------------------------------------------------------------------
+# weight conversion from and to transformers
+
+# GPTConfig fields -> transformers config fields, per architecture (model_type)
+HF_CONFIG = {
+    'gpt2': dict(block_size='n_positions', vocab_size='vocab_size', n_layer='n_layer',
+                 n_head='n_head', n_embd='n_embd', tie_embeddings='tie_word_embeddings'),
+    'gpt_neox': dict(block_size='max_position_embeddings', vocab_size='vocab_size',
+                     n_layer='num_hidden_layers', n_head='num_attention_heads', n_embd='hidden_size',
+                     parallel_residual='use_parallel_residual', tie_embeddings='tie_word_embeddings')}
+# our parameter names -> GPT-NeoX's in transformers (GPT-2's are ours)
+NEOX_NAMES = (('transformer.wte.', 'gpt_neox.embed_in.'), ('transformer.h.', 'gpt_neox.layers.'),
+              ('.ln_1.', '.input_layernorm.'), ('.ln_2.', '.post_attention_layernorm.'),
+              ('.attn.c_attn.', '.attention.query_key_value.'), ('.attn.c_proj.', '.attention.dense.'),
+              ('.mlp.c_fc.', '.mlp.dense_h_to_4h.'), ('.mlp.c_proj.', '.mlp.dense_4h_to_h.'),
+              ('transformer.ln_f.', 'gpt_neox.final_layer_norm.'))
+# HF's GPT-2 uses Conv1D modules: their weights are the transpose of nn.Linear's
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("converting weights needs the optional package transformers: "
+                        "pip install transformers")
+    return transformers
+
+
+def config_from_hf(c):
+    """GPTConfig fields of a transformers GPT-2 or GPT-NeoX (Pythia-shaped) config."""
+    if c.model_type not in HF_CONFIG:
+        raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2 and GPT-NeoX")
+    kw = {ours: getattr(c, theirs) for ours, theirs in HF_CONFIG[c.model_type].items()}
+    if c.model_type == 'gpt2':
+        return dict(kw, bias=True, tie_embeddings=True)  # (GPT-2's unembedding is always tied)
+    gelu = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}.get(c.hidden_act)
+    if c.intermediate_size != 4 * c.hidden_size or gelu is None or c.layer_norm_eps != 1e-5:
+        raise UserError("this GPT-NeoX differs from Pythia's shape (intermediate_size = 4 x "
+                        "hidden_size, GELU, layer_norm_eps 1e-5): cannot convert it")
+    rope = getattr(c, 'rope_parameters', None) or {}  # transformers 5; 4: rotary_pct, rotary_emb_base
+    return dict(kw, bias=True, gelu=gelu,
+                rotary_pct=rope.get('partial_rotary_factor', getattr(c, 'rotary_pct', 1.0)),
+                rotary_base=rope.get('rope_theta', getattr(c, 'rotary_emb_base', 10000.0)))
+
+
+def hf_key(name, config=None):
+    """A transformers parameter name as copy_weights uses it (transformers 4 called GPT-NeoX's
+    unembedding embed_out); given config, our parameter name -> that architecture's name."""
+    for ours, theirs in NEOX_NAMES if config is not None and config.rotary_pct else ():
+        name = name.replace(ours, theirs)
+    return name.replace('embed_out.', 'lm_head.')
+
+
+def copy_weights(config, ours, theirs, to_hf):
+    """Copy every tensor of `ours` (our state dict) from or to `theirs` (a transformers state
+    dict, whose tensors share storage with its model); return the transformers names used.
+
+    Layouts: GPT-2's Conv1D weights are transposed. GPT-NeoX's fused qkv rows are per head,
+    [q_h, k_h, v_h] for h = 1..H, while ours are [q (all heads), k, v]: their view
+    (H, 3, head_dim, ...) is ours transposed to (3, H, head_dim, ...)."""
+    theirs = {hf_key(k): v for k, v in theirs.items()}
+    with torch.no_grad():
+        for name, w in ours.items():
+            key = hf_key(name, config)
+            if key not in theirs:
+                raise UserError(f"the transformers model has no weight {key}")
+            src, dst = (w, theirs[key]) if to_hf else (theirs[key], w)
+            if not config.rotary_pct and name.endswith(CONV1D):
+                src = src.t()
+            elif config.rotary_pct and '.attn.c_attn.' in name:
+                heads_first = (config.n_head, 3) if not to_hf else (3, config.n_head)
+                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1).reshape(src.shape)
+            dst.copy_(src)
+    return set(hf_key(name, config) for name in ours)

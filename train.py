@@ -5,9 +5,10 @@ Train a GPT with multi-token prediction heads (n_future = 1 is plain next-token 
     python train.py config/ntp_shakespeare_char.py --max_iters=500   # a preset, then flags
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (nccl on CUDA, gloo on CPU)
 
-init_from=<checkpoint or gpt2*> adapts a trained NTP model (trunk = its first attach_layer blocks,
-every head a copy of the rest; its shape, not the flags', decides); a checkpoint that has heads
-already is fine-tuned whole. The paper's strategies for this are all in training_strategy().
+init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained NTP model (trunk = its first
+attach_layer blocks, every head a copy of the rest; its shape, not the flags', decides); a
+checkpoint that has heads already is fine-tuned whole. The paper's strategies for this are all in
+training_strategy().
 """
 import json
 import math
@@ -35,7 +36,7 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     out_dir: str = 'out'                # checkpoints go to out_dir/ckpt.pt
     dataset: str = 'shakespeare_char'   # reads data/<dataset>/{train,val}.bin and meta.json
     data_dir: str = ''                  # overrides data/<dataset>
-    init_from: str = 'scratch'          # scratch | resume | path/to/ckpt.pt | gpt2[-medium|-large|-xl]
+    init_from: str = 'scratch'          # scratch | resume | ckpt path | gpt2[-medium..] | EleutherAI/pythia-*
     eval_interval: int = 500            # iterations between evaluations (and checkpoints)
     eval_iters: int = 20                # batches per split per evaluation
     log_interval: int = 10              # iterations between progress-bar updates
@@ -178,7 +179,9 @@ def build_model(cfg, meta):
         else:
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
             model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs)
-    if model.config.vocab_size != meta['vocab_size']:
+    # (a Hugging Face model's embedding may be padded past its tokenizer: Pythia has 50304 rows)
+    padded = meta.get('kind') == 'hf' and model.config.vocab_size > meta['vocab_size']
+    if model.config.vocab_size != meta['vocab_size'] and not padded:
         raise UserError(f"model vocab_size {model.config.vocab_size} does not match the dataset's "
                         f"{meta['vocab_size']}")
     if cfg.block_size > model.config.block_size:

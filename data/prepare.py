@@ -4,6 +4,10 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
     python data/prepare.py                                  # shakespeare_char
     python data/prepare.py --dataset=shakespeare            # GPT-2 BPE (tiktoken r50k_base)
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
+    python data/prepare.py --dataset=pile --input=my.txt --tokenizer=EleutherAI/pythia-70m  # (*)
+
+(*) any Hugging Face tokenizer, by name or local directory, through transformers' AutoTokenizer
+(optional; needs the network or a local copy): the token ids that model reads, e.g. Pythia's.
 
 Tiny Shakespeare ships with the project (data/tinyshakespeare.txt, nanoGPT's char-rnn file), so
 nothing needs a network but tiktoken's BPE file (set TIKTOKEN_CACHE_DIR to a cache when offline).
@@ -23,7 +27,8 @@ BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
 
 class Tokenizer:
     """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
-    {'kind': 'char', 'chars': '...'} or {'kind': 'bpe', 'encoding': 'r50k_base'}."""
+    {'kind': 'char', 'chars': '...'}, {'kind': 'bpe', 'encoding': 'r50k_base'} or
+    {'kind': 'hf', 'name': 'EleutherAI/pythia-70m'} (a Hugging Face tokenizer)."""
 
     def __init__(self, meta):
         self.meta = meta
@@ -35,6 +40,10 @@ class Tokenizer:
             import tiktoken
             self.enc = tiktoken.get_encoding(meta['encoding'])
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
+        elif meta['kind'] == 'hf':
+            from transformers import AutoTokenizer
+            self.enc = AutoTokenizer.from_pretrained(meta['name'])
+            self.vocab_size, self.eot = len(self.enc), self.enc.eos_token_id
         else:
             raise ValueError(f"unknown tokenizer kind {meta['kind']!r}")
 
@@ -44,7 +53,7 @@ class Tokenizer:
             return cls({'kind': 'char', 'chars': ''.join(sorted(set(text)))})
         if kind == 'bpe':
             return cls({'kind': 'bpe', 'encoding': BPE_ENCODING})
-        raise ValueError(f"unknown tokenizer {kind!r}; choose char or bpe")
+        return cls({'kind': 'hf', 'name': kind})  # a Hugging Face tokenizer's name
 
     def encode(self, text):
         if self.meta['kind'] == 'char':
@@ -52,6 +61,8 @@ class Tokenizer:
             if unknown:
                 raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
             return [self.stoi[c] for c in text]
+        if self.meta['kind'] == 'hf':
+            return self.enc.encode(text, add_special_tokens=False)
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
@@ -102,7 +113,7 @@ class PrepareConfig:
 Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
     dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
     input: str = ''                 # a text file (default: the dataset's own, data/tinyshakespeare.txt)
-    tokenizer: str = ''             # char | bpe (default: the dataset's, char for unknown names)
+    tokenizer: str = ''             # char | bpe | a Hugging Face tokenizer name (default: the dataset's, char for others)
     out_dir: str = ''               # where to write (default: data/<dataset>)
     val_fraction: float = 0.1       # the last part of the text that is the val split
 
@@ -119,6 +130,15 @@ def main(argv):
         except Exception as e:
             raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
                                   f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+    elif tokenizer != 'char':  # a Hugging Face tokenizer: transformers, and a download or copy
+        try:
+            Tokenizer.from_text(tokenizer, '')
+        except ImportError:
+            raise ValueError(f"--tokenizer={tokenizer} needs the optional package transformers "
+                             f"(pip install transformers); or use char or bpe")
+        except Exception as e:
+            raise ValueError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
+                             f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
     summary = prepare(text, out_dir, tokenizer, args.val_fraction)
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")

@@ -5,6 +5,10 @@ Everything here is CPU, fp32 and tiny (2-3 layers, 32 channels) so the suite run
 torchrun, bench.py subprocesses); CI runs everything.
 
   REPO, SHARED          the repository root and ../shared
+  architectures         ARCHS: 'gpt2' (the defaults) and 'neox' (GPT-NeoX / Pythia in miniature:
+                        rotary on 1/4 of each head, parallel residual, untied, biases, exact
+                        GELU); the `arch` fixture runs a test on both, and every tiny model
+                        below takes arch=...
   tiny models           tiny_config(...) a GPTConfig; tiny_gpt(...) a seeded model.GPT;
                         tiny_mtp(...) a seeded heads.MTPGPT of the same shape (default init);
                         random_mtp(...) an MTPGPT with a large random init (peaked, distinct
@@ -13,6 +17,7 @@ torchrun, bench.py subprocesses); CI runs everything.
                         x+k (perfect drafts)
   corpora, training     pattern_text, make_corpus, run_train, train_config; fixtures corpus
                         (random 8-letter words), ntp_ckpt (a trained next-token checkpoint),
+                        neox_ntp_ckpt (its GPT-NeoX twin), source_ckpt (either, per arch),
                         counting_ckpt (counting_mtp saved with a char tokenizer and a val.bin)
   command lines         run_cli(script, *args) runs a script in a fresh process;
                         one_line_error(...) asserts an error reaches the user as one line
@@ -41,41 +46,57 @@ import model as M  # noqa: E402
 import train as T  # noqa: E402
 from common import UserError, save_checkpoint  # noqa: E402
 from heads import MTPGPT, MTPConfig  # noqa: E402
-from data.prepare import prepare  # noqa: E402
+from data.prepare import load_meta, prepare  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# architectures
+
+# GPTConfig options of each backbone: GPT-2 is the default; GPT-NeoX is Pythia in miniature
+ARCHS = {'gpt2': {}, 'neox': dict(rotary_pct=0.25, parallel_residual=True, tie_embeddings=False,
+                                  gelu='none', bias=True)}
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request):
+    """Runs a test once per backbone: 'gpt2' and 'neox'."""
+    return request.param
 
 
 # -----------------------------------------------------------------------------
 # tiny models
 
-def tiny_config(**kw):
-    """A GPTConfig: 3 layers, 4 heads, 32 channels, vocab 40, 32 positions (kw override)."""
+def tiny_config(arch='gpt2', **kw):
+    """A GPTConfig: 3 layers, 4 heads, 32 channels, vocab 40, 32 positions, the options of
+    ARCHS[arch] (kw override)."""
     args = dict(block_size=32, vocab_size=40, n_layer=3, n_head=4, n_embd=32, dropout=0.0,
                 bias=False)
-    args.update(kw)
+    args.update(ARCHS[arch], **kw)
     return M.GPTConfig(**args)
 
 
-def tiny_gpt(seed=0, **kw):
-    """A seeded model.GPT of tiny_config(**kw), in eval mode."""
+def tiny_gpt(seed=0, arch='gpt2', **kw):
+    """A seeded model.GPT of tiny_config(arch, **kw), in eval mode."""
     torch.manual_seed(seed)
-    return M.GPT(tiny_config(**kw)).eval()
+    return M.GPT(tiny_config(arch, **kw)).eval()
 
 
-def tiny_mtp(n_future=3, seed=0, **kw):
+def tiny_mtp(n_future=3, seed=0, arch='gpt2', **kw):
     """A seeded MTPGPT of tiny_config's shape with n_future heads, in eval mode; kw sets any
     GPTConfig or MTPConfig field (whs, attach_layer, head_type, bias, ...)."""
     torch.manual_seed(seed)
-    return MTPGPT(MTPConfig(**{**tiny_config().__dict__, **kw}, n_future=n_future)).eval()
+    return MTPGPT(MTPConfig(**{**tiny_config(arch).__dict__, **kw}, n_future=n_future)).eval()
 
 
 def random_mtp(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
-               head_type='block'):
+               head_type='block', arch='gpt2'):
     """An MTPGPT (2 heads of attention, 32 channels) whose matrices are drawn with a large std:
     peaked, distinct next-token distributions (no near-ties); its MTP heads are untrained, so
     their drafts are mostly rejected."""
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future, head_type=head_type))
+                             block_size=block_size, n_future=n_future, head_type=head_type,
+                             **ARCHS[arch]))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -84,7 +105,7 @@ def random_mtp(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
 
 
 def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=64,
-                 head_type='block'):
+                 head_type='block', arch='gpt2'):
     """Every token is the previous one + 1 (mod vocab); head i predicts x + i, except that for
     (i, x) in `wrong` it predicts x + i + 1. Each head's MLP maps the one-hot embedding of x to
     that of its target; the attention outputs are zeroed. A little noise on every weight keeps
@@ -94,13 +115,16 @@ def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=
     keyed by that token: (i, y) drafts y + 2)."""
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
-                             block_size=block_size, n_future=n_future, head_type=head_type))
+                             block_size=block_size, n_future=n_future, head_type=head_type,
+                             **ARCHS[arch]))
     sequential = head_type == 'sequential'
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, noise)
         model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
+        if model.lm_head.weight is not model.transformer.wte.weight:  # untied (neox): the same
+            model.lm_head.weight[:, :vocab] += torch.eye(vocab)
         head_blocks = [getattr(head, 'block', None) for head in model.heads] if sequential \
             else [head.blocks[0] for head in model.heads]
         for block in list(model.transformer.h) + [b for b in head_blocks if b is not None]:
@@ -173,6 +197,26 @@ def ntp_ckpt(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp('ntp')
     run_train(corpus, out, '--n_future=1', '--max_iters=10', '--eval_interval=10')
     return os.path.join(str(out), 'ckpt.pt')
+
+
+@pytest.fixture(scope='session')
+def neox_ntp_ckpt(corpus, tmp_path_factory):
+    """ntp_ckpt's GPT-NeoX twin: a random tiny GPT-NeoX of TINY_FLAGS' shape, saved as a
+    checkpoint and briefly trained as a next-token model by train.py (init_from)."""
+    out = tmp_path_factory.mktemp('neox')
+    config = tiny_config('neox', n_layer=2, n_head=2, vocab_size=32, block_size=16)
+    model = MTPGPT(MTPConfig(**config.__dict__, n_future=1))
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         meta=load_meta(corpus), config={}), str(out / 'init.pt'))
+    run_train(corpus, out, f'--init_from={out / "init.pt"}', '--n_future=1', '--max_iters=10',
+              '--eval_interval=10')
+    return os.path.join(str(out), 'ckpt.pt')
+
+
+@pytest.fixture
+def source_ckpt(arch, request):
+    """A trained next-token checkpoint to adapt, of each backbone: ntp_ckpt or neox_ntp_ckpt."""
+    return request.getfixturevalue('ntp_ckpt' if arch == 'gpt2' else 'neox_ntp_ckpt')
 
 
 @pytest.fixture(scope='session')

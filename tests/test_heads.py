@@ -100,11 +100,11 @@ def test_a_head_with_zero_loss_weight_adds_nothing_to_loss_or_gradient():
 # heads are numbered from 1: head k predicts x_{t+k}
 
 @pytest.mark.parametrize('head_type', ['block', 'resblock', 'sequential'])
-def test_head_logits_k_is_head_k_of_the_forward_1_based(head_type):
+def test_head_logits_k_is_head_k_of_the_forward_1_based(head_type, arch):
     """head_logits(k, trunk states) is head k, 1-based as in the paper's x_{t+k}: head_logits(1)
     is the next-token head, logits[:, :, 0] of forward(), and head_logits(k) is
     logits[:, :, k-1], for every k = 1..n_future."""
-    model = tiny_mtp(n_future=3, head_type=head_type)
+    model = tiny_mtp(n_future=3, head_type=head_type, arch=arch)
     torch.manual_seed(2)
     with torch.no_grad():  # (resblock heads start as the identity: make them differ)
         for p in model.heads.parameters():
@@ -148,19 +148,19 @@ def assert_every_head_reproduces(src, mtp):
 
 
 @pytest.mark.parametrize('attach', [0, 1, 2])
-def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach):
+def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach, arch):
     """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a): head 1 gives the source model's
     logits for every a in 0..n_layer-1 (and at init the other heads are copies of it)."""
-    src = tiny_gpt(n_layer=3)
+    src = tiny_gpt(n_layer=3, arch=arch)
     mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach).eval()
     assert len(mtp.transformer.h) == attach
     assert all(len(h.blocks) == 3 - attach for h in mtp.heads)
     assert_every_head_reproduces(src, mtp)
 
 
-def test_from_gpt_of_an_mtp_model_uses_its_head1_path():
+def test_from_gpt_of_an_mtp_model_uses_its_head1_path(arch):
     """Adapting an MTPGPT re-uses trunk + head 1 (its next-token path)."""
-    src = tiny_mtp(n_future=2).eval()
+    src = tiny_mtp(n_future=2, arch=arch).eval()
     mtp = MTPGPT.from_gpt(src, n_future=4, attach_layer=0).eval()
     x, _, _ = batch()
     with torch.no_grad():
@@ -172,12 +172,12 @@ def test_from_gpt_of_an_mtp_model_uses_its_head1_path():
         MTPGPT.from_gpt(whs, n_future=2)
 
 
-def test_one_head_mtp_model_is_the_plain_gpt():
+def test_one_head_mtp_model_is_the_plain_gpt(arch):
     """n_future=1: the same parameter count as model.GPT and, with identical weights, the same
     logits and loss."""
-    cfg = tiny_config()
+    cfg = tiny_config(arch)
     assert MTPGPT(MTPConfig(**cfg.__dict__, n_future=1)).num_params() == M.GPT(cfg).num_params()
-    src = tiny_gpt()
+    src = tiny_gpt(arch=arch)
     mtp = MTPGPT.from_gpt(src, n_future=1).eval()
     assert mtp.num_params() == src.num_params()
     assert mtp.num_params(non_embedding=False) == src.num_params(non_embedding=False)
@@ -189,11 +189,11 @@ def test_one_head_mtp_model_is_the_plain_gpt():
     assert loss.item() == pytest.approx(ref_loss.item(), abs=TOL)
 
 
-def test_whs_at_init_equals_plain_heads_and_every_layer_gets_a_gradient():
+def test_whs_at_init_equals_plain_heads_and_every_layer_gets_a_gradient(arch):
     """WHS starts as 'read the last trunk layer' (whs_weights() is one-hot on h_attach for every
     head): its logits equal those of the same model without WHS; after a backward every head's
     coefficient of EVERY layer has a gradient of order one (not ~e^-12, as a saturated softmax's)."""
-    src = tiny_gpt()
+    src = tiny_gpt(arch=arch)
     plain = MTPGPT.from_gpt(src, n_future=3, attach_layer=1).eval()
     whs = MTPGPT.from_gpt(src, n_future=3, attach_layer=1, whs=True).eval()
     # perturb head 2 and 3 identically in both so the heads differ from each other
@@ -218,10 +218,10 @@ def test_whs_at_init_equals_plain_heads_and_every_layer_gets_a_gradient():
         assert (head.whs_coef.grad.abs() > 1e-4).all(), head.whs_coef.grad
 
 
-def test_resblock_heads_start_as_the_plain_model():
+def test_resblock_heads_start_as_the_plain_model(arch):
     """Medusa (resblock) heads are the identity at init: every head's logits equal the source
     model's."""
-    src = tiny_gpt()
+    src = tiny_gpt(arch=arch)
     mtp = MTPGPT.from_gpt(src, n_future=3, head_type='resblock').eval()
     assert mtp.config.attach_layer == 3 and len(mtp.transformer.h) == 3
     assert_every_head_reproduces(src, mtp)
@@ -250,10 +250,10 @@ def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
                                 dict(head_type='sequential', whs=True)],
                          ids=['block', 'whs', 'whs-attach0', 'resblock', 'sequential',
                               'sequential-whs'])
-def test_sequential_backward_gives_the_same_gradients(kw):
+def test_sequential_backward_gives_the_same_gradients(kw, arch):
     """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
     of mtp_loss(...).backward() for every parameter, and the same loss value."""
-    a = tiny_mtp(n_future=3, **kw).train()
+    a = tiny_mtp(n_future=3, arch=arch, **kw).train()
     torch.manual_seed(3)
     with torch.no_grad():  # move away from init so every path carries gradient
         for p in a.parameters():

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from common import UserError, eval_windows, save_checkpoint
 from heads import MTPGPT, MTPConfig
 import marginalize as M
-from conftest import one_line_error, random_mtp, run_cli, tiny_gpt, tiny_mtp
+from conftest import ARCHS, one_line_error, random_mtp, run_cli, tiny_gpt, tiny_mtp
 
 V, BLOCK = 11, 24
 
@@ -29,9 +29,13 @@ def ntp(model, seq):
     return F.softmax(model(seq[None], n_heads=1)[0][0, -1, 0], dim=-1)
 
 
-@pytest.fixture(scope='module')
-def model():
-    return random_mtp(vocab=V, n_future=2, block_size=BLOCK)
+@pytest.fixture(scope='module', params=list(ARCHS))
+def model(request):
+    """Of each backbone: GPT-2 and GPT-NeoX (rotary positions: the tree's position ids)."""
+    # (GPT-NeoX at std 0.3 is so peaked that top_p=0.5 keeps one candidate: fewer paths than
+    # the chunking checks need)
+    std = 0.3 if request.param == 'gpt2' else 0.15
+    return random_mtp(vocab=V, n_future=2, block_size=BLOCK, arch=request.param, std=std)
 
 
 @pytest.fixture(scope='module')
@@ -70,8 +74,8 @@ def test_chunk_size_changes_only_the_cost(model, tokens):
     assert small.forwards > 10
 
 
-def test_works_on_a_plain_gpt_too(tokens):
-    gpt = tiny_gpt(seed=0, vocab_size=V, n_layer=2, n_head=2, block_size=BLOCK)
+def test_works_on_a_plain_gpt_too(tokens, arch):
+    gpt = tiny_gpt(seed=0, vocab_size=V, n_layer=2, n_head=2, block_size=BLOCK, arch=arch)
     fast = M.marginalize(gpt, tokens, [3, 20], 3, top_k=3, chunk_size=4)
     slow = M.marginalize_naive(gpt, tokens, [3, 20], 3, top_k=3)
     assert (fast.probs - slow.probs).abs().max() <= 1e-5

@@ -37,10 +37,11 @@ PIECES = {
 # KV cache: incremental decoding is exact
 
 @pytest.mark.parametrize('pieces', list(PIECES.values()), ids=list(PIECES))
-def test_gpt_incremental_decoding_matches_full_forward(pieces):
+def test_gpt_incremental_decoding_matches_full_forward(pieces, arch):
     """Appending tokens through the KV cache (singly, in chunks, or mixed) gives the same
-    logits as one full forward over the whole sequence."""
-    model = tiny_gpt()
+    logits as one full forward over the whole sequence (GPT-NeoX: rotary positions continue
+    from the cache's length)."""
+    model = tiny_gpt(arch=arch)
     idx = tokens(24)
     with torch.no_grad():
         full, _ = model(idx)
@@ -50,10 +51,10 @@ def test_gpt_incremental_decoding_matches_full_forward(pieces):
 
 
 @pytest.mark.parametrize('pieces', list(PIECES.values()), ids=list(PIECES))
-def test_mtp_incremental_decoding_matches_full_forward_for_every_head(pieces):
+def test_mtp_incremental_decoding_matches_full_forward_for_every_head(pieces, arch):
     """Same for an MTPGPT with 3 heads: every head's logits through the cache equal the full
     forward's (each head owns its own cache layers)."""
-    model = tiny_mtp(n_future=3)
+    model = tiny_mtp(n_future=3, arch=arch)
     idx = tokens(24)
     with torch.no_grad():
         full, _ = model(idx)
@@ -66,11 +67,11 @@ def test_mtp_incremental_decoding_matches_full_forward_for_every_head(pieces):
 
 
 @pytest.mark.parametrize('make', [tiny_gpt, tiny_mtp], ids=['GPT', 'MTPGPT'])
-def test_rollback_then_append_equals_fresh_forward(make):
+def test_rollback_then_append_equals_fresh_forward(make, arch):
     """Rolling the cache back k positions and appending different tokens gives the logits of a
     fresh forward on the new sequence: rolled-back entries are forgotten and positions continue
     from the rolled-back length."""
-    model = make()
+    model = make(arch=arch)
     idx = tokens(20)
     k = 5
     new_tail = (idx[:, -k:] + 7) % 40  # differs from the tokens rolled back
@@ -134,6 +135,26 @@ def test_kv_cache_overflow_raises():
             model(tokens(1), cache=cache)
 
 
+def test_rotary_positions_matter_and_explicit_positions_are_used():
+    """GPT-NeoX has no position table: positions enter as rotations of q and k. Shifting every
+    position by a constant changes nothing (attention sees only m - n), while giving one
+    token another position changes the logits."""
+    model = tiny_gpt(arch='neox')
+    assert 'wpe' not in model.transformer
+    assert model.lm_head.weight is not model.transformer.wte.weight  # untied
+    idx = tokens(10)
+    with torch.no_grad():
+        for p in model.parameters():  # large weights: attention far from uniform
+            p.normal_(0, 0.3)
+        ref, _ = model(idx)
+        shifted, _ = model(idx, pos=torch.arange(10) + 7)
+        pos = torch.arange(10)
+        pos[-1] = 4
+        moved, _ = model(idx, pos=pos)
+    assert (shifted - ref).abs().max().item() <= 1e-4
+    assert (moved[:, -1] - ref[:, -1]).abs().max().item() > 1e-3
+
+
 # -----------------------------------------------------------------------------
 # hidden states and unembedding
 
@@ -162,10 +183,10 @@ def test_mtp_return_hidden_gives_trunk_states():
 # -----------------------------------------------------------------------------
 # explicit masks and positions
 
-def test_explicit_causal_mask_and_positions_equal_default():
+def test_explicit_causal_mask_and_positions_equal_default(arch):
     """Passing attn_mask = the causal mask and pos = the default positions (for a chunk after a
     cached prefix, and for a prefill) reproduces the default logits exactly."""
-    model = tiny_mtp(n_future=2)
+    model = tiny_mtp(n_future=2, arch=arch)
     idx = tokens(12)
     with torch.no_grad():
         ref, _ = model(idx)

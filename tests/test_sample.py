@@ -102,8 +102,8 @@ HEAD_TYPES = ['block', 'resblock', 'sequential']  # resblock and sequential head
 
 
 @pytest.mark.parametrize('head_type', HEAD_TYPES)
-def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
-    model = random_mtp(head_type=head_type)
+def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type, arch):
+    model = random_mtp(head_type=head_type, arch=arch)
     stats = Stats(3)
     for prompt in random_prompts(50, 13, 40):
         vanilla = generate(model, prompt, 20, temperature=0)
@@ -117,9 +117,9 @@ def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type):
 
 
 @pytest.mark.parametrize('head_type', ['block', 'sequential'])
-def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type):
+def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type, arch):
     n_future = 4
-    model = counting_mtp(n_future=n_future, head_type=head_type)
+    model = counting_mtp(n_future=n_future, head_type=head_type, arch=arch)
     prompt = [5, 6, 7]
     max_new = 1 + 6 * n_future                     # the prompt's forward emits 1, then n per step
     vanilla = generate(model, prompt, max_new, temperature=0)
@@ -134,12 +134,12 @@ def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type
 
 
 @pytest.mark.parametrize('head_type', ['block', 'sequential'])
-def test_rejections_at_every_draft_position_roll_back_exactly(head_type):
+def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
     """Heads 2..4 draft wrongly for about a third of the tokens: acceptance runs of every length,
     so the cache is rolled back at every offset. Output == vanilla, cache == fresh prefill."""
     rng = np.random.default_rng(0 if head_type == 'block' else 1)  # (a seed that does it)
     wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
-    model = counting_mtp(n_future=4, wrong=wrong, head_type=head_type)
+    model = counting_mtp(n_future=4, wrong=wrong, head_type=head_type, arch=arch)
     stats = Stats(3)
     for prompt in random_prompts(10, 13, 20, seed=1):
         vanilla = generate(model, prompt, 40, temperature=0)
@@ -152,14 +152,14 @@ def test_rejections_at_every_draft_position_roll_back_exactly(head_type):
     assert 1 < stats.summary()['tau'] < 4
 
 
-def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill():
-    model = random_mtp()
+def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch):
+    model = random_mtp(arch=arch)
     for prompt in random_prompts(5, 13, 30, seed=2):
         for temperature in (0.0, 1.0):
             run = generate_self_speculative(model, prompt, 25, temperature=temperature,
                                             generator=torch.Generator().manual_seed(0))
             assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
-        draft = random_mtp(seed=1, n_future=1)
+        draft = random_mtp(seed=1, n_future=1, arch=arch)
         run = generate_two_model(model, draft, prompt, 25, gamma=3, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0))
         # a two-model target decodes with head 1 only: its trunk and head-1 layers are exact
@@ -269,8 +269,9 @@ def total_variation(samples, exact):
 N_RUNS, TV_BOUND = 1000, 0.1
 
 
-def tiny_vocab_model(head_type='block'):
-    return random_mtp(vocab=3, n_future=3, std=0.5, seed=12, head_type=head_type), [0, 2, 1]
+def tiny_vocab_model(head_type='block', arch='gpt2'):
+    return random_mtp(vocab=3, n_future=3, std=0.5, seed=12, head_type=head_type,
+                      arch=arch), [0, 2, 1]
 
 
 def first_three_tokens(model, prompt):
@@ -280,9 +281,11 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
-@pytest.mark.parametrize('head_type', HEAD_TYPES)
-def test_self_speculative_sampling_matches_vanilla_distribution(head_type):
-    model, prompt = tiny_vocab_model(head_type)
+@pytest.mark.parametrize('head_type,arch', [('block', 'gpt2'), ('resblock', 'gpt2'),
+                                            ('sequential', 'gpt2'),
+                                            pytest.param('block', 'neox', marks=pytest.mark.slow)])
+def test_self_speculative_sampling_matches_vanilla_distribution(head_type, arch):
+    model, prompt = tiny_vocab_model(head_type, arch)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
     assert total_variation(first_three_tokens(model, prompt), exact) < TV_BOUND
 
@@ -341,8 +344,8 @@ def test_two_model_with_draft_equal_to_target_accepts_every_draft():
         assert sampled.stats.summary()['acceptance'] == [1.0] * gamma   # p == q: never rejected
 
 
-def test_two_model_greedy_with_a_different_draft_equals_vanilla():
-    target, draft = random_mtp(seed=7), random_mtp(seed=8, n_future=1, n_layer=1)
+def test_two_model_greedy_with_a_different_draft_equals_vanilla(arch):
+    target, draft = random_mtp(seed=7, arch=arch), random_mtp(seed=8, n_future=1, n_layer=1)
     for prompt in random_prompts(10, 13, 30, seed=9):
         vanilla = generate(target, prompt, 20, temperature=0)
         run = generate_two_model(target, draft, prompt, 20, gamma=4, temperature=0)
@@ -353,10 +356,10 @@ def test_two_model_greedy_with_a_different_draft_equals_vanilla():
 # -----------------------------------------------------------------------------
 # edge cases
 
-def test_batched_generation_equals_generate_row_by_row():
+def test_batched_generation_equals_generate_row_by_row(arch):
     """generate_batch (distill.py's corpus writer) decodes every row as generate() would: greedy
     token for token; sampling with the same generator draws valid tokens of the right shape."""
-    model = random_mtp(head_type='resblock')
+    model = random_mtp(head_type='resblock', arch=arch)
     prompts = torch.randint(13, (5, 7), generator=torch.Generator().manual_seed(3))
     out = sample.generate_batch(model, prompts, 20, temperature=0)
     assert out.shape == (5, 27) and torch.equal(out[:, :7], prompts)

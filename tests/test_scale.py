@@ -52,7 +52,7 @@ def test_gpt2_conversion_gives_identical_logits():
 def test_from_pretrained_rejects_unknown_model_in_one_line():
     pytest.importorskip('transformers', reason='optional dependency not installed')
     from common import UserError
-    with pytest.raises(UserError, match='unknown GPT-2 model'):
+    with pytest.raises(UserError, match='unknown pretrained model'):
         GPT.from_pretrained('gpt3')
 
 

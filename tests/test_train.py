@@ -53,11 +53,14 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert b2['val_loss'] == pytest.approx(a['val_loss'], abs=1e-6)
 
 
-def test_memory_efficient_training_matches_standard(corpus, tmp_path):
+def test_memory_efficient_training_matches_standard(corpus, tmp_path, arch, request):
     """--memory_efficient=true (heads' forward+backward one at a time) trains the same as the
-    standard step: the same loss curve, with WHS and explicit loss weights."""
+    standard step: the same loss curve, with WHS and explicit loss weights (GPT-NeoX: adapting
+    neox_ntp_ckpt, as train.py builds GPT-2-style models from scratch)."""
     flags = ['--max_iters=6', '--eval_interval=6', '--n_future=3', '--whs=true',
              '--loss_weights=1,0.5,0.25']
+    if arch == 'neox':
+        flags.append(f"--init_from={request.getfixturevalue('neox_ntp_ckpt')}")
     a = run_train(corpus, tmp_path / 'a', *flags)
     b = run_train(corpus, tmp_path / 'b', *flags, '--memory_efficient=true')
     for it in range(1, 7):
@@ -100,13 +103,13 @@ def held(optimizer, name=None):
             for p in g['params']]
 
 
-def test_training_strategy_puts_trunk_and_heads_in_named_groups():
+def test_training_strategy_puts_trunk_and_heads_in_named_groups(arch):
     """training_strategy(model, cfg, device_type) returns Strategy(loss_weights, optimizer,
     trunk_trainable). The optimizer's param groups are named: trunk (lr_scale =
     trunk_lr_scale) and heads (1.0), the WHS coefficients among the heads' parameters, without
     weight decay and with Adam's default eps; group lr = learning_rate * lr_scale, and every
     parameter is in exactly one group."""
-    model = tiny_mtp(n_future=3, whs=True)
+    model = tiny_mtp(n_future=3, whs=True, arch=arch)
     cfg = T.TrainConfig(trunk_lr_scale=0.25, learning_rate=1e-3)
     strategy = T.training_strategy(model, cfg, 'cpu')
     groups = groups_by_name(strategy.optimizer)
@@ -187,13 +190,13 @@ def trunk_keys(state):
     return [k for k in state if not k.startswith('heads.')]
 
 
-def test_freeze_trunk_trains_only_the_heads(corpus, ntp_ckpt, tmp_path):
+def test_freeze_trunk_trains_only_the_heads(corpus, source_ckpt, tmp_path):
     """--freeze_trunk=true from an NTP checkpoint: the trunk (embeddings, trunk blocks, final
     norm, unembedding) is bit-identical after training, the heads changed, and the optimizer
     holds neither groups nor state for trunk parameters."""
-    src = load_checkpoint(ntp_ckpt)['model']
+    src = load_checkpoint(source_ckpt)['model']
     out = tmp_path / 'out'
-    run_train(corpus, out, f'--init_from={ntp_ckpt}', '--freeze_trunk=true', '--max_iters=5',
+    run_train(corpus, out, f'--init_from={source_ckpt}', '--freeze_trunk=true', '--max_iters=5',
               '--eval_interval=5')
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     state = ckpt['model']
@@ -211,13 +214,13 @@ def test_freeze_trunk_trains_only_the_heads(corpus, ntp_ckpt, tmp_path):
     assert len(ckpt['optimizer']['state']) == n_head_params
 
 
-def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_path,
+def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, source_ckpt, tmp_path,
                                                           monkeypatch):
     """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
     heads have moved); by iteration 8 the trunk has been trained too."""
     rec = SaveRecorder(monkeypatch)
-    src = load_checkpoint(ntp_ckpt)['model']
-    run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_warmup_iters=4',
+    src = load_checkpoint(source_ckpt)['model']
+    run_train(corpus, tmp_path / 'out', f'--init_from={source_ckpt}', '--head_warmup_iters=4',
               '--max_iters=8', '--eval_interval=4', '--eval_iters=1')
     assert sorted(rec.saves) == [4, 8]
     at4, at8 = rec.saves[4]['model'], rec.saves[8]['model']
@@ -234,12 +237,12 @@ def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, ntp_ckpt, tmp_
     (['--trunk_lr_scale=0.1', '--whs=true'], True),
     (['--freeze_trunk=true', '--loss_weights=0,1,1', '--memory_efficient=true'], False)],
     ids=['joint', 'frozen-trunk', 'head-warmup', 'differential-lr-whs', 'distill-like'])
-def test_every_strategy_adapts_a_model_to_sequential_heads(corpus, ntp_ckpt, tmp_path, flags,
-                                                           trunk_moves):
+def test_every_strategy_adapts_a_model_to_sequential_heads(corpus, source_ckpt, tmp_path,
+                                                           flags, trunk_moves):
     """--head_type=sequential under each of the paper's strategies: the heads 2..n (new modules)
     train; the trunk, which is also head 1, moves only when the strategy trains it."""
-    source = model_from_checkpoint(load_checkpoint(ntp_ckpt)).eval()
-    s = run_train(corpus, tmp_path / 'out', f'--init_from={ntp_ckpt}', '--head_type=sequential',
+    source = model_from_checkpoint(load_checkpoint(source_ckpt)).eval()
+    s = run_train(corpus, tmp_path / 'out', f'--init_from={source_ckpt}', '--head_type=sequential',
                   '--n_future=3', '--max_iters=4', '--eval_interval=4', *flags)
     assert len(s['val_heads']) == 3 and all(math.isfinite(h['loss']) for h in s['val_heads'])
     ckpt = load_checkpoint(s['ckpt'])
@@ -253,12 +256,12 @@ def test_every_strategy_adapts_a_model_to_sequential_heads(corpus, ntp_ckpt, tmp
     assert head_1_kept != trunk_moves
 
 
-def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
-    """--trunk_lr_scale=0.25: at every step the trunk's param groups have lr = 0.25 *
-    get_lr(it) and the heads' groups lr = get_lr(it)."""
+def test_differential_lr_scales_the_trunk_groups(corpus, source_ckpt, tmp_path, monkeypatch):
+    """--trunk_lr_scale=0.25, adapting an NTP checkpoint: at every step the trunk's param groups
+    have lr = 0.25 * get_lr(it) and the heads' groups lr = get_lr(it)."""
     rec = SaveRecorder(monkeypatch)
-    run_train(corpus, tmp_path / 'out', '--trunk_lr_scale=0.25', '--max_iters=5',
-              '--eval_interval=1', '--eval_iters=1', '--warmup_iters=2', '--lr_decay_iters=5')
+    run_train(corpus, tmp_path / 'out', f'--init_from={source_ckpt}', '--trunk_lr_scale=0.25',
+              '--max_iters=5', '--eval_interval=1', '--eval_iters=1', '--warmup_iters=2', '--lr_decay_iters=5')
     assert sorted(rec.saves) == [1, 2, 3, 4, 5]
     lrs = set()
     for it, saved in rec.saves.items():
@@ -274,13 +277,13 @@ def test_differential_lr_scales_the_trunk_groups(corpus, tmp_path, monkeypatch):
 
 
 
-def test_whs_mix_learns_in_a_short_adaptation_and_is_reported(corpus, ntp_ckpt, tmp_path):
+def test_whs_mix_learns_in_a_short_adaptation_and_is_reported(corpus, source_ckpt, tmp_path):
     """WHS starts exactly on the last trunk layer (one-hot) and, in 20 steps adapting a trained
     model at the heads' own LR, every head puts a total weight of at least 0.02 on the layers
     below it. The mix (MTPGPT.whs_weights) is in the summary and in the checkpoint's eval.
     (The softmax it replaced, started saturated at logit 12, kept that weight below 1e-6 in this
     same run, even with its LR x100: its gradients were ~e^-12 of normal.)"""
-    summary = run_train(corpus, tmp_path, f'--init_from={ntp_ckpt}', '--whs=true',
+    summary = run_train(corpus, tmp_path, f'--init_from={source_ckpt}', '--whs=true',
                         '--max_iters=20', '--eval_interval=10')
     mix = summary['model'].whs_weights()
     assert mix.shape == (2, 2)  # 2 heads, h_0 .. h_attach with attach_layer = 1
