@@ -2,6 +2,7 @@
 Benchmarks of nanoMTP, one section per question (--help lists every section's flags):
 
     python bench.py decode --ckpt=out/ckpt.pt [--draft=small/ckpt.pt]   # speculative decoding
+    python bench.py decode --ckpt=out/ckpt.pt --heads=out-b/ckpt.pt --peers=true --assistant=...
     python bench.py train --compare="n_future=1;memory_efficient=true"   # step time, memory
     python bench.py marginalize --ckpt=out/ckpt.pt --positions=256      # batched vs naive
 
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, asdict, fields, replace
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
                     help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
-                    clock, load_model, val_prompts, eval_windows, window_batch, cli)
+                    clock, load_model, val_prompts, eval_windows, window_batch, Stats,
+                    Generation, cli)
 from marginalize import marginalize, marginalize_naive
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
@@ -43,35 +46,107 @@ Vanilla vs self-speculative (and two-model) decoding on the same val prompts: sp
     prompt_len: int = 64        # tokens per prompt
     max_new_tokens: int = 64    # tokens generated per prompt
     repeats: int = 3            # runs of every mode (the median is reported)
+    heads: str = ''             # more checkpoints of the same next-token model: a self row each
+    peers: bool = False         # also transformers: generate, prompt lookup, assisted generation
+    assistant: str = ''         # --peers: a small checkpoint, exported as the assistant model
+    lookup: int = 10            # --peers: prompt_lookup_num_tokens
 
 
 def print_rows(setting, temperature, rows):
-    print(f"{setting} (temperature {temperature})\n  {'mode':8} {'tokens/s':>9} {'speedup':>8} "
-          f"{'tau':>5} {'ms/fwd':>6} {'target fwd':>10} {'draft fwd':>9}  "
+    width = max(8, *map(len, rows))
+    print(f"{setting} (temperature {temperature})\n  {'mode':{width}} {'tokens/s':>9} "
+          f"{'speedup':>8} {'tau':>5} {'ms/fwd':>6} {'target fwd':>10} {'draft fwd':>9}  "
           f"{'greedy == vanilla':17}  acceptance by position")
     for mode, row in rows.items():
         acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in row['acceptance'])
         same = {True: 'yes', False: 'NO', None: '-'}[row['identical']]
-        print(f"  {mode:8} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
+        print(f"  {mode:{width}} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
               f"{row['tau'] or 0:5.2f} {row['ms_per_forward']:6.3f} {row['target_forwards']:10d} "
               f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
+
+
+def next_token_logits(model, x):
+    logits = model(x)[0]
+    return logits[:, :, 0] if logits.dim() == 4 else logits
+
+
+def self_rows(model, args, prompts, device, n_new):
+    """The self-speculative modes: the --ckpt's heads, and those of each --heads checkpoint,
+    which must decode the same next-token model (else their speedups would not compare)."""
+    modes, x = {}, torch.tensor(prompts[:1], device=device)
+    for path in [args.ckpt] + [p for p in args.heads.split(',') if p]:
+        other = model if path == args.ckpt else load_model(path, device)[0]
+        with torch.no_grad():
+            if not torch.allclose(next_token_logits(other, x), next_token_logits(model, x),
+                                  atol=1e-4):
+                raise UserError(f"--heads {path} has another next-token model than --ckpt: "
+                                f"its speedup would not be comparable")
+        if other.config.n_future > 1:
+            name = 'self' if other is model else f"self:{os.path.basename(os.path.dirname(path))}"
+            modes[name] = lambda prompt, m=other, **kw: generate_self_speculative(m, prompt,
+                                                                                  n_new, **kw)
+    return modes
+
+
+def transformers_decoder(hf, n_new, assistant=None, **options):
+    """A decode(prompt, generator, temperature, ...) that runs transformers' generate() and
+    counts like ours: forward hooks count the target's forwards and the assistant's."""
+    counts = dict(target=0, draft=0)
+    for module, key in ((hf, 'target'), (assistant, 'draft')):
+        if module is not None:
+            module.register_forward_hook(lambda *_, key=key: counts.update({key: counts[key] + 1}))
+
+    def decode(prompt, generator=None, temperature=0.0, top_k=0, top_p=1.0, stop=()):
+        counts.update(target=0, draft=0)
+        sampling = dict(do_sample=False) if temperature == 0 else dict(
+            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        if temperature:  # transformers samples with the global generator
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, pad_token_id=0,
+                              assistant_model=assistant, **sampling, **options)
+        stats, tokens = Stats(), out[0, len(prompt):].tolist()
+        stats.new_tokens, stats.time_s = len(tokens), time.perf_counter() - t0
+        stats.target_forwards, stats.draft_forwards = counts['target'], counts['draft']
+        stats.decode_forwards, stats.decode_tokens = counts['target'] - 1, len(tokens) - 1
+        return Generation(tokens, stats, None)
+    return decode
+
+
+def peer_rows(model, args, prompts, device, n_new):
+    """transformers on the same weights (GPT.to_hf): vanilla generate(), prompt lookup decoding,
+    and assisted generation with --assistant (a smaller nanoMTP model, exported too)."""
+    if device != 'cpu':
+        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
+    if args.prompt_len + n_new > model.config.block_size:
+        raise UserError(f"--peers: transformers has no sliding window, so prompt_len + "
+                        f"max_new_tokens must be <= block_size {model.config.block_size}")
+    hf = model.to_hf()
+    modes = {'hf': transformers_decoder(hf, n_new),
+             'hf-lookup': transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)}
+    if args.assistant:
+        modes['hf-assist'] = transformers_decoder(hf, n_new, load_model(args.assistant, device)[0]
+                                                  .to_hf())
+    return modes
 
 
 def bench_decode(argv):
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
-    check_ranges(args, positive=('repeats', 'max_new_tokens'))
+    check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'))
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
     n_new = args.max_new_tokens
-    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw)}
-    if model.config.n_future > 1:
-        modes['self'] = lambda prompt, **kw: generate_self_speculative(model, prompt, n_new, **kw)
+    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw),
+             **self_rows(model, args, prompts, device, n_new)}
     if args.draft:
         draft, _ = load_model(args.draft, device)
         modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
                                                                  args.gamma, **kw)
+    if args.peers:
+        modes.update(peer_rows(model, args, prompts, device, n_new))
     settings = {'greedy': dict(temperature=0.0),
                 'sampling': dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)}
     print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
@@ -87,9 +162,10 @@ def bench_decode(argv):
                                        setting == 'greedy', **sampling)
             print_rows(setting, sampling['temperature'], results[setting])
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
+                   heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
                    prompt_len=args.prompt_len, max_new_tokens=n_new, repeats=args.repeats,
-                   device=device, dtype=args.dtype, **results)
+                   device=device, dtype=args.dtype, threads=args.threads, **results)
     print(json.dumps(summary))
     return summary
 
@@ -109,7 +185,7 @@ Every train.py flag (model shape, head type, device, dtype, compile, ...) can be
     peak_tflops: float = 989.0  # for MFU (989: H100/H200 dense bf16)
     block_size: int = 64        # context length (train.py's flag, the benchmark's default)
     batch_size: int = 16        # sequences per step
-    head_type: str = 'block'    # block | resblock
+    head_type: str = 'block'    # block | resblock | sequential
     device: str = 'cpu'         # cpu | cuda | mps
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import bench
-from conftest import REPO, one_line_error, random_mtp
+from dataclasses import asdict
+from common import UserError, load_checkpoint, save_checkpoint
+from conftest import REPO, counting_mtp, one_line_error, random_mtp
+from heads import MTPGPT
 
 
 # -----------------------------------------------------------------------------
@@ -25,6 +28,40 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
         assert summary['greedy'][mode]['speedup'] > 0
     assert summary['sampling']['vanilla']['tau'] == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
+
+
+def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckpt, tmp_path):
+    """--heads adds a self-speculative row per checkpoint of the same next-token model; --peers
+    adds transformers' generate, prompt lookup and assisted generation on the same weights
+    (GPT.to_hf): greedy, every row emits vanilla's tokens, and each is counted like ours."""
+    pytest.importorskip('transformers')
+    ckpt = counting_ckpt / 'ckpt.pt'
+    seq_dir = tmp_path / 'seq'
+    model = MTPGPT.from_gpt(counting_mtp(n_future=3), n_future=3, head_type='sequential')
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         meta=load_checkpoint(str(ckpt))['meta'], config={}),
+                    str(seq_dir / 'ckpt.pt'))
+    summary = bench.main(['decode', f'--ckpt={ckpt}', f"--heads={seq_dir / 'ckpt.pt'}",
+                          '--peers=true', f'--assistant={ckpt}', '--num_prompts=2',
+                          '--prompt_len=8', '--max_new_tokens=12', '--repeats=1'])
+    greedy = summary['greedy']
+    assert set(greedy) == {'vanilla', 'self', 'self:seq', 'hf', 'hf-lookup', 'hf-assist'}
+    assert all(row['identical'] for row in greedy.values())
+    assert greedy['self']['tau'] > 2.5 and greedy['hf']['tau'] == 1   # perfect drafts; plain
+    assist = greedy['hf-assist']  # a perfect assistant: the target verifies long runs of drafts
+    assert assist['draft_forwards'] > 0 and assist['target_forwards'] < greedy['hf']['target_forwards']
+    assert summary['sampling']['hf-lookup']['tokens_per_s'] > 0
+
+
+def test_bench_decode_refuses_heads_of_another_next_token_model(counting_ckpt, tmp_path):
+    other = tmp_path / 'other.pt'
+    model = counting_mtp(n_future=3, noise=0.2, seed=1)
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         meta=load_checkpoint(str(counting_ckpt / 'ckpt.pt'))['meta'],
+                         config={}), str(other))
+    with pytest.raises(UserError, match='another next-token model'):
+        bench.main(['decode', f"--ckpt={counting_ckpt / 'ckpt.pt'}", f'--heads={other}',
+                    '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=4', '--repeats=1'])
 
 
 # -----------------------------------------------------------------------------
