@@ -13,7 +13,8 @@ Mehra et al. (2025):
     'resblock'   (Medusa)    s_k = z_k + SiLU(W_k z_k), W_k zero-initialized
     'sequential' (DeepSeek-V3 MTP modules, EAGLE)   s_1 = h_L, and for k >= 2
                  s_k[t] = Block_k(M_k [norm(s_{k-1}[t]); norm(emb(x_{t+k-1}))])
-                 (head 2 reads z_2 for s_1 when WHS is on; Block_k is causal over t)
+                 (head 2 reads z_2 for s_1 when WHS is on; Block_k is causal over t, or
+                 with head_attention=False an MLP block, Hydra's cheaper design)
 
 The parallel designs predict x_{t+k} from the state at t alone. A sequential head also reads the
 token just before the one it predicts: in training the true x_{t+k-1} (teacher forcing), when
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, Block, UserError, run_blocks, init_gpt2_
+from model import GPT, GPTConfig, Block, MLP, UserError, run_blocks, init_gpt2_
 
 HEAD_TYPES = ('block', 'resblock', 'sequential')
 HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old checkpoints, flags)
@@ -45,6 +46,7 @@ class MTPConfig(GPTConfig):
     attach_layer: int = -1     # trunk depth (blocks before the heads); -1: n_layer-1 (block), n_layer (resblock)
     head_type: str = 'block'   # 'block' (Gloeckle), 'resblock' (Medusa), 'sequential' (DeepSeek)
     whs: bool = False          # weighted hidden states: heads read a learned mix of h_0..h_attach
+    head_attention: bool = True  # sequential heads: a transformer block (DeepSeek-V3) or an MLP
 
     def __post_init__(self):
         self.head_type = HEAD_TYPE_ALIASES.get(self.head_type, self.head_type)
@@ -82,6 +84,20 @@ class ResBlock(nn.Module):
         return z + F.silu(self.linear(z))
 
 
+class MLPBlock(nn.Module):
+    """A sequential head's body without attention (Hydra, Ankner et al. 2024): x + MLP(LN(x)),
+    a transformer block minus its attention, so drafting needs no cache and no past positions
+    (their context reaches it through s_{k-1}). Block's signature, for the same call."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0, attn_mask=None):
+        return x + self.mlp(self.ln(x))
+
+
 class Head(nn.Module):
     """One prediction head: optional WHS mix, then its blocks (or a Medusa ResBlock).
 
@@ -112,7 +128,7 @@ class Head(nn.Module):
             self.norm_state = nn.LayerNorm(C, bias=config.bias)
             self.norm_token = nn.LayerNorm(C, bias=config.bias)
             self.combine = nn.Linear(2 * C, C, bias=config.bias)  # M_k
-            self.block = Block(config)
+            self.block = Block(config) if config.head_attention else MLPBlock(config)
 
     def mix(self, trunk_hidden):
         """The head's input z from the trunk states [h_0 .. h_attach] (any shape (..., C))."""
@@ -283,7 +299,8 @@ class MTPGPT(GPT):
         return total
 
     @classmethod
-    def from_gpt(cls, source, n_future=1, attach_layer=-1, head_type='block', whs=False):
+    def from_gpt(cls, source, n_future=1, attach_layer=-1, head_type='block', whs=False,
+                 head_attention=True):
         """Adapt a trained NTP model (a GPT, or the head-1 path of an MTPGPT) to MTP:
         trunk = its first attach_layer blocks; every head = a copy of its remaining blocks, so
         head 1 reproduces the source model exactly at init (WHS starts as the last layer, and
@@ -291,7 +308,7 @@ class MTPGPT(GPT):
         blocks = ntp_blocks(source)
         base = {f.name: getattr(source.config, f.name) for f in fields(GPTConfig)}
         config = MTPConfig(**base, n_future=n_future, attach_layer=attach_layer,
-                           head_type=head_type, whs=whs)
+                           head_type=head_type, whs=whs, head_attention=head_attention)
         model = cls(config)
         for name in ('wte', 'wpe', 'ln_f'):  # embeddings, the shared final norm and unembedding
             if name in model.transformer:  # (rotary models have no wpe)

@@ -57,6 +57,7 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads) / n_layer (resblock)
     head_type: str = 'resblock'         # resblock (Medusa) | block (Gloeckle) | sequential (DeepSeek-V3); linear = resblock
     whs: bool = False                   # weighted hidden states: heads read a learned mix of layers
+    head_attention: bool = True         # sequential heads: a transformer block; false: an MLP (Hydra)
     loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated
     mtp_weight: float = 1.0             # else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)
     mtp_decay: float = 1.0              # (see mtp_weight)
@@ -168,7 +169,7 @@ def build_model(cfg, meta):
                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  dropout=cfg.dropout, bias=cfg.bias, n_future=cfg.n_future,
                                  attach_layer=cfg.attach_layer, head_type=cfg.head_type,
-                                 whs=cfg.whs))
+                                 whs=cfg.whs, head_attention=cfg.head_attention))
     else:
         source, source_ckpt = load_model(cfg.init_from)
         if source.config.n_future > 1 and cfg.head_type == source.config.head_type:
@@ -178,7 +179,8 @@ def build_model(cfg, meta):
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
-            model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs)
+            model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs,
+                                    cfg.head_attention)
     # (a Hugging Face model's embedding may be padded past its tokenizer: Pythia has 50304 rows)
     padded = meta.get('kind') == 'hf' and model.config.vocab_size > meta['vocab_size']
     if model.config.vocab_size != meta['vocab_size'] and not padded:

@@ -247,9 +247,10 @@ def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
 @pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(attach_layer=0, whs=True),
                                 dict(head_type='resblock', attach_layer=3),
                                 dict(head_type='sequential'),
-                                dict(head_type='sequential', whs=True)],
+                                dict(head_type='sequential', whs=True),
+                                dict(head_type='sequential', head_attention=False)],
                          ids=['block', 'whs', 'whs-attach0', 'resblock', 'sequential',
-                              'sequential-whs'])
+                              'sequential-whs', 'sequential-mlp'])
 def test_sequential_backward_gives_the_same_gradients(kw, arch):
     """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
     of mtp_loss(...).backward() for every parameter, and the same loss value."""

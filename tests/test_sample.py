@@ -19,6 +19,7 @@ import torch
 import sample
 from common import UserError, Stats, encode_prompt, stop_tokens
 from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
+from heads import MTPGPT, MTPConfig
 from sample import (probs_from_logits, verify, generate, generate_self_speculative,
                     generate_two_model)
 
@@ -234,6 +235,20 @@ def test_a_draft_cache_not_rolled_back_fails_the_recomputation_check(monkeypatch
     drafts_checked_against_recomputation(monkeypatch, found, 1.0)
     decode_sequential(model, random_prompts(3, 13, 10, seed=3), 1.0)
     assert not all(found)
+
+
+def test_sequential_mlp_heads_decode_exactly():
+    """head_attention=False (Hydra's MLP body, which reads no other position): greedy output
+    equals vanilla, prompts longer than the window included."""
+    torch.manual_seed(0)
+    model = MTPGPT(MTPConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=24,
+                             n_future=4, head_type='sequential', head_attention=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for prompt in random_prompts(8, 13, 40, seed=4):
+        vanilla = generate(model, prompt, 30, temperature=0)
+        assert generate_self_speculative(model, prompt, 30, temperature=0).tokens == vanilla.tokens
 
 
 # -----------------------------------------------------------------------------
