@@ -16,12 +16,10 @@ Mehra et al. (2025):
                  (head 2 reads z_2 for s_1 when WHS is on; Block_k is causal over t, or
                  with head_attention=False an MLP block, Hydra's cheaper design)
 
-The parallel designs predict x_{t+k} from the state at t alone. A sequential head also reads the
-token just before the one it predicts: in training the true x_{t+k-1} (teacher forcing), when
-drafting the token just emitted (head 2) or the previous head's draft (heads 3..n), so its
-drafts follow the token that was actually sampled. Every 'block' head path is n_layer blocks
-deep, and with n_future = 1 the model is exactly the plain GPT. Loss (positions without a
-target are ignored, never wrapped):
+Parallel heads predict x_{t+k} from the state at t alone. A sequential head also reads the token
+before the one it predicts: the true x_{t+k-1} in training (teacher forcing); when drafting, the
+token just emitted (head 2) or the previous head's draft, so drafts follow what was sampled.
+With n_future = 1 the model is the plain GPT. Loss (positions without a target are ignored):
 
     L = sum_k lambda_k * CE(logits_k[t], x_{t+k})
 
@@ -43,7 +41,7 @@ HEAD_TYPE_ALIASES = {'linear': 'resblock'}  # the ResBlock head's old name (old 
 @dataclass
 class MTPConfig(GPTConfig):
     n_future: int = 1          # number of heads; head k predicts x_{t+k}
-    attach_layer: int = -1     # trunk depth (blocks before the heads); -1: n_layer-1 (block), n_layer (resblock)
+    attach_layer: int = -1     # trunk depth; -1: n_layer-1 (block), else n_layer
     head_type: str = 'block'   # 'block' (Gloeckle), 'resblock' (Medusa), 'sequential' (DeepSeek)
     whs: bool = False          # weighted hidden states: heads read a learned mix of h_0..h_attach
     head_attention: bool = True  # sequential heads: a transformer block (DeepSeek-V3) or an MLP
@@ -61,12 +59,10 @@ class MTPConfig(GPTConfig):
             raise UserError(f"n_future must be >= 1, got {self.n_future}")
         if not 0 <= self.attach_layer <= self.n_layer:
             raise UserError(f"attach_layer={self.attach_layer} must be in 0..n_layer={self.n_layer}")
-        if self.head_type == 'block' and self.attach_layer == self.n_layer:
-            raise UserError("block heads need attach_layer < n_layer (each head owns the last "
-                            "n_layer - attach_layer blocks)")
-        if self.head_type != 'block' and self.attach_layer != self.n_layer:
-            raise UserError(f"{self.head_type} heads read the last layer: attach_layer must be "
-                            "n_layer")
+        reads_last = self.head_type != 'block'  # resblock and sequential heads read h_L
+        if reads_last != (self.attach_layer == self.n_layer):
+            raise UserError(f"{self.head_type} heads need attach_layer " + (
+                "= n_layer" if reads_last else "< n_layer: each owns the last blocks"))
         if self.whs and self.n_future == 1:
             raise UserError("whs needs n_future > 1 (it mixes hidden states for the extra heads)")
 
@@ -86,8 +82,7 @@ class ResBlock(nn.Module):
 
 class MLPBlock(nn.Module):
     """A sequential head's body without attention (Hydra, Ankner et al. 2024): x + MLP(LN(x)),
-    a transformer block minus its attention, so drafting needs no cache and no past positions
-    (their context reaches it through s_{k-1}). Block's signature, for the same call."""
+    a transformer block minus its attention (cheaper drafts; context reaches it through s_{k-1})."""
 
     def __init__(self, config):
         super().__init__()
@@ -106,10 +101,8 @@ class Head(nn.Module):
     weighted combination of hidden states from all layers", so they need not rely on layers that
     specialized for the next token). The coefficients c are unconstrained and start one-hot on
     h_attach, so an adapted model starts exactly as its source, and dL/dc_l = <dL/dz, h_l> is of
-    order one for every layer from the first step. (A softmax over logits would have to start
-    saturated to reproduce the source: its Jacobian, ~e^-12 off the last layer, then shrinks
-    every step Adam takes in logit space to nothing in the mix; measured, such a mix never left
-    the last layer.) Unconstrained, c may be negative or not sum to 1: a superset of a convex mix.
+    order one for every layer from the first step. (A softmax mix would start saturated, its
+    Jacobian ~e^-12: measured, it never left the last layer.) c is a superset of a convex mix.
     As the h_l differ in scale, |c_l| RMS(h_l) says more of a layer's part than c_l (study.py)."""
 
     def __init__(self, config, k):
@@ -151,7 +144,7 @@ class Head(nn.Module):
 
 
 class MTPGPT(GPT):
-    """GPT whose last n_layer - attach_layer blocks are replicated into n_future parallel heads."""
+    """GPT with n_future heads on a trunk of its first attach_layer blocks (module docstring)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -187,8 +180,8 @@ class MTPGPT(GPT):
 
     def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None,
                 return_hidden=False, n_heads=None, loss_weights=None):
-        """Logits (B, T, n_heads, V) of heads 1..n_heads (default all; head k at index k-1) and, given the
-        next-token targets (B, T) (targets[t] = x_{t+1}), the weighted MTP loss.
+        """Logits (B, T, n_heads, V) of heads 1..n_heads (default all; head k at index k-1) and,
+        given the next-token targets (B, T) (targets[t] = x_{t+1}), the weighted MTP loss.
 
         cache / pos / attn_mask as in GPT.forward. return_hidden adds the trunk hidden states.
         Computing fewer heads (n_heads=1 for plain NTP decoding) leaves the other heads' cache
@@ -235,9 +228,7 @@ class MTPGPT(GPT):
     def head_logits(self, k, trunk_hidden, idx=None):
         """Logits (B, T, V) of head k (predicts x_{t+k}) from the trunk states (and, for
         sequential heads, the tokens idx they read)."""
-        for _, state in self.head_states(idx, trunk_hidden, n_heads=k):
-            pass
-        return self.unembed(state)
+        return self.unembed(list(self.head_states(idx, trunk_hidden, n_heads=k))[-1][1])
 
     @torch.no_grad()
     def draft_chain(self, entry, tokens, pick, cache=None):
@@ -249,16 +240,14 @@ class MTPGPT(GPT):
         cache:  the heads' KVCache (layer k-2 = head k) holding the positions before these; the
                 caller advances and rolls it back. Head k+1 reads x_{s+k}: the tokens shifted
         by one, head k's draft last. Returns (drafts (n-1,), q (n-1, V))."""
-        state, drafts, qs = entry[None], [], []
+        state, picks = entry[None], []
         attn_mask = self.default_mask(tokens[None], cache, None)  # causal after the cached ones
         for k in range(2, self.config.n_future + 1):
             state = self.heads[k - 1].step(state, self.transformer.wte(tokens[None]), cache, k - 2,
                                            attn_mask)
-            draft, q = pick(self.unembed(state[0, -1]))
-            drafts.append(draft)
-            qs.append(q)
-            tokens = torch.cat([tokens[1:], draft.view(1)])
-        return torch.stack(drafts), torch.stack(qs)
+            picks.append(pick(self.unembed(state[0, -1])))  # (draft, q)
+            tokens = torch.cat([tokens[1:], picks[-1][0].view(1)])
+        return tuple(torch.stack(column) for column in zip(*picks))
 
     def draft_logits(self, trunk_hidden):
         """Logits (n_future - 1, V) of resblock heads 2..n at ONE position, trunk_hidden = that
@@ -282,7 +271,7 @@ class MTPGPT(GPT):
         state through the heads and the trunk. Gives the same gradients as
         mtp_loss(...).backward() (tested). Returns the loss value."""
         weights = loss_weights_for(self.config.n_future, loss_weights)
-        states, grads, total = [], [], 0.0
+        states_grads, total = [], 0.0
         for (k, state), weight in zip(self.head_states(idx, self.trunk(idx)), weights):
             if weight == 0:  # as in mtp_loss: skipped (a sequential chain still runs through it)
                 continue
@@ -292,10 +281,9 @@ class MTPGPT(GPT):
                 (loss_k * loss_scale).backward()
             total += loss_k.detach()
             if leaf.grad is not None:
-                states.append(state)
-                grads.append(leaf.grad)
-        if states:
-            torch.autograd.backward(states, grads)
+                states_grads.append((state, leaf.grad))
+        if states_grads:
+            torch.autograd.backward(*zip(*states_grads))
         return total
 
     @classmethod
