@@ -29,6 +29,7 @@ from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, margi
                     clock, load_model, val_prompts, eval_windows, window_batch, Stats,
                     Generation, cli)
 from marginalize import marginalize, marginalize_naive
+import sample
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
 
@@ -50,6 +51,7 @@ Vanilla vs self-speculative (and two-model) decoding on the same val prompts: sp
     peers: bool = False         # also transformers: generate, prompt lookup, assisted generation
     assistant: str = ''         # --peers: a small checkpoint, exported as the assistant model
     lookup: int = 10            # --peers: prompt_lookup_num_tokens
+    breakdown: bool = False     # also: where a step's time goes (forward, drafts, verify, rest)
 
 
 def print_rows(setting, temperature, rows):
@@ -131,6 +133,45 @@ def peer_rows(model, args, prompts, device, n_new):
     return modes
 
 
+TIMED = {'forward': (sample.Window, 'forward'), 'drafts': (sample.Window, 'draft_chain'),
+         'drafts ': (sample.Window, 'draft_logits'), 'verify': (sample, 'verify')}
+
+
+def step_breakdown(modes, prompts, **sampling):
+    """Per mode, from one more pass over the prompts: ms per new token spent in the target's
+    forwards (Window.forward), in drafting (sequential: Window.draft_chain; resblock:
+    Window.draft_logits; block heads draft inside the forward), in verify, and elsewhere (the
+    loop's bookkeeping), with a timer wrapped around each of those functions."""
+    spent, rows = dict.fromkeys(TIMED, 0.0), {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in TIMED.items()}
+    for name, (owner, attr) in TIMED.items():
+        setattr(owner, attr, timed(name, originals[name]))
+    try:
+        for mode, decode in modes.items():
+            spent.update(dict.fromkeys(TIMED, 0.0))
+            t0, n = time.perf_counter(), 0
+            for prompt in prompts:
+                n += len(decode(prompt, generator=torch.Generator().manual_seed(0),
+                                **sampling).tokens)
+            ms = {name: 1000 * t / n for name, t in spent.items()}
+            total = 1000 * (time.perf_counter() - t0) / n
+            rows[mode] = dict(forward=ms['forward'], drafts=ms['drafts'] + ms['drafts '],
+                              verify=ms['verify'], rest=total - sum(ms.values()), total=total)
+    finally:
+        for name, (owner, attr) in TIMED.items():
+            setattr(owner, attr, originals[name])
+    return rows
+
+
 def bench_decode(argv):
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
@@ -161,6 +202,13 @@ def bench_decode(argv):
             results[setting] = measure(modes, prompts, device, args.repeats, args.seed,
                                        setting == 'greedy', **sampling)
             print_rows(setting, sampling['temperature'], results[setting])
+            if args.breakdown:
+                ours = {m: d for m, d in modes.items() if not m.startswith('hf')}
+                results[setting + '_ms_per_token'] = parts = step_breakdown(ours, prompts,
+                                                                            **sampling)
+                print('  ms per new token: ' + '; '.join(
+                    f"{m} " + ' '.join(f"{k} {v:.3f}" for k, v in row.items())
+                    for m, row in parts.items()))
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),

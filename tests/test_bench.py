@@ -33,7 +33,8 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
 def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckpt, tmp_path):
     """--heads adds a self-speculative row per checkpoint of the same next-token model; --peers
     adds transformers' generate, prompt lookup and assisted generation on the same weights
-    (GPT.to_hf): greedy, every row emits vanilla's tokens, and each is counted like ours."""
+    (GPT.to_hf): greedy, every row emits vanilla's tokens, and each is counted like ours.
+    --breakdown splits our modes' time per token into forward, drafts, verify and the rest."""
     pytest.importorskip('transformers')
     ckpt = counting_ckpt / 'ckpt.pt'
     seq_dir = tmp_path / 'seq'
@@ -43,7 +44,8 @@ def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckp
                     str(seq_dir / 'ckpt.pt'))
     summary = bench.main(['decode', f'--ckpt={ckpt}', f"--heads={seq_dir / 'ckpt.pt'}",
                           '--peers=true', f'--assistant={ckpt}', '--num_prompts=2',
-                          '--prompt_len=8', '--max_new_tokens=12', '--repeats=1'])
+                          '--prompt_len=8', '--max_new_tokens=12', '--repeats=1',
+                          '--breakdown=true'])
     greedy = summary['greedy']
     assert set(greedy) == {'vanilla', 'self', 'self:seq', 'hf', 'hf-lookup', 'hf-assist'}
     assert all(row['identical'] for row in greedy.values())
@@ -51,6 +53,12 @@ def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckp
     assist = greedy['hf-assist']  # a perfect assistant: the target verifies long runs of drafts
     assert assist['draft_forwards'] > 0 and assist['target_forwards'] < greedy['hf']['target_forwards']
     assert summary['sampling']['hf-lookup']['tokens_per_s'] > 0
+    parts = summary['greedy_ms_per_token']  # --breakdown: ours only, parts of the step time
+    assert set(parts) == {'vanilla', 'self', 'self:seq'}
+    assert parts['self:seq']['drafts'] > 0 and parts['vanilla']['drafts'] == 0
+    for row in parts.values():
+        assert row['forward'] > 0 and row['total'] == pytest.approx(
+            row['forward'] + row['drafts'] + row['verify'] + row['rest'])
 
 
 def test_bench_decode_refuses_heads_of_another_next_token_model(counting_ckpt, tmp_path):
