@@ -5,14 +5,18 @@ bookkeeping of training, decoding, the accuracy table. Imports: model <- heads <
 """
 import ast
 import dataclasses
+import glob
 import inspect
+import math
 import os
+import shutil
+import tempfile
 import re
 import statistics
 import sys
 import time
 from collections import namedtuple
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -275,12 +279,60 @@ def clock(device):
 # -----------------------------------------------------------------------------
 # checkpoints
 
+def pid_alive(pid):
+    """Whether process `pid` may still run here (only a sure 'no' is False): temp files carry
+    their writer's pid, and only a dead writer's are cleaned up."""
+    if os.name != 'posix':
+        return True  # no cheap check elsewhere: never touch another writer's files
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path):
+    """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
+    a checkpoint, and on a nearly full disk it would make the next save fail too."""
+    for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
+        pid = tmp.rsplit('.', 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with suppress(OSError):
+                os.remove(tmp)
+
+
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file. A
+    failed write (a full disk) removes its temporary file and is a one-line error."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # (torch reports a full disk as either)
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot write checkpoint {path} ({reason}; {free:.0f} MB free on its "
+                        f"disk): {path} is unchanged") from e
+
+
+def check_out_dir(out_dir):
+    """Create out_dir and write a file there now: an unwritable out_dir is a one-line error before
+    training, not a traceback at the first checkpoint. Dead writers' temp files go."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
 def load_checkpoint(path, map_location='cpu'):
