@@ -576,7 +576,8 @@ def load_data(cfg, device, rank):
     args = (cfg.block_size, cfg.batch_size, device)
     docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
     split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
-    from data.prepare import load_meta
+    from data.prepare import load_meta, recover
+    recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
     return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
             Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
 
