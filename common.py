@@ -156,6 +156,8 @@ class MarginalizeFlags:
     max_paths: int = 0        # at most this many paths per position (0 = no cap)
     chunk_size: int = 512     # tokens per batched forward
     window: int = 0           # tokens per window (0 = block_size)
+    max_forward_tokens: int = 100_000_000  # refuse a setting whose paths need more (all of a
+                              # BPE vocabulary at k_ahead=3: ~1e10 per position)
     seed: int = 0             # which windows
     device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
 
@@ -408,11 +410,47 @@ def tokenizer_for(ckpt):
                         f"TIKTOKEN_CACHE_DIR to a tiktoken cache")
 
 
+TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
+
+
+def tokenizer_difference(meta, other):
+    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
+    keys (a distilled model's source_data: where its text is) do not change what an id means."""
+    for key in TOKENIZER_KEYS:
+        a, b = ((m or {}).get(key) for m in (meta, other))
+        if a != b:
+            shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
+                     for v in (a, b)]
+            return f"{key} {shown[0]} vs {shown[1]}"
+    return ''
+
+
+def check_draft(ckpt, draft_ckpt):
+    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
+    and bench.py decode alike)."""
+    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
+    if why:
+        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
+
+
 def read_text(path, what='input file'):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def token_file(path):
+    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
+    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        raise UserError(f"{path} is {'empty' if size == 0 else 'not a uint16 token file (odd size)'}"
+                        f": re-run data/prepare.py for it")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 def encode(tokenizer, text, what):
@@ -433,7 +471,7 @@ def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
         if not os.path.isfile(source):
             raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
                             f"pass --input=FILE or --data_dir=DIR")
-        tokens = np.memmap(source, dtype=np.uint16, mode='r')
+        tokens = token_file(source)
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
     return tokens, source
@@ -496,7 +534,10 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
     data_path = data_path or val_path(ckpt)
     if not os.path.isfile(data_path):
         raise UserError(f"token file not found: {data_path}; {hint}")
-    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
+    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
+        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
+                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
     if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
         raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
                         f"{data_path} ({len(data)} tokens)")
@@ -539,7 +580,7 @@ class Batches:
         if not os.path.isfile(path):
             raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
                             f"(or --input=FILE for a local text)")
-        self.data = np.memmap(path, dtype=np.uint16, mode='r')
+        self.data = token_file(path)
         if len(self.data) < (doc_len or block_size + 2):
             raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
                             f"{block_size}")
@@ -682,8 +723,8 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
                         "<|endoftext|>)")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
