@@ -351,10 +351,19 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def model_config(model_args):
+    """MTPConfig(**model_args); unknown keys (a hand-edited checkpoint) are a one-line error."""
+    unknown = sorted(set(model_args) - {f.name for f in dataclasses.fields(MTPConfig)})
+    if unknown:
+        raise UserError(f"the checkpoint's model_args has unknown keys {', '.join(unknown)}: not a "
+                        f"model this code builds (a hand-edited or newer checkpoint?)")
+    return MTPConfig(**model_args)
+
+
 def model_from_checkpoint(ckpt):
     """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints load
     too: heads.i.linear -> heads.i.resblock.linear, WHS softmax logits -> the same mix's coefs."""
-    model = MTPGPT(MTPConfig(**ckpt['model_args']))
+    model = MTPGPT(model_config(ckpt['model_args']))
     state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
                     k.removeprefix('_orig_mod.').removeprefix('module.')): v
              for k, v in ckpt['model'].items()}
@@ -621,6 +630,74 @@ def load_data(cfg, device, rank):
     recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
     return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
             Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
+
+
+def check_training_flags(cfg):
+    """train.py's numbers that would otherwise fail deep inside or silently (nan, a shape that
+    cannot be built), an output that would overwrite its own source, and an unwritable out_dir."""
+    for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
+                            ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
+                            ('>= 0', lambda v: v >= 0, ('min_lr', 'weight_decay', 'grad_clip',
+                                                        'trunk_lr_scale', 'mtp_weight',
+                                                        'mtp_decay'))):
+        for name in names:  # (nan fails every comparison)
+            if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
+                raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
+    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
+        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
+            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
+    if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
+        for name in ('n_layer', 'n_head', 'n_embd'):
+            if getattr(cfg, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    target = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
+        raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
+                        f"training would overwrite it; pick another --out_dir")
+    check_out_dir(cfg.out_dir)
+
+
+def check_data_tokenizer(ckpt, cfg, meta):
+    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
+    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
+    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
+    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
+    if why:
+        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
+                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
+                        f"prepared with the checkpoint's tokenizer")
+
+
+def check_resume(ckpt, cfg, meta):
+    """A resume continues the checkpoint's run: it needs train.py's resume state, the dataset's
+    tokenizer must be the checkpoint's, and there must be iterations left. The checkpoint decides
+    the model: a shape flag set (not at its default) to another value is an error, and cfg takes
+    the checkpoint's values, so the new checkpoint's config agrees with its model_args. Another
+    data directory with the same tokenizer is allowed, and said."""
+    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
+    if missing:
+        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot be "
+                        f"resumed; start from it with --init_from=PATH and another --out_dir")
+    check_data_tokenizer(ckpt, cfg, meta)
+    args = ckpt['model_args']
+    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
+    wanted = dataclasses.asdict(MTPConfig(**{**args, **{k: getattr(cfg, k) for k in keys}}))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for key in (k for k in keys if wanted[k] != args[k] and getattr(cfg, k) != defaults[k]):
+        raise UserError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {key}="
+                        f"{args[key]}: a resumed run keeps its model; pass the original value")
+    for key in keys:
+        setattr(cfg, key, args[key])
+    if ckpt['iter_num'] >= cfg.max_iters:
+        raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
+                        f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
+    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
+    old = data_dir_of(config.get('dataset', ''), config.get('data_dir', ''))
+    if os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
+            int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
 
 
 def restore(ckpt, optimizer, batches, rank):
