@@ -681,21 +681,21 @@ def check_resume(ckpt, cfg, meta):
         raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot be "
                         f"resumed; start from it with --init_from=PATH and another --out_dir")
     check_data_tokenizer(ckpt, cfg, meta)
-    args = ckpt['model_args']
+    args, defaults = ckpt['model_args'], {f.name: f.default for f in dataclasses.fields(cfg)}
     keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
-    wanted = dataclasses.asdict(MTPConfig(**{**args, **{k: getattr(cfg, k) for k in keys}}))
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for key in (k for k in keys if wanted[k] != args[k] and getattr(cfg, k) != defaults[k]):
-        raise UserError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {key}="
-                        f"{args[key]}: a resumed run keeps its model; pass the original value")
+    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
+    wanted = dataclasses.asdict(MTPConfig(**{**args, **given}))  # (-1, 'linear' resolved)
+    for key in (k for k in given if wanted[k] != args[k]):
+        raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
+                        f"a resumed run keeps its model; pass the original value")
     for key in keys:
         setattr(cfg, key, args[key])
     if ckpt['iter_num'] >= cfg.max_iters:
         raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
                         f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
     config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
-    old = data_dir_of(config.get('dataset', ''), config.get('data_dir', ''))
-    if os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
+    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
+    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
             int(os.environ.get('RANK', 0)) == 0:
         print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
 
