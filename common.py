@@ -457,8 +457,8 @@ def token_file(path):
     or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
     size = os.path.getsize(path)
     if size == 0 or size % 2:
-        raise UserError(f"{path} is {'empty' if size == 0 else 'not a uint16 token file (odd size)'}"
-                        f": re-run data/prepare.py for it")
+        what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
+        raise UserError(f"{path} is {what}: re-run data/prepare.py for it")
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 
@@ -678,8 +678,8 @@ def check_resume(ckpt, cfg, meta):
     data directory with the same tokenizer is allowed, and said."""
     missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
     if missing:
-        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot be "
-                        f"resumed; start from it with --init_from=PATH and another --out_dir")
+        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
+                        f"be resumed; start from it with --init_from=PATH and another --out_dir")
     check_data_tokenizer(ckpt, cfg, meta)
     args, defaults = ckpt['model_args'], {f.name: f.default for f in dataclasses.fields(cfg)}
     keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]

@@ -240,9 +240,9 @@ def check_cost(args, top_ks, vocab_size):
         if tokens > args.max_forward_tokens:
             raise UserError(f"{row_name(top_k, args.top_p, args.max_paths)} with k_ahead="
                             f"{args.k_ahead} on {args.positions} positions needs up to "
-                            f"{tokens:.1e} forward tokens, over --max_forward_tokens="
-                            f"{args.max_forward_tokens:.0e}: lower top_k or k_ahead, set "
-                            f"--max_paths, or raise --max_forward_tokens")
+                            f"{min(tokens, 10 ** 300):.1e} forward tokens, over "
+                            f"--max_forward_tokens={args.max_forward_tokens:.0e}: lower top_k or "
+                            f"k_ahead, set --max_paths, or raise --max_forward_tokens")
         total += tokens
     return total
 

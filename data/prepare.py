@@ -93,7 +93,7 @@ def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
     for name, part in (('train', text[:split]), ('val', text[split:])):
         ids = np.array(tok.encode(part), dtype=np.uint16)
         if len(ids) == 0:
-            raise ValueError(f"the {name} split of this text ({len(text)} characters) is empty at "
+            raise ValueError(f"the {name} split of a {len(text)}-character text is empty at "
                              f"val_fraction={val_fraction}: use a longer text")
         files[f'{name}.bin'], counts[name] = ids.tobytes(), len(ids)
     files['meta.json'] = json.dumps({**tok.meta, 'vocab_size': tok.vocab_size}).encode()
