@@ -26,9 +26,9 @@ import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
                     help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
-                    clock, load_model, val_prompts, eval_windows, window_batch, Stats,
-                    Generation, cli)
-from marginalize import marginalize, marginalize_naive
+                    clock, load_model, val_prompts, eval_windows, window_batch, check_draft,
+                    Stats, Generation, cli)
+from marginalize import marginalize, marginalize_naive, check_cost
 import sample
 from sample import generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
@@ -183,7 +183,8 @@ def bench_decode(argv):
     modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw),
              **self_rows(model, args, prompts, device, n_new)}
     if args.draft:
-        draft, _ = load_model(args.draft, device)
+        draft, draft_ckpt = load_model(args.draft, device)
+        check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
         modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
                                                                  args.gamma, **kw)
     if args.peers:
@@ -250,10 +251,21 @@ Batched (KV cache + tree attention) vs naive marginalization on the same positio
     top_k: str = '8'          # candidates per step: one number, or 'all'
 
 
+def train_bench_flags(argv):
+    """TrainBench from the flags; a synthetic corpus needs 1 <= vocab_size <= 65536 (uint16),
+    and a median needs timed iterations."""
+    args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
+    check_ranges(args, positive=('iters',), non_negative=('warmup',))
+    if not 1 <= args.vocab_size <= 2 ** 16:
+        raise UserError(f"vocab_size must be in 1..65536 (token ids are uint16), got "
+                        f"{args.vocab_size}")
+    return args
+
+
 def bench_train_one(argv):
     """One variant in this process: median ms/iter of train.py's step, tokens/s, MFU on CUDA,
     and peak memory (CPU: max RSS and its rise over the RSS before training; CUDA: allocated)."""
-    args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
+    args = train_bench_flags(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split in ('train', 'val'):
@@ -290,12 +302,12 @@ def bench_train_one(argv):
 def bench_train(argv):
     """The base variant and every --compare variant ("n_future=1;memory_efficient=true"), each
     in a fresh process (so peak memory is its own), with ratios to the base."""
-    args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
+    args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
     variants = [('base', base)]
     for variant in filter(None, args.compare.split(';')):
         extra = [f'--{item.strip()}' for item in variant.split(',')]
-        parse_flags(base + extra, TrainBench(), fixed=TRAIN_FIXED)  # fail early on a bad variant
+        train_bench_flags(base + extra)  # fail early on a bad variant
         variants.append((variant, base + extra))
     rows = []
     for name, flags in variants:
@@ -355,6 +367,7 @@ def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0,
 def bench_marginalize(argv):
     args = parse_flags(argv, MarginalizeBench())
     top_ks, model, tokens, source = marginalize_inputs(args, single_top_k=True)
+    check_cost(args, top_ks, model.config.vocab_size)
     result = dict(section='marginalize', ckpt=args.ckpt, data=source, **naive_vs_batched(
         model, tokens, args.positions, args.k_ahead, top_ks[0], args.top_p, args.max_paths,
         args.chunk_size, args.window, args.seed))

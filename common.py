@@ -6,14 +6,18 @@ heads <- common <- scripts.
 """
 import ast
 import dataclasses
+import glob
 import inspect
+import math
 import os
+import shutil
+import tempfile
 import re
 import statistics
 import sys
 import time
 from collections import namedtuple
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -153,6 +157,8 @@ class MarginalizeFlags:
     max_paths: int = 0        # at most this many paths per position (0 = no cap)
     chunk_size: int = 512     # tokens per batched forward
     window: int = 0           # tokens per window (0 = block_size)
+    max_forward_tokens: int = 100_000_000  # refuse a setting whose paths need more (all of a
+                              # BPE vocabulary at k_ahead=3: ~1e10 per position)
     seed: int = 0             # which windows
     device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
 
@@ -276,12 +282,60 @@ def clock(device):
 # -----------------------------------------------------------------------------
 # checkpoints
 
+def pid_alive(pid):
+    """Whether process `pid` may still run here (only a sure 'no' is False): temp files carry
+    their writer's pid, and only a dead writer's are cleaned up."""
+    if os.name != 'posix':
+        return True  # no cheap check elsewhere: never touch another writer's files
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path):
+    """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
+    a checkpoint, and on a nearly full disk it would make the next save fail too."""
+    for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
+        pid = tmp.rsplit('.', 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with suppress(OSError):
+                os.remove(tmp)
+
+
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file. A
+    failed write (a full disk) removes its temporary file and is a one-line error."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # (torch reports a full disk as either)
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot write checkpoint {path} ({reason}; {free:.0f} MB free on its "
+                        f"disk): {path} is unchanged") from e
+
+
+def check_out_dir(out_dir):
+    """Create out_dir and write a file there now: an unwritable out_dir is a one-line error before
+    training, not a traceback at the first checkpoint. Dead writers' temp files go."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -298,10 +352,19 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def model_config(model_args):
+    """MTPConfig(**model_args); unknown keys (a hand-edited checkpoint) are a one-line error."""
+    unknown = sorted(set(model_args) - {f.name for f in dataclasses.fields(MTPConfig)})
+    if unknown:
+        raise UserError(f"the checkpoint's model_args has unknown keys {', '.join(unknown)}: not a "
+                        f"model this code builds (a hand-edited or newer checkpoint?)")
+    return MTPConfig(**model_args)
+
+
 def model_from_checkpoint(ckpt):
     """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints load
     too: heads.i.linear -> heads.i.resblock.linear, WHS softmax logits -> the same mix's coefs."""
-    model = MTPGPT(MTPConfig(**ckpt['model_args']))
+    model = MTPGPT(model_config(ckpt['model_args']))
     state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
                     k.removeprefix('_orig_mod.').removeprefix('module.')): v
              for k, v in ckpt['model'].items()}
@@ -361,11 +424,47 @@ def tokenizer_for(ckpt):
         raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
 
 
+TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
+
+
+def tokenizer_difference(meta, other):
+    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
+    keys (a distilled model's source_data: where its text is) do not change what an id means."""
+    for key in TOKENIZER_KEYS:
+        a, b = ((m or {}).get(key) for m in (meta, other))
+        if a != b:
+            shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
+                     for v in (a, b)]
+            return f"{key} {shown[0]} vs {shown[1]}"
+    return ''
+
+
+def check_draft(ckpt, draft_ckpt):
+    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
+    and bench.py decode alike)."""
+    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
+    if why:
+        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
+
+
 def read_text(path, what='input file'):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def token_file(path):
+    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
+    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
+        raise UserError(f"{path} is {what}: re-run data/prepare.py for it")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 def encode(tokenizer, text, what):
@@ -386,7 +485,7 @@ def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
         if not os.path.isfile(source):
             raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
                             f"pass --input=FILE or --data_dir=DIR")
-        tokens = np.memmap(source, dtype=np.uint16, mode='r')
+        tokens = token_file(source)
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
     return tokens, source
@@ -449,7 +548,10 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
     data_path = data_path or val_path(ckpt)
     if not os.path.isfile(data_path):
         raise UserError(f"token file not found: {data_path}; {hint}")
-    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
+    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
+        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
+                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
     if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
         raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
                         f"{data_path} ({len(data)} tokens)")
@@ -492,7 +594,7 @@ class Batches:
         if not os.path.isfile(path):
             raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
                             f"(or --input=FILE for a local text)")
-        self.data = np.memmap(path, dtype=np.uint16, mode='r')
+        self.data = token_file(path)
         if len(self.data) < (doc_len or block_size + 2):
             raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
                             f"{block_size}")
@@ -529,9 +631,78 @@ def load_data(cfg, device, rank):
     args = (cfg.block_size, cfg.batch_size, device)
     docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
     split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
-    from data.prepare import load_meta
+    from data.prepare import load_meta, recover
+    recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
     return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
             Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
+
+
+def check_training_flags(cfg):
+    """train.py's numbers that would otherwise fail deep inside or silently (nan, a shape that
+    cannot be built), an output that would overwrite its own source, and an unwritable out_dir."""
+    for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
+                            ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
+                            ('>= 0', lambda v: v >= 0, ('min_lr', 'weight_decay', 'grad_clip',
+                                                        'trunk_lr_scale', 'mtp_weight',
+                                                        'mtp_decay'))):
+        for name in names:  # (nan fails every comparison)
+            if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
+                raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
+    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
+        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
+            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
+    if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
+        for name in ('n_layer', 'n_head', 'n_embd'):
+            if getattr(cfg, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    target = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
+        raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
+                        f"training would overwrite it; pick another --out_dir")
+    check_out_dir(cfg.out_dir)
+
+
+def check_data_tokenizer(ckpt, cfg, meta):
+    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
+    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
+    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
+    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
+    if why:
+        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
+                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
+                        f"prepared with the checkpoint's tokenizer")
+
+
+def check_resume(ckpt, cfg, meta):
+    """A resume continues the checkpoint's run: it needs train.py's resume state, the dataset's
+    tokenizer must be the checkpoint's, and there must be iterations left. The checkpoint decides
+    the model: a shape flag set (not at its default) to another value is an error, and cfg takes
+    the checkpoint's values, so the new checkpoint's config agrees with its model_args. Another
+    data directory with the same tokenizer is allowed, and said."""
+    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
+    if missing:
+        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
+                        f"be resumed; start from it with --init_from=PATH and another --out_dir")
+    check_data_tokenizer(ckpt, cfg, meta)
+    args, defaults = ckpt['model_args'], {f.name: f.default for f in dataclasses.fields(cfg)}
+    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
+    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
+    wanted = dataclasses.asdict(MTPConfig(**{**args, **given}))  # (-1, 'linear' resolved)
+    for key in (k for k in given if wanted[k] != args[k]):
+        raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
+                        f"a resumed run keeps its model; pass the original value")
+    for key in keys:
+        setattr(cfg, key, args[key])
+    if ckpt['iter_num'] >= cfg.max_iters:
+        raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
+                        f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
+    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
+    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
+    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
+            int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
 
 
 def restore(ckpt, optimizer, batches, rank):
@@ -634,8 +805,8 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
                         "<|endoftext|>)")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:

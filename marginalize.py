@@ -218,6 +218,36 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
     return Estimate(probs, mass, forward_tokens, forwards)
 
 
+def tree_cost(n, k_ahead, top_k, max_paths, vocab_size, chunk_size=512):
+    """Upper bounds of marginalize's work on n positions beyond the cached forward: (tokens in
+    tree chunks, chunk forwards). A position has min(top_k^d, max_paths) paths of d tokens
+    (top_k = 0: all of V, so V^(k_ahead-1) at the last level); top_p can only prune."""
+    tokens = chunks = 0
+    branching = min(top_k or vocab_size, vocab_size)
+    for depth in range(1, k_ahead):
+        paths = n * min(branching ** depth, max_paths or branching ** depth)
+        tokens += paths * depth  # a leaf and at most depth - 1 ancestors
+        chunks += -(-paths // max(1, chunk_size // depth))
+    return tokens, chunks
+
+
+def check_cost(args, top_ks, vocab_size):
+    """Refuse, before any work, a table row whose paths are too many to evaluate (hours, or
+    more memory than there is); the cost and the flag to override are in the message. Returns
+    the forward tokens of all rows, at most."""
+    total = 0
+    for top_k in top_ks:
+        tokens = tree_cost(args.positions, args.k_ahead, top_k, args.max_paths, vocab_size)[0]
+        if tokens > args.max_forward_tokens:
+            raise UserError(f"{row_name(top_k, args.top_p, args.max_paths)} with k_ahead="
+                            f"{args.k_ahead} on {args.positions} positions needs up to "
+                            f"{min(tokens, 10 ** 300):.1e} forward tokens, over "
+                            f"--max_forward_tokens={args.max_forward_tokens:.0e}: lower top_k or "
+                            f"k_ahead, set --max_paths, or raise --max_forward_tokens")
+        total += tokens
+    return total
+
+
 # -----------------------------------------------------------------------------
 # evaluation: the accuracy table
 
@@ -253,7 +283,9 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     for top_k in (default_top_ks(model.config.vocab_size) if top_ks is None else top_ks):
         name = row_name(top_k, top_p, max_paths)
         tally, cost, elapsed = Tally(k_ahead), [0, 0], clock(device)
-        with tqdm(desc=name, unit='chunk', disable=not progress, leave=False) as bar:
+        total = sum(tree_cost(n, k_ahead, top_k, max_paths, model.config.vocab_size, chunk_size)[1]
+                    for _, n in windows)  # (top_p < 1 may end it early)
+        with tqdm(desc=name, unit='chunk', total=total, disable=not progress, leave=False) as bar:
             for seq, targets in batches:
                 est = marginalize(model, seq, torch.arange(len(targets)), k_ahead, top_k, top_p,
                                   max_paths, renormalize, chunk_size, bar)
@@ -310,6 +342,10 @@ def main(argv):
     if not args.ckpt:
         raise UserError("--ckpt=PATH is required")
     top_ks, model, tokens, source = marginalize_inputs(args)
+    top_ks = top_ks or default_top_ks(model.config.vocab_size)
+    cost = check_cost(args, top_ks, model.config.vocab_size)
+    if not args.quiet:
+        print(f"{len(top_ks)} marginalization rows: up to {cost:,} forward tokens on paths")
     rows = evaluate_table(model, tokens, args.positions, args.k_ahead, top_ks, args.top_p,
                           args.max_paths, args.renormalize, args.chunk_size, args.window,
                           args.seed, progress=not args.quiet)

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from model import KVCache
 from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
                     set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
-                    encode_prompt, stop_tokens, cli)
+                    encode_prompt, stop_tokens, check_draft, cli)
 
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,8 @@ def probs_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     logits = logits.float()
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    logits = logits / temperature
+    # minus the max first: a tiny temperature (1e-45) then sends the others to -inf, not inf - inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
@@ -308,8 +309,7 @@ def decoder(args, model, ckpt, prompt, sampling):
                         "exclusive: pick one")
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, next(model.parameters()).device)
-        if draft_ckpt.get('meta') != ckpt['meta']:
-            raise UserError("the draft checkpoint's tokenizer differs from the target's")
+        check_draft(ckpt, draft_ckpt)
         return 'two-model', lambda: generate_two_model(model, draft, prompt, args.max_new_tokens,
                                                        args.gamma, **sampling)
     if args.speculative:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets
 from common import (UserError, parse_flags, autocast_for, Distributed, save_checkpoint,
                     load_checkpoint, model_from_checkpoint, load_model, load_data, restore,
-                    eval_line, summarize, printable, count_topk, cli)
+                    eval_line, summarize, printable, count_topk, cli, check_training_flags,
+                    check_resume, check_data_tokenizer)
 
 
 @dataclass
@@ -113,6 +114,7 @@ def check_config(cfg):
         raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
                         f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
     autocast_for(cfg.dtype, 'cpu')  # validates dtype
+    check_training_flags(cfg)  # numbers in range, the source checkpoint safe, out_dir writable
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +166,7 @@ def build_model(cfg, meta):
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt)
+        check_resume(ckpt, cfg, meta)  # its tokenizer, shape, resume state, iterations left
     elif cfg.init_from == 'scratch':
         model = MTPGPT(MTPConfig(block_size=cfg.block_size, vocab_size=meta['vocab_size'],
                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -172,6 +175,7 @@ def build_model(cfg, meta):
                                  whs=cfg.whs, head_attention=cfg.head_attention))
     else:
         source, source_ckpt = load_model(cfg.init_from)
+        check_data_tokenizer(source_ckpt, cfg, meta)
         if source.config.n_future > 1 and cfg.head_type == source.config.head_type:
             # it has heads of this type already: fine-tune it whole (distill.py); with another
             # --head_type, its next-token path gets new heads (from_gpt) like any NTP model
@@ -243,8 +247,9 @@ def training_strategy(model, cfg, device_type):
 # the steps of a training run
 
 def diverged(loss, where, ckpt_path):
-    return UserError(f"loss is {loss} at {where}: stopping; the last good checkpoint "
-                     f"({ckpt_path}) is intact; try a lower learning_rate")
+    kept = f"the last good checkpoint ({ckpt_path}) is intact" if os.path.isfile(ckpt_path) else \
+        "no checkpoint was written"
+    return UserError(f"loss is {loss} at {where}: stopping; {kept}; try a lower learning_rate")
 
 
 def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_steps, where):

@@ -12,9 +12,11 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
 Tiny Shakespeare ships with the project (data/tinyshakespeare.txt, nanoGPT's char-rnn file), so
 nothing needs a network but tiktoken's BPE file (set TIKTOKEN_CACHE_DIR to a cache when offline).
 """
+import glob
 import json
 import os
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,27 +80,92 @@ def read_corpus(input_path, dataset):
     path = input_path or DATASETS[dataset][0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not text:
+        raise ValueError(f"{path} is empty: nothing to prepare")
+    return text
 
 
 def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
-    """Tokenize `text`, split train/val, write the bins and meta.json. Returns a summary dict."""
+    """Tokenize `text`, split train/val, write the bins and meta.json (switch_in: a reader sees
+    the whole old dataset or the whole new one, never a mix). Returns a summary dict."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tok = Tokenizer.from_text(tokenizer, text)
     if tok.vocab_size > 2 ** 16:
         raise ValueError(f"vocabulary of {tok.vocab_size} tokens does not fit uint16 "
                          f"(max 65536); use the bpe tokenizer or a smaller alphabet")
     split = int(len(text) * (1 - val_fraction))
-    os.makedirs(out_dir, exist_ok=True)
-    counts = {}
+    files, counts = {}, {}
     for name, part in (('train', text[:split]), ('val', text[split:])):
         ids = np.array(tok.encode(part), dtype=np.uint16)
-        ids.tofile(os.path.join(out_dir, f'{name}.bin'))
-        counts[name] = len(ids)
-    with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
-        json.dump({**tok.meta, 'vocab_size': tok.vocab_size}, f)
+        if len(ids) == 0:
+            raise ValueError(f"the {name} split of a {len(text)}-character text is empty at "
+                             f"val_fraction={val_fraction}: use a longer text")
+        files[f'{name}.bin'], counts[name] = ids.tobytes(), len(ids)
+    files['meta.json'] = json.dumps({**tok.meta, 'vocab_size': tok.vocab_size}).encode()
+    switch_in(files, out_dir)
     return {'out_dir': out_dir, 'tokenizer': tokenizer, 'vocab_size': tok.vocab_size,
             'train_tokens': counts['train'], 'val_tokens': counts['val']}
+
+
+# Switching a dataset in. Its three files are replaced one by one, so a plain write could leave a
+# new train.bin beside an old val.bin (a kill), truncate the old data (a full disk) or a training
+# run's memory-mapped file under it (SIGBUS). Instead: write every file as NAME.tmp.<pid>, create
+# the commit mark switch.<pid>, rename the files over the old ones (a renamed-over file lives on
+# for whoever has it open or mapped), delete the mark. recover() finishes a switch whose writer
+# died after its mark and deletes the temporary files of one that died before.
+DATASET_FILES = ('train.bin', 'val.bin', 'meta.json')
+
+
+def switch_in(files, out_dir):
+    """Write {name: bytes} into out_dir as one change (see above)."""
+    os.makedirs(out_dir, exist_ok=True)
+    recover(out_dir)
+    pid, written = os.getpid(), []
+    try:
+        for name, data in files.items():
+            written.append(os.path.join(out_dir, f'{name}.tmp.{pid}'))
+            with open(written[-1], 'wb') as f:
+                f.write(data)
+        open(os.path.join(out_dir, f'switch.{pid}'), 'x').close()  # from here on: the new data
+    except BaseException:
+        for path in written:  # the old dataset is untouched: just drop the new files
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finish_switch(out_dir, pid)
+
+
+def finish_switch(out_dir, pid):
+    """Rename the marked temporary files into place (the ones still there), then drop the mark."""
+    with suppress(FileNotFoundError):  # (another process may be finishing the same switch)
+        for name in DATASET_FILES:
+            if os.path.exists(os.path.join(out_dir, f'{name}.tmp.{pid}')):
+                os.replace(os.path.join(out_dir, f'{name}.tmp.{pid}'), os.path.join(out_dir, name))
+        os.remove(os.path.join(out_dir, f'switch.{pid}'))
+
+
+def recover(out_dir):
+    """Complete the switches of dead writers that got as far as their mark, and delete the
+    temporary files of those that did not (a kill -9 runs no clean-up)."""
+    from common import pid_alive
+
+    def dead_writer(path):  # (our own pid here is an earlier process's: we are not switching)
+        pid = path.rsplit('.', 1)[1]
+        return pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+    for mark in glob.glob(os.path.join(glob.escape(out_dir), 'switch.*')):
+        if dead_writer(mark):
+            finish_switch(out_dir, mark.rsplit('.', 1)[1])
+    for name in DATASET_FILES:
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
+            if dead_writer(tmp):
+                with suppress(OSError):  # (gone already, or a directory we may only read)
+                    os.remove(tmp)
 
 
 def load_meta(data_dir):
@@ -119,6 +186,14 @@ Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token id
 
 
 def main(argv):
+    from common import UserError
+    try:
+        run(argv)
+    except (ValueError, OSError) as e:  # bad or missing files, a full disk: the user's to fix
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def run(argv):
     from common import parse_flags  # the --name=value parser every nanoMTP script shares
     args = parse_flags(argv, PrepareConfig())
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
@@ -147,5 +222,5 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
-    from common import UserError, cli
-    cli(main, errors=(UserError, ValueError, OSError))  # (missing files, full disks: one line)
+    from common import cli
+    cli(main)

@@ -222,13 +222,18 @@ def source_ckpt(arch, request):
 @pytest.fixture(scope='session')
 def counting_ckpt(tmp_path_factory):
     """A directory with counting_mtp(n_future=3) saved as ckpt.pt in train.py's format, with a
-    char tokenizer (a..m), and the val.bin its config points to (0, 1, .., 12, 0, 1, ..)."""
+    char tokenizer (a..m), and the val.bin its config points to (0, 1, .., 12, 0, 1, ..).
+    Beside it, the same model as other.pt with another tokenizer of the same size (n..z), and
+    as distilled.pt with meta's source_data (distill.py's: the same tokenizer)."""
     out = tmp_path_factory.mktemp('ckpt')
     chars = 'abcdefghijklm'
     model = counting_mtp(n_future=3)
     meta = {'kind': 'char', 'chars': chars, 'vocab_size': len(chars)}
-    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), meta=meta,
-                         config={'dataset': 'tiny', 'data_dir': str(out)}), str(out / 'ckpt.pt'))
+    for name, meta_of in (('ckpt', meta), ('other', dict(meta, chars='nopqrstuvwxyz')),
+                          ('distilled', dict(meta, source_data=str(out)))):
+        save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                             meta=meta_of, config={'dataset': 'tiny', 'data_dir': str(out)}),
+                        str(out / f'{name}.pt'))
     np.arange(200, dtype=np.uint16).__mod__(13).astype(np.uint16).tofile(out / 'val.bin')
     return out
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,8 +123,17 @@ def test_train_benchmark_compares_variants_and_ends_with_json():
 # -----------------------------------------------------------------------------
 # bad input
 
-# (bench.py's arguments, a fragment of the one-line message); {ckpt}: a checkpoint
+# (bench.py's arguments, a fragment of the one-line message); {ckpt}: a checkpoint (vocab 13),
+# {other}: the same model with another tokenizer of that size; token files: {bpe} with ids
+# beyond 13, {txt} a text file, {empty} an empty file
 BENCH_ERRORS = [
+    (['decode', '--ckpt={ckpt}', '--draft={other}'], ('tokenizer differs', 'chars')),
+    (['decode', '--ckpt={ckpt}', '--data={bpe}'], ('bpe.bin', "beyond the model's vocab_size 13")),
+    (['decode', '--ckpt={ckpt}', '--data={txt}'], ('text.txt', "beyond the model's vocab_size")),
+    (['decode', '--ckpt={ckpt}', '--data={empty}'], ('empty.bin', 'is empty')),
+    (['train', '--vocab_size=0'], 'vocab_size must be in 1..65536'),
+    (['train', '--vocab_size=70000'], 'vocab_size must be in 1..65536'),
+    (['train', '--iters=0'], '--iters must be >= 1'),
     (['no_such_section'], 'usage'),
     ([], 'usage'),
     (['decode', '--ckpt={ckpt}', '--nope=1'], 'unknown option'),
@@ -138,6 +148,10 @@ BENCH_ERRORS = [
 
 
 @pytest.mark.parametrize('args,fragment', BENCH_ERRORS, ids=[' '.join(a) for a, _ in BENCH_ERRORS])
-def test_bad_section_or_flags_are_one_line_user_errors(counting_ckpt, args, fragment):
-    ckpt = str(counting_ckpt / 'ckpt.pt')
-    one_line_error(bench.main, [a.format(ckpt=ckpt) for a in args], match=fragment)
+def test_bad_section_or_flags_are_one_line_user_errors(counting_ckpt, tmp_path, args, fragment):
+    np.array([50000, 3, 50256] * 30, dtype=np.uint16).tofile(tmp_path / 'bpe.bin')
+    (tmp_path / 'text.txt').write_text('some text\n' * 20)
+    (tmp_path / 'empty.bin').write_bytes(b'')
+    paths = dict(ckpt=counting_ckpt / 'ckpt.pt', other=counting_ckpt / 'other.pt',
+                 bpe=tmp_path / 'bpe.bin', txt=tmp_path / 'text.txt', empty=tmp_path / 'empty.bin')
+    one_line_error(bench.main, [a.format(**paths) for a in args], match=fragment)

@@ -5,6 +5,7 @@ import importlib
 import inspect
 import os
 import re
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import model as M
-from common import (UserError, Tally, count_topk, cli, field_docs, help_text, load_checkpoint, load_model,
-                    model_from_checkpoint, save_checkpoint)
+from common import (UserError, Tally, count_topk, cli, field_docs, help_text, load_checkpoint,
+                    load_model, model_from_checkpoint, save_checkpoint, check_out_dir)
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
 
 
@@ -177,6 +178,38 @@ def test_save_checkpoint_is_atomic_and_loads(tmp_path):
     assert ck['iter_num'] == 3
     for k, v in model.state_dict().items():
         assert torch.equal(ck['model'][k], v)
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A full disk mid-save (torch reports it as 'unexpected pos ...'): one line that says the
+    write failed and the old checkpoint is unchanged; the partial temp file is gone."""
+    path = tmp_path / 'ckpt.pt'
+    obj = dict(model=tiny_gpt().state_dict(), model_args=dict(tiny_config().__dict__))
+    save_checkpoint(obj, str(path))
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        open(f, 'wb').write(b'half a checkpoint')
+        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    one_line_error(save_checkpoint, obj, str(path),
+                   match=('cannot write checkpoint', 'unexpected pos', 'MB free', 'unchanged'))
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and path.read_bytes() == before
+
+
+def test_dead_writers_temp_files_are_removed_and_live_ones_kept(tmp_path):
+    """ckpt.pt.tmp.<pid> of a writer that died (killed mid-save) is removed when a run starts
+    (check_out_dir) and at the next save; a live writer's is not touched."""
+    obj = dict(model=tiny_gpt().state_dict(), model_args=dict(tiny_config().__dict__))
+    dead = subprocess.Popen([sys.executable, '-c', ''])
+    dead.wait()
+    live = tmp_path / f'ckpt.pt.tmp.{os.getppid()}'
+    live.write_bytes(b'being written')
+    for clean_up in (lambda: check_out_dir(str(tmp_path)),
+                     lambda: save_checkpoint(obj, str(tmp_path / 'ckpt.pt'))):
+        (tmp_path / f'ckpt.pt.tmp.{dead.pid}').write_bytes(b'left by a kill' * 1000)
+        clean_up()
+        assert not (tmp_path / f'ckpt.pt.tmp.{dead.pid}').exists() and live.exists()
 
 
 def test_load_checkpoint_errors_are_one_line(tmp_path):

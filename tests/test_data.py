@@ -2,10 +2,13 @@
 offline CLI and its one-line errors."""
 import json
 import os
+import resource
+import signal
 
 import numpy as np
 import pytest
 
+import data.prepare as P
 from data.prepare import Tokenizer, prepare, load_meta
 from conftest import SHARED, one_line_error, run_cli
 
@@ -105,21 +108,131 @@ def test_cli_prepares_a_local_file_offline(tmp_path):
     assert tok.decode(read_ids(out / 'train.bin') + read_ids(out / 'val.bin')) == TEXT
 
 
-# (data/prepare.py's arguments, fragments of the one line it prints); {tmp}: the test's directory
+# (data/prepare.py's arguments, fragments of the one line it prints); {tmp}: the test's
+# directory, with empty.txt, latin1.txt (not UTF-8), tiny.txt ('a') and a plain file blocker
 PREPARE_ERRORS = [
     # an unknown --flag names the valid flags
     (['--bogus=1', '--out_dir={tmp}'], ('bogus', 'input')),
     # a missing --input file is named
     (['--dataset=x', '--input={tmp}/nope.txt', '--out_dir={tmp}/out'], 'nope.txt'),
+    (['--dataset=x', '--input={tmp}/empty.txt', '--out_dir={tmp}/out'], ('empty.txt', 'is empty')),
+    (['--dataset=x', '--input={tmp}/latin1.txt', '--out_dir={tmp}/out'],
+     ('latin1.txt', 'not UTF-8')),
+    (['--val_fraction=0', '--out_dir={tmp}/out'], 'val_fraction must be in (0, 1), got 0.0'),
+    (['--val_fraction=1', '--out_dir={tmp}/out'], 'val_fraction must be in (0, 1), got 1.0'),
+    (['--val_fraction=-0.5', '--out_dir={tmp}/out'], 'val_fraction must be in (0, 1)'),
+    (['--dataset=x', '--input={tmp}/tiny.txt', '--out_dir={tmp}/out'], 'train split'),
+    # a directory that cannot be made: the OS's reason, not a tokenizer-cache hint
+    (['--out_dir={tmp}/blocker/out'], ('blocker', 'Not a directory')),
 ]
 
 
 @pytest.mark.parametrize('args,fragments', PREPARE_ERRORS,
                          ids=[' '.join(a) for a, _ in PREPARE_ERRORS])
-def test_cli_errors_are_one_line(tmp_path, args, fragments):
-    """Bad input exits nonzero with a single 'error:' line, no traceback."""
-    one_line_error(run_cli('data/prepare.py', *[a.format(tmp=tmp_path) for a in args]),
-                   match=fragments)
+def test_bad_input_is_a_one_line_user_error_and_writes_nothing(tmp_path, args, fragments):
+    """Bad flags and files, and file system errors, are one line that names the problem."""
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9\n'.encode('latin-1') * 10)
+    (tmp_path / 'tiny.txt').write_text('a')
+    (tmp_path / 'blocker').write_text('a plain file')
+    line = one_line_error(P.main, [a.format(tmp=tmp_path) for a in args], match=fragments)
+    assert 'TIKTOKEN' not in line  # (only a BPE tokenizer's failure to load is a cache problem)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_prints_an_error_as_one_line(tmp_path):
+    """The real command line: exit code 1 and a single 'error:' line, no traceback."""
+    (tmp_path / 'empty.txt').write_text('')
+    one_line_error(run_cli('data/prepare.py', '--dataset=x', f'--input={tmp_path}/empty.txt',
+                           f'--out_dir={tmp_path}/out'), match='is empty')
+
+
+# -----------------------------------------------------------------------------
+# the dataset is switched in as a whole
+
+def dataset(out):
+    """{file name: bytes} of a prepared dataset, and the other files of the directory."""
+    files = {name: (out / name).read_bytes() for name in P.DATASET_FILES if (out / name).exists()}
+    return files, sorted(set(os.listdir(out)) - set(P.DATASET_FILES))
+
+
+def deadly(function, point, calls):
+    """`function`, but the process dies (os._exit: no clean-up runs) at the point-th call of any
+    function wrapped so."""
+    def call(*args, **kwargs):
+        calls.append(function)
+        if len(calls) == point:
+            os._exit(9)
+        return function(*args, **kwargs)
+    return call
+
+
+def test_a_killed_prepare_leaves_the_whole_old_or_the_whole_new_dataset(tmp_path):
+    """prepare.py killed before each of its file operations in turn (open, rename, remove;
+    in a forked child): after recover() (which prepare and train.py's data loading run first)
+    the dataset is the whole old one or the whole new one, with no files left over."""
+    out = tmp_path / 'data'
+    prepare(TEXT.upper() * 2, str(tmp_path / 'new'))
+    new, _ = dataset(tmp_path / 'new')
+    outcomes = []
+    for point in range(1, 30):
+        prepare(TEXT, str(out))
+        old, _ = dataset(out)
+        pid = os.fork()
+        if pid == 0:  # the child: prepare the new text, dying at `point`
+            try:
+                calls = []
+                P.open = deadly(open, point, calls)
+                os.replace, os.remove = deadly(os.replace, point, calls), deadly(os.remove, point,
+                                                                                  calls)
+                prepare(TEXT.upper() * 2, str(out))
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        P.recover(str(out))
+        files, others = dataset(out)
+        assert files in (old, new) and others == [], (point, others)
+        outcomes.append('new' if files == new else 'old')
+        if os.WEXITSTATUS(status) == 0:  # it ran to the end: every point has been tried
+            break
+    assert outcomes[0] == 'old' and outcomes[-1] == 'new' and len(outcomes) >= 8, outcomes
+
+
+def test_a_full_disk_leaves_the_old_dataset_and_no_temp_files(tmp_path):
+    """A disk that fills up while the new dataset is written (a forked child whose files may
+    not grow past 4 kB, RLIMIT_FSIZE): prepare fails with an OSError, the old dataset is whole
+    and no temporary file is left."""
+    prepare(TEXT, str(tmp_path))
+    old = dataset(tmp_path)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4000, resource.RLIM_INFINITY))
+            prepare(TEXT.upper() * 2, str(tmp_path))
+        except OSError:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status  # it failed, as it should
+    assert dataset(tmp_path) == old
+
+
+def test_a_reader_keeps_the_old_files_it_has_mapped(tmp_path):
+    """A training run memory-maps train.bin; preparing a smaller dataset over it replaces the
+    file, not its contents: the run keeps reading the old tokens (a truncated file would kill
+    it with SIGBUS, here only the forked child that reads)."""
+    prepare(TEXT * 4, str(tmp_path))
+    mapped = np.memmap(tmp_path / 'train.bin', dtype=np.uint16, mode='r')
+    before = np.array(mapped)
+    prepare(TEXT[:300], str(tmp_path))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if np.array_equal(np.array(mapped), before) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 def test_the_main_job_needs_no_network(tmp_path, monkeypatch):

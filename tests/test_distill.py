@@ -2,6 +2,7 @@
 uses: fine-tuning an MTP checkpoint whole, and lambda_1 = 0 leaving head 1 untouched."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -133,8 +134,9 @@ def test_distill_writes_the_models_own_greedy_text_and_its_heads_learn_it(corpus
             == generate(source, prompt, 30, temperature=0).tokens)
 
 
-# (distill.py's arguments before --out_dir and --device, a fragment of the message);
-# {mtp}: a 3-head checkpoint, {ntp}: a next-token one (no heads), {tmp}: the test's directory
+# (distill.py's arguments after --out_dir=<the test's out> and before --device, a fragment of
+# the message); {mtp}: a 3-head checkpoint, {ntp}: a next-token one (no heads), {tmp}: the
+# test's directory
 DISTILL_ERRORS = [
     (['--ckpt={ntp}'], 'no MTP heads'),
     (['--ckpt={mtp}', '--seq_len=4', '--prompt_len=4'], 'must exceed prompt_len'),
@@ -151,6 +153,9 @@ DISTILL_ERRORS = [
     (['--ckpt={mtp}', '--freeze_trunk=false'], 'unknown option'),
     (['--ckpt={mtp}', '--init_from=scratch'], 'unknown option'),
     (['--ckpt={tmp}/missing.pt'], 'not found'),
+    # its own output would overwrite the source checkpoint ({copy}: a copy of {mtp}'s directory)
+    (['--ckpt={copy}/ckpt.pt', '--out_dir={copy}', '--seq_len=16', '--prompt_len=4'],
+     'holds the source checkpoint'),
 ]
 
 
@@ -159,7 +164,11 @@ DISTILL_ERRORS = [
 def test_distill_user_errors(mtp_ckpt, ntp_ckpt, tmp_path, args, fragment):
     """Every flag is checked before minutes of generation: a bad one is a one-line UserError
     and nothing is generated."""
-    args = [a.format(mtp=mtp_ckpt, ntp=ntp_ckpt, tmp=tmp_path) for a in args]
-    one_line_error(distill.main, [*args, f'--out_dir={tmp_path / "out"}', '--device=cpu'],
+    shutil.copytree(os.path.dirname(mtp_ckpt), tmp_path / 'copy')
+    args = [a.format(mtp=mtp_ckpt, ntp=ntp_ckpt, tmp=tmp_path, copy=tmp_path / 'copy')
+            for a in args]
+    one_line_error(distill.main, [f'--out_dir={tmp_path / "out"}', *args, '--device=cpu'],
                    match=fragment)
-    assert not (tmp_path / 'out' / 'data' / 'train.bin').exists()  # refused before generating
+    for out in ('out', 'copy'):  # refused before generating
+        assert not (tmp_path / out / 'data' / 'train.bin').exists()
+    assert open(tmp_path / 'copy' / 'ckpt.pt', 'rb').read() == open(mtp_ckpt, 'rb').read()

@@ -74,6 +74,20 @@ def test_chunk_size_changes_only_the_cost(model, tokens):
     assert small.forwards > 10
 
 
+@pytest.mark.parametrize('k_ahead,top_k,max_paths', [(2, 0, 0), (2, 3, 0), (3, 3, 0), (3, 0, 20)])
+def test_tree_cost_bounds_the_work_and_is_exact_for_k_ahead_2(model, tokens, k_ahead, top_k,
+                                                               max_paths):
+    """tree_cost, the up-front estimate (the progress bar's total, the --max_forward_tokens
+    check): an upper bound of the tokens and chunk forwards after the cached one, exact at
+    k_ahead=2 (k_ahead=3 chunks share ancestors)."""
+    positions = torch.arange(len(tokens) - k_ahead)
+    est = M.marginalize(model, tokens, positions, k_ahead, top_k, max_paths=max_paths,
+                        chunk_size=16)
+    bound = M.tree_cost(len(positions), k_ahead, top_k, max_paths, V, chunk_size=16)
+    done = (est.forward_tokens - len(tokens), est.forwards - 1)
+    assert done == bound if k_ahead == 2 else all(d <= b for d, b in zip(done, bound))
+
+
 def test_works_on_a_plain_gpt_too(tokens, arch):
     gpt = tiny_gpt(seed=0, vocab_size=V, n_layer=2, n_head=2, block_size=BLOCK, arch=arch)
     fast = M.marginalize(gpt, tokens, [3, 20], 3, top_k=3, chunk_size=4)
@@ -245,8 +259,14 @@ def test_cli_reads_the_val_split_of_the_checkpoints_data(tmp_path):
     assert [r['method'] for r in result['rows']] == ['marginal']  # n_future=1: no heads row
 
 
-# (marginalize.py's arguments after --ckpt=<a checkpoint>, a fragment of the message)
+# (marginalize.py's arguments after --ckpt=<a checkpoint>, a fragment of the message);
+# {tmp}: the test's directory: the checkpoint's val.bin, latin1.txt (not UTF-8), empty/val.bin
 MARGINALIZE_ERRORS = [
+    (['--input={tmp}/latin1.txt'], ('latin1.txt', 'not UTF-8')),
+    (['--data_dir={tmp}/empty'], ('val.bin', 'is empty')),
+    # all of V at k_ahead=3: refused up front, naming the cost and the flag to override
+    (['--top_k=all', '--k_ahead=3', '--max_forward_tokens=1000'],
+     ('needs up to', 'forward tokens', 'raise --max_forward_tokens')),
     (['--nope=1'], 'unknown option'),
     (['--top_k=x'], 'top_k'),
     (['--bench=true'], 'bench.py marginalize'),  # the benchmark moved there
@@ -261,7 +281,12 @@ MARGINALIZE_ERRORS = [
                          ids=[' '.join(a) for a, _ in MARGINALIZE_ERRORS])
 def test_bad_flags_are_one_line_user_errors(tmp_path, args, fragment):
     ckpt, _ = write_checkpoint(tmp_path, 'abcabcabd', n_future=1)
-    one_line_error(M.main, [f'--ckpt={ckpt}', *args], match=fragment)
+    np.array([0, 1, 2, 0, 1, 3] * 8, dtype=np.uint16).tofile(tmp_path / 'val.bin')
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9 abc'.encode('latin-1'))
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'val.bin').write_bytes(b'')
+    one_line_error(M.main, [f'--ckpt={ckpt}', *[a.format(tmp=tmp_path) for a in args]],
+                   match=fragment)
 
 
 def test_cli_prints_a_bad_flag_as_one_line(tmp_path):

@@ -472,8 +472,12 @@ def test_cli_decodes_a_checkpoint_and_prints_a_json_summary_last(counting_ckpt, 
 
 
 # (sample.py's arguments after --ckpt=<the counting checkpoint>, a fragment of the message);
-# {ckpt}: that checkpoint's path
+# {ckpt}: that checkpoint's path, {other}: the same model with another tokenizer of its size,
+# {latin1}: a prompt file that is not UTF-8
 SAMPLE_ERRORS = [
+    (['--prompt=FILE:{latin1}'], ('latin1.txt', 'not UTF-8')),
+    (['--prompt=a', '--temperature=nan'], 'temperature must be a number >= 0'),
+    (['--prompt=a', '--draft={other}', '--temperature=0'], ('tokenizer differs', 'chars')),
     (['--prompt='], 'empty prompt'),                   # a char model has no start token
     (['--prompt=xyz'], 'not in the vocabulary'),
     (['--prompt=a', '--max_new_tokens=-3'], 'max_new_tokens'),
@@ -488,10 +492,12 @@ SAMPLE_ERRORS = [
 
 @pytest.mark.parametrize('args,fragment', SAMPLE_ERRORS,
                          ids=[' '.join(a) for a, _ in SAMPLE_ERRORS])
-def test_cli_user_errors(counting_ckpt, args, fragment):
+def test_cli_user_errors(counting_ckpt, tmp_path, args, fragment):
     """Bad prompts, flags and combinations are one-line UserErrors."""
     ckpt = str(counting_ckpt / 'ckpt.pt')
-    one_line_error(sample.main, [f'--ckpt={ckpt}', *[a.format(ckpt=ckpt) for a in args]],
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
+    paths = dict(ckpt=ckpt, other=counting_ckpt / 'other.pt', latin1=tmp_path / 'latin1.txt')
+    one_line_error(sample.main, [f'--ckpt={ckpt}', *[a.format(**paths) for a in args]],
                    match=fragment)
 
 
@@ -502,3 +508,19 @@ def test_cli_two_model_decoding_with_a_draft_checkpoint(counting_ckpt, capsys):
                            f"--draft={counting_ckpt / 'ckpt.pt'}", '--gamma=2', '--quiet=true'])
     assert summary['samples'] == ['bcdef'] and summary['acceptance'] == [1.0, 1.0]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['mode'] == 'two-model'
+
+
+def test_a_distilled_checkpoint_drafts_for_its_source(counting_ckpt):
+    """A distilled checkpoint's meta adds source_data (where its real text is): the tokenizer is
+    the same, so it is a valid --draft for its source."""
+    summary = sample.main([f"--ckpt={counting_ckpt / 'ckpt.pt'}", '--prompt=a', '--quiet=true',
+                           '--max_new_tokens=5', '--temperature=0', '--gamma=2',
+                           f"--draft={counting_ckpt / 'distilled.pt'}"])
+    assert summary['samples'] == ['bcdef'] and summary['acceptance'] == [1.0, 1.0]
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens():
+    """temperature=1e-45 is sampling from a one-hot at the argmax (not inf - inf = nan)."""
+    model = counting_mtp(n_future=3)
+    tiny = generate(model, [0], 12, temperature=1e-45, generator=torch.Generator().manual_seed(0))
+    assert tiny.tokens == generate(model, [0], 12, temperature=0).tokens

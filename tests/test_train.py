@@ -6,6 +6,7 @@ import copy
 import hashlib
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ import torch
 import heads
 import train as T
 from common import load_checkpoint, model_from_checkpoint
-from conftest import one_line_error, run_cli, run_train, tiny_mtp, train_config
+from conftest import (one_line_error, run_cli, run_train, tiny_mtp, train_config, make_corpus,
+                      pattern_text)
 
 
 def sha(path):
@@ -51,6 +53,31 @@ def test_resume_continues_exactly(corpus, tmp_path):
     for it in range(11, 21):
         assert b2['losses'][it] == pytest.approx(a['losses'][it], abs=1e-6), it
     assert b2['val_loss'] == pytest.approx(a['val_loss'], abs=1e-6)
+
+
+def test_resume_on_another_copy_of_the_data_says_so(corpus, tmp_path, capsys):
+    """Resuming on another data directory with the same tokenizer is allowed, and said."""
+    shutil.copytree(corpus, tmp_path / 'copy')
+    run_train(corpus, tmp_path / 'out', '--max_iters=2', '--eval_interval=2')
+    s = run_train(tmp_path / 'copy', tmp_path / 'out', '--init_from=resume', '--max_iters=3',
+                  '--eval_interval=3', '--quiet=false')
+    assert s['iters'] == 3
+    assert load_checkpoint(s['ckpt'])['config']['data_dir'] == str(tmp_path / 'copy')
+    assert f"note: resuming on {tmp_path / 'copy'}, the checkpoint was trained on {corpus}" in \
+        capsys.readouterr().out
+
+
+def test_a_resumed_runs_config_records_the_checkpoints_shape(corpus, tmp_path):
+    """Shape flags left at their defaults on resume take the checkpoint's values, so the new
+    checkpoint's config agrees with its model_args (a changed one is an error: TRAIN_ERRORS)."""
+    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2')
+    cfg = train_config(corpus, tmp_path, '--init_from=resume', '--max_iters=3')
+    for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type'):  # back to defaults
+        setattr(cfg, name, getattr(T.TrainConfig(), name))
+    ckpt = load_checkpoint(T.train(cfg)['ckpt'])
+    for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type', 'attach_layer'):
+        assert ckpt['config'][name] == ckpt['model_args'][name], name
+    assert ckpt['iter_num'] == 3 and ckpt['model_args']['n_layer'] == 2
 
 
 def test_memory_efficient_training_matches_standard(corpus, tmp_path, arch, request):
@@ -303,7 +330,10 @@ def preset(content):
 
 # (flags after the tiny defaults, fragments the one-line message must contain).
 # {ntp}: a trained next-token checkpoint; {tmp}: the test's directory; {truncated} / {garbage}:
-# an out_dir whose ckpt.pt is a truncated checkpoint / garbage.
+# an out_dir whose ckpt.pt is a truncated checkpoint / garbage; {ntpdir}: a copy of {ntp}'s
+# directory; {norng} / {badargs}: one with the copy lacking rng / with a model_args key too many;
+# {other}: a corpus with another alphabet of the same size; {emptybins}: a data dir with empty
+# .bin files; {blocker}: a plain file (no directory can be made under it).
 TRAIN_ERRORS = [
     # flags and preset files
     (['--max_iter=5'], ("'max_iter'", 'max_iters', 'learning_rate')),  # lists the valid flags
@@ -337,12 +367,73 @@ TRAIN_ERRORS = [
     (['--block_size=2'], 'block_size'),                             # 2 heads need > 2 positions
     (['--device=tpu'], 'unknown device'),
     (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
+    # numbers that failed deep inside, or silently
+    (['--learning_rate=nan'], 'learning_rate must be a number > 0, got nan'),
+    (['--learning_rate=0'], 'learning_rate must be a number > 0'),
+    (['--beta1=1'], 'beta1 must be a number in [0, 1)'),
+    (['--beta2=-0.5'], 'beta2 must be a number in [0, 1)'),
+    (['--dropout=1'], 'dropout must be a number in [0, 1)'),
+    (['--n_embd=31'], 'n_embd (31) must be divisible by n_head (2)'),
+    (['--n_embd=0'], 'n_embd must be >= 1'),
+    (['--loss_weights=1,nan'], 'loss_weights must be finite'),
+    (['--data_dir={emptybins}'], ('train.bin', 'is empty')),
+    (['--out_dir={blocker}/out'], ('cannot write to out_dir', 'blocker')),
+    # the source checkpoint is never overwritten
+    (['--init_from={ntpdir}/ckpt.pt', '--out_dir={ntpdir}', '--n_future=1'],
+     'holds the source checkpoint'),
+    # a resume continues the checkpoint's run (its copy in {ntpdir}: 10 iterations, n_future=1)
+    (['--init_from=resume', '--out_dir={ntpdir}', '--max_iters=20'],
+     "--n_future=2 differs from the checkpoint's n_future=1"),
+    (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1', '--n_layer=3',
+      '--max_iters=20'], "--n_layer=3 differs from the checkpoint's n_layer=2"),
+    (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1'],
+     ('nothing to do', 'iteration 10', 'max_iters is 1')),
+    (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1', '--data_dir={other}',
+      '--max_iters=20'], ("tokenizer differs", 'other', 'chars')),   # same size, other letters
+    (['--init_from={ntp}', '--data_dir={other}'], "tokenizer differs"),
+    (['--init_from=resume', '--out_dir={norng}', '--n_future=1', '--max_iters=20'],
+     ('has no rng', 'cannot be resumed')),
+    (['--init_from=resume', '--out_dir={badargs}', '--n_future=1', '--max_iters=20'],
+     ('unknown keys', 'n_lyr')),
 ]
 
 
-def resolve(flags, tmp_path, ntp_ckpt):
+def damaged_copy(ntp_ckpt, out, damage=None):
+    """A copy of the checkpoint in directory `out` (byte for byte, or changed by damage)."""
+    out.mkdir()
+    if damage is None:
+        shutil.copy(ntp_ckpt, out / 'ckpt.pt')
+    else:
+        ckpt = torch.load(ntp_ckpt, weights_only=False)
+        damage(ckpt)
+        torch.save(ckpt, out / 'ckpt.pt')
+    return str(out)
+
+
+def empty_bins(corpus, out):
+    out.mkdir()
+    shutil.copy(os.path.join(corpus, 'meta.json'), out)
+    for split in ('train', 'val'):
+        (out / f'{split}.bin').write_bytes(b'')
+    return str(out)
+
+
+def placeholders(tmp_path, ntp_ckpt, corpus, flags):
+    """The paths the table's placeholders stand for; each made only when a flag uses it."""
+    makers = dict(
+        ntpdir=lambda out: damaged_copy(ntp_ckpt, out),
+        norng=lambda out: damaged_copy(ntp_ckpt, out, lambda c: c.pop('rng')),
+        badargs=lambda out: damaged_copy(ntp_ckpt, out, lambda c: c['model_args'].update(n_lyr=2)),
+        other=lambda out: make_corpus(out, pattern_text().swapcase()),
+        emptybins=lambda out: empty_bins(corpus, out),
+        blocker=lambda out: out.write_text('a plain file') and str(out))
+    return {name: make(tmp_path / name) for name, make in makers.items()
+            if any('{' + name + '}' in flag for flag in flags)}
+
+
+def resolve(flags, tmp_path, ntp_ckpt, corpus=None):
     """The table's flags with their placeholders filled in (files written as needed)."""
-    resolved = []
+    resolved, paths = [], placeholders(tmp_path, ntp_ckpt, corpus, flags)
     for flag in flags:
         if flag.startswith('PRESET:'):
             path = tmp_path / 'p.py'
@@ -356,7 +447,7 @@ def resolve(flags, tmp_path, ntp_ckpt):
                 (out / 'ckpt.pt').write_bytes(data[:len(data) // 3] if damage == 'truncated'
                                               else b'\x80garbage' * 100)
                 flag = flag.replace('{' + damage + '}', str(out))
-        resolved.append(flag.format(tmp=tmp_path, ntp=ntp_ckpt))
+        resolved.append(flag.format(tmp=tmp_path, ntp=ntp_ckpt, **paths))
     return resolved
 
 
@@ -367,10 +458,12 @@ def test_bad_input_is_a_one_line_user_error_and_writes_nothing(corpus, ntp_ckpt,
     """Unknown flags, wrong types, bad presets, missing data or checkpoints and options that
     cannot go together stop the run with one line that names the problem; no checkpoint is
     written."""
-    flags = resolve(flags, tmp_path, ntp_ckpt)
+    flags = resolve(flags, tmp_path, ntp_ckpt, corpus)
     one_line_error(lambda: T.train(train_config(corpus, tmp_path / 'out', '--max_iters=1',
                                                 *flags)), match=fragments)
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+    if os.path.exists(tmp_path / 'ntpdir'):  # the checkpoint there is left as it was
+        assert sha(tmp_path / 'ntpdir' / 'ckpt.pt') == sha(ntp_ckpt)
 
 
 # (train.py's arguments, fragments of the line it prints): the real command line, once for a
@@ -443,6 +536,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(corpus, tmp_path, monke
     assert 'iter 6' in msg
     assert sha(out / 'ckpt.pt') == before
     assert [f for f in os.listdir(out) if f != 'ckpt.pt'] == []
+
+
+def test_divergence_before_any_checkpoint_says_none_was_written(corpus, tmp_path, monkeypatch):
+    """The divergence message claims an intact checkpoint only when there is one."""
+    real_loss = heads.mtp_loss
+    monkeypatch.setattr(heads, 'mtp_loss', lambda *a, **kw: real_loss(*a, **kw) * float('nan'))
+    message = one_line_error(T.train, train_config(corpus, tmp_path / 'out', '--max_iters=4'),
+                             match=('loss is nan at iter 0', 'no checkpoint was written'))
+    assert 'intact' not in message
 
 
 def test_divergence_right_before_an_eval_keeps_the_good_checkpoint(corpus, tmp_path):
