@@ -237,18 +237,25 @@ def test_a_draft_cache_not_rolled_back_fails_the_recomputation_check(monkeypatch
     assert not all(found)
 
 
-def test_sequential_mlp_heads_decode_exactly():
-    """head_attention=False (Hydra's MLP body, which reads no other position): greedy output
+@pytest.mark.parametrize('kw', [dict(head_attention=False), dict(whs=True)],
+                         ids=['mlp-heads', 'whs'])
+def test_sequential_heads_variants_decode_exactly(kw):
+    """head_attention=False (Hydra's MLP body, which reads no other position) and WHS (head 2
+    reads a mix of the trunk's layers, kept per position by the decoding window): greedy output
     equals vanilla, prompts longer than the window included."""
     torch.manual_seed(0)
     model = MTPGPT(MTPConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=24,
-                             n_future=4, head_type='sequential', head_attention=False)).eval()
+                             n_future=4, head_type='sequential', **kw)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    stats = Stats(3)
     for prompt in random_prompts(8, 13, 40, seed=4):
         vanilla = generate(model, prompt, 30, temperature=0)
-        assert generate_self_speculative(model, prompt, 30, temperature=0).tokens == vanilla.tokens
+        speculative = generate_self_speculative(model, prompt, 30, temperature=0)
+        assert speculative.tokens == vanilla.tokens
+        stats.add(speculative.stats)
+    assert stats.accepted[0] > 0  # some drafts stand: the chain's state is exercised
 
 
 # -----------------------------------------------------------------------------
