@@ -92,20 +92,23 @@ class KVCache:
         self.length = length
 
 
-def rotate(x, pos, n_rot, base):
-    """Rotary position embedding (GPT-NeoX) of x (B, H, T, hd) at positions pos (T,).
+def rotate(q, k, pos, n_rot, base):
+    """Rotary position embedding (GPT-NeoX) of q and k (B, H, T, hd) at positions pos (T,).
 
     The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by
     the angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot
     product rotated by (m - n) only: attention sees relative positions, and a cached key never
     changes. Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position.
     """
-    inv_freq = 1.0 / base ** (torch.arange(0, n_rot, 2, dtype=torch.float, device=x.device) / n_rot)
-    angles = pos.to(x.device).float()[:, None] * inv_freq
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x.dtype) for f in (torch.cos, torch.sin))
-    r, rest = x[..., :n_rot], x[..., n_rot:]
-    rotated_half = torch.cat([-r[..., n_rot // 2:], r[..., :n_rot // 2]], dim=-1)
-    return torch.cat([r * cos + rotated_half * sin, rest], dim=-1)
+    inv_freq = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float, device=q.device) / n_rot)
+    angles = pos.to(q.device).float()[:, None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+    def apply(x):
+        r, half = x[..., :n_rot], n_rot // 2
+        rotated_half = torch.cat([-r[..., half:], r[..., :half]], dim=-1)
+        return torch.cat([r * cos + rotated_half * sin, x[..., n_rot:]], dim=-1)
+    return apply(q), apply(k)
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         if self.n_rot:  # GPT-NeoX: rotate q and k by their positions (keys are cached rotated)
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=x.device) if pos is None else pos
-            q, k = (rotate(t, pos, self.n_rot, self.rotary_base) for t in (q, k))
+            q, k = rotate(q, k, pos, self.n_rot, self.rotary_base)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0

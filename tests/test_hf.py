@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model as M
-from common import UserError, load_checkpoint, save_checkpoint, tokenizer_for
+from common import load_checkpoint, save_checkpoint, tokenizer_for
 from heads import MTPGPT, MTPConfig
 from sample import generate, generate_self_speculative
 from conftest import one_line_error, run_cli, run_train, tiny_config, tiny_mtp
@@ -161,11 +161,26 @@ def test_without_transformers_conversion_is_a_one_line_error(monkeypatch):
 # -----------------------------------------------------------------------------
 # Pythia by name, offline
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache, in this process."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+
+
+def test_load_model_of_a_pythia_name_offline_is_a_one_line_error(offline):
+    """load_model('EleutherAI/pythia-70m') (what --ckpt and --init_from call) goes through
+    GPT.from_pretrained: offline, one line naming the model and the cause."""
+    from common import load_model
+    one_line_error(load_model, 'EleutherAI/pythia-70m', match=('EleutherAI/pythia-70m', 'OSError'))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('script,flag', [('sample.py', '--ckpt'), ('train.py', '--init_from')])
-def test_pythia_names_offline_are_one_line_errors(tmp_path, corpus, script, flag):
-    """`--ckpt=EleutherAI/pythia-70m` and `--init_from=EleutherAI/pythia-70m` go through
-    GPT.from_pretrained (transformers); without the network (and an empty cache) the error is
-    one line naming the model."""
+def test_pythia_names_offline_are_one_line_errors_on_the_command_line(tmp_path, corpus, script,
+                                                                      flag):
+    """The same from sample.py --ckpt=... and train.py --init_from=...: exit 1, one line."""
     extra = ['--prompt=a'] if script == 'sample.py' else [
         f'--data_dir={corpus}', f'--out_dir={tmp_path}/out', '--device=cpu']
     r = run_cli(script, f'{flag}=EleutherAI/pythia-70m', *extra,
@@ -195,12 +210,12 @@ def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_p
     """prepare.py --tokenizer=<HF tokenizer> writes the tokenizer's ids (round trip exact) and
     meta {'kind': 'hf'}; a GPT-NeoX checkpoint whose embedding is padded past that vocabulary
     (as Pythia's 50304 rows for ~50280 tokens) adapts to MTP on it, and decodes text with it."""
-    from data.prepare import Tokenizer, load_meta, prepare
+    from data.prepare import Tokenizer, load_meta
     text = 'the cat sat on the mat. a dog sat on a log. ' * 200
     tok_dir = local_tokenizer(tmp_path / 'tok', text)
-    r = run_cli('data/prepare.py', '--dataset=x', f'--input={_write(tmp_path, text)}',
-                f'--out_dir={tmp_path}/data', f'--tokenizer={tok_dir}')
-    assert r.returncode == 0, r.stderr
+    import data.prepare as P
+    P.main(['--dataset=x', f'--input={_write(tmp_path, text)}', f'--out_dir={tmp_path}/data',
+            f'--tokenizer={tok_dir}'])
     meta = load_meta(str(tmp_path / 'data'))
     assert meta['kind'] == 'hf' and meta['name'] == tok_dir and meta['vocab_size'] < 300
     tok = Tokenizer(meta)
@@ -217,7 +232,6 @@ def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_p
                   '--max_iters=2', '--eval_interval=2')
     assert s['model'].config.vocab_size == 320 and s['model'].config.rotary_pct == 0.25
     assert tokenizer_for(load_checkpoint(s['ckpt'])).decode(tok.encode('the cat')) == 'the cat'
-    prepare('a b', str(tmp_path / 'again'), tok_dir)  # the library call takes the name as well
 
 
 def _write(tmp_path, text):
@@ -226,8 +240,13 @@ def _write(tmp_path, text):
     return str(path)
 
 
-def test_prepare_with_an_unreachable_tokenizer_is_a_one_line_error(tmp_path):
-    r = run_cli('data/prepare.py', '--dataset=x', f'--input={_write(tmp_path, "abc")}',
-                f'--out_dir={tmp_path}/out', '--tokenizer=EleutherAI/pythia-70m',
-                env_extra={'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
-    one_line_error(r, match='EleutherAI/pythia-70m')
+def test_prepare_with_an_unreachable_tokenizer_is_a_one_line_error(tmp_path, offline):
+    """prepare.py --tokenizer=<HF name> offline: one line (a ValueError, which its cli prints)
+    naming the tokenizer, before anything is written."""
+    import data.prepare as P
+    with pytest.raises(ValueError) as e:
+        P.main(['--dataset=x', f'--input={_write(tmp_path, "abc")}', f'--out_dir={tmp_path}/out',
+                '--tokenizer=EleutherAI/pythia-70m'])
+    line = str(e.value)
+    assert '\n' not in line and 'EleutherAI/pythia-70m' in line, line
+    assert not (tmp_path / 'out').exists()

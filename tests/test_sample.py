@@ -98,6 +98,7 @@ def test_verify_sampling_emits_tokens_distributed_as_p():
 # greedy: speculative output == vanilla output, token for token
 
 @pytest.mark.parametrize('head_type', ['block', 'resblock'])  # resblock heads draft lazily
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type, arch):
     model = random_mtp(head_type=head_type, arch=arch)
     stats = Stats(3)
