@@ -14,7 +14,8 @@ import model as M
 from common import load_checkpoint, save_checkpoint, tokenizer_for
 from heads import MTPGPT, MTPConfig
 from sample import generate, generate_self_speculative
-from conftest import one_line_error, run_cli, run_train, tiny_config, tiny_mtp
+from conftest import (local_tokenizer, one_line_error, run_cli, run_train, tiny_config,
+                      tiny_mtp)
 
 transformers = pytest.importorskip('transformers', reason='optional dependency not installed')
 
@@ -190,21 +191,6 @@ def test_pythia_names_offline_are_one_line_errors_on_the_command_line(tmp_path, 
 
 # -----------------------------------------------------------------------------
 # Hugging Face tokenizers: data/prepare.py --tokenizer=<name or directory>
-
-def local_tokenizer(path, text):
-    """A small byte-level BPE trained on text, saved as a Hugging Face tokenizer directory
-    (what AutoTokenizer reads; Pythia's is one, fetched by name)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=['<|endoftext|>'],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>') \
-        .save_pretrained(str(path))
-    return str(path)
-
 
 def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_path):
     """prepare.py --tokenizer=<HF tokenizer> writes the tokenizer's ids (round trip exact) and
