@@ -147,6 +147,7 @@ def test_rejections_at_every_draft_position_roll_back_exactly(arch):
     assert 1 < stats.summary()['tau'] < 4
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch):
     model = random_mtp(arch=arch)
     for prompt in random_prompts(5, 13, 30, seed=2):
@@ -269,6 +270,7 @@ def test_two_model_with_draft_equal_to_target_accepts_every_draft():
         assert sampled.stats.summary()['acceptance'] == [1.0] * gamma   # p == q: never rejected
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_two_model_greedy_with_a_different_draft_equals_vanilla(arch):
     target, draft = random_mtp(seed=7, arch=arch), random_mtp(seed=8, n_future=1, n_layer=1)
     for prompt in random_prompts(10, 13, 30, seed=9):

@@ -53,6 +53,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert b2['val_loss'] == pytest.approx(a['val_loss'], abs=1e-6)
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_memory_efficient_training_matches_standard(corpus, tmp_path, arch, request):
     """--memory_efficient=true (heads' forward+backward one at a time) trains the same as the
     standard step: the same loss curve, with WHS and explicit loss weights (GPT-NeoX: adapting
