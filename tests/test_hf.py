@@ -110,13 +110,13 @@ def test_from_hf_refuses_a_gpt_neox_of_another_shape_in_one_line():
 # to_hf: a nanoMTP model's next-token path as a transformers model
 
 # the exported models: GPT-2 and GPT-NeoX backbones, with and without biases, plain and as an
-# MTPGPT whose next-token path runs through head 1's blocks
+# MTPGPT whose next-token path runs through head 1's blocks; rotary options off Pythia's too
 EXPORTED = {
     'gpt2': dict(n_future=1),
     'gpt2-bias-mtp': dict(n_future=3, attach_layer=1, bias=True),
     'neox': dict(n_future=1, arch='neox'),
     'neox-nobias-tied-mtp': dict(n_future=2, arch='neox', attach_layer=2, bias=False,
-                                 tie_embeddings=True),
+                                 tie_embeddings=True, rotary_pct=0.5, rotary_base=500.0),
 }
 
 
