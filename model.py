@@ -402,7 +402,7 @@ def config_from_hf(c):
         raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2, GPT-NeoX")
     kw = {ours: getattr(c, theirs) for ours, theirs in HF_CONFIG[c.model_type].items()}
     if c.model_type == 'gpt2':
-        return dict(kw, bias=True, tie_embeddings=True)  # (GPT-2's unembedding is always tied)
+        return dict(kw, bias=True)
     gelu = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}.get(c.hidden_act)
     if c.intermediate_size != 4 * c.hidden_size or gelu is None or c.layer_norm_eps != 1e-5:
         raise UserError("this GPT-NeoX differs from Pythia's shape (intermediate_size = 4 x "
