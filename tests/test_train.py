@@ -215,6 +215,7 @@ def test_freeze_trunk_trains_only_the_heads(corpus, source_ckpt, tmp_path):
     assert len(ckpt['optimizer']['state']) == n_head_params
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, source_ckpt, tmp_path,
                                                           monkeypatch):
     """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
@@ -233,6 +234,7 @@ def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, source_ckpt, t
     assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_differential_lr_scales_the_trunk_groups(corpus, source_ckpt, tmp_path, monkeypatch):
     """--trunk_lr_scale=0.25, adapting an NTP checkpoint: at every step the trunk's param groups
     have lr = 0.25 * get_lr(it) and the heads' groups lr = get_lr(it)."""
