@@ -42,7 +42,7 @@ class GPTConfig:
     # GPT-NeoX (Pythia) options; the defaults are GPT-2 (and old checkpoints, which lack them)
     rotary_pct: float = 0.0   # > 0: rotary positions on this fraction of head dims, no learned ones
     rotary_base: float = 10000.0
-    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) instead of one after the other
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), not one after the other
     tie_embeddings: bool = True      # unembedding = token embedding (GPT-2); Pythia has its own
     gelu: str = 'tanh'        # GPT-2's tanh approximation; 'none' = the exact GELU (Pythia)
 
@@ -92,20 +92,23 @@ class KVCache:
         self.length = length
 
 
-def rotate(x, pos, n_rot, base):
-    """Rotary position embedding (GPT-NeoX) of x (B, H, T, hd) at positions pos (T,).
+def rotate(q, k, pos, n_rot, base):
+    """Rotary position embedding (GPT-NeoX) of q and k (B, H, T, hd) at positions pos (T,).
 
     The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by
     the angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot
     product rotated by (m - n) only: attention sees relative positions, and a cached key never
     changes. Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position.
     """
-    inv_freq = 1.0 / base ** (torch.arange(0, n_rot, 2, dtype=torch.float, device=x.device) / n_rot)
-    angles = pos.to(x.device).float()[:, None] * inv_freq
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x.dtype) for f in (torch.cos, torch.sin))
-    r, rest = x[..., :n_rot], x[..., n_rot:]
-    rotated_half = torch.cat([-r[..., n_rot // 2:], r[..., :n_rot // 2]], dim=-1)
-    return torch.cat([r * cos + rotated_half * sin, rest], dim=-1)
+    inv_freq = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float, device=q.device) / n_rot)
+    angles = pos.to(q.device).float()[:, None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+    def apply(x):
+        r, half = x[..., :n_rot], n_rot // 2
+        rotated_half = torch.cat([-r[..., half:], r[..., :half]], dim=-1)
+        return torch.cat([r * cos + rotated_half * sin, x[..., n_rot:]], dim=-1)
+    return apply(q), apply(k)
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         if self.n_rot:  # GPT-NeoX: rotate q and k by their positions (keys are cached rotated)
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=x.device) if pos is None else pos
-            q, k = (rotate(t, pos, self.n_rot, self.rotary_base) for t in (q, k))
+            q, k = rotate(q, k, pos, self.n_rot, self.rotary_base)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -176,7 +179,8 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, layer=0, attn_mask=None, pos=None):
         if self.parallel_residual:  # GPT-NeoX
-            return x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos) + self.mlp(self.ln_2(x))
+            return x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos) + \
+                self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos)
         return x + self.mlp(self.ln_2(x))
 
@@ -323,7 +327,8 @@ class GPT(nn.Module):
         """GPT-2 or Pythia weights from Hugging Face `transformers` (optional, needs a download)."""
         transformers = import_transformers()
         if name not in GPT2_SIZES and not name.startswith(PYTHIA):
-            raise UserError(f"unknown pretrained model {name!r}; choose from {GPT2_SIZES} or {PYTHIA}*")
+            raise UserError(f"unknown pretrained model {name!r}; choose from {GPT2_SIZES} or "
+                            f"{PYTHIA}*")
         try:
             hf = transformers.AutoModelForCausalLM.from_pretrained(name)
         except Exception as e:  # network, disk, hub errors: one line, with the cause
@@ -335,38 +340,28 @@ class GPT(nn.Module):
     def from_hf(cls, hf_model, dropout=0.0):
         """Convert a transformers GPT2LMHeadModel or GPTNeoXForCausalLM (from_pretrained's path)."""
         model = cls(GPTConfig(**config_from_hf(hf_model.config), dropout=dropout))
-        used = copy_weights(model.config, model.state_dict(), hf_model.state_dict(), to_hf=False)
-        unused = [k for k, _ in hf_model.named_parameters() if hf_key(k) not in used]
-        if unused:
-            raise UserError(f"unexpected weight {unused[0]} in the transformers model")
+        copy_weights(model, hf_model, to_hf=False)
         return model
 
     def to_hf(self):
         """This model's next-token path (an MTPGPT's trunk + head 1) as a transformers model:
         GPTNeoXForCausalLM for a rotary model, else GPT2LMHeadModel. The biases of a bias=False
-        model are exported as zeros (the same function); no token ends generate() early (no eos,
-        as in sample.py)."""
+        model are exported as zeros (the same function); no eos token ends generate() early."""
         transformers, c = import_transformers(), self.config
         if not c.rotary_pct and c.parallel_residual:
             raise UserError("GPT-2 has no parallel residual: cannot export this model")
-        arch = 'gpt_neox' if c.rotary_pct else 'gpt2'
-        kw = {theirs: getattr(c, ours) for ours, theirs in HF_CONFIG[arch].items()}
+        kw = {theirs: getattr(c, ours) for ours, theirs
+              in HF_CONFIG['gpt_neox' if c.rotary_pct else 'gpt2'].items()}
         kw.update(bos_token_id=None, eos_token_id=None)
         act = {'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu]
         if c.rotary_pct:
             hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
                 **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
-                rotary_emb_base=c.rotary_base, hidden_dropout=0.0, attention_dropout=0.0))
+                rotary_emb_base=c.rotary_base))
         else:
-            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                **kw, activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        ours = {k: v for k, v in self.state_dict().items() if not k.startswith(('transformer.h.', 'heads.'))}
-        ours.update({f'transformer.h.{i}.{k}': v for i, block in enumerate(self.ntp_blocks())
-                     for k, v in block.state_dict().items()})
-        with torch.no_grad():
-            for p in hf.parameters():  # what this model lacks (biases) stays zero
-                p.zero_()
-        copy_weights(c, ours, hf.state_dict(), to_hf=True)
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw,
+                                                                      activation_function=act))
+        copy_weights(self, hf, to_hf=True)
         return hf.eval()
 
 
@@ -378,12 +373,14 @@ HF_CONFIG = {
     'gpt2': dict(block_size='n_positions', vocab_size='vocab_size', n_layer='n_layer',
                  n_head='n_head', n_embd='n_embd', tie_embeddings='tie_word_embeddings'),
     'gpt_neox': dict(block_size='max_position_embeddings', vocab_size='vocab_size',
-                     n_layer='num_hidden_layers', n_head='num_attention_heads', n_embd='hidden_size',
-                     parallel_residual='use_parallel_residual', tie_embeddings='tie_word_embeddings')}
+                     n_layer='num_hidden_layers', n_head='num_attention_heads',
+                     n_embd='hidden_size', parallel_residual='use_parallel_residual',
+                     tie_embeddings='tie_word_embeddings')}
 # our parameter names -> GPT-NeoX's in transformers (GPT-2's are ours)
 NEOX_NAMES = (('transformer.wte.', 'gpt_neox.embed_in.'), ('transformer.h.', 'gpt_neox.layers.'),
               ('.ln_1.', '.input_layernorm.'), ('.ln_2.', '.post_attention_layernorm.'),
-              ('.attn.c_attn.', '.attention.query_key_value.'), ('.attn.c_proj.', '.attention.dense.'),
+              ('.attn.c_attn.', '.attention.query_key_value.'),
+              ('.attn.c_proj.', '.attention.dense.'),
               ('.mlp.c_fc.', '.mlp.dense_h_to_4h.'), ('.mlp.c_proj.', '.mlp.dense_4h_to_h.'),
               ('transformer.ln_f.', 'gpt_neox.final_layer_norm.'))
 # HF's GPT-2 uses Conv1D modules: their weights are the transpose of nn.Linear's
@@ -402,46 +399,47 @@ def import_transformers():
 def config_from_hf(c):
     """GPTConfig fields of a transformers GPT-2 or GPT-NeoX (Pythia-shaped) config."""
     if c.model_type not in HF_CONFIG:
-        raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2 and GPT-NeoX")
+        raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2, GPT-NeoX")
     kw = {ours: getattr(c, theirs) for ours, theirs in HF_CONFIG[c.model_type].items()}
     if c.model_type == 'gpt2':
-        return dict(kw, bias=True, tie_embeddings=True)  # (GPT-2's unembedding is always tied)
+        return dict(kw, bias=True)
     gelu = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}.get(c.hidden_act)
     if c.intermediate_size != 4 * c.hidden_size or gelu is None or c.layer_norm_eps != 1e-5:
         raise UserError("this GPT-NeoX differs from Pythia's shape (intermediate_size = 4 x "
                         "hidden_size, GELU, layer_norm_eps 1e-5): cannot convert it")
-    rope = getattr(c, 'rope_parameters', None) or {}  # transformers 5; 4: rotary_pct, rotary_emb_base
+    rope = getattr(c, 'rope_parameters', None) or {}  # transformers 5 (4: rotary_pct, ..)
     return dict(kw, bias=True, gelu=gelu,
                 rotary_pct=rope.get('partial_rotary_factor', getattr(c, 'rotary_pct', 1.0)),
                 rotary_base=rope.get('rope_theta', getattr(c, 'rotary_emb_base', 10000.0)))
 
 
-def hf_key(name, config=None):
-    """A transformers parameter name as copy_weights uses it (transformers 4 called GPT-NeoX's
-    unembedding embed_out); given config, our parameter name -> that architecture's name."""
-    for ours, theirs in NEOX_NAMES if config is not None and config.rotary_pct else ():
-        name = name.replace(ours, theirs)
-    return name.replace('embed_out.', 'lm_head.')
-
-
-def copy_weights(config, ours, theirs, to_hf):
-    """Copy every tensor of `ours` (our state dict) from or to `theirs` (a transformers state
-    dict, whose tensors share storage with its model); return the transformers names used.
+def copy_weights(model, hf, to_hf):
+    """Copy the weights of model's next-token path to (to_hf) or from the transformers model hf.
 
     Layouts: GPT-2's Conv1D weights are transposed. GPT-NeoX's fused qkv rows are per head,
     [q_h, k_h, v_h] for h = 1..H, while ours are [q (all heads), k, v]: their view
     (H, 3, head_dim, ...) is ours transposed to (3, H, head_dim, ...)."""
-    theirs = {hf_key(k): v for k, v in theirs.items()}
+    c, rename = model.config, lambda k: k.replace('embed_out.', 'lm_head.')  # (transformers 4)
+    ours = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(('transformer.h.', 'heads.'))}  # + the next-token path's blocks:
+    ours.update({f'transformer.h.{i}.{k}': v for i, block in enumerate(model.ntp_blocks())
+                 for k, v in block.state_dict().items()})
+    keys = {name: name for name in ours}
+    for ours_part, theirs_part in NEOX_NAMES if c.rotary_pct else ():
+        keys = {name: key.replace(ours_part, theirs_part) for name, key in keys.items()}
+    theirs = {rename(k): v for k, v in hf.state_dict().items()}
+    unused = {rename(k) for k, _ in hf.named_parameters()} - set(keys.values())
+    if set(keys.values()) - set(theirs) or unused and not to_hf:  # (to_hf: zero biases)
+        raise UserError(f"the weights of this {type(hf).__name__} do not match nanoMTP's")
     with torch.no_grad():
+        for p in hf.parameters() if to_hf else ():
+            p.zero_()
         for name, w in ours.items():
-            key = hf_key(name, config)
-            if key not in theirs:
-                raise UserError(f"the transformers model has no weight {key}")
-            src, dst = (w, theirs[key]) if to_hf else (theirs[key], w)
-            if not config.rotary_pct and name.endswith(CONV1D):
+            src, dst = (w, theirs[keys[name]]) if to_hf else (theirs[keys[name]], w)
+            if not c.rotary_pct and name.endswith(CONV1D):
                 src = src.t()
-            elif config.rotary_pct and '.attn.c_attn.' in name:
-                heads_first = (config.n_head, 3) if not to_hf else (3, config.n_head)
-                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1).reshape(src.shape)
+            elif c.rotary_pct and '.attn.c_attn.' in name:
+                heads_first = (3, c.n_head) if to_hf else (c.n_head, 3)
+                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1)
+                src = src.reshape(w.shape)
             dst.copy_(src)
-    return set(hf_key(name, config) for name in ours)

@@ -4,6 +4,12 @@ The paper's study at small scale: one command from corpus to results.
     python study.py --preset=quick --results_dir=results   # the CI-sized smoke, ~12 min on 2 cores
     python study.py --preset=cpu --results_dir=results     # converged models, 3 seeds: ~2 h here
     python study.py                                        # the full setting (bigger: a GPU)
+    python study.py --preset=paper --init_from=EleutherAI/pythia-410m --corpora=text.txt  # GPU
+
+With init_from (the paper preset), the base is that pretrained next-token model (a checkpoint,
+gpt2*, or EleutherAI/pythia-*, the paper's models) instead of one trained here: its tokenizer
+reads the corpus, no model is trained from scratch, and probes, convergence, curve and sweep are
+left out; the strategies table is the paper's Table 1 on that model and corpus.
 
 For every corpus (tiny Shakespeare, open-ended; `counting`, the numbers 1.. in words, nearly
 deterministic) and every model size in `sizes`, with `seeds` seeds, it
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 
 from common import (UserError, parse_flags, pick_device, load_model, val_prompts, measure, REPO,
-                    cli)
+                    cli, load_checkpoint)
+from model import GPT2_SIZES, PYTHIA
 from data.prepare import prepare
 import train as trainer
 from marginalize import evaluate_table
@@ -43,7 +50,7 @@ from sample import generate, generate_self_speculative
 class StudyConfig:
     """python study.py [--preset=quick|cpu] [--name=value ...]
 The paper's study at small scale: strategies, marginalization, probes and a size curve."""
-    preset: str = ''                # quick | cpu: that preset's defaults (PRESETS), then the flags
+    preset: str = ''                # quick | cpu | paper: its defaults (PRESETS), then the flags
     quick: bool = False             # the same as --preset=quick
     out_dir: str = 'out-study'      # data, runs and checkpoints
     results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
@@ -72,6 +79,8 @@ The paper's study at small scale: strategies, marginalization, probes and a size
     sweep: bool = True              # the attach_layer sweep
     threads: int = 0                # torch CPU threads (0 = torch's default)
     device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
+    init_from: str = ''             # a pretrained NTP base instead of training one (paper preset)
+    probes: bool = True             # the layer probes of every base (a probe per layer: |V| wide)
 
 
 SIZES = {  # n_layer, n_head, n_embd
@@ -86,6 +95,12 @@ PRESETS = {
                 head_warmup_iters=200, adapt_lr=1e-3, batch_size=16, block_size=64,
                 eval_iters=50, positions=8192, curve_positions=512, probe_positions=8192,
                 decode_prompts=20, decode_tokens=32, sweep=False, convergence='S'),
+    # the paper's setting: adapt a pretrained Pythia (--init_from) on a real corpus (--corpora);
+    # LRs of the paper: 1.5e-4 (410m, 1b), 8e-5 (1.4b), 6e-6 (2.8b). README: cost per size.
+    'paper': dict(corpora='', sizes='S', curve_sizes='', seeds=1, adapt_iters=1000,
+                  head_warmup_iters=250, adapt_lr=1.5e-4, batch_size=16, block_size=512,
+                  eval_iters=20, positions=2048, decode_prompts=10, decode_tokens=128,
+                  sweep=False, convergence='', probes=False),
 }
 STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's value)
     'heads only (frozen trunk)': dict(freeze_trunk=True),
@@ -134,16 +149,33 @@ def corpus_path(name, cfg):
 
 
 def prepare_corpus(name, cfg):
-    """data dir of a char-level corpus under out_dir/data (prepared once)."""
-    data_dir = os.path.join(cfg.out_dir, 'data', os.path.basename(name).split('.')[0])
+    """data dir of a corpus under out_dir/data (prepared once): char-level, or with init_from
+    in the base model's tokenizer."""
+    tokenizer = base_tokenizer(cfg.init_from) if cfg.init_from else 'char'
+    data_dir = os.path.join(cfg.out_dir, 'data', os.path.basename(name).split('.')[0] + (
+        '' if tokenizer == 'char' else '-' + slug(tokenizer)))
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
         if name == 'counting':
             text = counting_text()
         else:
             with open(corpus_path(name, cfg), encoding='utf-8') as f:
                 text = f.read()
-        prepare(text, data_dir, 'char')
+        prepare(text, data_dir, tokenizer)
     return data_dir
+
+
+def base_tokenizer(init_from):
+    """prepare's tokenizer for a pretrained base: GPT-2's BPE, Pythia's (Hugging Face), or a
+    checkpoint's own Hugging Face / BPE tokenizer."""
+    if init_from in GPT2_SIZES:
+        return 'bpe'
+    if init_from.startswith(PYTHIA):
+        return init_from
+    meta = load_checkpoint(init_from).get('meta') or {}
+    if meta.get('kind') not in ('hf', 'bpe'):
+        raise UserError(f"init_from={init_from}: its tokenizer must be bpe or a Hugging Face one "
+                        f"(a char vocabulary is fixed by its own corpus)")
+    return meta.get('name', 'bpe')
 
 
 def tokens_of(data_dir, split):
@@ -268,10 +300,14 @@ def eval_key(cfg, *ckpts):
 def run_cell(cfg, data_dir, size, seed, log, strategies=True):
     """dict(rows=[strategy rows], base_loss, ft_loss, base=path, cell_dir) of one seed; without
     strategies, only the base and FT NTP runs (the size curve's other sizes)."""
-    cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-{size}-s{seed}")
+    cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-"
+                            f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}")
     path = lambda name: os.path.join(cell_dir, name)  # noqa: E731
     adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
-    base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1)
+    # the base: trained here, or (init_from) the pretrained model, saved by one step at LR 0
+    base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1, **(
+        dict(init_from=cfg.init_from, max_iters=1, learning_rate=0.0, min_lr=0.0)
+        if cfg.init_from else {}))
     ft, ft_summary = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1,
                                   init_from=base, **adapt)
     cell = dict(base_loss=base_summary['val_loss'], base_train_loss=base_summary['train_loss'],
@@ -283,8 +319,10 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
         flags = {k: (getattr(cfg, k) if v is None else v) for k, v in flags.items()}
         runs[name] = run_training(cfg, path(slug(name)), data_dir, size, seed,
                                   n_future=cfg.n_future, init_from=base, **adapt, **flags)[0]
-    runs[SCRATCH] = run_training(cfg, path('scratch'), data_dir, size, seed, n_future=cfg.n_future,
-                                 max_iters=cfg.base_iters + cfg.adapt_iters)[0]
+    if not cfg.init_from:  # (from scratch at a pretrained model's size: not here)
+        runs[SCRATCH] = run_training(cfg, path('scratch'), data_dir, size, seed,
+                                     n_future=cfg.n_future,
+                                     max_iters=cfg.base_iters + cfg.adapt_iters)[0]
 
     def evaluate_cell():
         tokens, rows = tokens_of(data_dir, 'val'), []
@@ -334,9 +372,10 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
                                  max_iters=2 * cfg.base_iters)
         extras['convergence'] = dict(base_2x_loss=longer['val_loss'],
                                      gain_2x=cell['base_loss'] - longer['val_loss'])
-    extras['probes'] = cached(path('probes.json'), eval_key(cfg, cell['base']), lambda: (
-        layer_probes(model_at(cell['base'], cfg), tokens_of(data_dir, 'train'),
-                     tokens_of(data_dir, 'val'), cfg.probe_positions, cfg.positions)))
+    if cfg.probes:
+        extras['probes'] = cached(path('probes.json'), eval_key(cfg, cell['base']), lambda: (
+            layer_probes(model_at(cell['base'], cfg), tokens_of(data_dir, 'train'),
+                         tokens_of(data_dir, 'val'), cfg.probe_positions, cfg.positions)))
     if curve:
         joint3 = run_training(cfg, path('joint3'), data_dir, size, 0, n_future=3,
                               init_from=cell['base'], **adapt)[0]
@@ -509,7 +548,7 @@ def markdown(results, cfg, command, seconds):
     lines += ['', '## Strategies', '']
     for key, cell in results['cells'].items():
         lines += markdown_strategies(key, cell)
-    lines += ['## Layer probes', '']
+    lines += ['## Layer probes', ''] if results['probes'] else []
     for key, probes in results['probes'].items():
         lines += markdown_probes(key, probes)
     if results['curve']:
@@ -574,6 +613,12 @@ def check_config(cfg):
     if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
         raise UserError("no corpora or no sizes given: --corpora=shakespeare_char,counting "
                         "--sizes=S,M")
+    if cfg.init_from and (cfg.curve_sizes or cfg.sweep or cfg.convergence or ',' in cfg.sizes):
+        raise UserError("init_from adapts one pretrained model: use one --sizes entry (a label "
+                        "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
+    if cfg.preset == 'paper' and not cfg.init_from:
+        raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
+                        "pythia-410m (or another) and --corpora=<text file>")
 
 
 def run_corpus(cfg, corpus, results, log):
@@ -586,10 +631,11 @@ def run_corpus(cfg, corpus, results, log):
         cells = [run_cell(cfg, data_dir, size, seed, log, in_table)
                  for seed in range(cfg.seeds if in_table else 1)]
         extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, in_table, log)
-        key = f"{name} / {size}"
+        key = f"{name} / {cfg.init_from or size}"
         if 'curve' in extras:
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
-        results['probes'][key] = extras.pop('probes')
+        if 'probes' in extras:
+            results['probes'][key] = extras.pop('probes')
         results['convergence'][key] = dict(
             base=[c['base_loss'] for c in cells], base_train=[c['base_train_loss'] for c in cells],
             ft=[c['ft_loss'] for c in cells], **extras.pop('convergence', {}))
@@ -597,7 +643,8 @@ def run_corpus(cfg, corpus, results, log):
             n_layer, _, n_embd = SIZES[size]
             rows = [c['rows'] for c in cells]
             results['cells'][key] = dict(
-                params=f"{n_layer} layers, {n_embd} dim", seeds=cfg.seeds, table=aggregate(rows),
+                params=f"{n_layer} layers, {n_embd} dim" if not cfg.init_from else
+                f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
                 paired=paired(rows) if cfg.seeds > 1 else [],
                 paired_next=paired(rows, FT_EXACT, ('next_top1', 'next_top5'))
                 if cfg.seeds > 1 else [], per_seed=rows, **extras)

@@ -180,7 +180,7 @@ class PrepareConfig:
 Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
     dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
     input: str = ''                 # a text file (default: the dataset's own, data/tinyshakespeare.txt)
-    tokenizer: str = ''             # char | bpe | a Hugging Face tokenizer name (default: the dataset's, char for others)
+    tokenizer: str = ''             # char | bpe | a Hugging Face name (default: the dataset's, else char)
     out_dir: str = ''               # where to write (default: data/<dataset>)
     val_fraction: float = 0.1       # the last part of the text that is the val split
 

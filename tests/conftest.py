@@ -15,7 +15,8 @@ torchrun, bench.py subprocesses); CI runs everything.
                         next-token distributions; its heads are untrained);
                         counting_mtp(...) hand-set weights: token x+1 follows x, head k predicts
                         x+k (perfect drafts)
-  corpora, training     pattern_text, make_corpus, run_train, train_config; fixtures corpus
+  corpora, training     pattern_text, make_corpus, local_tokenizer (a Hugging Face tokenizer
+                        directory), run_train, train_config; fixtures corpus
                         (random 8-letter words), ntp_ckpt (a trained next-token checkpoint),
                         neox_ntp_ckpt (its GPT-NeoX twin), source_ckpt (either, per arch),
                         counting_ckpt (counting_mtp saved with a char tokenizer and a val.bin)
@@ -236,6 +237,23 @@ def counting_ckpt(tmp_path_factory):
                         str(out / f'{name}.pt'))
     np.arange(200, dtype=np.uint16).__mod__(13).astype(np.uint16).tofile(out / 'val.bin')
     return out
+
+
+def local_tokenizer(path, text):
+    """A small byte-level BPE trained on text, saved as a Hugging Face tokenizer directory
+    (what AutoTokenizer reads; Pythia's is one, fetched by name). Needs transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=['<|endoftext|>'],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>').save_pretrained(
+        str(path))
+    return str(path)
+
 
 
 # -----------------------------------------------------------------------------

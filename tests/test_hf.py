@@ -14,7 +14,8 @@ import model as M
 from common import UserError, load_checkpoint, save_checkpoint, tokenizer_for
 from heads import MTPGPT, MTPConfig
 from sample import generate, generate_self_speculative
-from conftest import one_line_error, run_cli, run_train, tiny_config, tiny_mtp
+from conftest import (local_tokenizer, one_line_error, run_cli, run_train, tiny_config,
+                      tiny_mtp)
 
 transformers = pytest.importorskip('transformers', reason='optional dependency not installed')
 
@@ -108,31 +109,28 @@ def test_from_hf_refuses_a_gpt_neox_of_another_shape_in_one_line():
 # -----------------------------------------------------------------------------
 # to_hf: a nanoMTP model's next-token path as a transformers model
 
-def exported_cases():
-    """(name, model): GPT-2 and GPT-NeoX backbones, with and without biases, plain and as an
-    MTPGPT whose next-token path runs through head 1's blocks; weights drawn large."""
-    cases = {
-        'gpt2': tiny_mtp(n_future=1, block_size=64, vocab_size=V),
-        'gpt2-bias-mtp': tiny_mtp(n_future=3, attach_layer=1, block_size=64, vocab_size=V,
-                                  bias=True),
-        'neox': tiny_mtp(n_future=1, arch='neox', block_size=64, vocab_size=V),
-        'neox-nobias-tied-mtp': tiny_mtp(n_future=2, arch='neox', attach_layer=2, block_size=64,
-                                         vocab_size=V, bias=False, tie_embeddings=True),
-    }
-    with torch.no_grad():
-        for model in cases.values():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn_like(p))
-    return cases
+# the exported models: GPT-2 and GPT-NeoX backbones, with and without biases, plain and as an
+# MTPGPT whose next-token path runs through head 1's blocks; rotary options off Pythia's too
+EXPORTED = {
+    'gpt2': dict(n_future=1),
+    'gpt2-bias-untied-mtp': dict(n_future=3, attach_layer=1, bias=True, tie_embeddings=False),
+    'neox': dict(n_future=1, arch='neox'),
+    'neox-nobias-tied-mtp': dict(n_future=2, arch='neox', attach_layer=2, bias=False,
+                                 tie_embeddings=True, rotary_pct=0.5, rotary_base=500.0),
+}
 
 
-@pytest.mark.parametrize('name', list(exported_cases()))
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name.endswith(
+    '-mtp') else name for name in EXPORTED])
 def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
     """model.to_hf() is GPT2LMHeadModel (GPT-2 options) or GPTNeoXForCausalLM (rotary): its
     logits equal our next-token logits (1e-4), transformers' greedy generate equals our
     sample.generate for 32 tokens on several prompts, and from_hf of the export reads back the
     same function."""
-    model = exported_cases()[name]
+    model = tiny_mtp(block_size=64, vocab_size=V, **EXPORTED[name])
+    with torch.no_grad():  # large weights: peaked, distinct predictions
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
     hf = model.to_hf()
     want_class = 'GPTNeoXForCausalLM' if name.startswith('neox') else 'GPT2LMHeadModel'
     assert type(hf).__name__ == want_class
@@ -161,11 +159,26 @@ def test_without_transformers_conversion_is_a_one_line_error(monkeypatch):
 # -----------------------------------------------------------------------------
 # Pythia by name, offline
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache, in this process."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+
+
+def test_load_model_of_a_pythia_name_offline_is_a_one_line_error(offline):
+    """load_model('EleutherAI/pythia-70m') (what --ckpt and --init_from call) goes through
+    GPT.from_pretrained: offline, one line naming the model and the cause."""
+    from common import load_model
+    one_line_error(load_model, 'EleutherAI/pythia-70m', match=('EleutherAI/pythia-70m', 'OSError'))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('script,flag', [('sample.py', '--ckpt'), ('train.py', '--init_from')])
-def test_pythia_names_offline_are_one_line_errors(tmp_path, corpus, script, flag):
-    """`--ckpt=EleutherAI/pythia-70m` and `--init_from=EleutherAI/pythia-70m` go through
-    GPT.from_pretrained (transformers); without the network (and an empty cache) the error is
-    one line naming the model."""
+def test_pythia_names_offline_are_one_line_errors_on_the_command_line(tmp_path, corpus, script,
+                                                                      flag):
+    """The same from sample.py --ckpt=... and train.py --init_from=...: exit 1, one line."""
     extra = ['--prompt=a'] if script == 'sample.py' else [
         f'--data_dir={corpus}', f'--out_dir={tmp_path}/out', '--device=cpu']
     r = run_cli(script, f'{flag}=EleutherAI/pythia-70m', *extra,
@@ -176,31 +189,16 @@ def test_pythia_names_offline_are_one_line_errors(tmp_path, corpus, script, flag
 # -----------------------------------------------------------------------------
 # Hugging Face tokenizers: data/prepare.py --tokenizer=<name or directory>
 
-def local_tokenizer(path, text):
-    """A small byte-level BPE trained on text, saved as a Hugging Face tokenizer directory
-    (what AutoTokenizer reads; Pythia's is one, fetched by name)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=['<|endoftext|>'],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>') \
-        .save_pretrained(str(path))
-    return str(path)
-
-
 def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_path):
     """prepare.py --tokenizer=<HF tokenizer> writes the tokenizer's ids (round trip exact) and
     meta {'kind': 'hf'}; a GPT-NeoX checkpoint whose embedding is padded past that vocabulary
     (as Pythia's 50304 rows for ~50280 tokens) adapts to MTP on it, and decodes text with it."""
-    from data.prepare import Tokenizer, load_meta, prepare
+    from data.prepare import Tokenizer, load_meta
     text = 'the cat sat on the mat. a dog sat on a log. ' * 200
     tok_dir = local_tokenizer(tmp_path / 'tok', text)
-    r = run_cli('data/prepare.py', '--dataset=x', f'--input={_write(tmp_path, text)}',
-                f'--out_dir={tmp_path}/data', f'--tokenizer={tok_dir}')
-    assert r.returncode == 0, r.stderr
+    import data.prepare as P
+    P.main(['--dataset=x', f'--input={_write(tmp_path, text)}', f'--out_dir={tmp_path}/data',
+            f'--tokenizer={tok_dir}'])
     meta = load_meta(str(tmp_path / 'data'))
     assert meta['kind'] == 'hf' and meta['name'] == tok_dir and meta['vocab_size'] < 300
     tok = Tokenizer(meta)
@@ -217,7 +215,6 @@ def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_p
                   '--max_iters=2', '--eval_interval=2')
     assert s['model'].config.vocab_size == 320 and s['model'].config.rotary_pct == 0.25
     assert tokenizer_for(load_checkpoint(s['ckpt'])).decode(tok.encode('the cat')) == 'the cat'
-    prepare('a b', str(tmp_path / 'again'), tok_dir)  # the library call takes the name as well
 
 
 def _write(tmp_path, text):
@@ -226,8 +223,13 @@ def _write(tmp_path, text):
     return str(path)
 
 
-def test_prepare_with_an_unreachable_tokenizer_is_a_one_line_error(tmp_path):
-    r = run_cli('data/prepare.py', '--dataset=x', f'--input={_write(tmp_path, "abc")}',
-                f'--out_dir={tmp_path}/out', '--tokenizer=EleutherAI/pythia-70m',
-                env_extra={'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
-    one_line_error(r, match='EleutherAI/pythia-70m')
+def test_prepare_with_an_unreachable_tokenizer_is_a_one_line_error(tmp_path, offline):
+    """prepare.py --tokenizer=<HF name> offline: one line (a UserError, which its cli prints)
+    naming the tokenizer, before anything is written."""
+    import data.prepare as P
+    with pytest.raises(UserError) as e:
+        P.main(['--dataset=x', f'--input={_write(tmp_path, "abc")}', f'--out_dir={tmp_path}/out',
+                '--tokenizer=EleutherAI/pythia-70m'])
+    line = str(e.value)
+    assert '\n' not in line and 'EleutherAI/pythia-70m' in line, line
+    assert not (tmp_path / 'out').exists()

@@ -103,6 +103,7 @@ HEAD_TYPES = ['block', 'resblock', 'sequential']  # resblock and sequential head
 
 
 @pytest.mark.parametrize('head_type', HEAD_TYPES)
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_greedy_self_speculative_equals_vanilla_with_untrained_heads(head_type, arch):
     model = random_mtp(head_type=head_type, arch=arch)
     stats = Stats(3)
@@ -153,6 +154,7 @@ def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
     assert 1 < stats.summary()['tau'] < 4
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch):
     model = random_mtp(arch=arch)
     for prompt in random_prompts(5, 13, 30, seed=2):
@@ -369,6 +371,7 @@ def test_two_model_with_draft_equal_to_target_accepts_every_draft():
         assert sampled.stats.summary()['acceptance'] == [1.0] * gamma   # p == q: never rejected
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_two_model_greedy_with_a_different_draft_equals_vanilla(arch):
     target, draft = random_mtp(seed=7, arch=arch), random_mtp(seed=8, n_future=1, n_layer=1)
     for prompt in random_prompts(10, 13, 30, seed=9):

@@ -1,9 +1,11 @@
 """The study driver runs end to end: the strategies table with paired differences, the WHS mix,
 convergence, probes and the size curve; finished work is reused; bad flags are one-line errors."""
+import json
 import os
 from dataclasses import replace
 
 import pytest
+import torch
 
 import study
 from conftest import one_line_error
@@ -138,9 +140,61 @@ STUDY_ERRORS = [
     (['--corpora=,'], 'no corpora'),
     (['--corpora=missing.txt', '--out_dir=/nonexistent/x'], 'corpus not found'),
     (['--corpora=shakespeare_char', '--shakespeare=missing.txt'], 'not found at missing.txt'),
+    (['--preset=paper', '--corpora=x.txt'], 'add --init_from=EleutherAI/pythia-410m'),
+    (['--init_from=gpt2', '--sweep=false'], 'init_from adapts one pretrained model'),
 ]
 
 
 @pytest.mark.parametrize('args,fragment', STUDY_ERRORS, ids=[' '.join(a) for a, _ in STUDY_ERRORS])
 def test_bad_flags_are_one_line_user_errors(args, fragment):
     one_line_error(study.main, args, match=fragment)
+
+
+# -----------------------------------------------------------------------------
+# the paper's setting: a pretrained GPT-NeoX (Pythia) as the base
+
+@pytest.mark.slow
+def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypatch):
+    """--preset=paper --init_from=EleutherAI/pythia-… takes the command's whole code path here:
+    the Pythia name goes through GPT.from_pretrained and transformers (whose downloads are
+    replaced by a tiny random GPTNeoXForCausalLM and a local tokenizer), the corpus is read by
+    that tokenizer, the base is the pretrained model itself (kept bit-identical), and the table
+    has the marginalization baseline and every strategy, decoded losslessly."""
+    transformers = pytest.importorskip('transformers', reason='optional dependency not installed')
+    from conftest import local_tokenizer
+    from common import load_checkpoint
+    from model import GPT
+    from heads import MTPGPT
+    name = 'EleutherAI/pythia-tiny'
+    corpus = tmp_path / 'text.txt'
+    corpus.write_text(study.counting_text(1500))
+    tok_dir = local_tokenizer(tmp_path / 'tok', corpus.read_text())
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64, rotary_pct=0.25)).eval()
+    downloads = {transformers.AutoModelForCausalLM: hf, transformers.AutoTokenizer:
+                 transformers.AutoTokenizer.from_pretrained(tok_dir)}
+    for cls, obj in downloads.items():
+        monkeypatch.setattr(cls, 'from_pretrained', staticmethod(
+            lambda model_name, *a, _obj=obj, **k: _obj if model_name == name else 1 / 0))
+    out = tmp_path / 'study'
+    study.main(['--preset=paper', f'--init_from={name}', f'--corpora={corpus}', f'--out_dir={out}',
+                '--adapt_iters=4', '--head_warmup_iters=2', '--batch_size=4', '--block_size=32',
+                '--eval_iters=1', '--positions=24', '--decode_prompts=2', '--decode_tokens=8',
+                '--device=cpu'])
+    with open(out / 'study_paper.json') as f:
+        summary = json.load(f)
+    text = (out / 'study_paper.md').read_text()
+    cell = summary['results']['cells'][f'text / {name}']
+    assert [row['strategy'] for row in cell['table']] == [
+        'FT NTP + marginalization (top_k=50)', 'FT NTP + marginalization (top_k=5)',
+        'FT NTP + marginalization (top_k=1)'] + list(study.STRATEGIES)
+    assert all(row['identical'] for row in cell['table'][3:])
+    assert summary['results']['probes'] == {} and summary['results']['curve'] == {}
+    base = load_checkpoint(str(out / 'runs' / f'text-{study.slug(name)}-{study.slug(name)}-s0' /
+                               'base' / 'ckpt.pt'))
+    assert base['meta']['kind'] == 'hf' and base['model_args']['rotary_pct'] == 0.25
+    for key, value in MTPGPT.from_gpt(GPT.from_hf(hf)).state_dict().items():  # LR 0: unchanged
+        assert torch.equal(base['model'][key], value), key
+    assert '## Strategies' in text

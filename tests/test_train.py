@@ -80,6 +80,7 @@ def test_a_resumed_runs_config_records_the_checkpoints_shape(corpus, tmp_path):
     assert ckpt['iter_num'] == 3 and ckpt['model_args']['n_layer'] == 2
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_memory_efficient_training_matches_standard(corpus, tmp_path, arch, request):
     """--memory_efficient=true (heads' forward+backward one at a time) trains the same as the
     standard step: the same loss curve, with WHS and explicit loss weights (GPT-NeoX: adapting
@@ -241,6 +242,7 @@ def test_freeze_trunk_trains_only_the_heads(corpus, source_ckpt, tmp_path):
     assert len(ckpt['optimizer']['state']) == n_head_params
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, source_ckpt, tmp_path,
                                                           monkeypatch):
     """--head_warmup_iters=4: after 4 iterations the trunk is bit-identical to the source (the
@@ -259,6 +261,7 @@ def test_head_warmup_keeps_the_trunk_fixed_then_trains_it(corpus, source_ckpt, t
     assert 'transformer.wte.weight' in changed and 'transformer.h.0.mlp.c_fc.weight' in changed
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 @pytest.mark.parametrize('flags,trunk_moves', [
     ([], True), (['--freeze_trunk=true'], False), (['--head_warmup_iters=2'], True),
     (['--trunk_lr_scale=0.1', '--whs=true'], True),
@@ -283,6 +286,7 @@ def test_every_strategy_adapts_a_model_to_sequential_heads(corpus, source_ckpt, 
     assert head_1_kept != trunk_moves
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 def test_differential_lr_scales_the_trunk_groups(corpus, source_ckpt, tmp_path, monkeypatch):
     """--trunk_lr_scale=0.25, adapting an NTP checkpoint: at every step the trunk's param groups
     have lr = 0.25 * get_lr(it) and the heads' groups lr = get_lr(it)."""
