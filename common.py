@@ -429,8 +429,10 @@ TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id 
 
 def tokenizer_difference(meta, other):
     """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
-    keys (a distilled model's source_data: where its text is) do not change what an id means."""
-    for key in TOKENIZER_KEYS:
+    keys (a distilled model's source_data: where its text is) do not change what an id means,
+    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
+    hf = (meta or {}).get('kind') == 'hf'
+    for key in (k for k in TOKENIZER_KEYS if not (hf and k == 'vocab_size')):
         a, b = ((m or {}).get(key) for m in (meta, other))
         if a != b:
             shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)

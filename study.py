@@ -304,9 +304,10 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
                             f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}")
     path = lambda name: os.path.join(cell_dir, name)  # noqa: E731
     adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
-    # the base: trained here, or (init_from) the pretrained model, saved by one step at LR 0
+    # the base: trained here, or (init_from) the pretrained model, saved by one step at LR 1e-30
+    # (train.py refuses LR 0): no weight moves by more than 1e-30
     base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1, **(
-        dict(init_from=cfg.init_from, max_iters=1, learning_rate=0.0, min_lr=0.0)
+        dict(init_from=cfg.init_from, max_iters=1, learning_rate=1e-30, min_lr=1e-30)
         if cfg.init_from else {}))
     ft, ft_summary = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1,
                                   init_from=base, **adapt)

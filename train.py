@@ -176,7 +176,9 @@ def build_model(cfg, meta):
     else:
         source, source_ckpt = load_model(cfg.init_from)
         check_data_tokenizer(source_ckpt, cfg, meta)
-        if source.config.n_future > 1 and cfg.head_type == source.config.head_type:
+        same_heads = cfg.head_type == source.config.head_type and (
+            cfg.head_type != 'sequential' or cfg.head_attention == source.config.head_attention)
+        if source.config.n_future > 1 and same_heads:
             # it has heads of this type already: fine-tune it whole (distill.py); with another
             # --head_type, its next-token path gets new heads (from_gpt) like any NTP model
             model = model_from_checkpoint({**source_ckpt, 'model_args': {

@@ -3,6 +3,7 @@ uses: fine-tuning an MTP checkpoint whole, and lambda_1 = 0 leaving head 1 untou
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import distill
 import train as T
-from common import Batches, UserError, load_checkpoint, load_model, model_from_checkpoint, val_path
+from common import (Batches, UserError, load_checkpoint, load_model, model_from_checkpoint,
+                    save_checkpoint, val_path)
 from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
 from train import evaluate
@@ -53,6 +55,17 @@ def test_another_head_type_adapts_the_next_token_path_of_an_mtp_checkpoint(corpu
         assert torch.allclose(model.eval()(x, n_heads=1)[0], source(x, n_heads=1)[0], atol=1e-5)
     args = distill.DistillConfig(ckpt=mtp_ckpt, out_dir=str(tmp_path))
     assert distill.fine_tuning_config(args, model.config).head_type == 'sequential'
+    # sequential heads with another body (--head_attention) are another head type too
+    seq_ckpt = str(tmp_path / 'seq.pt')
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                         meta=load_checkpoint(mtp_ckpt)['meta'], config={}), seq_ckpt)
+    for attention, kept in ((True, True), (False, False)):
+        cfg = train_config(corpus, tmp_path, f'--init_from={seq_ckpt}', '--head_type=sequential',
+                           f'--head_attention={attention}', '--n_future=4')
+        again, _ = T.build_model(cfg, {'vocab_size': 32})
+        assert again.config.head_attention == attention
+        assert all(torch.equal(again.state_dict()[k], v)
+                   for k, v in model.state_dict().items()) == kept
 
 
 def test_zero_weight_for_head1_with_frozen_trunk_trains_only_the_other_heads(corpus, mtp_ckpt,

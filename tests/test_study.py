@@ -158,7 +158,7 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypa
     """--preset=paper --init_from=EleutherAI/pythia-… takes the command's whole code path here:
     the Pythia name goes through GPT.from_pretrained and transformers (whose downloads are
     replaced by a tiny random GPTNeoXForCausalLM and a local tokenizer), the corpus is read by
-    that tokenizer, the base is the pretrained model itself (kept bit-identical), and the table
+    that tokenizer, the base is the pretrained model itself (moved by at most 1e-30), and the table
     has the marginalization baseline and every strategy, decoded losslessly."""
     transformers = pytest.importorskip('transformers', reason='optional dependency not installed')
     from conftest import local_tokenizer
@@ -195,6 +195,6 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypa
     base = load_checkpoint(str(out / 'runs' / f'text-{study.slug(name)}-{study.slug(name)}-s0' /
                                'base' / 'ckpt.pt'))
     assert base['meta']['kind'] == 'hf' and base['model_args']['rotary_pct'] == 0.25
-    for key, value in MTPGPT.from_gpt(GPT.from_hf(hf)).state_dict().items():  # LR 0: unchanged
-        assert torch.equal(base['model'][key], value), key
+    for key, value in MTPGPT.from_gpt(GPT.from_hf(hf)).state_dict().items():  # LR 1e-30
+        assert (base['model'][key] - value).abs().max() <= 1e-29, key
     assert '## Strategies' in text
