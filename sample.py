@@ -11,8 +11,9 @@ emitted token and k drafts -- through the target model in ONE forward; its next-
 the target distribution p at each of the k+1 positions, `verify` decides which drafts stand (the
 output is vanilla greedy decoding token for token, or distributed exactly as vanilla sampling), and
 the KV cache is rolled back to the accepted length. Temperature, top-k and top-p shape p and the
-drafts' q alike (probs_from_logits). Drafts come from heads 2..n of the same forward
-(self-speculative) or a draft model, one forward each (Leviathan et al. 2023, Chen et al. 2023).
+drafts' q alike (probs_from_logits). Drafts come from the model's heads 2..n (self-speculative;
+sequential heads chain from the token just emitted, each draft from the one before) or a draft
+model, one forward each (Leviathan et al. 2023, Chen et al. 2023).
 
 Long sequences (sliding window). A model sees at most block_size positions. When the sequence
 outgrows the window, the window jumps to its last `keep` tokens (default 3/4 of block_size), which
@@ -210,9 +211,11 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
 @torch.inference_mode()
 def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, top_k=0,
                               top_p=1.0, stop=(), generator=None, keep=None):
-    """Self-speculative decoding: one forward of all heads per step; head 1 verifies the previous
-    step's drafts, heads 2..n at the last accepted position draft the next n-1 tokens. Heads
-    with blocks must see every position (their KV cache); resblock heads run at that one row."""
+    """Self-speculative decoding: one forward per step; head 1 verifies the previous step's
+    drafts, and heads 2..n draft the next n-1 tokens. Parallel heads draft at the last accepted
+    position: block heads in the same forward (their KV cache needs every position), resblock
+    heads at that one row. Sequential heads draft after the step, from the token just emitted
+    (Window.draft_chain), so each draft follows the tokens before it."""
     n_future = model.config.n_future
     if n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
