@@ -1,14 +1,7 @@
 """
-The GPT backbone of nanoMTP: a GPT-2-style decoder with an exact KV cache; GPT-NeoX (Pythia) is
-a set of options of the same classes (rotary_pct, parallel_residual, tie_embeddings, gelu, bias).
-
-Read top to bottom:
-  GPTConfig          hyperparameters of the network
-  KVCache            per-layer keys/values; append a chunk of T >= 1 tokens, roll back to any length
-  rotate             GPT-NeoX's rotary position embedding of queries and keys
-  CausalSelfAttention, MLP, Block   pre-LN transformer block (the only attention in the codebase)
-  GPT                embeddings -> blocks -> final LayerNorm -> unembedding; weights from and to
-                     transformers (GPT2LMHeadModel, GPTNeoXForCausalLM)
+The GPT backbone of nanoMTP: a GPT-2-style decoder with an exact KV cache, and weight conversion
+from and to transformers (GPT2LMHeadModel, GPTNeoXForCausalLM). GPT-NeoX (Pythia) is a set of
+options of the same classes: rotary_pct, parallel_residual, tie_embeddings, gelu, bias.
 
 The forward can return every hidden state h_0 (embeddings) .. h_L (last block output), so MTP
 heads (heads.py) can branch off at any layer and WHS can mix them. It imports nothing of nanoMTP.
@@ -52,16 +45,11 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every attention layer for the tokens seen so far.
-
     Storage is preallocated per layer as (B, n_head, max_len, head_dim) on first use, so appending
-    is an in-place write and rolling back is just moving `length` back: no copies in the decode
-    loop. A forward over T new tokens writes positions [length, length + T) of every layer; the
-    model calls `advance(T)` once all layers are done. `rollback(n)` forgets everything from
-    position n on (speculative decoding after a rejected draft).
-
-    `max_len` may exceed the model's block_size: cache slots are not positions. Marginalization
-    appends candidate tokens whose position ids are chosen by the caller (see GPT.forward).
-    """
+    T >= 1 tokens is an in-place write and rollback(n) (speculative decoding after a rejected
+    draft) just moves `length` back: no copies in the decode loop. A forward over T new tokens
+    writes positions [length, length + T) of every layer, then calls advance(T). max_len may
+    exceed block_size: cache slots are not positions (marginalization chooses its position ids)."""
 
     def __init__(self, n_layers, max_len):
         self.n_layers, self.max_len, self.length = n_layers, max_len, 0
@@ -69,18 +57,15 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store k, v (B, H, T, hd) for `layer` after the cached ones; return all keys/values."""
-        T = k.size(2)
-        end = self.length + T
+        end, old = self.length + k.size(2), self.k[layer]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        if self.k[layer] is not None and self.k[layer].shape[0] != k.shape[0] and self.length:
-            raise ValueError("the batch size changed while the cache holds tokens")
-        if self.k[layer] is None or self.k[layer].shape[0] != k.shape[0]:
+        if old is None or old.shape[0] != k.shape[0]:  # first use, or a new batch size
+            if old is not None and self.length:
+                raise ValueError("the batch size changed while the cache holds tokens")
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.empty(shape, dtype=v.dtype, device=v.device)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, T):
@@ -94,12 +79,10 @@ class KVCache:
 
 def rotate(q, k, pos, n_rot, base):
     """Rotary position embedding (GPT-NeoX) of q and k (B, H, T, hd) at positions pos (T,).
-
-    The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by
-    the angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot
-    product rotated by (m - n) only: attention sees relative positions, and a cached key never
-    changes. Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position.
-    """
+    The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by the
+    angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot product
+    rotated by (m - n) only: attention sees relative positions, and a cached key never changes.
+    Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position."""
     inv_freq = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float, device=q.device) / n_rot)
     angles = pos.to(q.device).float()[:, None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
@@ -122,15 +105,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.n_rot = int(config.n_embd // config.n_head * config.rotary_pct)  # 0: GPT-2
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.rotary_base = config.rotary_base
+        self.n_rot = int(config.n_embd // config.n_head * config.rotary_pct)  # 0: GPT-2
 
     def forward(self, x, cache=None, layer=0, attn_mask=None, pos=None):
-        """attn_mask: None = causal over the new tokens (and all cached ones), or a bool tensor
-        broadcastable to (B, H, T, cached + T), True where a query may attend to a key.
-        pos: position ids (T,) for rotary models, by default continuing after the cache."""
+        """attn_mask, pos: as in GPT.forward (None: causal, and positions after the cache)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -141,14 +121,12 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, k, pos, self.n_rot, self.rotary_base)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        dropout_p = self.dropout if self.training else 0.0
         # is_causal aligns the mask top-left, which is right only when there is no cached prefix;
         # a single new token after a prefix attends to everything (no mask at all).
         is_causal = attn_mask is None and k.size(2) == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                           is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -178,10 +156,10 @@ class Block(nn.Module):
         self.parallel_residual = config.parallel_residual
 
     def forward(self, x, cache=None, layer=0, attn_mask=None, pos=None):
+        a = self.attn(self.ln_1(x), cache, layer, attn_mask, pos)
         if self.parallel_residual:  # GPT-NeoX
-            return x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos) + \
-                self.mlp(self.ln_2(x))
-        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, pos)
+            return x + a + self.mlp(self.ln_2(x))
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -195,8 +173,7 @@ def run_blocks(x, blocks, cache=None, first_layer=0, attn_mask=None, pos=None):
     Block j reads and writes cache layer first_layer + j. pos: as in GPT.forward (rotary)."""
     hidden = [x]
     for j, block in enumerate(blocks):
-        x = block(x, cache, first_layer + j, attn_mask, pos)
-        hidden.append(x)
+        hidden.append(block(hidden[-1], cache, first_layer + j, attn_mask, pos))
     return hidden
 
 
@@ -254,15 +231,12 @@ class GPT(nn.Module):
     # The forward is split in three so heads.py can reuse the pieces: embed, run blocks, unembed.
 
     def embed(self, idx, cache=None, pos=None):
-        """Token + position embeddings (h_0; rotary models: token embeddings only). Positions
-        continue after the cache unless given."""
-        B, T = idx.size()
-        if pos is None:
-            start = cache.length if cache is not None else 0
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
-                                 f"{self.config.block_size}")
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        """Token + position embeddings (h_0; rotary models: token embeddings only)."""
+        T, start = idx.size(1), cache.length if cache is not None else 0
+        if pos is None and start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device) if pos is None else pos
         x = self.transformer.wte(idx)
         if 'wpe' in self.transformer:
             x = x + self.transformer.wpe(pos)
@@ -272,22 +246,19 @@ class GPT(nn.Module):
         """Final LayerNorm and the unembedding: hidden state -> logits."""
         return self.lm_head(self.transformer.ln_f(h))
 
-    def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None,
-                return_hidden=False):
+    def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None, return_hidden=False):
         """Logits (B, T, V) and, given targets (B, T), the mean next-token cross-entropy.
-
         cache:     a KVCache; the T tokens are appended after its contents (prefill when empty).
         pos:       position ids (T,), by default continuing after the cache.
-        attn_mask: bool (T, cached + T) or broadcastable to (B, H, T, cached + T); default causal.
-        return_hidden: also return [h_0, .., h_L], h_0 = embeddings, h_L = last block output.
-        """
+        attn_mask: bool (T, cached + T) or broadcastable to (B, H, T, cached + T), True = attend;
+                   default causal.
+        return_hidden: also return [h_0, .., h_L], h_0 = embeddings, h_L = last block output."""
         attn_mask = self.default_mask(idx, cache, attn_mask)
         x = self.embed(idx, cache, pos)
         hidden = run_blocks(x, self.transformer.h, cache, 0, attn_mask, pos)
         if cache is not None:
             cache.advance(idx.size(1))
-        logits = self.unembed(hidden[-1])
-        loss = None
+        logits, loss = self.unembed(hidden[-1]), None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
@@ -303,12 +274,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, groups=None):
         """AdamW with weight decay on matrices (>= 2D) only, never on biases or LayerNorm gains.
-
-        groups: optional list of dict(name=..., params=[...], lr_scale=s, **adam_options) giving
-        parts of the model their own LR (train.py: trunk, heads, WHS weights) or Adam options;
-        each is split into decay / no-decay. The LR schedule sets group['lr'] = lr * lr_scale.
-        Parameters with requires_grad off (frozen) are left out.
-        """
+        groups: optional [dict(name=..., params=[...], lr_scale=s, **adam_options)], parts of the
+        model with their own LR (train.py: trunk, heads, WHS weights) or Adam options, each split
+        into decay / no-decay; the schedule sets group['lr'] = lr * lr_scale. Frozen: left out."""
         groups = groups or [dict(name='all', params=list(self.parameters()), lr_scale=1.0)]
         adam_groups = []
         for group in groups:
@@ -333,7 +301,7 @@ class GPT(nn.Module):
             hf = transformers.AutoModelForCausalLM.from_pretrained(name)
         except Exception as e:  # network, disk, hub errors: one line, with the cause
             raise UserError(f"could not load {name} weights from Hugging Face "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
         return cls.from_hf(hf, dropout=dropout)
 
     @classmethod
@@ -359,8 +327,8 @@ class GPT(nn.Module):
                 **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
                 rotary_emb_base=c.rotary_base))
         else:
-            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw,
-                                                                      activation_function=act))
+            hf = transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(**kw, activation_function=act))
         copy_weights(self, hf, to_hf=True)
         return hf.eval()
 
@@ -368,8 +336,7 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # weight conversion from and to transformers
 
-# GPTConfig fields -> transformers config fields, per architecture (model_type)
-HF_CONFIG = {
+HF_CONFIG = {  # GPTConfig fields -> transformers config fields, per architecture (model_type)
     'gpt2': dict(block_size='n_positions', vocab_size='vocab_size', n_layer='n_layer',
                  n_head='n_head', n_embd='n_embd', tie_embeddings='tie_word_embeddings'),
     'gpt_neox': dict(block_size='max_position_embeddings', vocab_size='vocab_size',
@@ -377,12 +344,11 @@ HF_CONFIG = {
                      n_embd='hidden_size', parallel_residual='use_parallel_residual',
                      tie_embeddings='tie_word_embeddings')}
 # our parameter names -> GPT-NeoX's in transformers (GPT-2's are ours)
-NEOX_NAMES = (('transformer.wte.', 'gpt_neox.embed_in.'), ('transformer.h.', 'gpt_neox.layers.'),
-              ('.ln_1.', '.input_layernorm.'), ('.ln_2.', '.post_attention_layernorm.'),
-              ('.attn.c_attn.', '.attention.query_key_value.'),
-              ('.attn.c_proj.', '.attention.dense.'),
-              ('.mlp.c_fc.', '.mlp.dense_h_to_4h.'), ('.mlp.c_proj.', '.mlp.dense_4h_to_h.'),
-              ('transformer.ln_f.', 'gpt_neox.final_layer_norm.'))
+NEOX_NAMES = {'transformer.wte.': 'gpt_neox.embed_in.', 'transformer.h.': 'gpt_neox.layers.',
+              '.ln_1.': '.input_layernorm.', '.ln_2.': '.post_attention_layernorm.',
+              '.attn.c_attn.': '.attention.query_key_value.', '.attn.c_proj.': '.attention.dense.',
+              '.mlp.c_fc.': '.mlp.dense_h_to_4h.', '.mlp.c_proj.': '.mlp.dense_4h_to_h.',
+              'transformer.ln_f.': 'gpt_neox.final_layer_norm.'}
 # HF's GPT-2 uses Conv1D modules: their weights are the transpose of nn.Linear's
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
@@ -415,7 +381,6 @@ def config_from_hf(c):
 
 def copy_weights(model, hf, to_hf):
     """Copy the weights of model's next-token path to (to_hf) or from the transformers model hf.
-
     Layouts: GPT-2's Conv1D weights are transposed. GPT-NeoX's fused qkv rows are per head,
     [q_h, k_h, v_h] for h = 1..H, while ours are [q (all heads), k, v]: their view
     (H, 3, head_dim, ...) is ours transposed to (3, H, head_dim, ...)."""
@@ -424,21 +389,20 @@ def copy_weights(model, hf, to_hf):
             if not k.startswith(('transformer.h.', 'heads.'))}  # + the next-token path's blocks:
     ours.update({f'transformer.h.{i}.{k}': v for i, block in enumerate(model.ntp_blocks())
                  for k, v in block.state_dict().items()})
-    keys = {name: name for name in ours}
-    for ours_part, theirs_part in NEOX_NAMES if c.rotary_pct else ():
-        keys = {name: key.replace(ours_part, theirs_part) for name, key in keys.items()}
+    for ours_part, theirs_part in NEOX_NAMES.items() if c.rotary_pct else ():  # their names
+        ours = {name.replace(ours_part, theirs_part): w for name, w in ours.items()}
     theirs = {rename(k): v for k, v in hf.state_dict().items()}
-    unused = {rename(k) for k, _ in hf.named_parameters()} - set(keys.values())
-    if set(keys.values()) - set(theirs) or unused and not to_hf:  # (to_hf: zero biases)
+    unused = {rename(k) for k, _ in hf.named_parameters()} - set(ours)
+    if set(ours) - set(theirs) or unused and not to_hf:  # (to_hf: zero biases)
         raise UserError(f"the weights of this {type(hf).__name__} do not match nanoMTP's")
     with torch.no_grad():
         for p in hf.parameters() if to_hf else ():
             p.zero_()
         for name, w in ours.items():
-            src, dst = (w, theirs[keys[name]]) if to_hf else (theirs[keys[name]], w)
-            if not c.rotary_pct and name.endswith(CONV1D):
+            src, dst = (w, theirs[name]) if to_hf else (theirs[name], w)
+            if name.endswith(CONV1D):  # (GPT-2)
                 src = src.t()
-            elif c.rotary_pct and '.attn.c_attn.' in name:
+            elif '.attention.query_key_value.' in name:  # (GPT-NeoX)
                 heads_first = (3, c.n_head) if to_hf else (c.n_head, 3)
                 src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1)
                 src = src.reshape(w.shape)
