@@ -105,9 +105,10 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
         if temperature:  # transformers samples with the global generator
             torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, pad_token_id=0,
-                              assistant_model=assistant, **sampling, **options)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # (an explicit mask: else generate() masks the pad id, a real token)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                              pad_token_id=0, assistant_model=assistant, **sampling, **options)
         stats, tokens = Stats(), out[0, len(prompt):].tolist()
         stats.new_tokens, stats.time_s = len(tokens), time.perf_counter() - t0
         stats.target_forwards, stats.draft_forwards = counts['target'], counts['draft']
@@ -121,9 +122,10 @@ def peer_rows(model, args, prompts, device, n_new):
     and assisted generation with --assistant (a smaller nanoMTP model, exported too)."""
     if device != 'cpu':
         raise UserError("--peers runs transformers on the CPU: use --device=cpu")
-    if args.prompt_len + n_new > model.config.block_size:
-        raise UserError(f"--peers: transformers has no sliding window, so prompt_len + "
-                        f"max_new_tokens must be <= block_size {model.config.block_size}")
+    if args.prompt_len + n_new + args.lookup > model.config.block_size:
+        raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
+                        f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
+                        f"lookup must be <= block_size {model.config.block_size}")
     hf = model.to_hf()
     modes = {'hf': transformers_decoder(hf, n_new),
              'hf-lookup': transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)}

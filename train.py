@@ -56,9 +56,9 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     # multi-token prediction
     n_future: int = 4                   # heads; head k predicts x_{t+k}
     attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads) / n_layer (resblock)
-    head_type: str = 'resblock'         # resblock (Medusa) | block (Gloeckle) | sequential (DeepSeek-V3); linear = resblock
+    head_type: str = 'sequential'       # sequential (DeepSeek-V3) | resblock (Medusa) | block (Gloeckle)
     whs: bool = False                   # weighted hidden states: heads read a learned mix of layers
-    head_attention: bool = True         # sequential heads: a transformer block; false: an MLP (Hydra)
+    head_attention: bool = False        # sequential heads: an MLP (Hydra), or a transformer block
     loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated
     mtp_weight: float = 1.0             # else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)
     mtp_decay: float = 1.0              # (see mtp_weight)

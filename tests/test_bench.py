@@ -13,6 +13,7 @@ from dataclasses import asdict
 from common import UserError, load_checkpoint, save_checkpoint
 from conftest import REPO, counting_mtp, one_line_error, random_mtp
 from heads import MTPGPT
+from sample import generate
 
 
 # -----------------------------------------------------------------------------
@@ -60,6 +61,16 @@ def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckp
     for row in parts.values():
         assert row['forward'] > 0 and row['total'] == pytest.approx(
             row['forward'] + row['drafts'] + row['verify'] + row['rest'])
+
+
+def test_transformers_rows_decode_prompts_that_hold_the_pad_id():
+    """transformers' generate() masks out every pad_token_id of a prompt unless it is given an
+    attention mask; here token 0 is a real token (a char model's newline)."""
+    pytest.importorskip('transformers')
+    model = random_mtp(n_future=1, block_size=32)
+    decode = bench.transformers_decoder(model.to_hf(), 12)
+    for prompt in ([0, 5, 0, 0, 7, 0], [3, 0, 9]):
+        assert decode(prompt).tokens == generate(model, prompt, 12, temperature=0).tokens
 
 
 def test_bench_decode_refuses_heads_of_another_next_token_model(counting_ckpt, tmp_path):
