@@ -47,7 +47,7 @@ def test_another_head_type_adapts_the_next_token_path_of_an_mtp_checkpoint(corpu
     checkpoint's own type is fine-tuned whole, as distill.py does for any head type."""
     source = model_from_checkpoint(load_checkpoint(mtp_ckpt)).eval()
     cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--head_type=sequential',
-                       '--n_future=4')
+                       '--head_attention=true', '--n_future=4')
     model, _ = T.build_model(cfg, {'vocab_size': 32})
     assert (model.config.head_type, model.config.n_future) == ('sequential', 4)
     x = torch.randint(0, 32, (2, 16))
