@@ -32,6 +32,7 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
 
 
+@pytest.mark.slow
 def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckpt, tmp_path):
     """--heads adds a self-speculative row per checkpoint of the same next-token model; --peers
     adds transformers' generate, prompt lookup and assisted generation on the same weights

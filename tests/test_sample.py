@@ -135,6 +135,7 @@ def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type
     assert vanilla.stats.summary()['tau'] == 1
 
 
+@pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 @pytest.mark.parametrize('head_type', ['block', 'sequential'])
 def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
     """Heads 2..4 draft wrongly for about a third of the tokens: acceptance runs of every length,
@@ -306,8 +307,10 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
-@pytest.mark.parametrize('head_type,arch', [('block', 'gpt2'), ('resblock', 'gpt2'),
-                                            ('sequential', 'gpt2'),
+@pytest.mark.parametrize('head_type,arch', [('block', 'gpt2'),
+                                            pytest.param('resblock', 'gpt2', marks=pytest.mark.slow),
+                                            pytest.param('sequential', 'gpt2',
+                                                         marks=pytest.mark.slow),
                                             pytest.param('block', 'neox', marks=pytest.mark.slow)])
 def test_self_speculative_sampling_matches_vanilla_distribution(head_type, arch):
     model, prompt = tiny_vocab_model(head_type, arch)
@@ -330,7 +333,8 @@ def resample_rejected_from_p(p, drafts, q, greedy, generator=None):
 
 @pytest.mark.parametrize('head_type', ['block', pytest.param('sequential',
                                                              marks=pytest.mark.slow)])
-@pytest.mark.parametrize('wrong_rule', [accept_every_draft, resample_rejected_from_p])
+@pytest.mark.parametrize('wrong_rule', [pytest.param(accept_every_draft, marks=pytest.mark.slow),
+                                        resample_rejected_from_p])
 def test_wrong_acceptance_rules_fail_the_distribution_test(monkeypatch, wrong_rule, head_type):
     """The bound above is tight enough to catch plausible mistakes."""
     model, prompt = tiny_vocab_model(head_type)
