@@ -54,8 +54,9 @@ Self-distillation: the model writes its own corpus, heads 2..n learn it (trunk, 
 
 # train.py flags this script decides itself: the data, the model (its shape) and what is frozen
 FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt', 'n_layer',
-         'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type', 'whs', 'head_attention',
-         'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters', 'trunk_lr_scale')
+         'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type', 'whs',
+         'head_attention', 'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters',
+         'trunk_lr_scale')
 
 
 def write_corpus(model, prompts, path, args, device, generator):

@@ -55,8 +55,8 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     bias: bool = False                  # biases in Linear and LayerNorm layers
     # multi-token prediction
     n_future: int = 4                   # heads; head k predicts x_{t+k}
-    attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads) / n_layer (resblock)
-    head_type: str = 'sequential'       # sequential (DeepSeek-V3) | resblock (Medusa) | block (Gloeckle)
+    attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads), else n_layer
+    head_type: str = 'sequential'       # sequential (DeepSeek-V3) | resblock (Medusa) | block
     whs: bool = False                   # weighted hidden states: heads read a learned mix of layers
     head_attention: bool = False        # sequential heads: an MLP (Hydra), or a transformer block
     loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated

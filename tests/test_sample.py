@@ -307,11 +307,13 @@ def first_three_tokens(model, prompt):
                   .tokens[:3]) for _ in range(N_RUNS)]
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize('head_type,arch', [('block', 'gpt2'),
-                                            pytest.param('resblock', 'gpt2', marks=pytest.mark.slow),
-                                            pytest.param('sequential', 'gpt2',
-                                                         marks=pytest.mark.slow),
-                                            pytest.param('block', 'neox', marks=pytest.mark.slow)])
+                                            pytest.param('resblock', 'gpt2', marks=SLOW),
+                                            pytest.param('sequential', 'gpt2', marks=SLOW),
+                                            pytest.param('block', 'neox', marks=SLOW)])
 def test_self_speculative_sampling_matches_vanilla_distribution(head_type, arch):
     model, prompt = tiny_vocab_model(head_type, arch)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
