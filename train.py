@@ -37,7 +37,7 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     out_dir: str = 'out'                # checkpoints go to out_dir/ckpt.pt
     dataset: str = 'shakespeare_char'   # reads data/<dataset>/{train,val}.bin and meta.json
     data_dir: str = ''                  # overrides data/<dataset>
-    init_from: str = 'scratch'          # scratch | resume | ckpt path | gpt2[-medium..] | EleutherAI/pythia-*
+    init_from: str = 'scratch'          # scratch | resume | a ckpt path | gpt2* | EleutherAI/pythia-*
     eval_interval: int = 500            # iterations between evaluations (and checkpoints)
     eval_iters: int = 20                # batches per split per evaluation
     log_interval: int = 10              # iterations between progress-bar updates
