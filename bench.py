@@ -135,8 +135,9 @@ def peer_rows(model, args, prompts, device, n_new):
     return modes
 
 
-TIMED = {'forward': (sample.Window, 'forward'), 'drafts': (sample.Window, 'draft_chain'),
-         'drafts ': (sample.Window, 'draft_logits'), 'verify': (sample, 'verify')}
+# (part of a step, where it runs) for --breakdown; the two drafting paths are one part
+TIMED = [('forward', sample.Window, 'forward'), ('drafts', sample.Window, 'draft_chain'),
+         ('drafts', sample.Window, 'draft_logits'), ('verify', sample, 'verify')]
 
 
 def step_breakdown(modes, prompts, **sampling):
@@ -144,33 +145,32 @@ def step_breakdown(modes, prompts, **sampling):
     forwards (Window.forward), in drafting (sequential: Window.draft_chain; resblock:
     Window.draft_logits; block heads draft inside the forward), in verify, and elsewhere (the
     loop's bookkeeping), with a timer wrapped around each of those functions."""
-    spent, rows = dict.fromkeys(TIMED, 0.0), {}
+    spent, rows = {}, {}
 
-    def timed(name, fn):
+    def timed(part, fn):
         def wrapper(*args, **kw):
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kw)
             finally:
-                spent[name] += time.perf_counter() - t0
+                spent[part] += time.perf_counter() - t0
         return wrapper
-    originals = {name: getattr(owner, attr) for name, (owner, attr) in TIMED.items()}
-    for name, (owner, attr) in TIMED.items():
-        setattr(owner, attr, timed(name, originals[name]))
+    originals = [getattr(owner, attr) for _, owner, attr in TIMED]
+    for (part, owner, attr), fn in zip(TIMED, originals):
+        setattr(owner, attr, timed(part, fn))
     try:
         for mode, decode in modes.items():
-            spent.update(dict.fromkeys(TIMED, 0.0))
+            spent.update(forward=0.0, drafts=0.0, verify=0.0)
             t0, n = time.perf_counter(), 0
             for prompt in prompts:
                 n += len(decode(prompt, generator=torch.Generator().manual_seed(0),
                                 **sampling).tokens)
-            ms = {name: 1000 * t / n for name, t in spent.items()}
+            row = {part: 1000 * t / n for part, t in spent.items()}
             total = 1000 * (time.perf_counter() - t0) / n
-            rows[mode] = dict(forward=ms['forward'], drafts=ms['drafts'] + ms['drafts '],
-                              verify=ms['verify'], rest=total - sum(ms.values()), total=total)
+            rows[mode] = dict(row, rest=total - sum(row.values()), total=total)
     finally:
-        for name, (owner, attr) in TIMED.items():
-            setattr(owner, attr, originals[name])
+        for (_, owner, attr), fn in zip(TIMED, originals):
+            setattr(owner, attr, fn)
     return rows
 
 
