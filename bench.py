@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
-                    help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
+                    help_text, check_ranges, pick_device, autocast_for, set_cpu_threads,
                     clock, load_model, val_prompts, eval_windows, window_batch, check_draft,
-                    Stats, Generation, cli)
-from marginalize import marginalize, marginalize_naive, check_cost
+                    cli)
+from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
+import head_designs
 import sample
-from sample import generate, generate_self_speculative, generate_two_model
+from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
 
 
@@ -65,11 +66,6 @@ def print_rows(setting, temperature, rows):
         print(f"  {mode:{width}} {row['tokens_per_s']:9.1f} {row['speedup']:7.2f}x "
               f"{row['tau'] or 0:5.2f} {row['ms_per_forward']:6.3f} {row['target_forwards']:10d} "
               f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
-
-
-def next_token_logits(model, x):
-    logits = model(x)[0]
-    return logits[:, :, 0] if logits.dim() == 4 else logits
 
 
 def self_rows(model, args, prompts, device, n_new):
@@ -135,25 +131,30 @@ def peer_rows(model, args, prompts, device, n_new):
     return modes
 
 
-# (part of a step, where it runs) for --breakdown; the two drafting paths are one part
-TIMED = [('forward', sample.Window, 'forward'), ('drafts', sample.Window, 'draft_chain'),
-         ('drafts', sample.Window, 'draft_logits'), ('verify', sample, 'verify')]
+# (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
+TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
+         ('drafts', sample.ModelDrafter, 'draft')] + [
+    ('drafts', drafter, 'observe') for drafter in (head_designs.BlockDrafter,
+                                                   head_designs.ResBlockDrafter,
+                                                   head_designs.ChainDrafter)]
 
 
 def step_breakdown(modes, prompts, **sampling):
     """Per mode, from one more pass over the prompts: ms per new token spent in the target's
-    forwards (Window.forward), in drafting (sequential: Window.draft_chain; resblock:
-    Window.draft_logits; block heads draft inside the forward), in verify, and elsewhere (the
-    loop's bookkeeping), with a timer wrapped around each of those functions."""
-    spent, rows = {}, {}
+    forwards (Window.forward), in drafting (the drafters' observe, a draft model's draft), in
+    verify, and elsewhere (the loop's bookkeeping), with a timer wrapped around each of those
+    functions (a part inside another, a draft model's forwards, counts for the outer one)."""
+    spent, rows, running = {}, {}, []
 
     def timed(part, fn):
         def wrapper(*args, **kw):
-            t0 = time.perf_counter()
+            t0, running[:] = time.perf_counter(), running + [part]
             try:
                 return fn(*args, **kw)
             finally:
-                spent[part] += time.perf_counter() - t0
+                running.pop()
+                if not running:
+                    spent[part] += time.perf_counter() - t0
         return wrapper
     originals = [getattr(owner, attr) for _, owner, attr in TIMED]
     for (part, owner, attr), fn in zip(TIMED, originals):
@@ -171,6 +172,38 @@ def step_breakdown(modes, prompts, **sampling):
     finally:
         for (_, owner, attr), fn in zip(TIMED, originals):
             setattr(owner, attr, fn)
+    return rows
+
+
+def interleaved(modes, prompts, device, seed, **sampling):
+    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
+    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
+    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
+    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
+    for prompt in prompts:
+        for mode, decode in modes.items():
+            elapsed = clock(device)
+            result = decode(prompt, generator=generators[mode], **sampling)
+            seconds[mode] += elapsed()
+            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+            outputs[mode].append(result.tokens)
+    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
+            for mode in modes}
+
+
+def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
+    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
+    runs = [interleaved(modes, prompts, device, seed + r, **sampling) for r in range(repeats)]
+    speed = {mode: statistics.median(run[mode][0] for run in runs) for mode in modes}
+    rows = {}
+    for mode, (_, stats, outputs) in runs[-1].items():
+        s = stats.summary()
+        ms = statistics.median(1000 * st.new_tokens / tokens_per_s / st.target_forwards
+                               for tokens_per_s, st, _ in (run[mode] for run in runs))
+        rows[mode] = dict(tokens_per_s=speed[mode], speedup=speed[mode] / speed['vanilla'],
+                          tau=s['tau'], acceptance=s['acceptance'], ms_per_forward=ms,
+                          target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+                          identical=outputs == runs[-1]['vanilla'][2] if greedy else None)
     return rows
 
 
@@ -236,7 +269,6 @@ Every train.py flag (model shape, head type, device, dtype, compile, ...) can be
     peak_tflops: float = 989.0  # for MFU (989: H100/H200 dense bf16)
     block_size: int = 64        # context length (train.py's flag, the benchmark's default)
     batch_size: int = 16        # sequences per step
-    head_type: str = 'block'    # block | resblock | sequential
     device: str = 'cpu'         # cpu | cuda | mps
 
 

@@ -361,15 +361,27 @@ def model_config(model_args):
     return MTPConfig(**model_args)
 
 
-def model_from_checkpoint(ckpt):
-    """Rebuild the MTPGPT a checkpoint dict describes and load its weights. Older checkpoints load
-    too: heads.i.linear -> heads.i.resblock.linear, WHS softmax logits -> the same mix's coefs."""
-    model = MTPGPT(model_config(ckpt['model_args']))
-    state = {re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.',
-                    k.removeprefix('_orig_mod.').removeprefix('module.')): v
-             for k, v in ckpt['model'].items()}
-    for key in [k for k in state if k.endswith('.whs_logits')]:  # WHS as a softmax, before
+def upgrade_checkpoint(args, state):
+    """(model_args, weights) of a checkpoint of any nanoMTP version, as today's: the defaults it
+    was written under (block heads; sequential heads with attention), head_type 'linear' (now
+    resblock), ResBlock weights under heads.i.resblock, WHS as softmax logits, and sequential
+    heads 2..n stored from index 1 (head 1, the trunk, had an empty slot 0)."""
+    args = {'head_type': 'block', 'head_attention': True, **args}
+    args['head_type'] = {'linear': 'resblock'}.get(args['head_type'], args['head_type'])
+    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.',
+                    k.removeprefix('_orig_mod.').removeprefix('module.')): v for k, v in state.items()}
+    for key in [k for k in state if k.endswith('.whs_logits')]:
         state[key.replace('whs_logits', 'whs_coef')] = torch.softmax(state.pop(key), dim=0)
+    if args['head_type'] == 'sequential' and not any(k.startswith('heads.0.') for k in state):
+        state = {re.sub(r'^heads\.(\d+)\.', lambda m: f"heads.{int(m[1]) - 1}.", k)
+                 .replace('heads.0.whs_coef', 'heads.whs_coef'): v for k, v in state.items()}
+    return args, state
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the MTPGPT a checkpoint dict describes and load its weights (any version's)."""
+    args, state = upgrade_checkpoint(ckpt['model_args'], ckpt['model'])
+    model = MTPGPT(model_config(args))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -308,19 +308,17 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
 
 def head_scores(model, seq, n):
     """Logits (n, n_future, V): head k's prediction of x_{t+k} at positions t < n of seq (1-D),
-    from x<=t alone. Parallel heads: one forward. A sequential head k also reads x_{t+k-1}:
-    here, as when drafting, the chain's own greedy guesses (head 2 reads head 1's argmax), never
-    the true tokens, which would hand it x_{t+1}..x_{t+k-1}. One chain per position."""
-    if model.config.head_type != 'sequential':
-        return model(seq[None])[0][0, :n]
+    from x<=t alone, computed as the heads draft (their drafter, one position at a time). A
+    sequential head k also reads x_{t+k-1}: here, as when drafting, the chain's own greedy
+    guesses (head 2 reads head 1's argmax), never the true tokens, which would hand it
+    x_{t+1}..x_{t+k-1}."""
     logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
-    entry = model.heads[1].mix(trunk_hidden)[0]
-    rows = []
+    drafter = model.drafter(lambda scores: (scores.argmax(-1), scores))  # q: the logits
+    rows, tokens = [], seq.tolist()
     for t in range(n):
-        guess = logits[0, t, 0].argmax().view(1)
-        chained = model.draft_chain(entry[:t + 1], torch.cat([seq[1:t + 1], guess]),
-                                    lambda scores: (scores.argmax(), scores))[1]
-        rows.append(torch.cat([logits[0, t, :1], chained]))
+        guess = int(logits[0, t, 0].argmax())
+        drafter.observe(tokens[:t + 1] + [guess], [h[:, t:t + 1] for h in trunk_hidden], 0)
+        rows.append(torch.cat([logits[0, t, :1], drafter.draft(tokens, model.config.n_future)[1]]))
     return torch.stack(rows)
 
 
@@ -336,8 +334,6 @@ The accuracy table: x_{t+1}..x_{t+k_ahead} by greedy chaining, marginalization a
 
 
 def main(argv):
-    if '--bench' in argv or any(a.startswith('--bench=') for a in argv):
-        raise UserError("--bench moved: python bench.py marginalize --ckpt=... (same flags)")
     args = parse_flags(argv, MarginalizeConfig())
     if not args.ckpt:
         raise UserError("--ckpt=PATH is required")

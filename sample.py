@@ -24,15 +24,17 @@ many drafts as fit before the window's end.
 Metrics: common.Stats. Greedy exactness is tested in fp32; under bfloat16 near-ties may differ.
 """
 import json
+import math
+import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from model import KVCache
 from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
-                    set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
-                    encode_prompt, stop_tokens, check_draft, cli)
+                    set_cpu_threads, load_model, tokenizer_for, encode_prompt, stop_tokens,
+                    check_draft, cli)
 
 
 # -----------------------------------------------------------------------------
@@ -106,6 +108,116 @@ def verify(p, drafts, q, greedy, generator=None):
 
 
 # -----------------------------------------------------------------------------
+# the bookkeeping around a decoding loop: the request, the sequence, stop sequences, metrics
+
+class Stats:
+    """Counters of one or more decoding runs; summary() turns them into the reported metrics:
+    tau = tokens emitted per target forward (accepted drafts + the free/bonus token) over the
+    decode forwards (a run's first forward prefills the prompt and is left out, so vanilla has
+    tau = 1, perfect drafts n_future, resp. gamma + 1); acceptance[j] = P(draft j+1 accepted |
+    drafts 1..j accepted); tokens/s."""
+
+    def __init__(self, n_draft_positions=0):
+        self.new_tokens = 0        # tokens returned (a stop sequence cut off)
+        self.target_forwards = 0   # every forward of the target, prefills included
+        self.draft_forwards = 0    # forwards of a separate draft model
+        self.decode_forwards = 0   # target forwards after each run's first (prompt) forward
+        self.decode_tokens = 0     # tokens those emitted: accepted drafts + the free token
+        self.drafted = [0] * n_draft_positions   # [j]: draft j+1 verified after j accepted ones
+        self.accepted = [0] * n_draft_positions  # [j]: ... and accepted
+        self.time_s = 0.0
+
+    def step(self, n_drafts, n_accepted):
+        """Count one target forward that verified n_drafts drafts and accepted n_accepted."""
+        if self.target_forwards > 0:  # a run's first forward prefills the prompt: not in tau
+            self.decode_forwards += 1
+            self.decode_tokens += n_accepted + 1
+        self.target_forwards += 1
+        for j in range(min(n_accepted + 1, n_drafts)):
+            self.drafted[j] += 1
+            self.accepted[j] += j < n_accepted
+
+    def add(self, other):
+        """Sum another run's counters into these (same number of draft positions)."""
+        for name, mine in vars(self).items():
+            theirs = getattr(other, name)
+            setattr(self, name, [a + b for a, b in zip(mine, theirs)] if isinstance(mine, list)
+                    else mine + theirs)
+        return self
+
+    def summary(self):
+        return dict(
+            new_tokens=self.new_tokens,
+            tau=self.decode_tokens / self.decode_forwards if self.decode_forwards else None,
+            acceptance=[a / d if d else None for a, d in zip(self.accepted, self.drafted)],
+            target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
+            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None, time_s=self.time_s)
+
+
+# a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
+Generation = namedtuple('Generation', 'tokens stats window')
+
+
+def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
+    if len(prompt) == 0:
+        raise UserError("empty prompt: give at least one token (BPE prompts may start with "
+                        "<|endoftext|>)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+class Decoding:
+    """A decoding run's state: the sequence so far, the sampling settings, the stop sequence,
+    Stats and timing. A loop runs `while run.running():` steps that end in run.emit(...)."""
+
+    def __init__(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, generator,
+                 n_drafts=0):
+        check_request(prompt, max_new_tokens, temperature, top_k, top_p)
+        self.seq, self.n_prompt, self.max_new_tokens = list(prompt), len(prompt), max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # p and q
+        self.greedy, self.stop, self.generator = temperature == 0, list(stop), generator
+        self.stats, self.stopped = Stats(n_drafts), False
+        self.t0 = time.perf_counter()
+
+    def running(self):
+        return not self.stopped and self.budget() > 0
+
+    def budget(self):
+        """How many tokens may still be emitted."""
+        return self.max_new_tokens - (len(self.seq) - self.n_prompt)
+
+    def pick(self, logits):
+        """Drafts from draft logits (..., V): (tokens drawn from q, q), q as the target's p."""
+        q = probs_from_logits(logits, **self.sampling)
+        return draw(q, self.greedy, self.generator), q
+
+    def emit(self, new, n_drafts):
+        """Append a step's tokens (its accepted drafts and one target token); count the step. A
+        stop sequence now ending among them (and starting after the prompt) is cut, ending the
+        run."""
+        self.stats.step(n_drafts, len(new) - 1)
+        self.seq += new
+        seq, stop = self.seq, self.stop
+        for i in range(max(self.n_prompt, len(seq) - len(new) - len(stop) + 1),
+                       len(seq) - len(stop) + 1) if stop else ():
+            if seq[i:i + len(stop)] == stop:
+                del seq[i:]
+                self.stopped = True
+                return
+
+    def result(self, window, draft_forwards=0):
+        self.stats.new_tokens = len(self.seq) - self.n_prompt
+        self.stats.time_s, self.stats.draft_forwards = time.perf_counter() - self.t0, draft_forwards
+        return Generation(self.seq[self.n_prompt:], self.stats, window)
+
+
+# -----------------------------------------------------------------------------
 # a model, its KV cache, and the window of the sequence the cache holds
 
 class Window:
@@ -116,64 +228,70 @@ class Window:
         self.keep = min(keep or self.block_size - self.block_size // 4, self.block_size)
         self.cache = model.new_cache(self.block_size)
         self.device = next(model.parameters()).device
-        if getattr(model.config, 'head_type', None) == 'sequential':  # their own cache (below)
-            self.head_cache = KVCache(model.config.n_future - 1, self.block_size)
-            self.entry = torch.empty(self.block_size, model.config.n_embd, device=self.device)
 
     def slide(self, n):
         """Make the window fit a sequence of n tokens; return how many more tokens (drafts) fit."""
         if n - self.start > self.block_size:
             self.start = n - self.keep
             self.cache.rollback(0)
-            if hasattr(self, 'head_cache'):
-                self.head_cache.rollback(0)
         return self.start + self.block_size - n
 
-    def follow(self, other):
-        """Start where another window starts (a draft model mirrors its target's context)."""
-        if self.start != other.start:
-            self.start = other.start
-            self.cache.rollback(0)
-
-    def forward(self, seq, drafts=None, n_heads=None):
-        """Logits (T, n_heads, V) of the tokens of seq the cache lacks, followed by drafts (k,)."""
+    def forward(self, seq, drafts=None):
+        """Next-token logits (T, V) of the tokens of seq the cache lacks, followed by drafts (k,);
+        the trunk states of those T positions are kept for verified_states()."""
         new = torch.tensor(seq[self.start + self.cache.length:], dtype=torch.long,
                            device=self.device)
         if drafts is not None and drafts.numel():
             new = torch.cat([new, drafts])
-        logits, _, self.trunk_hidden = self.model(new[None], cache=self.cache, n_heads=n_heads,
+        self.first = self.cache.length  # the window position of the first new token
+        logits, _, self.trunk_hidden = self.model(new[None], cache=self.cache, n_heads=1,
                                                   return_hidden=True)
-        if hasattr(self, 'head_cache'):  # keep the sequential chain's input at every position
-            end = self.cache.length
-            self.entry[end - len(new):end] = self.model.heads[1].mix(self.trunk_hidden)[0]
-        return logits[0]
+        return logits[0, :, 0]
 
-    def draft_logits(self, row):
-        """Logits (n_future - 1, V) of heads 2..n at `row` of the last forward, computed from the
-        trunk states of that row alone: for heads without attention (resblock) this is all a
-        draft needs, so the forward itself can run head 1 only."""
-        return self.model.draft_logits([h[0, row] for h in self.trunk_hidden])
-
-    def draft_chain(self, seq, pick):
-        """Sequential heads: drafts of x_{t+2}..x_{t+n} and their q, where seq ends with the
-        token x_{t+1} just emitted. The heads' cache holds the positions whose inputs were all
-        emitted tokens; each step runs the heads over the rest, up to t (MTPGPT.draft_chain),
-        then forgets the positions that read a draft."""
-        t, n_future = len(seq) - 2 - self.start, self.model.config.n_future  # t: window position
-        done = self.head_cache.length
-        tokens = torch.tensor(seq[self.start + done + 1:], dtype=torch.long, device=self.device)
-        drafts, q = self.model.draft_chain(self.entry[done:t + 1], tokens, pick, self.head_cache)
-        self.head_cache.advance(t + 1 - done)
-        self.head_cache.rollback(max(0, t + 3 - n_future))  # head n at s reads x_{s+n-1} <= x_{t+1}
-        return drafts, q
+    def verified_states(self):
+        """The last forward's trunk states [h_0 .. h_attach], each (1, m, C), at the positions
+        the cache kept: those whose tokens are all verified."""
+        return [h[:, :self.cache.length - self.first] for h in self.trunk_hidden]
 
     def rollback(self, n):
         """Forget the cached tokens from sequence index n on (the rejected drafts)."""
         self.cache.rollback(min(self.cache.length, n - self.start))
 
 
+class ModelDrafter:
+    """Two-model speculative decoding's drafter (heads' drafters: head_designs.py): a separate,
+    smaller model drafts k tokens one forward at a time with a window of its own. A draft model
+    with a block_size >= the target's follows the target's window, so a draft model equal to the
+    target is always accepted; a smaller one slides its own window."""
+
+    def __init__(self, draft, target_window, pick):
+        self.window, self.target_window, self.pick = Window(draft), target_window, pick
+        self.follow = draft.config.block_size >= target_window.block_size
+        self.verified, self.forwards = False, 0
+
+    def observe(self, seq, trunk_hidden, start):
+        self.window.rollback(len(seq) - 1)  # the draft model's cache keeps what was verified
+        self.verified = True
+
+    def draft(self, seq, k):
+        """k drafts and their q; none before the target has verified the prompt."""
+        k = k if self.verified else 0
+        window, drafts, q = self.window, [], []
+        if self.follow and window.start != self.target_window.start:
+            window.start = self.target_window.start
+            window.cache.rollback(0)
+        for j in range(k):
+            window.slide(len(seq) + j)
+            token, q_j = self.pick(window.forward(seq + drafts)[-1])
+            drafts.append(int(token))
+            q.append(q_j)
+        self.forwards += k
+        q = torch.stack(q) if q else torch.empty(0, self.window.model.config.vocab_size)
+        return torch.tensor(drafts, dtype=torch.long, device=window.device), q.to(window.device)
+
+
 # -----------------------------------------------------------------------------
-# the decoding loops (their bookkeeping, common.Decoding, sits around them)
+# the decoding loops
 
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop=(),
@@ -183,7 +301,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
     window = Window(model, keep)
     while run.running():
         window.slide(len(run.seq))
-        probs = probs_from_logits(window.forward(run.seq, n_heads=1)[-1, 0], **run.sampling)
+        probs = probs_from_logits(window.forward(run.seq)[-1], **run.sampling)
         run.emit([int(draw(probs, run.greedy, run.generator))], 0)
     return run.result(window)
 
@@ -209,85 +327,48 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
 
 
 @torch.inference_mode()
-def generate_self_speculative(model, prompt, max_new_tokens, temperature=1.0, top_k=0,
-                              top_p=1.0, stop=(), generator=None, keep=None):
-    """Self-speculative decoding: one forward per step; head 1 verifies the previous step's
-    drafts, and heads 2..n draft the next n-1 tokens. Parallel heads draft at the last accepted
-    position: block heads in the same forward (their KV cache needs every position), resblock
-    heads at that one row. Sequential heads draft after the step, from the token just emitted
-    (Window.draft_chain), so each draft follows the tokens before it."""
-    n_future = model.config.n_future
-    if n_future < 2:
-        raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
-                        "n_future=1; decode without --speculative, or give a --draft model")
-    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, n_future - 1)
+def generate_speculative(model, make_drafter, n_drafts, prompt, max_new_tokens, temperature=1.0,
+                         top_k=0, top_p=1.0, stop=(), generator=None, keep=None):
+    """Speculative decoding: draft, verify, roll back, emit. make_drafter(window, pick) gives
+    what drafts (up to n_drafts tokens a step): the model's own heads or a draft model."""
+    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, n_drafts)
     window = Window(model, keep)
-    drafts = torch.empty(0, dtype=torch.long, device=window.device)
-    q = torch.empty(0, model.config.vocab_size, device=window.device)
-    head_type = model.config.head_type
-    lazy_heads = head_type != 'block'  # heads without attention, or sequential (own cache)
-
-    def pick(logits):  # a draft and its q, from sequential head logits
-        q = probs_from_logits(logits, **run.sampling)
-        return draw(q, run.greedy, run.generator), q
+    drafter = make_drafter(window, run.pick)
     while run.running():
         room = window.slide(len(run.seq))
         # a step emits at most k+1 tokens: never draft past max_new_tokens or the window's end
-        k = min(drafts.numel(), room, run.budget() - 1)
-        logits = window.forward(run.seq, drafts[:k], n_heads=1 if lazy_heads else None)
-        T = logits.size(0)  # the last k+1 rows are the last token and the k drafts
-        p = probs_from_logits(logits[T - k - 1:, 0], **run.sampling)
-        new = verify(p, drafts[:k], q[:k], run.greedy, run.generator)
+        drafts, q = drafter.draft(run.seq, min(n_drafts, room, run.budget() - 1))
+        logits = window.forward(run.seq, drafts)  # the last k+1 rows: the last token, the drafts
+        p = probs_from_logits(logits[len(logits) - len(drafts) - 1:], **run.sampling)
+        new = verify(p, drafts, q, run.greedy, run.generator)
         # the cache keeps the last token and the accepted drafts; the free token is fed next step
         window.rollback(len(run.seq) + len(new) - 1)
-        run.emit(new, k)
-        if head_type == 'sequential':  # heads 2..n chain from the free token just emitted
-            drafts, q = window.draft_chain(run.seq, pick) if run.running() else (drafts, q)
-            continue
-        # at the last accepted position head 1 gave the free token; heads 2..n draft what follows
-        row = T - k - 1 + len(new) - 1
-        q = probs_from_logits(window.draft_logits(row) if lazy_heads else logits[row, 1:],
-                              **run.sampling)
-        drafts = draw(q, run.greedy, run.generator)
-    return run.result(window)
+        run.emit(new, len(drafts))
+        if run.running():
+            drafter.observe(run.seq, window.verified_states(), window.start)
+    return run.result(window, drafter.forwards)
 
 
-@torch.inference_mode()
-def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, temperature=1.0, top_k=0,
-                       top_p=1.0, stop=(), generator=None, keep=None):
-    """Two-model speculative decoding: the draft model drafts gamma tokens autoregressively (its
-    own KV cache), the target verifies them in one forward. `keep` applies to the target's window;
-    a draft model with a block_size >= the target's uses the target's window, a smaller one its
-    own (with its default keep)."""
+def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
+    """Self-speculative decoding: the model's heads 2..n draft (head_designs.py: each design's
+    drafter), and one forward of head 1 verifies."""
+    if model.config.n_future < 2:
+        raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
+                        "n_future=1; decode without --speculative, or give a --draft model")
+    return generate_speculative(model, lambda window, pick: model.drafter(pick),
+                                model.config.n_future - 1, prompt, max_new_tokens, **sampling)
+
+
+def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **sampling):
+    """Two-model speculative decoding (Leviathan et al. 2023): a smaller draft model drafts
+    gamma tokens a step. `keep` (in sampling) applies to the target's window."""
     if target.config.vocab_size != draft.config.vocab_size:
         raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from "
                         f"the target's ({target.config.vocab_size})")
     if gamma < 1:
         raise UserError(f"gamma (drafts per step) must be >= 1, got {gamma}")
-    run = Decoding(prompt, max_new_tokens, temperature, top_k, top_p, stop, generator, gamma)
-    target_window, draft_window = Window(target, keep), Window(draft)
-    while run.running():
-        room = target_window.slide(len(run.seq))
-        first = run.stats.target_forwards == 0  # as in every mode: the prompt's forward, no drafts
-        k = 0 if first else min(gamma, room, run.budget() - 1)
-        if draft.config.block_size >= target.config.block_size:
-            draft_window.follow(target_window)  # the target's context: a draft equal to the
-        drafts, q = [], []                      # target would be accepted every time
-        for j in range(k):
-            draft_window.slide(len(run.seq) + j)
-            logits = draft_window.forward(run.seq + drafts, n_heads=1)[-1, 0]
-            q.append(probs_from_logits(logits, **run.sampling))
-            drafts.append(int(draw(q[-1], run.greedy, run.generator)))
-        run.stats.draft_forwards += k
-        drafts = torch.tensor(drafts, dtype=torch.long, device=target_window.device)
-        q = torch.stack(q) if q else torch.empty(0, target.config.vocab_size, device=drafts.device)
-        logits = target_window.forward(run.seq, drafts, n_heads=1)
-        p = probs_from_logits(logits[-k - 1:, 0], **run.sampling)
-        new = verify(p, drafts, q, run.greedy, run.generator)
-        target_window.rollback(len(run.seq) + len(new) - 1)
-        draft_window.rollback(len(run.seq) + len(new) - 1)
-        run.emit(new, k)
-    return run.result(target_window)
+    return generate_speculative(target, lambda window, pick: ModelDrafter(draft, window, pick),
+                                gamma, prompt, max_new_tokens, **sampling)
 
 
 # -----------------------------------------------------------------------------

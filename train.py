@@ -219,7 +219,7 @@ def training_strategy(model, cfg, device_type):
     frozen trunk       --freeze_trunk: only the heads learn ("MTP heads on a frozen NTP model")
     differential LR    joint training with the trunk's LR = trunk_lr_scale x the heads' LR, so
                        the new heads move fast while the trunk's NTP skills are kept
-    WHS                each head's mixing coefficients over h_0..h_attach (heads.Head) are
+    WHS                each head's mixing coefficients over h_0..h_attach (whs_coef) are
                        head parameters: the heads' LR, no weight decay; reported at every eval
     head warmup        the first head_warmup_iters iterations train the heads only, then all:
                        trunk_trainable(it) says which, and train() applies it every step
@@ -229,9 +229,10 @@ def training_strategy(model, cfg, device_type):
     except ValueError:
         raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
     loss_weights = loss_weights_for(model.config.n_future, explicit, cfg.mtp_weight, cfg.mtp_decay)
-    for head, weight in zip(model.heads, loss_weights):
+    for k, weight in enumerate(loss_weights, start=1):
         if weight == 0:  # untrained: out of the optimizer, and DDP must not wait for its gradient
-            head.requires_grad_(False)
+            for p in model.head_parameters(k):
+                p.requires_grad_(False)
     # a frozen trunk is left out of the optimizer; head warmup's trunk is in it, without
     # gradients (so untouched by AdamW) until the warmup ends
     set_trunk_trainable(model, not cfg.freeze_trunk)
@@ -263,7 +264,7 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
             model.require_backward_grad_sync = micro == micro_steps - 1
         with autocast:
             if cfg.memory_efficient:  # heads' forward + backward one at a time
-                loss = raw_model.forward_backward_sequential(x, y, loss_weights, 1 / micro_steps)
+                loss = raw_model.backward_head_by_head(x, y, loss_weights, 1 / micro_steps)
             else:
                 _, loss = model(x, y, loss_weights=loss_weights)
         if not torch.isfinite(loss):

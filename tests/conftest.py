@@ -84,20 +84,22 @@ def tiny_gpt(seed=0, arch='gpt2', **kw):
 
 def tiny_mtp(n_future=3, seed=0, arch='gpt2', **kw):
     """A seeded MTPGPT of tiny_config's shape with n_future heads, in eval mode; kw sets any
-    GPTConfig or MTPConfig field (whs, attach_layer, head_type, bias, ...)."""
+    GPTConfig or MTPConfig field (whs, attach_layer, head_type, bias, ...); block heads unless
+    kw says otherwise, and sequential heads with attention (the designs with the most state)."""
     torch.manual_seed(seed)
+    kw = {'head_type': 'block', 'head_attention': True, **kw}
     return MTPGPT(MTPConfig(**{**tiny_config(arch).__dict__, **kw}, n_future=n_future)).eval()
 
 
 def random_mtp(vocab=13, n_future=4, seed=0, n_layer=2, block_size=64, std=0.3,
-               head_type='block', arch='gpt2'):
+               head_type='block', arch='gpt2', head_attention=True):
     """An MTPGPT (2 heads of attention, 32 channels) whose matrices are drawn with a large std:
     peaked, distinct next-token distributions (no near-ties); its MTP heads are untrained, so
     their drafts are mostly rejected."""
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=32,
                              block_size=block_size, n_future=n_future, head_type=head_type,
-                             **ARCHS[arch]))
+                             head_attention=head_attention, **ARCHS[arch]))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -117,7 +119,7 @@ def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=
     torch.manual_seed(seed)
     model = MTPGPT(MTPConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
                              block_size=block_size, n_future=n_future, head_type=head_type,
-                             **ARCHS[arch]))
+                             head_attention=True, **ARCHS[arch]))
     sequential = head_type == 'sequential'
     with torch.no_grad():
         for p in model.parameters():
@@ -126,14 +128,14 @@ def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=
         model.transformer.wte.weight[:, :vocab] += torch.eye(vocab)   # tied: logits_v = LN(h)_v
         if model.lm_head.weight is not model.transformer.wte.weight:  # untied (neox): the same
             model.lm_head.weight[:, :vocab] += torch.eye(vocab)
-        head_blocks = [getattr(head, 'block', None) for head in model.heads] if sequential \
+        head_blocks = [None] + [head.block for head in model.heads] if sequential \
             else [head.blocks[0] for head in model.heads]
         for block in list(model.transformer.h) + [b for b in head_blocks if b is not None]:
             block.attn.c_proj.weight.mul_(0.0)
             block.mlp.c_proj.weight.mul_(0.0)
         if sequential:  # head 1: the trunk's last block; head i >= 2 reads its token x_{t+i-1}
             head_blocks[0] = model.transformer.h[-1]
-            for head in list(model.heads)[1:]:
+            for head in model.heads:
                 head.combine.weight[:, 32:] += 0.2 * torch.eye(32)
         for i, block in enumerate(head_blocks, start=1):
             mlp, step = block.mlp, 1 if sequential else i

@@ -265,30 +265,44 @@ def test_an_old_checkpoint_with_softmax_whs_loads_as_the_same_mix():
     assert torch.allclose(back.whs_weights(), torch.softmax(logits, 1))
 
 
-def test_an_old_checkpoint_with_linear_heads_loads_as_the_same_model(tmp_path):
-    """Checkpoints written before the resblock head had its own module say head_type='linear'
-    and store heads.i.linear.{weight,bias}. model_from_checkpoint (and load_model, from a file)
-    rebuild the model they were made from: resblock heads, the same logits for every head."""
-    model = tiny_mtp(n_future=3, head_type='resblock', bias=True)
+OLD_FORMATS = {  # how earlier versions stored these weights, and their model_args
+    'resblock (6118b76)': (dict(head_type='resblock', bias=True),
+                           lambda k: re.sub(r'^(heads\.\d+)\.linear\.', r'\1.resblock.linear.', k),
+                           {}),
+    'linear (before the ResBlock module)': (dict(head_type='resblock', bias=True), lambda k: k,
+                                            {'head_type': 'linear'}),
+    'sequential (6118b76: head 1 had slot 0)': (
+        dict(head_type='sequential', whs=True),
+        lambda k: re.sub(r'^heads\.(\d+)\.', lambda m: f"heads.{int(m[1]) + 1}.", k)
+        .replace('heads.whs_coef', 'heads.1.whs_coef'), {}),
+    'block (before head_type and head_attention)': (dict(head_type='block'), lambda k: k,
+                                                    {'head_type': None, 'head_attention': None}),
+}
+
+
+@pytest.mark.parametrize('kw,rename,args', list(OLD_FORMATS.values()), ids=list(OLD_FORMATS))
+def test_an_old_checkpoint_loads_as_the_same_model(tmp_path, kw, rename, args):
+    """Checkpoints of earlier versions (weights under older names, model_args with older names
+    or without today's fields) load, through model_from_checkpoint and load_model, as the model
+    they were made from: the same logits for every head."""
+    model = tiny_mtp(n_future=3, **kw)
     with torch.no_grad():
         for p in model.heads.parameters():  # away from the identity init: the weights matter
             p.normal_(0, 0.5)
-    old_state = {re.sub(r'^(heads\.\d+)\.resblock\.linear\.', r'\1.linear.', k): v
-                 for k, v in model.state_dict().items()}
-    assert {'heads.2.linear.weight', 'heads.2.linear.bias'} <= old_state.keys()
-    assert not any('resblock' in k for k in old_state)
-    old = dict(model=old_state, model_args={**asdict(model.config), 'head_type': 'linear'})
+    old_state = {rename(k): v for k, v in model.state_dict().items()}
+    old_args = {k: v for k, v in {**asdict(model.config), **args}.items() if v is not None}
+    old = dict(model=old_state, model_args=old_args)
     path = str(tmp_path / 'old.pt')
     save_checkpoint({**old, 'config': {}, 'meta': {}}, path)
     x = tokens()
     with torch.no_grad():
         want, _ = model(x)
-        assert max_diff(model.head_logits(3, model.trunk(x)), want[:, :, 0]) > 1e-3
+        assert max_diff(want[:, :, 2], want[:, :, 0]) > 1e-3
         for back in (model_from_checkpoint(old).eval(), load_model(path)[0]):
-            assert back.config.head_type == 'resblock'
+            assert back.config.head_type == model.config.head_type
             assert max_diff(back(x)[0], want) == 0
-    # the same weights under a name that is neither the old nor the new one do not load
-    broken = {k.replace('.linear.', '.proj.'): v for k, v in old_state.items()}
+    # the same weights under a name that is neither an old nor the new one do not load
+    broken = {k.replace('heads.2.', 'heads.2.proj.'): v for k, v in old_state.items()}
     one_line_error(model_from_checkpoint, dict(old, model=broken))
     assert M.UserError is UserError  # model.py's UserError is the one common.py raises
 

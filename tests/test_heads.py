@@ -85,25 +85,30 @@ def test_loss_weights_for():
 
 def test_a_head_with_zero_loss_weight_adds_nothing_to_loss_or_gradient():
     """lambda_i = 0 leaves head i out of the loss: its parameters get no (or zero) gradient, in
-    the standard and in the sequential backward (train.py then freezes such heads)."""
-    for sequential in (False, True):
+    the standard and in the head-by-head backward (train.py then freezes such heads)."""
+    for head_by_head in (False, True):
         model = tiny_mtp(n_future=3)
         x, y, _ = batch()
-        if sequential:
-            model.forward_backward_sequential(x, y, [0.0, 1.0, 1.0])
+        if head_by_head:
+            model.backward_head_by_head(x, y, [0.0, 1.0, 1.0])
         else:
             model(x, y, loss_weights=[0.0, 1.0, 1.0])[1].backward()
-        assert all(p.grad is None or not p.grad.any() for p in model.heads[0].parameters())
-        assert all(p.grad is not None and p.grad.any() for p in model.heads[1].parameters())
+        assert all(p.grad is None or not p.grad.any() for p in model.head_parameters(1))
+        assert all(p.grad is not None and p.grad.any() for p in model.head_parameters(2))
 
 
 # heads are numbered from 1: head k predicts x_{t+k}
 
+def head_logits(model, k, trunk_hidden, idx=None):
+    """Head k's logits from head_states (one head at a time, as train.evaluate reads them)."""
+    return model.unembed(list(model.head_states(idx, trunk_hidden, n_heads=k))[-1][1])
+
+
 @pytest.mark.parametrize('head_type', ['block', 'resblock', 'sequential'])
-def test_head_logits_k_is_head_k_of_the_forward_1_based(head_type, arch):
-    """head_logits(k, trunk states) is head k, 1-based as in the paper's x_{t+k}: head_logits(1)
-    is the next-token head, logits[:, :, 0] of forward(), and head_logits(k) is
-    logits[:, :, k-1], for every k = 1..n_future."""
+def test_head_states_k_is_head_k_of_the_forward_1_based(head_type, arch):
+    """head_states yields (k, s_k) for k = 1, 2, ...: 1-based as in the paper's x_{t+k}: head 1
+    is the next-token head, logits[:, :, 0] of forward(), and head k is logits[:, :, k-1], for
+    every k = 1..n_future."""
     model = tiny_mtp(n_future=3, head_type=head_type, arch=arch)
     torch.manual_seed(2)
     with torch.no_grad():  # (resblock heads start as the identity: make them differ)
@@ -114,24 +119,22 @@ def test_head_logits_k_is_head_k_of_the_forward_1_based(head_type, arch):
         logits, _ = model(x)
         trunk_hidden = model.trunk(x)
         for k in range(1, 4):
-            assert max_diff(model.head_logits(k, trunk_hidden, x), logits[:, :, k - 1]) <= TOL, k
+            assert max_diff(head_logits(model, k, trunk_hidden, x), logits[:, :, k - 1]) <= TOL, k
         ntp, _ = model(x, n_heads=1)  # the next-token path alone is head 1
-        assert max_diff(model.head_logits(1, trunk_hidden), ntp[:, :, 0]) <= TOL
+        assert max_diff(head_logits(model, 1, trunk_hidden), ntp[:, :, 0]) <= TOL
     # the heads are different functions, so a shifted numbering would fail above
     assert max_diff(logits[:, :, 0], logits[:, :, 1]) > 1e-3
     assert max_diff(logits[:, :, 1], logits[:, :, 2]) > 1e-3
 
 
-def test_linear_is_the_old_name_of_the_resblock_head():
-    """head_type='linear' (the old name, still in old checkpoints and flags) is normalized to
-    'resblock' by MTPConfig: the same model, whose heads are ResBlocks z + SiLU(W z)."""
-    config = MTPConfig(**tiny_config().__dict__, n_future=3, head_type='linear')
-    assert config.head_type == 'resblock' and config.attach_layer == 3
-    old, new = tiny_mtp(head_type='linear'), tiny_mtp(head_type='resblock')
-    assert old.state_dict().keys() == new.state_dict().keys()
-    assert 'heads.1.resblock.linear.weight' in old.state_dict()
-    with pytest.raises(M.UserError, match='head_type'):
-        MTPConfig(**tiny_config().__dict__, n_future=3, head_type='mlp')
+def test_the_default_config_is_the_main_jobs_heads_and_an_unknown_design_is_an_error():
+    """MTPConfig(n_future=4) builds the main job's heads: sequential, with an MLP body."""
+    config = MTPConfig(**tiny_config().__dict__, n_future=4)
+    assert (config.head_type, config.head_attention, config.attach_layer) == ('sequential',
+                                                                             False, 3)
+    for bad in ('mlp', 'linear'):
+        with pytest.raises(M.UserError, match='head_type'):
+            MTPConfig(**tiny_config().__dict__, n_future=3, head_type=bad)
 
 
 # -----------------------------------------------------------------------------
@@ -149,10 +152,10 @@ def assert_every_head_reproduces(src, mtp):
 
 @pytest.mark.parametrize('attach', [0, 1, 2])
 def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach, arch):
-    """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a): head 1 gives the source model's
+    """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a), block heads: head 1 gives the source model's
     logits for every a in 0..n_layer-1 (and at init the other heads are copies of it)."""
     src = tiny_gpt(n_layer=3, arch=arch)
-    mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach).eval()
+    mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach, head_type='block').eval()
     assert len(mtp.transformer.h) == attach
     assert all(len(h.blocks) == 3 - attach for h in mtp.heads)
     assert_every_head_reproduces(src, mtp)
@@ -161,15 +164,15 @@ def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach, arch
 def test_from_gpt_of_an_mtp_model_uses_its_head1_path(arch):
     """Adapting an MTPGPT re-uses trunk + head 1 (its next-token path)."""
     src = tiny_mtp(n_future=2, arch=arch).eval()
-    mtp = MTPGPT.from_gpt(src, n_future=4, attach_layer=0).eval()
+    mtp = MTPGPT.from_gpt(src, n_future=4, attach_layer=0, head_type='block').eval()
     x, _, _ = batch()
     with torch.no_grad():
         ref, _ = src(x, n_heads=1)
         out, _ = mtp(x)
     assert max_diff(out[:, :, 0], ref[:, :, 0]) <= TOL
-    whs = MTPGPT.from_gpt(src, n_future=2, whs=True)
+    whs = MTPGPT.from_gpt(src, n_future=2, whs=True, head_type='block')
     with pytest.raises(M.UserError, match='head 1'):
-        MTPGPT.from_gpt(whs, n_future=2)
+        MTPGPT.from_gpt(whs, n_future=2, head_type='block')
 
 
 def test_one_head_mtp_model_is_the_plain_gpt(arch):
@@ -194,11 +197,12 @@ def test_whs_at_init_equals_plain_heads_and_every_layer_gets_a_gradient(arch):
     head): its logits equal those of the same model without WHS; after a backward every head's
     coefficient of EVERY layer has a gradient of order one (not ~e^-12, as a saturated softmax's)."""
     src = tiny_gpt(arch=arch)
-    plain = MTPGPT.from_gpt(src, n_future=3, attach_layer=1).eval()
-    whs = MTPGPT.from_gpt(src, n_future=3, attach_layer=1, whs=True).eval()
+    plain = MTPGPT.from_gpt(src, n_future=3, attach_layer=1, head_type='block').eval()
+    whs = MTPGPT.from_gpt(src, n_future=3, attach_layer=1, whs=True,
+                          head_type='block').eval()
     # perturb head 2 and 3 identically in both so the heads differ from each other
     torch.manual_seed(5)
-    for hp, hw in zip(plain.heads[1:], whs.heads[1:]):
+    for hp, hw in zip(list(plain.heads)[1:], list(whs.heads)[1:]):
         for p, q in zip(hp.blocks.parameters(), hw.blocks.parameters()):
             noise = 0.02 * torch.randn_like(p)
             with torch.no_grad():
@@ -228,16 +232,19 @@ def test_resblock_heads_start_as_the_plain_model(arch):
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(whs=True), dict(bias=True)])
-def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
-    """draft_logits (the decode loop's batched resblock heads 2..n at one position) equals
-    head_logits of every head at that position, with WHS mixes and biases too."""
+def test_resblock_drafts_at_one_position_equal_each_heads_logits(kw):
+    """The resblock drafter (heads 2..n at the last verified position, as one batched matmul)
+    gives head k's logits there, with WHS mixes and biases too."""
     model = tiny_mtp(n_future=4, head_type='resblock', **kw)
+    x = batch()[0][1:]
     with torch.no_grad():
         for p in model.heads.parameters():  # not the identity / last-layer init
             p.normal_(0, 0.5)
-        trunk_hidden = model.trunk(batch()[0])
-        want = torch.stack([model.head_logits(k, trunk_hidden)[1, 5] for k in range(2, 5)])
-        got = model.draft_logits([h[1, 5] for h in trunk_hidden])
+        trunk_hidden = model.trunk(x[:, :6])
+        want = torch.stack([head_logits(model, k, trunk_hidden)[0, 5] for k in range(2, 5)])
+        drafter = model.drafter(lambda logits: (logits.argmax(-1), logits))
+        drafter.observe(x[0, :7].tolist(), trunk_hidden, 0)
+        got = drafter.draft(x[0].tolist(), 3)[1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -251,8 +258,8 @@ def test_draft_logits_of_one_position_equal_each_heads_logits(kw):
                                 dict(head_type='sequential', head_attention=False)],
                          ids=['block', 'whs', 'whs-attach0', 'resblock', 'sequential',
                               'sequential-whs', 'sequential-mlp'])
-def test_sequential_backward_gives_the_same_gradients(kw, arch):
-    """forward_backward_sequential (one head's forward+backward at a time) gives the gradients
+def test_head_by_head_backward_gives_the_same_gradients(kw, arch):
+    """backward_head_by_head (one head's forward+backward at a time) gives the gradients
     of mtp_loss(...).backward() for every parameter, and the same loss value."""
     a = tiny_mtp(n_future=3, arch=arch, **kw).train()
     torch.manual_seed(3)
@@ -264,7 +271,7 @@ def test_sequential_backward_gives_the_same_gradients(kw, arch):
     weights = [1.0, 0.6, 0.3]
     _, loss = a(x, y, loss_weights=weights)
     loss.backward()
-    total = b.forward_backward_sequential(x, y, loss_weights=weights)
+    total = b.backward_head_by_head(x, y, loss_weights=weights)
     assert float(total) == pytest.approx(loss.item(), abs=TOL)
     named_b = dict(b.named_parameters())
     for name, p in a.named_parameters():
@@ -310,11 +317,12 @@ def test_from_gpt_with_sequential_heads_keeps_the_source_as_head_1(whs):
     """Sequential head 1 is the trunk itself: an adapted model's next-token logits are the
     source's, heads 2..n are new modules, and with WHS only head 2 (the chain's entry) mixes."""
     src = tiny_gpt()
-    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='sequential', whs=whs).eval()
+    mtp = MTPGPT.from_gpt(src, n_future=3, head_type='sequential', whs=whs,
+                          head_attention=True).eval()
     x, _, _ = batch()
     with torch.no_grad():
         assert max_diff(mtp(x)[0][:, :, 0], src(x)[0]) <= TOL
-    assert len(mtp.transformer.h) == 3 and not list(mtp.heads[0].parameters())
+    assert len(mtp.transformer.h) == 3 and mtp.head_parameters(1) == [] and len(mtp.heads) == 2
     assert mtp.whs_weights() is None if not whs else mtp.whs_weights().shape == (1, 4)
 
 

@@ -75,7 +75,7 @@ def test_pythia_conversion_gives_the_same_logits():
         assert max_diff(ours(x)[0], want) <= 1e-4
         assert want.std() > 1.0  # the random weights matter: far from uniform logits
         for attach in (0, 1):
-            mtp = MTPGPT.from_gpt(ours, n_future=3, attach_layer=attach).eval()
+            mtp = MTPGPT.from_gpt(ours, n_future=3, attach_layer=attach, head_type='block').eval()
             assert max_diff(mtp(x)[0][:, :, 0], want) <= 1e-4
 
 
@@ -85,9 +85,9 @@ def test_pythia_greedy_decoding_equals_transformers_generate():
     self-speculative decoding through an adapted MTPGPT (drafts, rollbacks)."""
     hf = random_pythia()
     ours = MTPGPT.from_gpt(M.GPT.from_hf(hf)).eval()  # (decoding takes an MTPGPT)
-    mtp = MTPGPT.from_gpt(ours, n_future=3, attach_layer=1).eval()
+    mtp = MTPGPT.from_gpt(ours, n_future=3, attach_layer=1, head_type='block').eval()
     with torch.no_grad():  # heads 2, 3: not copies of head 1 (drafts get rejected too)
-        for head in mtp.heads[1:]:
+        for head in list(mtp.heads)[1:]:
             for p in head.parameters():
                 p.add_(0.1 * torch.randn_like(p))
     for prompt in PROMPTS:

@@ -270,7 +270,6 @@ MARGINALIZE_ERRORS = [
      ('needs up to', 'forward tokens', 'raise --max_forward_tokens')),
     (['--nope=1'], 'unknown option'),
     (['--top_k=x'], 'top_k'),
-    (['--bench=true'], 'bench.py marginalize'),  # the benchmark moved there
     (['--ckpt='], '--ckpt=PATH is required'),
     (['--positions=0'], 'positions'),
     (['--k_ahead=0'], 'k_ahead'),

@@ -126,7 +126,10 @@ def test_readme_links_the_generated_study_results():
 
 
 def definitions(path):
-    return set(re.findall(r'^\s*(?:def|class) (\w+)', read(path), re.M))
+    """The functions, classes and module-level names a file defines."""
+    text = read(path)
+    return set(re.findall(r'^\s*(?:def|class) (\w+)', text, re.M)) | set(
+        re.findall(r'^(\w+) = ', text, re.M))
 
 
 def test_the_reading_path_names_code_that_exists():

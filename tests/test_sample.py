@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+import head_designs
 import sample
-from common import UserError, Stats, encode_prompt, stop_tokens
+from common import UserError, encode_prompt, stop_tokens
 from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
+from head_designs import ChainDrafter, mix
 from heads import MTPGPT, MTPConfig
-from sample import (probs_from_logits, verify, generate, generate_self_speculative,
+from sample import (Stats, probs_from_logits, verify, generate, generate_self_speculative,
                     generate_two_model)
 
 
@@ -30,17 +32,16 @@ def random_prompts(n, vocab, max_len, seed=0):
     return [torch.randint(vocab, (length,), generator=g).tolist() for length in lengths]
 
 
-def assert_cache_equals_fresh_prefill(model, seq, window, layers=None):
-    """The cache of a run (every layer, head layers included, unless `layers` says which)
-    equals a fresh prefill of the tokens it claims to hold."""
+def assert_cache_equals_fresh_prefill(model, seq, window):
+    """The target's cache after a run (the layers of the next-token path: trunk and head 1;
+    drafters keep their own) equals a fresh prefill of the tokens it claims to hold."""
     cache = window.cache
     held = seq[window.start:window.start + cache.length]
     assert cache.length > 0 and len(held) == cache.length
     fresh = model.new_cache()
-    with torch.no_grad():  # (sequential heads 2..n have their own cache: test_draft_chain_...)
-        model(torch.tensor([held]), cache=fresh,
-              n_heads=1 if model.config.head_type == 'sequential' else None)
-    for layer in layers or range(cache.n_layers):
+    with torch.no_grad():
+        model(torch.tensor([held]), cache=fresh, n_heads=1)
+    for layer in [i for i, k in enumerate(fresh.k) if k is not None]:
         for got, want in ((cache.k, fresh.k), (cache.v, fresh.v)):
             torch.testing.assert_close(got[layer][:, :, :cache.length],
                                        want[layer][:, :, :cache.length], atol=1e-5, rtol=1e-5)
@@ -166,9 +167,7 @@ def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch):
         draft = random_mtp(seed=1, n_future=1, arch=arch)
         run = generate_two_model(model, draft, prompt, 25, gamma=3, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0))
-        # a two-model target decodes with head 1 only: its trunk and head-1 layers are exact
-        head_1_path = range(model.config.attach_layer + model.head_depth())
-        assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window, head_1_path)
+        assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
 
 
 def recomputed_q(model, seq, start, drafts, temperature):
@@ -177,23 +176,22 @@ def recomputed_q(model, seq, start, drafts, temperature):
     the drafts given."""
     with torch.no_grad():
         window = torch.tensor(seq[start:])
-        entry = model.heads[1].mix(model.trunk(window[None, :-1]))[0]
+        entry = mix(model.heads.whs_coef, model.trunk(window[None, :-1]))[0]
         forced = iter(drafts)
         pick = lambda logits: (next(forced), probs_from_logits(logits, temperature))  # noqa: E731
-        return model.draft_chain(entry, window[1:], pick)[1]
+        return model.heads.chain(model, entry, window[1:], pick)[1]
 
 
 def drafts_checked_against_recomputation(monkeypatch, found, temperature):
-    """Make every Window.draft_chain of a run also recompute its q from scratch, and record in
+    """Make every ChainDrafter.observe of a run also recompute its q from scratch, and record in
     `found` whether both agree within 1e-4 (at temperature 0, q is the one-hot greedy draft)."""
-    chain = sample.Window.draft_chain
+    observe = ChainDrafter.observe
 
-    def checked(window, seq, pick):
-        drafts, q = chain(window, seq, pick)
-        want = recomputed_q(window.model, seq, window.start, drafts, temperature)
-        found.append(bool(torch.allclose(q, want, atol=1e-4)))
-        return drafts, q
-    monkeypatch.setattr(sample.Window, 'draft_chain', checked)
+    def checked(drafter, seq, trunk_hidden, start):
+        observe(drafter, seq, trunk_hidden, start)
+        want = recomputed_q(drafter.model, seq, start, drafter.drafts, temperature)
+        found.append(bool(torch.allclose(drafter.q, want, atol=1e-4)))
+    monkeypatch.setattr(ChainDrafter, 'observe', checked)
 
 
 def counting_with_live_head_attention(wrong=(), seed=0):
@@ -202,7 +200,7 @@ def counting_with_live_head_attention(wrong=(), seed=0):
     model = counting_mtp(n_future=4, wrong=wrong, head_type='sequential', block_size=24)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for head in list(model.heads)[1:]:
+        for head in model.heads:
             head.block.attn.c_proj.weight.normal_(0, 0.3)
     return model
 
@@ -229,19 +227,20 @@ def test_sequential_drafts_with_their_cache_equal_a_recomputation(monkeypatch, t
 
 def test_a_draft_cache_not_rolled_back_fails_the_recomputation_check(monkeypatch):
     """The negative control: a heads' cache that keeps one position that read a draft."""
-    class RolledBackOneShort(sample.KVCache):
+    class RolledBackOneShort(head_designs.KVCache):
         def rollback(self, length):
             super().rollback(min(self.length, length + 1))
     model = counting_with_live_head_attention()
-    monkeypatch.setattr(sample, 'KVCache', RolledBackOneShort)
+    monkeypatch.setattr(head_designs, 'KVCache', RolledBackOneShort)
     found = []
     drafts_checked_against_recomputation(monkeypatch, found, 1.0)
     decode_sequential(model, random_prompts(3, 13, 10, seed=3), 1.0)
     assert not all(found)
 
 
-@pytest.mark.parametrize('kw', [dict(head_attention=False), dict(whs=True)],
-                         ids=['mlp-heads', 'whs'])
+@pytest.mark.parametrize('kw', [dict(head_attention=False), dict(whs=True, head_attention=True),
+                                dict(whs=True, head_attention=False)],
+                         ids=['mlp-heads', 'whs', 'whs-mlp-heads'])
 def test_sequential_heads_variants_decode_exactly(kw):
     """head_attention=False (Hydra's MLP body, which reads no other position) and WHS (head 2
     reads a mix of the trunk's layers, kept per position by the decoding window): greedy output
