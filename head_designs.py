@@ -113,16 +113,17 @@ class SequentialHead(nn.Module):
         return self.block(z, cache, layer, attn_mask)
 
     def token_table(self, wte):
-        """(V, C): the token half of M_k for every token, M_k[:, C:] norm(emb(x)), so that
-        M_k [a; norm(emb(x))] = M_k[:, :C] a + table[x] (+ bias) is one lookup when drafting."""
-        C = wte.size(1)
-        return self.norm_token(wte) @ self.combine.weight[:, C:].t()
+        """(V, C): the token half of M_k, and its bias, for every token x:
+        M_k [a; norm(emb(x))] = M_k[:, :C] a + table[x], one lookup when drafting."""
+        C, bias = wte.size(1), self.combine.bias
+        table = self.norm_token(wte) @ self.combine.weight[:, C:].t()
+        return table if bias is None else table + bias
 
     def step(self, state, table_rows, cache=None, layer=0, attn_mask=None):
         """forward() when drafting, the token half looked up: M_k[:, :C] norm(state) + table[x]."""
         C = state.size(-1)
-        z = F.linear(self.norm_state(state), self.combine.weight[:, :C], self.combine.bias)
-        return self.block(z + table_rows, cache, layer, attn_mask)
+        z = F.linear(self.norm_state(state), self.combine.weight[:, :C]) + table_rows
+        return self.block(z, cache, layer, attn_mask)
 
 
 # -----------------------------------------------------------------------------
@@ -297,12 +298,12 @@ class BlockDrafter(Drafter):
 class ChainDrafter(Drafter):
     """Sequential heads chain at the last verified position j: head 2 reads s_1[j] and the token
     just emitted, head k reads s_{k-1}[j] and head k-1's draft (SequentialHeads.chain).
-    - An MLP body (head_attention=False) reads no other position: the chain runs on row j alone,
-      with no cache and no mask.
     - With attention, head k at position s reads x_{s+k-1}, and the chain runs over every
       position not cached yet. Invariant: self.cache (layer k-2 = head k) holds window positions
       0 .. cache.length - 1 whose heads read verified tokens only (s + n - 1 <= j): drafts and
       the token just emitted are never cached. self.entry keeps s_1 (or z_2) per position.
+    - An MLP body reads no other position: the chain runs on row j alone, with no cache and no
+      mask, as a few raw ops on weights prepared once (row_chain).
     The token half of each M_k is a table lookup (token_table) when the vocabulary is small
     enough for the V x C tables to pay: building them costs V C^2 per head, once per decoding."""
     max_table_vocab = 4096
@@ -315,19 +316,54 @@ class ChainDrafter(Drafter):
         self.cache = KVCache(config.n_future - 1, config.block_size) \
             if config.head_attention else None
         self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device)
+        self.rows = None if config.head_attention or self.tables is None else row_weights(model)
 
     def observe(self, seq, trunk_hidden, start):
-        m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
-        first = j  # the first position the chain runs on
-        if self.cache is None:
-            self.entry[j] = mix(self.model.heads.whs_coef, [h[0, -1] for h in trunk_hidden])
+        whs, device = self.model.heads.whs_coef, self.entry.device
+        if self.cache is None:  # an MLP body: the chain on row j alone
+            entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
+            if self.rows is not None:
+                self.drafts, self.q = row_chain(self.rows, self.tables, entry, tokens, self.pick)
+                return
         else:
-            self.entry[j + 1 - m:j + 1] = mix(self.model.heads.whs_coef, trunk_hidden)[0]
+            m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
+            self.entry[j + 1 - m:j + 1] = mix(whs, trunk_hidden)[0]
             self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after a slide)
-            first = self.cache.length
-        tokens = torch.tensor(seq[start + first + 1:], device=self.entry.device)  # x_{s+1}
-        self.drafts, self.q = self.model.heads.chain(self.model, self.entry[first:j + 1], tokens,
-                                                     self.pick, self.cache, self.tables)
+            entry = self.entry[self.cache.length:j + 1]
+            tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
+        self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.pick,
+                                                     self.cache, self.tables)
         if self.cache is not None:  # keep the positions whose heads read verified tokens only
-            self.cache.advance(j + 1 - first)
+            self.cache.advance(len(tokens))
             self.cache.rollback(max(0, j + 2 - self.model.config.n_future))
+
+
+def row_weights(model):
+    """The weights of sequential heads with an MLP body, and of the shared unembedding, as plain
+    tensors (matrices transposed), gathered once per decoding: on a CPU a module call or a
+    parameter lookup costs more than a 128-wide op on one row."""
+    def norm(ln):
+        return ln.normalized_shape, ln.weight, ln.bias
+    C = model.config.n_embd
+    heads = [(norm(h.norm_state), h.combine.weight[:, :C].t(), norm(h.block.ln),
+              h.block.mlp.c_fc, h.block.mlp.c_proj, h.block.mlp.gelu.approximate)
+             for h in model.heads]
+    return [(ln_s, w_s, ln, fc.weight.t(), fc.bias, proj.weight.t(), proj.bias, gelu)
+            for ln_s, w_s, ln, fc, proj, gelu in heads], norm(model.transformer.ln_f), \
+        model.lm_head.weight.t()
+
+
+def row_chain(rows, tables, state, token, pick):
+    """SequentialHeads.chain on one row with MLP bodies, written with raw ops: for k = 2..n,
+    z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), logits = unembed(s_k)."""
+    heads, ln_f, unembedding = rows
+    drafts, q = [], []
+    for (ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu), table in zip(heads, tables):
+        z = torch.addmm(table[token], F.layer_norm(state, *ln_s), w_s)
+        h = F.layer_norm(z, *ln) @ w_fc
+        state = torch.addmm(z, F.gelu(h if b_fc is None else h + b_fc, approximate=gelu), w_proj)
+        state = state if b_proj is None else state + b_proj
+        token, q_k = pick(F.layer_norm(state, *ln_f) @ unembedding)
+        drafts.append(token)
+        q.append(q_k)
+    return torch.cat(drafts), torch.cat(q)

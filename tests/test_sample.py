@@ -211,14 +211,28 @@ def decode_sequential(model, prompts, temperature):
                                   generator=torch.Generator().manual_seed(0))
 
 
+def mlp_heads_with_whs(seed=0, std=0.3):
+    """Sequential heads with an MLP body (the main job's) and WHS, weights moved off their init."""
+    torch.manual_seed(seed)
+    model = MTPGPT(MTPConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=24,
+                             n_future=4, head_type='sequential', whs=True, bias=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize('temperature', [0.0, 1.0])
-def test_sequential_drafts_with_their_cache_equal_a_recomputation(monkeypatch, temperature):
-    """Sequential heads keep their own KV cache of the positions whose inputs were emitted tokens
-    and roll it back past the positions that read a draft. At every step, with rejections at
-    every draft position and a sliding window, their drafts equal drafts computed from scratch."""
+@pytest.mark.parametrize('make', [counting_with_live_head_attention, mlp_heads_with_whs],
+                         ids=['attention-cache', 'mlp-row-chain'])
+def test_sequential_drafts_equal_a_recomputation(monkeypatch, temperature, make):
+    """Sequential heads with attention keep their own KV cache of the positions whose inputs were
+    verified tokens and roll it back past the rest; heads with an MLP body draft on one row with
+    raw ops (row_chain). At every step, with rejections at every draft position and a sliding
+    window, their drafts equal drafts computed from scratch by the modules (no cache, no table)."""
     rng = np.random.default_rng(0)
     wrong = {(i, x) for i in range(2, 5) for x in range(13) if rng.random() < 0.35}
-    model = counting_with_live_head_attention(wrong)
+    model = make(wrong) if make is counting_with_live_head_attention else make()
     found = []
     drafts_checked_against_recomputation(monkeypatch, found, temperature)
     decode_sequential(model, random_prompts(6, 13, 40, seed=3), temperature)
