@@ -109,7 +109,7 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
         stats.new_tokens, stats.time_s = len(tokens), time.perf_counter() - t0
         stats.target_forwards, stats.draft_forwards = counts['target'], counts['draft']
         stats.decode_forwards, stats.decode_tokens = counts['target'] - 1, len(tokens) - 1
-        return Generation(tokens, stats, None)
+        return Generation(tokens, stats)
     return decode
 
 

@@ -6,28 +6,25 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
     python sample.py --ckpt=out/ckpt.pt --speculative=true --temperature=0   # heads 2..n draft
     python sample.py --ckpt=out/ckpt.pt --draft=out-small/ckpt.pt --gamma=4  # a draft model
 
-Speculative decoding, exactly. A step feeds the tokens that are not verified yet -- the last
-emitted token and k drafts -- through the target model in ONE forward; its next-token head gives
-the target distribution p at each of the k+1 positions, `verify` decides which drafts stand (the
-output is vanilla greedy decoding token for token, or distributed exactly as vanilla sampling), and
-the KV cache is rolled back to the accepted length. Temperature, top-k and top-p shape p and the
-drafts' q alike (probs_from_logits). Drafts come from the model's heads 2..n (self-speculative;
-sequential heads chain from the token just emitted, each draft from the one before) or a draft
-model, one forward each (Leviathan et al. 2023, Chen et al. 2023).
+Speculative decoding, exactly (Leviathan et al. 2023, Chen et al. 2023). A step feeds the last
+emitted token and k drafts through the target in ONE forward; its next-token head gives the
+target distribution p at the k+1 positions, `verify` decides which drafts stand, and the KV cache
+is rolled back to the accepted length: the output is vanilla greedy decoding token for token, or
+distributed exactly as vanilla sampling. Temperature, top-k and top-p shape p and the drafts' q
+alike (probs_from_logits). Who drafts is a drafter (head_designs.py for the heads, ModelDrafter).
 
 Long sequences (sliding window). A model sees at most block_size positions. When the sequence
 outgrows the window, the window jumps to its last `keep` tokens (default 3/4 of block_size), which
 are prefilled again. The jumps depend only on the sequence length, so every mode conditions every
-token on the same context (greedy outputs stay identical), and a speculative step feeds only as
-many drafts as fit before the window's end.
-
-Metrics: common.Stats. Greedy exactness is tested in fp32; under bfloat16 near-ties may differ.
+token on the same context, and a step feeds only as many drafts as fit before the window's end.
+Greedy exactness is tested in fp32; under bfloat16 near-ties may differ.
 """
 import json
 import math
 import time
 from collections import namedtuple
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn import functional as F
@@ -111,24 +108,20 @@ def verify(p, drafts, q, greedy, generator=None):
 # the bookkeeping around a decoding loop: the request, the sequence, stop sequences, metrics
 
 class Stats:
-    """Counters of one or more decoding runs; summary() turns them into the reported metrics:
-    tau = tokens emitted per target forward (accepted drafts + the free/bonus token) over the
-    decode forwards (a run's first forward prefills the prompt and is left out, so vanilla has
-    tau = 1, perfect drafts n_future, resp. gamma + 1); acceptance[j] = P(draft j+1 accepted |
-    drafts 1..j accepted); tokens/s."""
+    """Counters of decoding runs and their metrics (summary()): tau = tokens emitted per target
+    forward (accepted drafts + the free/bonus token) over the decode forwards (a run's first
+    forward prefills the prompt and is left out: vanilla has tau = 1, perfect drafts n_future,
+    resp. gamma + 1); acceptance[j] = P(draft j+1 accepted | drafts 1..j accepted) = accepted[j]
+    / drafted[j] (drafted: drafts j+1 verified after j accepted ones); tokens/s."""
 
     def __init__(self, n_draft_positions=0):
-        self.new_tokens = 0        # tokens returned (a stop sequence cut off)
-        self.target_forwards = 0   # every forward of the target, prefills included
-        self.draft_forwards = 0    # forwards of a separate draft model
-        self.decode_forwards = 0   # target forwards after each run's first (prompt) forward
-        self.decode_tokens = 0     # tokens those emitted: accepted drafts + the free token
-        self.drafted = [0] * n_draft_positions   # [j]: draft j+1 verified after j accepted ones
-        self.accepted = [0] * n_draft_positions  # [j]: ... and accepted
+        self.new_tokens = self.target_forwards = self.draft_forwards = 0
+        self.decode_forwards = self.decode_tokens = 0  # after each run's first forward
+        self.drafted, self.accepted = [0] * n_draft_positions, [0] * n_draft_positions
         self.time_s = 0.0
 
     def step(self, n_drafts, n_accepted):
-        """Count one target forward that verified n_drafts drafts and accepted n_accepted."""
+        """One target forward that verified n_drafts drafts and accepted n_accepted."""
         if self.target_forwards > 0:  # a run's first forward prefills the prompt: not in tau
             self.decode_forwards += 1
             self.decode_tokens += n_accepted + 1
@@ -141,7 +134,7 @@ class Stats:
         """Sum another run's counters into these (same number of draft positions)."""
         for name, mine in vars(self).items():
             theirs = getattr(other, name)
-            setattr(self, name, [a + b for a, b in zip(mine, theirs)] if isinstance(mine, list)
+            setattr(self, name, list(map(sum, zip(mine, theirs))) if isinstance(mine, list)
                     else mine + theirs)
         return self
 
@@ -154,8 +147,7 @@ class Stats:
             tokens_per_s=self.new_tokens / self.time_s if self.time_s else None, time_s=self.time_s)
 
 
-# a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
-Generation = namedtuple('Generation', 'tokens stats window')
+Generation = namedtuple('Generation', 'tokens stats')  # a decoding's new tokens and its Stats
 
 
 def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
@@ -173,8 +165,8 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
 
 
 class Decoding:
-    """A decoding run's state: the sequence so far, the sampling settings, the stop sequence,
-    Stats and timing. A loop runs `while run.running():` steps that end in run.emit(...)."""
+    """A decoding run: the sequence so far, the sampling settings, the stop sequence, Stats and
+    timing. A loop runs `while run.running():` steps that end in run.emit(...)."""
 
     def __init__(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, generator,
                  n_drafts=0):
@@ -188,8 +180,7 @@ class Decoding:
     def running(self):
         return not self.stopped and self.budget() > 0
 
-    def budget(self):
-        """How many tokens may still be emitted."""
+    def budget(self):  # how many tokens may still be emitted
         return self.max_new_tokens - (len(self.seq) - self.n_prompt)
 
     def pick(self, logits):
@@ -198,9 +189,8 @@ class Decoding:
         return draw(q, self.greedy, self.generator), q
 
     def emit(self, new, n_drafts):
-        """Append a step's tokens (its accepted drafts and one target token); count the step. A
-        stop sequence now ending among them (and starting after the prompt) is cut, ending the
-        run."""
+        """Append a step's tokens (accepted drafts, one target token) and count the step; a stop
+        sequence now ending among them (and starting after the prompt) is cut: the run ends."""
         self.stats.step(n_drafts, len(new) - 1)
         self.seq += new
         seq, stop = self.seq, self.stop
@@ -211,14 +201,11 @@ class Decoding:
                 self.stopped = True
                 return
 
-    def result(self, window, draft_forwards=0):
+    def result(self, draft_forwards=0):
         self.stats.new_tokens = len(self.seq) - self.n_prompt
         self.stats.time_s, self.stats.draft_forwards = time.perf_counter() - self.t0, draft_forwards
-        return Generation(self.seq[self.n_prompt:], self.stats, window)
+        return Generation(self.seq[self.n_prompt:], self.stats)
 
-
-# -----------------------------------------------------------------------------
-# a model, its KV cache, and the window of the sequence the cache holds
 
 class Window:
     """The cache holds seq[start : start + cache.length] (see "Long sequences" above)."""
@@ -226,7 +213,7 @@ class Window:
     def __init__(self, model, keep=None):
         self.model, self.block_size, self.start = model, model.config.block_size, 0
         self.keep = min(keep or self.block_size - self.block_size // 4, self.block_size)
-        self.cache = model.new_cache(self.block_size)
+        self.cache, self.trunk_hidden = model.new_cache(self.block_size), []
         self.device = next(model.parameters()).device
 
     def slide(self, n):
@@ -237,8 +224,7 @@ class Window:
         return self.start + self.block_size - n
 
     def forward(self, seq, drafts=None):
-        """Next-token logits (T, V) of the tokens of seq the cache lacks, followed by drafts (k,);
-        the trunk states of those T positions are kept for verified_states()."""
+        """Next-token logits (T, V) of the tokens of seq the cache lacks, followed by drafts (k,)."""
         new = torch.tensor(seq[self.start + self.cache.length:], dtype=torch.long,
                            device=self.device)
         if drafts is not None and drafts.numel():
@@ -248,21 +234,18 @@ class Window:
                                                   return_hidden=True)
         return logits[0, :, 0]
 
-    def verified_states(self):
-        """The last forward's trunk states [h_0 .. h_attach], each (1, m, C), at the positions
-        the cache kept: those whose tokens are all verified."""
-        return [h[:, :self.cache.length - self.first] for h in self.trunk_hidden]
-
     def rollback(self, n):
-        """Forget the cached tokens from sequence index n on (the rejected drafts)."""
+        """Forget the cached tokens from sequence index n on (the rejected drafts); return the
+        last forward's trunk states [h_0 .. h_attach] (1, m, C) at the positions kept."""
         self.cache.rollback(min(self.cache.length, n - self.start))
+        return [h[:, :self.cache.length - self.first] for h in self.trunk_hidden]
 
 
 class ModelDrafter:
-    """Two-model speculative decoding's drafter (heads' drafters: head_designs.py): a separate,
-    smaller model drafts k tokens one forward at a time with a window of its own. A draft model
-    with a block_size >= the target's follows the target's window, so a draft model equal to the
-    target is always accepted; a smaller one slides its own window."""
+    """The drafter of two-model decoding (the heads' are in head_designs.py): a smaller model
+    drafts k tokens, one forward each, in a window of its own; none before the target verified
+    the prompt. A draft model with a block_size >= the target's follows the target's window (so
+    a draft equal to the target is always accepted); a smaller one slides its own."""
 
     def __init__(self, draft, target_window, pick):
         self.window, self.target_window, self.pick = Window(draft), target_window, pick
@@ -270,22 +253,18 @@ class ModelDrafter:
         self.verified, self.forwards = False, 0
 
     def observe(self, seq, trunk_hidden, start):
-        self.window.rollback(len(seq) - 1)  # the draft model's cache keeps what was verified
+        self.window.rollback(len(seq) - 1)  # its cache keeps the verified tokens
         self.verified = True
 
     def draft(self, seq, k):
-        """k drafts and their q; none before the target has verified the prompt."""
-        k = k if self.verified else 0
         window, drafts, q = self.window, [], []
         if self.follow and window.start != self.target_window.start:
-            window.start = self.target_window.start
-            window.cache.rollback(0)
-        for j in range(k):
+            window.start, _ = self.target_window.start, window.cache.rollback(0)
+        for j in range(k if self.verified else 0):
             window.slide(len(seq) + j)
             token, q_j = self.pick(window.forward(seq + drafts)[-1])
-            drafts.append(int(token))
-            q.append(q_j)
-        self.forwards += k
+            drafts, q = drafts + [int(token)], q + [q_j]
+        self.forwards += len(drafts)
         q = torch.stack(q) if q else torch.empty(0, self.window.model.config.vocab_size)
         return torch.tensor(drafts, dtype=torch.long, device=window.device), q.to(window.device)
 
@@ -303,7 +282,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         window.slide(len(run.seq))
         probs = probs_from_logits(window.forward(run.seq)[-1], **run.sampling)
         run.emit([int(draw(probs, run.greedy, run.generator))], 0)
-    return run.result(window)
+    return run.result()
 
 
 @torch.inference_mode()
@@ -342,16 +321,15 @@ def generate_speculative(model, make_drafter, n_drafts, prompt, max_new_tokens, 
         p = probs_from_logits(logits[len(logits) - len(drafts) - 1:], **run.sampling)
         new = verify(p, drafts, q, run.greedy, run.generator)
         # the cache keeps the last token and the accepted drafts; the free token is fed next step
-        window.rollback(len(run.seq) + len(new) - 1)
+        verified = window.rollback(len(run.seq) + len(new) - 1)
         run.emit(new, len(drafts))
         if run.running():
-            drafter.observe(run.seq, window.verified_states(), window.start)
-    return run.result(window, drafter.forwards)
+            drafter.observe(run.seq, verified, window.start)
+    return run.result(drafter.forwards)
 
 
 def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
-    """Self-speculative decoding: the model's heads 2..n draft (head_designs.py: each design's
-    drafter), and one forward of head 1 verifies."""
+    """Self-speculative decoding: the model's heads 2..n draft (its design's drafter)."""
     if model.config.n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
                         "n_future=1; decode without --speculative, or give a --draft model")
@@ -360,8 +338,7 @@ def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
 
 
 def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **sampling):
-    """Two-model speculative decoding (Leviathan et al. 2023): a smaller draft model drafts
-    gamma tokens a step. `keep` (in sampling) applies to the target's window."""
+    """Two-model speculative decoding: a smaller model drafts gamma tokens a step."""
     if target.config.vocab_size != draft.config.vocab_size:
         raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from "
                         f"the target's ({target.config.vocab_size})")
@@ -386,20 +363,18 @@ Generate text from a checkpoint: vanilla, self-speculative (--speculative) or wi
     quiet: bool = False         # print only the metrics and the JSON line
 
 
-def decoder(args, model, ckpt, prompt, sampling):
-    """(mode name, a function that decodes one sample) for the flags."""
+def decoder(args, model, ckpt):
+    """(mode name, a function decoding a prompt) for the flags."""
     if args.draft and args.speculative:
         raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
                         "exclusive: pick one")
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, next(model.parameters()).device)
         check_draft(ckpt, draft_ckpt)
-        return 'two-model', lambda: generate_two_model(model, draft, prompt, args.max_new_tokens,
-                                                       args.gamma, **sampling)
+        return 'two-model', partial(generate_two_model, model, draft, gamma=args.gamma)
     if args.speculative:
-        return 'self-speculative', lambda: generate_self_speculative(
-            model, prompt, args.max_new_tokens, **sampling)
-    return 'vanilla', lambda: generate(model, prompt, args.max_new_tokens, **sampling)
+        return 'self-speculative', partial(generate_self_speculative, model)
+    return 'vanilla', partial(generate, model)
 
 
 def main(argv):
@@ -414,22 +389,21 @@ def main(argv):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))
-    mode, run = decoder(args, model, ckpt, prompt, sampling)
+    mode, decode = decoder(args, model, ckpt)
     samples, stats = [], Stats()
     with autocast:
         for i in range(args.num_samples):
-            result = run()
+            result = decode(prompt, args.max_new_tokens, **sampling)
             stats = result.stats if i == 0 else stats.add(result.stats)
             samples.append(tokenizer.decode(result.tokens))
             if not args.quiet:
                 print(tokenizer.decode(prompt) + samples[-1] + '\n---------------')
     summary = dict(mode=mode, ckpt=args.ckpt, **stats.summary(), samples=samples)
-    tau = 'n/a' if summary['tau'] is None else f"{summary['tau']:.2f}"
     acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in summary['acceptance'])
     print(f"{mode}: {summary['new_tokens']} tokens in {summary['time_s']:.2f}s "
-          f"({summary['tokens_per_s'] or 0:.1f} tokens/s), tau {tau}, target forwards "
-          f"{summary['target_forwards']}, draft forwards {summary['draft_forwards']}"
-          + (f", acceptance by position {acceptance}" if acceptance else ''))
+          f"({summary['tokens_per_s'] or 0:.1f} tokens/s), tau {summary['tau'] or 'n/a'}, "
+          f"target forwards {summary['target_forwards']}, draft forwards "
+          f"{summary['draft_forwards']}, acceptance by position {acceptance or '-'}")
     print(json.dumps(summary))
     return summary
 

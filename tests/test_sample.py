@@ -32,6 +32,19 @@ def random_prompts(n, vocab, max_len, seed=0):
     return [torch.randint(vocab, (length,), generator=g).tolist() for length in lengths]
 
 
+@pytest.fixture
+def windows(monkeypatch):
+    """Every sample.Window made, in order: a run's target window is the first it makes."""
+    made = []
+
+    class Recorded(sample.Window):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+    monkeypatch.setattr(sample, 'Window', Recorded)
+    return made
+
+
 def assert_cache_equals_fresh_prefill(model, seq, window):
     """The target's cache after a run (the layers of the next-token path: trunk and head 1;
     drafters keep their own) equals a fresh prefill of the tokens it claims to hold."""
@@ -138,7 +151,7 @@ def test_greedy_self_speculative_with_perfect_heads_accepts_everything(head_type
 
 @pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
 @pytest.mark.parametrize('head_type', ['block', 'sequential'])
-def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
+def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch, windows):
     """Heads 2..4 draft wrongly for about a third of the tokens: acceptance runs of every length,
     so the cache is rolled back at every offset. Output == vanilla, cache == fresh prefill."""
     rng = np.random.default_rng(0 if head_type == 'block' else 1)  # (a seed that does it)
@@ -147,9 +160,10 @@ def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
     stats = Stats(3)
     for prompt in random_prompts(10, 13, 20, seed=1):
         vanilla = generate(model, prompt, 40, temperature=0)
+        windows.clear()
         speculative = generate_self_speculative(model, prompt, 40, temperature=0)
         assert speculative.tokens == vanilla.tokens
-        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, speculative.window)
+        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, windows[0])
         stats.add(speculative.stats)
     for accepted, drafted in zip(stats.accepted, stats.drafted):
         assert 0 < accepted < drafted               # accepted and rejected at every position
@@ -157,17 +171,19 @@ def test_rejections_at_every_draft_position_roll_back_exactly(head_type, arch):
 
 
 @pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
-def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch):
+def test_kv_cache_after_speculative_runs_equals_a_fresh_prefill(arch, windows):
     model = random_mtp(arch=arch)
     for prompt in random_prompts(5, 13, 30, seed=2):
         for temperature in (0.0, 1.0):
+            windows.clear()
             run = generate_self_speculative(model, prompt, 25, temperature=temperature,
                                             generator=torch.Generator().manual_seed(0))
-            assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
+            assert_cache_equals_fresh_prefill(model, prompt + run.tokens, windows[0])
         draft = random_mtp(seed=1, n_future=1, arch=arch)
+        windows.clear()
         run = generate_two_model(model, draft, prompt, 25, gamma=3, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0))
-        assert_cache_equals_fresh_prefill(model, prompt + run.tokens, run.window)
+        assert_cache_equals_fresh_prefill(model, prompt + run.tokens, windows[0])
 
 
 def recomputed_q(model, seq, start, drafts, temperature):
@@ -450,18 +466,20 @@ def test_empty_prompt_is_an_error_for_char_models_and_starts_bpe_models_at_eot()
 
 
 @pytest.mark.parametrize('head_type', ['block', 'sequential'])
-def test_prompt_longer_than_block_size_slides_the_window(head_type):
+def test_prompt_longer_than_block_size_slides_the_window(head_type, windows):
     model = random_mtp(block_size=32, head_type=head_type)
     counting = counting_mtp(block_size=32, head_type=head_type)
     for prompt in random_prompts(6, 13, 80, seed=10):
         prompt = prompt + [1] * 40                             # 41..120 tokens > block_size 32
         vanilla = generate(model, prompt, 60, temperature=0)
+        windows.clear()
         speculative = generate_self_speculative(model, prompt, 60, temperature=0)
+        window = windows[0]
         two_model = generate_two_model(model, model, prompt, 60, gamma=3, temperature=0)
         assert len(vanilla.tokens) == 60
         assert speculative.tokens == vanilla.tokens == two_model.tokens
-        assert speculative.window.start > 0
-        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, speculative.window)
+        assert window.start > 0
+        assert_cache_equals_fresh_prefill(model, prompt + speculative.tokens, window)
         perfect = generate_self_speculative(counting, prompt, 60, temperature=0)
         assert perfect.tokens == [(prompt[-1] + 1 + t) % 13 for t in range(60)]
         assert perfect.stats.summary()['acceptance'] == [1.0] * 3
