@@ -29,6 +29,7 @@ from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, margi
                     clock, load_model, val_prompts, eval_windows, window_batch, check_draft,
                     cli)
 from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
+from convert import to_hf
 import head_designs
 import sample
 from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
@@ -114,7 +115,7 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
 
 
 def peer_rows(model, args, prompts, device, n_new):
-    """transformers on the same weights (GPT.to_hf): vanilla generate(), prompt lookup decoding,
+    """transformers on the same weights (convert.to_hf): vanilla generate(), prompt lookup decoding,
     and assisted generation with --assistant (a smaller nanoMTP model, exported too)."""
     if device != 'cpu':
         raise UserError("--peers runs transformers on the CPU: use --device=cpu")
@@ -122,12 +123,12 @@ def peer_rows(model, args, prompts, device, n_new):
         raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
                         f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
                         f"lookup must be <= block_size {model.config.block_size}")
-    hf = model.to_hf()
+    hf = to_hf(model)
     modes = {'hf': transformers_decoder(hf, n_new),
              'hf-lookup': transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)}
     if args.assistant:
-        modes['hf-assist'] = transformers_decoder(hf, n_new, load_model(args.assistant, device)[0]
-                                                  .to_hf())
+        modes['hf-assist'] = transformers_decoder(hf, n_new,
+                                                  to_hf(load_model(args.assistant, device)[0]))
     return modes
 
 

@@ -22,7 +22,8 @@ from contextlib import nullcontext, suppress
 import numpy as np
 import torch
 
-from model import GPT, UserError, GPT2_SIZES, PYTHIA
+from model import UserError
+from convert import GPT2_SIZES, PYTHIA, from_pretrained
 from heads import MTPGPT, MTPConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -393,7 +394,7 @@ def load_model(path, device='cpu'):
     """(model in eval mode on device, checkpoint dict) from a checkpoint path, 'gpt2*' or
     'EleutherAI/pythia-*' (Hugging Face weights, with the model's own tokenizer)."""
     if (path in GPT2_SIZES or path.startswith(PYTHIA)) and not os.path.exists(path):
-        model = MTPGPT.from_gpt(GPT.from_pretrained(path))
+        model = MTPGPT.from_gpt(from_pretrained(path))
         meta = ({'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257} if path in GPT2_SIZES
                 else {'kind': 'hf', 'name': path, 'vocab_size': model.config.vocab_size})
         ckpt = {'meta': meta, 'model_args': dataclasses.asdict(model.config), 'config': {}}

@@ -14,8 +14,8 @@ shared (logits_k = unembed(ln_f(s_k))):
                      head_attention=False an MLP block, Hydra's cheaper design)
 
 Parallel heads predict x_{t+k} from the state at t alone. A sequential head also reads the token
-before the one it predicts: the true x_{t+k-1} in training (teacher forcing); when drafting, the
-token just emitted (head 2) or the previous head's draft, so drafts follow what was sampled.
+before its target: the true x_{t+k-1} in training (teacher forcing); when drafting, the token just
+emitted (head 2) or the previous head's draft, so drafts follow what was sampled.
 
 One interface, chosen once from head_type (DESIGNS):
     states(model, idx, trunk_hidden, n_heads, cache, attn_mask, pos)  yields (k, s_k)
@@ -34,14 +34,12 @@ from model import Block, MLP, KVCache, run_blocks, init_gpt2_
 
 
 def whs_coef(config):
-    """Weighted hidden states (WHS): a head reads z = sum_l c_l h_l, a learned combination of the
-    trunk's states h_0 .. h_attach instead of h_attach alone (the paper: "a weighted combination
-    of hidden states from all layers", so heads need not rely on layers that specialized for the
-    next token). c is unconstrained and starts one-hot on h_attach, so an adapted model starts
-    exactly as its source and dL/dc_l = <dL/dz, h_l> is of order one from the first step. (A
-    softmax mix would start saturated, its Jacobian ~e^-12: measured, it never left the last
-    layer.) As the h_l differ in scale, |c_l| RMS(h_l) says more of a layer's part than c_l.
-    None without WHS."""
+    """Weighted hidden states (WHS): a head reads z = sum_l c_l h_l over the trunk's h_0..h_attach
+    (the paper: "a weighted combination of hidden states from all layers", so heads need not rely
+    on layers that specialized for the next token). c is unconstrained and starts one-hot on
+    h_attach: an adapted model starts as its source, and dL/dc_l = <dL/dz, h_l> is of order one
+    from the first step (a softmax mix starts saturated, Jacobian ~e^-12: it never left the last
+    layer). |c_l| RMS(h_l) says more of a layer's part than c_l. None without WHS."""
     n_in = config.attach_layer + 1
     return nn.Parameter(F.one_hot(torch.tensor(n_in - 1), n_in).float()) if config.whs else None
 
@@ -119,12 +117,6 @@ class SequentialHead(nn.Module):
         table = self.norm_token(wte) @ self.combine.weight[:, C:].t()
         return table if bias is None else table + bias
 
-    def step(self, state, table_rows, cache=None, layer=0, attn_mask=None):
-        """forward() when drafting, the token half looked up: M_k[:, :C] norm(state) + table[x]."""
-        C = state.size(-1)
-        z = F.linear(self.norm_state(state), self.combine.weight[:, :C]) + table_rows
-        return self.block(z, cache, layer, attn_mask)
-
 
 # -----------------------------------------------------------------------------
 # the three designs, behind one interface (module docstring)
@@ -136,8 +128,11 @@ class Heads(nn.ModuleList):
     def head_parameters(self, k):
         return list(self[k - 1].parameters())
 
-    def copy_blocks(self, blocks):
-        """Adapting a model (MTPGPT.from_gpt): the source's blocks after the trunk."""
+    def head1_blocks(self):  # head 1's blocks after the trunk (None: not a plain block stack)
+        return None
+
+    def copy_blocks(self, blocks):  # adapting a model (MTPGPT.from_gpt): the source's last blocks
+        pass
 
 
 class BlockHeads(Heads):
@@ -181,9 +176,6 @@ class ResBlockHeads(Heads):
         for k, head in enumerate(list(self)[:n_heads], start=1):
             yield k, head(trunk_hidden)
 
-    def head1_blocks(self):
-        return None  # head 1 is a ResBlock on the trunk, not a stack of blocks
-
     def drafter(self, model, pick):
         return ResBlockDrafter(model, pick)
 
@@ -219,22 +211,19 @@ class SequentialHeads(Heads):
     def drafter(self, model, pick):
         return ChainDrafter(model, pick)
 
-    def chain(self, model, entry, tokens, pick, cache=None, tables=None):
+    def chain(self, model, entry, tokens, pick, cache=None):
         """Heads 2..n drafting x_{t+2}..x_{t+n} at the last of m positions t-m+1..t.
         entry:  (m, C) s_1 (or the WHS mix z_2) at those positions
         tokens: (m,) the token after each position, x_{s+1}; the last is x_{t+1}
         pick:   logits (V,) -> (draft token, its q)
         cache:  the heads' KVCache (layer k-2 = head k) holding the positions before these (with
-                attention; the caller advances and rolls it back); tables: token_table per head
+                attention; the caller advances and rolls it back)
         Head k+1 reads x_{s+k}: the tokens shifted by one, head k's draft last. Returns
         (drafts (n-1,), q (n-1, V))."""
         state, picks = entry[None], []
         attn_mask = model.default_mask(tokens[None], cache, None)  # causal after the cached ones
         for k, head in enumerate(self, start=2):
-            if tables is None:
-                state = head(state, model.transformer.wte(tokens[None]), cache, k - 2, attn_mask)
-            else:
-                state = head.step(state, tables[k - 2][tokens[None]], cache, k - 2, attn_mask)
+            state = head(state, model.transformer.wte(tokens[None]), cache, k - 2, attn_mask)
             picks.append(pick(model.unembed(state[0, -1])))  # (draft, q)
             tokens = torch.cat([tokens[1:], picks[-1][0].view(1)])
         return tuple(torch.stack(column) for column in zip(*picks))
@@ -261,17 +250,12 @@ class Drafter:
 
 
 class ResBlockDrafter(Drafter):
-    """Heads 2..n at the last verified position j, as one batched matmul and one unembedding."""
+    """Heads 2..n at the last verified position j alone: a ResBlock reads no other position."""
 
     def observe(self, seq, trunk_hidden, start):
-        heads = list(self.model.heads)[1:]
         h = [state[0, -1] for state in trunk_hidden]  # position j, (C,) each
-        z = torch.stack([mix(head.whs_coef, h) for head in heads])  # (n - 1, C)
-        weight = torch.stack([head.linear.weight for head in heads])  # (n - 1, C, C)
-        y = (weight @ z[..., None])[..., 0]
-        if self.model.config.bias:
-            y = y + torch.stack([head.linear.bias for head in heads])
-        self.drafts, self.q = self.pick(self.model.unembed(z + F.silu(y)))
+        states = torch.stack([head(h) for head in list(self.model.heads)[1:]])
+        self.drafts, self.q = self.pick(self.model.unembed(states))
 
 
 class BlockDrafter(Drafter):
@@ -282,8 +266,7 @@ class BlockDrafter(Drafter):
 
     def __init__(self, model, pick):
         super().__init__(model, pick)
-        heads = model.heads
-        self.cache = KVCache((len(heads) - 1) * heads.depth, model.config.block_size)
+        self.cache = KVCache(model.heads.cache_layers - model.heads.depth, model.config.block_size)
 
     def observe(self, seq, trunk_hidden, start):
         m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
@@ -303,27 +286,24 @@ class ChainDrafter(Drafter):
       0 .. cache.length - 1 whose heads read verified tokens only (s + n - 1 <= j): drafts and
       the token just emitted are never cached. self.entry keeps s_1 (or z_2) per position.
     - An MLP body reads no other position: the chain runs on row j alone, with no cache and no
-      mask, as a few raw ops on weights prepared once (row_chain).
-    The token half of each M_k is a table lookup (token_table) when the vocabulary is small
-    enough for the V x C tables to pay: building them costs V C^2 per head, once per decoding."""
-    max_table_vocab = 4096
+      mask, as raw ops (row_chain) when the vocabulary is small enough for its tables to pay."""
+    max_table_vocab = 4096  # row_weights' tables cost V C^2 per head, once per decoding
 
     def __init__(self, model, pick):
         super().__init__(model, pick)
-        config, wte = model.config, model.transformer.wte.weight
-        self.tables = [head.token_table(wte) for head in model.heads] \
-            if config.vocab_size <= self.max_table_vocab else None
+        config = model.config
         self.cache = KVCache(config.n_future - 1, config.block_size) \
             if config.head_attention else None
         self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device)
-        self.rows = None if config.head_attention or self.tables is None else row_weights(model)
+        self.rows = row_weights(model) if not config.head_attention and \
+            config.vocab_size <= self.max_table_vocab else None
 
     def observe(self, seq, trunk_hidden, start):
         whs, device = self.model.heads.whs_coef, self.entry.device
         if self.cache is None:  # an MLP body: the chain on row j alone
             entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
             if self.rows is not None:
-                self.drafts, self.q = row_chain(self.rows, self.tables, entry, tokens, self.pick)
+                self.drafts, self.q = row_chain(self.rows, entry, tokens, self.pick)
                 return
         else:
             m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
@@ -332,33 +312,32 @@ class ChainDrafter(Drafter):
             entry = self.entry[self.cache.length:j + 1]
             tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
         self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.pick,
-                                                     self.cache, self.tables)
+                                                     self.cache)
         if self.cache is not None:  # keep the positions whose heads read verified tokens only
             self.cache.advance(len(tokens))
             self.cache.rollback(max(0, j + 2 - self.model.config.n_future))
 
 
 def row_weights(model):
-    """The weights of sequential heads with an MLP body, and of the shared unembedding, as plain
-    tensors (matrices transposed), gathered once per decoding: on a CPU a module call or a
-    parameter lookup costs more than a 128-wide op on one row."""
+    """MLP-bodied sequential heads and the unembedding as plain tensors (matrices transposed),
+    gathered once per decoding, for row_chain: on a CPU a module call or a parameter lookup costs
+    more than a 128-wide op on one row. The token half of M_k is a table (token_table)."""
     def norm(ln):
         return ln.normalized_shape, ln.weight, ln.bias
-    C = model.config.n_embd
-    heads = [(norm(h.norm_state), h.combine.weight[:, :C].t(), norm(h.block.ln),
-              h.block.mlp.c_fc, h.block.mlp.c_proj, h.block.mlp.gelu.approximate)
-             for h in model.heads]
-    return [(ln_s, w_s, ln, fc.weight.t(), fc.bias, proj.weight.t(), proj.bias, gelu)
-            for ln_s, w_s, ln, fc, proj, gelu in heads], norm(model.transformer.ln_f), \
-        model.lm_head.weight.t()
+    C, wte = model.config.n_embd, model.transformer.wte.weight
+    heads = [(h.token_table(wte), norm(h.norm_state), h.combine.weight[:, :C].t(),
+              norm(h.block.ln), h.block.mlp) for h in model.heads]
+    return [(table, ln_s, w_s, ln, mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(),
+             mlp.c_proj.bias, mlp.gelu.approximate) for table, ln_s, w_s, ln, mlp in heads], \
+        norm(model.transformer.ln_f), model.lm_head.weight.t()
 
 
-def row_chain(rows, tables, state, token, pick):
-    """SequentialHeads.chain on one row with MLP bodies, written with raw ops: for k = 2..n,
+def row_chain(rows, state, token, pick):
+    """SequentialHeads.chain on one row with MLP bodies, as raw ops: for k = 2..n,
     z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), logits = unembed(s_k)."""
     heads, ln_f, unembedding = rows
     drafts, q = [], []
-    for (ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu), table in zip(heads, tables):
+    for table, ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu in heads:
         z = torch.addmm(table[token], F.layer_norm(state, *ln_s), w_s)
         h = F.layer_norm(z, *ln) @ w_fc
         state = torch.addmm(z, F.gelu(h if b_fc is None else h + b_fc, approximate=gelu), w_proj)

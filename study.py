@@ -38,7 +38,7 @@ import torch
 
 from common import (UserError, parse_flags, pick_device, load_model, val_prompts, REPO,
                     cli, load_checkpoint)
-from model import GPT2_SIZES, PYTHIA
+from convert import GPT2_SIZES, PYTHIA
 from data.prepare import prepare
 import train as trainer
 from marginalize import evaluate_table

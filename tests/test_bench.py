@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import convert as C
+
 import bench
 from dataclasses import asdict
 from common import UserError, load_checkpoint, save_checkpoint
@@ -70,7 +72,7 @@ def test_transformers_rows_decode_prompts_that_hold_the_pad_id():
     attention mask; here token 0 is a real token (a char model's newline)."""
     pytest.importorskip('transformers')
     model = random_mtp(n_future=1, block_size=32)
-    decode = bench.transformers_decoder(model.to_hf(), 12)
+    decode = bench.transformers_decoder(C.to_hf(model), 12)
     for prompt in ([0, 5, 0, 0, 7, 0], [3, 0, 9]):
         assert decode(prompt).tokens == generate(model, prompt, 12, temperature=0).tokens
 

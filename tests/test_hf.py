@@ -1,6 +1,6 @@
 """Conversion from and to Hugging Face transformers (optional; these tests need it, and CI
-installs it): a random GPT-NeoX (Pythia in miniature) converted by GPT.from_hf gives the same
-logits and the same greedy text as transformers itself; GPT.to_hf exports a nanoMTP model's
+installs it): a random GPT-NeoX (Pythia in miniature) converted by convert.from_hf gives the same
+logits and the same greedy text as transformers itself; convert.to_hf exports a nanoMTP model's
 next-token path as GPT2LMHeadModel or GPTNeoXForCausalLM; Pythia names, Hugging Face tokenizers,
 and the one-line errors offline or without transformers. No network: every model is random and
 built here. (The GPT-2 conversion test is in test_scale.py.)"""
@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import convert as C
 import model as M
 from common import UserError, load_checkpoint, save_checkpoint, tokenizer_for
 from heads import MTPGPT, MTPConfig
@@ -60,11 +61,11 @@ def max_diff(a, b):
 # from_hf: GPT-NeoX (Pythia) is read exactly
 
 def test_pythia_conversion_gives_the_same_logits():
-    """GPT.from_hf(random GPTNeoXForCausalLM): the options are Pythia's (rotary 0.25, parallel
+    """convert.from_hf(random GPTNeoXForCausalLM): the options are Pythia's (rotary 0.25, parallel
     residual, untied, biases, exact GELU, no position table) and the logits agree within 1e-4;
     so do those of an MTPGPT adapted from it (head 1 at any attach_layer)."""
     hf = random_pythia()
-    ours = M.GPT.from_hf(hf).eval()
+    ours = C.from_hf(hf).eval()
     c = ours.config
     assert (c.rotary_pct, c.rotary_base, c.parallel_residual, c.tie_embeddings, c.gelu, c.bias) \
         == (0.25, 10000.0, True, False, 'none', True)
@@ -84,7 +85,7 @@ def test_pythia_greedy_decoding_equals_transformers_generate():
     offset) emits exactly transformers' generate for 32 tokens on several prompts, and so does
     self-speculative decoding through an adapted MTPGPT (drafts, rollbacks)."""
     hf = random_pythia()
-    ours = MTPGPT.from_gpt(M.GPT.from_hf(hf)).eval()  # (decoding takes an MTPGPT)
+    ours = MTPGPT.from_gpt(C.from_hf(hf)).eval()  # (decoding takes an MTPGPT)
     mtp = MTPGPT.from_gpt(ours, n_future=3, attach_layer=1, head_type='block').eval()
     with torch.no_grad():  # heads 2, 3: not copies of head 1 (drafts get rejected too)
         for head in list(mtp.heads)[1:]:
@@ -103,7 +104,7 @@ def test_from_hf_refuses_a_gpt_neox_of_another_shape_in_one_line():
     hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=100))
-    one_line_error(M.GPT.from_hf, hf, match='intermediate_size')
+    one_line_error(C.from_hf, hf, match="intermediate_size")
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +124,7 @@ EXPORTED = {
 @pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name.endswith(
     '-mtp') else name for name in EXPORTED])
 def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
-    """model.to_hf() is GPT2LMHeadModel (GPT-2 options) or GPTNeoXForCausalLM (rotary): its
+    """convert.to_hf(model) is GPT2LMHeadModel (GPT-2 options) or GPTNeoXForCausalLM (rotary): its
     logits equal our next-token logits (1e-4), transformers' greedy generate equals our
     sample.generate for 32 tokens on several prompts, and from_hf of the export reads back the
     same function."""
@@ -131,14 +132,14 @@ def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
     with torch.no_grad():  # large weights: peaked, distinct predictions
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    hf = model.to_hf()
+    hf = C.to_hf(model)
     want_class = 'GPTNeoXForCausalLM' if name.startswith('neox') else 'GPT2LMHeadModel'
     assert type(hf).__name__ == want_class
     x = torch.randint(V, (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(x, n_heads=1)[0][:, :, 0]
         assert max_diff(hf(x).logits, ours) <= 1e-4
-        assert max_diff(M.GPT.from_hf(hf)(x)[0], ours) <= 1e-4
+        assert max_diff(C.from_hf(hf)(x)[0], ours) <= 1e-4
     for prompt in PROMPTS:
         assert hf_greedy(hf, prompt, N_NEW) == generate(model, prompt, N_NEW, temperature=0).tokens
 
@@ -146,14 +147,14 @@ def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
 def test_to_hf_refuses_what_gpt2_cannot_express_in_one_line():
     """A parallel residual without rotary positions is neither GPT-2 nor GPT-NeoX."""
     model = M.GPT(tiny_config(parallel_residual=True))
-    one_line_error(model.to_hf, match='parallel residual')
+    one_line_error(C.to_hf, model, match='parallel residual')
 
 
 def test_without_transformers_conversion_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers fails
     model = M.GPT(tiny_config())
-    one_line_error(model.to_hf, match='pip install transformers')
-    one_line_error(M.GPT.from_pretrained, 'EleutherAI/pythia-70m', match='pip install transformers')
+    one_line_error(C.to_hf, model, match='pip install transformers')
+    one_line_error(C.from_pretrained, 'EleutherAI/pythia-70m', match='pip install transformers')
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_load_model_of_a_pythia_name_offline_is_a_one_line_error(offline):
     """load_model('EleutherAI/pythia-70m') (what --ckpt and --init_from call) goes through
-    GPT.from_pretrained: offline, one line naming the model and the cause."""
+    convert.from_pretrained: offline, one line naming the model and the cause."""
     from common import load_model
     one_line_error(load_model, 'EleutherAI/pythia-70m', match=('EleutherAI/pythia-70m', 'OSError'))
 

@@ -8,6 +8,8 @@ import textwrap
 import pytest
 import torch
 
+import convert as C
+
 from model import GPT
 from heads import MTPGPT
 import train
@@ -40,7 +42,7 @@ def test_gpt2_conversion_gives_identical_logits():
     with torch.no_grad():  # random init is tiny; make the weights large enough to matter
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ours = GPT.from_hf(hf).eval()
+    ours = C.from_hf(hf).eval()
     x = torch.randint(0, 61, (2, 32))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)[0]).abs().max() < 1e-4
@@ -53,7 +55,7 @@ def test_from_pretrained_rejects_unknown_model_in_one_line():
     pytest.importorskip('transformers', reason='optional dependency not installed')
     from common import UserError
     with pytest.raises(UserError, match='unknown pretrained model'):
-        GPT.from_pretrained('gpt3')
+        C.from_pretrained('gpt3')
 
 
 @pytest.mark.slow

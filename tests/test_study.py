@@ -7,6 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+import convert as C
+
 import study
 from conftest import one_line_error
 
@@ -156,7 +158,7 @@ def test_bad_flags_are_one_line_user_errors(args, fragment):
 @pytest.mark.slow
 def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypatch):
     """--preset=paper --init_from=EleutherAI/pythia-… takes the command's whole code path here:
-    the Pythia name goes through GPT.from_pretrained and transformers (whose downloads are
+    the Pythia name goes through convert.from_pretrained and transformers (whose downloads are
     replaced by a tiny random GPTNeoXForCausalLM and a local tokenizer), the corpus is read by
     that tokenizer, the base is the pretrained model itself (moved by at most 1e-30), and the table
     has the marginalization baseline and every strategy, decoded losslessly."""
@@ -195,6 +197,6 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypa
     base = load_checkpoint(str(out / 'runs' / f'text-{study.slug(name)}-{study.slug(name)}-s0' /
                                'base' / 'ckpt.pt'))
     assert base['meta']['kind'] == 'hf' and base['model_args']['rotary_pct'] == 0.25
-    for key, value in MTPGPT.from_gpt(GPT.from_hf(hf)).state_dict().items():  # LR 1e-30
+    for key, value in MTPGPT.from_gpt(C.from_hf(hf)).state_dict().items():  # LR 1e-30
         assert (base['model'][key] - value).abs().max() <= 1e-29, key
     assert '## Strategies' in text
