@@ -26,8 +26,8 @@ import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
                     help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
-                    clock, load_model, val_prompts, eval_windows, window_batch, check_draft,
-                    Stats, Generation, cli)
+                    clock, load_model, val_prompts, check_draft, Stats, Generation, cli)
+from metrics import eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost
 import sample
 from sample import generate, generate_self_speculative, generate_two_model

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import model as M
-from common import (UserError, Tally, count_topk, cli, field_docs, help_text, load_checkpoint,
-                    load_model, model_from_checkpoint, save_checkpoint, check_out_dir)
+from common import (UserError, cli, field_docs, help_text, load_checkpoint, load_model,
+                    model_from_checkpoint, save_checkpoint, check_out_dir)
+from metrics import Tally, count_topk
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
 
 
