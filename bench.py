@@ -24,10 +24,11 @@ from dataclasses import dataclass, asdict, fields, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
-                    help_text, check_ranges, measure, pick_device, autocast_for, set_cpu_threads,
-                    clock, load_model, val_prompts, check_draft, Stats, Generation, cli)
-from metrics import eval_windows, window_batch
+from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
+                    check_ranges, measure, pick_device, autocast_for, set_cpu_threads, clock,
+                    load_model, Stats, Generation, cli)
+from data.text import val_prompts, check_draft
+from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost
 import sample
 from sample import generate, generate_self_speculative, generate_two_model

@@ -19,13 +19,11 @@ import time
 from collections import namedtuple
 from contextlib import nullcontext, suppress
 
-import numpy as np
 import torch
 
 from model import GPT, UserError, GPT2_SIZES, PYTHIA
 from heads import MTPGPT, MTPConfig
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from data.text import data_dir_of, tokenizer_difference  # (for the training checks, for now)
 
 
 # -----------------------------------------------------------------------------
@@ -161,19 +159,6 @@ class MarginalizeFlags:
                               # BPE vocabulary at k_ahead=3: ~1e10 per position)
     seed: int = 0             # which windows
     device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
-
-
-def marginalize_inputs(args, single_top_k=False):
-    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
-    exactness, the tokens, where they came from)."""
-    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k)
-    if single_top_k and len(top_ks or []) != 1:
-        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
-    model, ckpt = load_model(args.ckpt, pick_device(args.device))
-    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
-    return top_ks, model.float(), tokens, source
 
 
 @dataclasses.dataclass
@@ -392,202 +377,7 @@ def load_model(path, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
-# text: tokenizers, data files, prompts
-
-def data_dir_of(dataset, data_dir=''):
-    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
-    return data_dir or os.path.join(REPO, 'data', dataset)
-
-
-def val_path(ckpt, data_dir=''):
-    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
-    distilled on a model-written corpus, the real text that corpus came from: meta's
-    source_data), or data_dir's; '' when the checkpoint names no dataset."""
-    config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
-    data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
-        data_dir_of(config['dataset']) if config.get('dataset') else '')
-    return os.path.join(data_dir, 'val.bin') if data_dir else ''
-
-
-def tokenizer_for(ckpt):
-    """The checkpoint's tokenizer (data.prepare.Tokenizer); one-line UserErrors when the
-    checkpoint has none or tiktoken cannot load its BPE (offline without a cache)."""
-    from data.prepare import Tokenizer
-    if not ckpt.get('meta'):
-        raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
-    try:
-        return Tokenizer(ckpt['meta'])
-    except Exception as e:
-        hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
-                if ckpt['meta'].get('kind') == 'hf' else
-                "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
-
-
-TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
-
-
-def tokenizer_difference(meta, other):
-    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
-    keys (a distilled model's source_data: where its text is) do not change what an id means,
-    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
-    hf = (meta or {}).get('kind') == 'hf'
-    for key in (k for k in TOKENIZER_KEYS if not (hf and k == 'vocab_size')):
-        a, b = ((m or {}).get(key) for m in (meta, other))
-        if a != b:
-            shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
-                     for v in (a, b)]
-            return f"{key} {shown[0]} vs {shown[1]}"
-    return ''
-
-
-def check_draft(ckpt, draft_ckpt):
-    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
-    and bench.py decode alike)."""
-    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
-    if why:
-        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
-
-
-def read_text(path, what='input file'):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
-
-
-def token_file(path):
-    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
-    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
-    size = os.path.getsize(path)
-    if size == 0 or size % 2:
-        what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
-        raise UserError(f"{path} is {what}: re-run data/prepare.py for it")
-    return np.memmap(path, dtype=np.uint16, mode='r')
-
-
-def encode(tokenizer, text, what):
-    try:
-        return tokenizer.encode(text)
-    except ValueError as e:
-        raise UserError(f"{what}: {e}")
-
-
-def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
-    """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
-    or the val.bin of the checkpoint's dataset (or of data_dir)."""
-    source = input_path or val_path(ckpt, data_dir)
-    if input_path:
-        tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
-                                 f"cannot tokenize {input_path}"), dtype=np.int64)
-    else:
-        if not os.path.isfile(source):
-            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
-                            f"pass --input=FILE or --data_dir=DIR")
-        tokens = token_file(source)
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
-    return tokens, source
-
-
-def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
-                hint='pass --data=path/to/val.bin'):
-    """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
-    val.bin), evenly spaced, or at random starts drawn from generator."""
-    data_path = data_path or val_path(ckpt)
-    if not os.path.isfile(data_path):
-        raise UserError(f"token file not found: {data_path}; {hint}")
-    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
-    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
-        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
-                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
-    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
-        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
-                        f"{data_path} ({len(data)} tokens)")
-    starts = (np.linspace(0, len(data) - prompt_len, num_prompts).astype(int) if generator is None
-              else torch.randint(len(data) - prompt_len + 1, (num_prompts,),
-                                 generator=generator).tolist())
-    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
-
-
-def encode_prompt(text, tokenizer):
-    """Token ids of a prompt string or FILE:path; empty: <|endoftext|> (BPE) or an error (char)."""
-    if text.startswith('FILE:'):
-        text = read_text(text[len('FILE:'):], 'prompt file')
-    if not text:
-        if tokenizer.eot is None:
-            raise UserError("empty prompt: a char model has no start token; give at least one "
-                            "character (--prompt=...)")
-        return [tokenizer.eot]
-    return encode(tokenizer, text, 'prompt')
-
-
-def stop_tokens(flag, tokenizer):
-    """--stop: auto (<|endoftext|> for BPE, none for char) | none | a string."""
-    if flag in ('auto', 'none', ''):
-        return [tokenizer.eot] if flag == 'auto' and tokenizer.eot is not None else []
-    return encode(tokenizer, flag.replace('\\n', '\n').replace('\\t', '\t'), 'stop')
-
-
-# -----------------------------------------------------------------------------
 # training data and resuming (train.py)
-
-class Batches:
-    """Random windows of a uint16 token file; the generator state is saved in checkpoints, so a
-    resumed run draws the same batches. Documents (doc_len > 0, distill.py): every window starts
-    at a document's start, and targets past its end or among its first doc_prompt tokens are -1
-    (neither loss nor accuracy). Head k > 1 at the last k - 1 prompt positions still predicts a
-    generated token: k - 1 targets per document, about 1% at distill.py's defaults."""
-
-    def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
-        if not os.path.isfile(path):
-            raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
-                            f"(or --input=FILE for a local text)")
-        self.data = token_file(path)
-        if len(self.data) < (doc_len or block_size + 2):
-            raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
-                            f"{block_size}")
-        if doc_len and len(self.data) % doc_len:
-            raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
-                            f"doc_len={doc_len} tokens")
-        self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.doc_len, self.doc_prompt = doc_len, doc_prompt
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next(self):
-        n = len(self.data) // self.doc_len if self.doc_len else len(self.data) - self.block_size
-        ix = torch.randint(n, (self.batch_size,), generator=self.gen) * max(self.doc_len, 1)
-        # block_size + 1 tokens from each start (one fewer for the file's last document)
-        windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
-        for row, i in enumerate(ix.tolist()):
-            tokens = self.data[i:i + self.block_size + 1].astype(np.int64)
-            windows[row, :len(tokens)] = torch.from_numpy(tokens)
-        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        if self.doc_len:  # y[t] is token t + 1 of the document
-            y[:, :max(0, self.doc_prompt - 1)] = -1
-            y[:, self.doc_len - 1:] = -1
-        if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
-        return x.to(self.device), y.to(self.device)
-
-
-def load_data(cfg, device, rank):
-    """For train.py's cfg: (meta, training batches, fixed val and train batches to evaluate)."""
-    data_dir = data_dir_of(cfg.dataset, cfg.data_dir)
-    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
-        raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
-                        f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
-    args = (cfg.block_size, cfg.batch_size, device)
-    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
-    split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
-    from data.prepare import load_meta, recover
-    recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
-    return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
-            Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
-
 
 def check_training_flags(cfg):
     """train.py's numbers that would otherwise fail deep inside or silently (nan, a shape that

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from heads import loss_weights_for
 from common import (UserError, parse_flags, check_ranges, pick_device, autocast_for, load_model,
-                    val_path, val_prompts, printable, cli)
+                    printable, cli)
+from data.text import val_path, val_prompts
 from sample import generate_batch
 from train import TrainConfig, train, check_config
 

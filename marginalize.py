@@ -28,8 +28,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from heads import MTPGPT
-from common import UserError, parse_flags, MarginalizeFlags, marginalize_inputs, clock, cli
-from metrics import check_positions, eval_windows, window_batch, format_table, Tally
+from common import UserError, parse_flags, MarginalizeFlags, clock, cli
+from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch,
+                     format_table, Tally)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];

@@ -1,12 +1,13 @@
 """
 The accuracy bookkeeping and the evaluation windows of train.py, marginalize.py, probes.py and
 bench.py: top-k counts (token-weighted), Tally, the accuracy table, and the windows of a token
-file a marginalization evaluates. Imports: common <- metrics <- scripts.
+file a marginalization evaluates. Imports: common, data.text <- metrics <- scripts.
 """
 import numpy as np
 import torch
 
-from common import UserError
+from common import UserError, check_ranges, parse_top_ks, pick_device, load_model
+from data.text import load_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -70,6 +71,19 @@ def format_table(rows, k_ahead):
 
 # -----------------------------------------------------------------------------
 # what a marginalization evaluates (marginalize.py, bench.py; probes.py's windows)
+
+def marginalize_inputs(args, single_top_k=False):
+    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
+    exactness, the tokens, where they came from)."""
+    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
+                 non_negative=('max_paths', 'window'), fractions=('top_p',))
+    top_ks = parse_top_ks(args.top_k)
+    if single_top_k and len(top_ks or []) != 1:
+        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    return top_ks, model.float(), tokens, source
+
 
 def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
     """The checks of a marginalization request (marginalize.py): one-line errors."""

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 from model import run_blocks
 from heads import ntp_blocks
-from common import (UserError, parse_flags, check_ranges, pick_device, load_model, data_dir_of,
-                    cli)
+from common import UserError, parse_flags, check_ranges, pick_device, load_model, cli
+from data.text import data_dir_of
 from metrics import eval_windows, window_batch, count_topk
 
 K_AHEAD = 2  # x_{t+1} and x_{t+2}

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 
 from model import KVCache
 from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
-                    set_cpu_threads, Decoding, Stats, check_request, load_model, tokenizer_for,
-                    encode_prompt, stop_tokens, check_draft, cli)
+                    set_cpu_threads, Decoding, Stats, check_request, load_model, cli)
+from data.text import tokenizer_for, encode_prompt, stop_tokens, check_draft
 
 
 # -----------------------------------------------------------------------------

@@ -36,10 +36,10 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, pick_device, load_model, val_prompts, measure, REPO,
-                    cli, load_checkpoint)
+from common import UserError, parse_flags, pick_device, load_model, measure, cli, load_checkpoint
 from model import GPT2_SIZES, PYTHIA
-from data.prepare import prepare
+from data.text import val_prompts
+from data.prepare import SHAKESPEARE, prepare
 import train as trainer
 from marginalize import evaluate_table
 from probes import layer_probes
@@ -139,7 +139,7 @@ def corpus_path(name, cfg):
     """The text file of a corpus name: shakespeare_char (--shakespeare, or the project's copy),
     or a path."""
     if name == 'shakespeare_char':
-        path = cfg.shakespeare or os.path.join(REPO, 'data', 'tinyshakespeare.txt')
+        path = cfg.shakespeare or SHAKESPEARE
         if not os.path.isfile(path):
             raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
         return path

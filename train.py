@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets
 from common import (UserError, parse_flags, autocast_for, Distributed, save_checkpoint,
-                    load_checkpoint, model_from_checkpoint, load_model, load_data, restore,
+                    load_checkpoint, model_from_checkpoint, load_model, restore,
                     eval_line, summarize, printable, cli, check_training_flags,
                     check_resume, check_data_tokenizer)
+from data.batches import load_data
 from metrics import count_topk
 
 
