@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
-                    check_ranges, measure, pick_device, autocast_for, set_cpu_threads, clock,
-                    load_model, Stats, Generation, cli)
+                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model, cli)
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost
 import sample
-from sample import generate, generate_self_speculative, generate_two_model
+from sample import generate, generate_self_speculative, generate_two_model, Stats, Generation
 from train import TrainConfig, train
 
 
@@ -397,6 +396,45 @@ def main(argv):
         raise UserError("usage: python bench.py {decode|train|marginalize} --name=value ... "
                         "(--help lists the flags)")
     return SECTIONS[argv[0]](argv[1:])
+
+
+# PLUMBING-TEMP
+# interleaved and measure, out of common.py, until bench.py defines its own (the merge drops
+# this block, down to the end mark)
+
+def interleaved(modes, prompts, device, seed, **sampling):
+    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
+    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
+    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
+    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
+    for prompt in prompts:
+        for mode, decode in modes.items():
+            elapsed = clock(device)
+            result = decode(prompt, generator=generators[mode], **sampling)
+            seconds[mode] += elapsed()
+            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+            outputs[mode].append(result.tokens)
+    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
+            for mode in modes}
+
+
+def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
+    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
+    runs = [interleaved(modes, prompts, device, seed + r, **sampling) for r in range(repeats)]
+    speed = {mode: statistics.median(run[mode][0] for run in runs) for mode in modes}
+    rows = {}
+    for mode, (_, stats, outputs) in runs[-1].items():
+        s = stats.summary()
+        ms = statistics.median(1000 * st.new_tokens / tokens_per_s / st.target_forwards
+                               for tokens_per_s, st, _ in (run[mode] for run in runs))
+        rows[mode] = dict(tokens_per_s=speed[mode], speedup=speed[mode] / speed['vanilla'],
+                          tau=s['tau'], acceptance=s['acceptance'], ms_per_forward=ms,
+                          target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
+                          identical=outputs == runs[-1]['vanilla'][2] if greedy else None)
+    return rows
+
+
+# PLUMBING-TEMP end
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from model import KVCache
 from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
-                    set_cpu_threads, Decoding, Stats, check_request, load_model, cli)
+                    set_cpu_threads, load_model, cli)
 from data.text import tokenizer_for, encode_prompt, stop_tokens, check_draft
 
 
@@ -351,6 +351,119 @@ def main(argv):
           + (f", acceptance by position {acceptance}" if acceptance else ''))
     print(json.dumps(summary))
     return summary
+
+
+# PLUMBING-TEMP
+# the decoding bookkeeping, out of common.py, until sample.py defines its own (the merge drops
+# this block, down to the end mark)
+import math  # noqa: E402
+import time  # noqa: E402
+from collections import namedtuple  # noqa: E402
+
+
+class Stats:
+    """Counters of one or more decoding runs; summary() turns them into the reported metrics:
+    tau = tokens emitted per target forward (accepted drafts + the free/bonus token) over the
+    decode forwards (a run's first forward prefills the prompt and is left out, so vanilla has
+    tau = 1, perfect drafts n_future, resp. gamma + 1); acceptance[j] = P(draft j+1 accepted |
+    drafts 1..j accepted); tokens/s."""
+
+    def __init__(self, n_draft_positions=0):
+        self.new_tokens = 0        # tokens returned (a stop sequence cut off)
+        self.target_forwards = 0   # every forward of the target, prefills included
+        self.draft_forwards = 0    # forwards of a separate draft model
+        self.decode_forwards = 0   # target forwards after each run's first (prompt) forward
+        self.decode_tokens = 0     # tokens those emitted: accepted drafts + the free token
+        self.drafted = [0] * n_draft_positions   # [j]: draft j+1 verified after j accepted ones
+        self.accepted = [0] * n_draft_positions  # [j]: ... and accepted
+        self.time_s = 0.0
+
+    def step(self, n_drafts, n_accepted):
+        """Count one target forward that verified n_drafts drafts and accepted n_accepted."""
+        if self.target_forwards > 0:  # a run's first forward prefills the prompt: not in tau
+            self.decode_forwards += 1
+            self.decode_tokens += n_accepted + 1
+        self.target_forwards += 1
+        for j in range(min(n_accepted + 1, n_drafts)):
+            self.drafted[j] += 1
+            self.accepted[j] += j < n_accepted
+
+    def add(self, other):
+        """Sum another run's counters into these (same number of draft positions)."""
+        for name, mine in vars(self).items():
+            theirs = getattr(other, name)
+            setattr(self, name, [a + b for a, b in zip(mine, theirs)] if isinstance(mine, list)
+                    else mine + theirs)
+        return self
+
+    def summary(self):
+        return dict(
+            new_tokens=self.new_tokens,
+            tau=self.decode_tokens / self.decode_forwards if self.decode_forwards else None,
+            acceptance=[a / d if d else None for a, d in zip(self.accepted, self.drafted)],
+            target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
+            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None, time_s=self.time_s)
+
+
+# a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
+Generation = namedtuple('Generation', 'tokens stats window')
+
+
+def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
+    if len(prompt) == 0:
+        raise UserError("empty prompt: give at least one token (BPE prompts may start with "
+                        "<|endoftext|>)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+class Decoding:
+    """The bookkeeping around a decoding loop (sample.py), so the loop holds only the idea: the
+    request's checks, the sequence so far, the sampling settings, the stop sequence, Stats and
+    timing. A loop runs `while d.running():` steps that end in `d.emit(new_tokens, n_drafts)`."""
+
+    def __init__(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, generator,
+                 n_draft_positions=0):
+        check_request(prompt, max_new_tokens, temperature, top_k, top_p)
+        self.seq, self.n_prompt, self.max_new_tokens = list(prompt), len(prompt), max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # p and q
+        self.greedy, self.stop, self.generator = temperature == 0, list(stop), generator
+        self.stats, self.stopped = Stats(n_draft_positions), False
+        self.t0 = time.perf_counter()
+
+    def running(self):
+        return not self.stopped and self.budget() > 0
+
+    def budget(self):
+        """How many tokens may still be emitted."""
+        return self.max_new_tokens - (len(self.seq) - self.n_prompt)
+
+    def emit(self, new, n_drafts):
+        """Append a step's tokens (its accepted drafts and one target token); count the step. A stop
+        sequence now ending among them (and starting after the prompt) is cut, ending the run."""
+        self.stats.step(n_drafts, len(new) - 1)
+        self.seq += new
+        seq, stop = self.seq, self.stop
+        for i in range(max(self.n_prompt, len(seq) - len(new) - len(stop) + 1),
+                       len(seq) - len(stop) + 1) if stop else ():
+            if seq[i:i + len(stop)] == stop:
+                del seq[i:]
+                self.stopped = True
+                return
+
+    def result(self, window):
+        self.stats.new_tokens = len(self.seq) - self.n_prompt
+        self.stats.time_s = time.perf_counter() - self.t0
+        return Generation(self.seq[self.n_prompt:], self.stats, window)
+
+
+# PLUMBING-TEMP end
 
 
 if __name__ == '__main__':

@@ -36,7 +36,7 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import UserError, parse_flags, pick_device, load_model, measure, cli, load_checkpoint
+from common import UserError, parse_flags, pick_device, load_model, cli, load_checkpoint
 from model import GPT2_SIZES, PYTHIA
 from data.text import val_prompts
 from data.prepare import SHAKESPEARE, prepare
@@ -44,6 +44,7 @@ import train as trainer
 from marginalize import evaluate_table
 from probes import layer_probes
 from sample import generate, generate_self_speculative
+from bench import measure
 
 
 @dataclass

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import sample
-from common import UserError, Stats
+from common import UserError
 from data.text import encode_prompt, stop_tokens
 from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
 from heads import MTPGPT, MTPConfig
-from sample import (probs_from_logits, verify, generate, generate_self_speculative,
+from sample import (Stats, probs_from_logits, verify, generate, generate_self_speculative,
                     generate_two_model)
 
 
