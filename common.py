@@ -8,12 +8,10 @@ import ast
 import dataclasses
 import glob
 import inspect
-import math
 import os
 import shutil
 import tempfile
 import re
-import statistics
 import sys
 import time
 from contextlib import nullcontext, suppress
@@ -22,7 +20,6 @@ import torch
 
 from model import GPT, UserError, GPT2_SIZES, PYTHIA
 from heads import MTPGPT, MTPConfig
-from data.text import data_dir_of, tokenizer_difference  # (for the training checks, for now)
 
 
 # -----------------------------------------------------------------------------
@@ -373,118 +370,3 @@ def load_model(path, device='cpu'):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
     return model.to(device).eval(), ckpt
-
-
-# -----------------------------------------------------------------------------
-# training data and resuming (train.py)
-
-def check_training_flags(cfg):
-    """train.py's numbers that would otherwise fail deep inside or silently (nan, a shape that
-    cannot be built), an output that would overwrite its own source, and an unwritable out_dir."""
-    for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
-                            ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
-                            ('>= 0', lambda v: v >= 0, ('min_lr', 'weight_decay', 'grad_clip',
-                                                        'trunk_lr_scale', 'mtp_weight',
-                                                        'mtp_decay'))):
-        for name in names:  # (nan fails every comparison)
-            if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
-                raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
-    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
-        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
-            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
-    if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
-        for name in ('n_layer', 'n_head', 'n_embd'):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.n_embd % cfg.n_head:
-            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-    target = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
-        raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
-                        f"training would overwrite it; pick another --out_dir")
-    check_out_dir(cfg.out_dir)
-
-
-def check_data_tokenizer(ckpt, cfg, meta):
-    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
-    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
-    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
-    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
-    if why:
-        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
-                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
-                        f"prepared with the checkpoint's tokenizer")
-
-
-def check_resume(ckpt, cfg, meta):
-    """A resume continues the checkpoint's run: it needs train.py's resume state, the dataset's
-    tokenizer must be the checkpoint's, and there must be iterations left. The checkpoint decides
-    the model: a shape flag set (not at its default) to another value is an error, and cfg takes
-    the checkpoint's values, so the new checkpoint's config agrees with its model_args. Another
-    data directory with the same tokenizer is allowed, and said."""
-    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
-    if missing:
-        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
-                        f"be resumed; start from it with --init_from=PATH and another --out_dir")
-    check_data_tokenizer(ckpt, cfg, meta)
-    args, defaults = ckpt['model_args'], {f.name: f.default for f in dataclasses.fields(cfg)}
-    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
-    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
-    wanted = dataclasses.asdict(MTPConfig(**{**args, **given}))  # (-1, 'linear' resolved)
-    for key in (k for k in given if wanted[k] != args[k]):
-        raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
-                        f"a resumed run keeps its model; pass the original value")
-    for key in keys:
-        setattr(cfg, key, args[key])
-    if ckpt['iter_num'] >= cfg.max_iters:
-        raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
-                        f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
-    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
-    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
-    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
-            int(os.environ.get('RANK', 0)) == 0:
-        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
-
-
-def restore(ckpt, optimizer, batches, rank):
-    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
-    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError):
-        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
-                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
-    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
-    if rank < len(saved):
-        torch.set_rng_state(saved[rank]['torch'])
-        batches.gen.set_state(saved[rank]['batches'])
-    return ckpt['iter_num'], ckpt['best_val_loss']
-
-
-# -----------------------------------------------------------------------------
-# reporting a training run (train.py)
-
-def eval_line(last_eval):
-    heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
-                     for h in last_eval['val']['heads'])
-    whs = ' | WHS mix h_0..h_attach per head: ' + '; '.join(
-        ' '.join(f"{c:.2f}" for c in row) for row in last_eval['whs']) if last_eval['whs'] else ''
-    return (f"iter {last_eval['iter']}: train loss {last_eval['train']['loss']:.4f}, val loss "
-            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}{whs}")
-
-
-def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
-    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
-    last_objective: the weighted MTP loss of the last step (what was minimized)."""
-    evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
-    return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
-                train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
-                val_heads=evaluated('val', 'heads'), whs=last_eval['whs'] if last_eval else None,
-                ms_per_iter=statistics.median(step_ms) if step_ms else None,
-                time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
-
-
-def printable(summary):
-    """The JSON-friendly part of train()'s summary (without the model and per-step lists)."""
-    return {k: v for k, v in summary.items() if k not in ('losses', 'step_ms', 'model')}
-

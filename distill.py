@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from heads import loss_weights_for
 from common import (UserError, parse_flags, check_ranges, pick_device, autocast_for, load_model,
-                    printable, cli)
+                    cli)
 from data.text import val_path, val_prompts
 from sample import generate_batch
-from train import TrainConfig, train, check_config
+from train import TrainConfig, train, check_config, printable
 
 
 @dataclass
