@@ -27,7 +27,8 @@ from common import (UserError, parse_flags, check_ranges, pick_device, autocast_
                     cli)
 from data.text import val_path, val_prompts
 from sample import generate_batch
-from train import TrainConfig, train, check_config, printable
+from train import TrainConfig, train, check_config
+from report import printable
 
 
 @dataclass

@@ -41,6 +41,7 @@ from model import GPT2_SIZES, PYTHIA
 from data.text import val_prompts
 from data.prepare import SHAKESPEARE, prepare
 import train as trainer
+from report import printable
 from marginalize import evaluate_table
 from probes import layer_probes
 from sample import generate, generate_self_speculative
@@ -202,7 +203,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
     record = read_json(os.path.join(run_dir, 'done.json'))
     if record and record.get('lineage') == run:  # finished earlier, from the same sources: reuse
         return os.path.join(run_dir, 'ckpt.pt'), record['summary']
-    summary = trainer.printable(trainer.train(tc))
+    summary = printable(trainer.train(tc))
     write_json(os.path.join(run_dir, 'done.json'), dict(lineage=run, summary=summary))
     return summary['ckpt'], summary
 

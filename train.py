@@ -5,30 +5,27 @@ Train a GPT with multi-token prediction heads (n_future = 1 is plain next-token 
     python train.py config/ntp_shakespeare_char.py --max_iters=500   # a preset, then flags
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (nccl on CUDA, gloo on CPU)
 
-init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained NTP model (trunk = its first
-attach_layer blocks, every head a copy of the rest; its shape, not the flags', decides); a
-checkpoint that has heads already is fine-tuned whole. The paper's strategies for this are all in
-training_strategy().
+init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained model (build_model) with
+the paper's strategies, all of them in training_strategy().
 """
 import json
 import math
 import os
-import statistics
 import time
 from collections import namedtuple
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, asdict, fields
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets
-from common import (UserError, parse_flags, autocast_for, Distributed, check_out_dir,
-                    save_checkpoint, load_checkpoint, model_from_checkpoint, load_model, cli)
+from heads import MTPGPT, MTPConfig, loss_weights_for
+from common import (UserError, parse_flags, check_ranges, autocast_for, Distributed,
+                    check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint,
+                    load_model, cli)
 from data.text import data_dir_of, tokenizer_difference
 from data.batches import load_data
-from metrics import count_topk
+from report import evaluate_splits, diverged, eval_line, summarize, printable
 
 
 @dataclass
@@ -87,20 +84,18 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     quiet: bool = False                 # no progress bar / log lines (the JSON line still prints)
 
 
-
 def parse_config(argv, base=None):
     """TrainConfig from ['preset.py', '--max_iters=100']: defaults < presets < flags."""
     return parse_flags(argv, base or TrainConfig(), presets=True)
-
 
 
 # -----------------------------------------------------------------------------
 # the checks: of the flags before any work is done, of the checkpoint a run starts from
 
 def check_config(cfg):
-    """Reject, before any work is done, flags that cannot mean anything together, numbers that
-    would fail deep inside or silently (nan, a shape that cannot be built), an output that would
-    overwrite its own source, and an unwritable out_dir."""
+    """Before any work: flags that cannot go together, numbers that would fail deep inside or
+    silently (nan, a shape that cannot be built), an out_dir that holds the source or is not
+    writable."""
     for flag in ('freeze_trunk', 'head_warmup_iters'):
         if getattr(cfg, flag) and cfg.init_from == 'scratch':
             raise UserError(f"{flag} needs a trained trunk: use init_from=<ckpt> or gpt2")
@@ -110,10 +105,8 @@ def check_config(cfg):
     if cfg.compile and cfg.memory_efficient:
         raise UserError("memory_efficient runs the heads one by one outside the compiled "
                         "forward: drop compile or memory_efficient")
-    for name in ('batch_size', 'block_size', 'grad_accum', 'max_iters', 'eval_interval',
-                 'eval_iters', 'log_interval', 'n_future'):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1")
+    check_ranges(cfg, positive=('batch_size', 'block_size', 'grad_accum', 'max_iters',
+                                'eval_interval', 'eval_iters', 'log_interval', 'n_future'))
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
     if ranks and cfg.grad_accum % ranks:
         raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
@@ -135,9 +128,7 @@ def check_config(cfg):
         if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
             raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
     if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
-        for name in ('n_layer', 'n_head', 'n_embd'):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     target = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -159,11 +150,9 @@ def check_data_tokenizer(ckpt, cfg, meta):
 
 
 def check_resume(ckpt, cfg, meta):
-    """A resume continues the checkpoint's run: it needs train.py's resume state, the dataset's
-    tokenizer must be the checkpoint's, and there must be iterations left. The checkpoint decides
-    the model: a shape flag set (not at its default) to another value is an error, and cfg takes
-    the checkpoint's values, so the new checkpoint's config agrees with its model_args. Another
-    data directory with the same tokenizer is allowed, and said."""
+    """A resume continues the checkpoint's run: its resume state, its tokenizer, its model (a shape
+    flag set to another value is an error; cfg takes the checkpoint's values, so the new config
+    agrees with model_args), iterations left. Another data dir, same tokenizer: allowed, said."""
     missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
     if missing:
         raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
@@ -203,36 +192,6 @@ def restore(ckpt, optimizer, batches, rank):
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-@torch.no_grad()
-def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
-    """Per head: mean CE, top-1 and top-5 accuracy over all positions with a target (token-
-    weighted), on n_batches fixed batches (same windows at every evaluation)."""
-    model.eval()
-    batches.gen.manual_seed(seed)
-    sums = [dict(loss=0.0, n=0, top1=0, top5=0) for _ in range(model.config.n_future)]
-    for _ in range(n_batches):
-        x, y = batches.next()
-        with autocast:  # the heads one at a time: one logits tensor alive
-            for (k, state), s in zip(model.head_states(x, model.trunk(x)), sums):
-                scores = model.unembed(state).float()
-                targets = head_targets(y, k)
-                s['loss'] += F.cross_entropy(scores.reshape(-1, scores.size(-1)),
-                                             targets.reshape(-1), ignore_index=-1,
-                                             reduction='sum').item()
-                n, hits = count_topk(scores, targets)
-                s.update(n=s['n'] + n, top1=s['top1'] + hits[1], top5=s['top5'] + hits[5])
-    model.train()
-    heads = [dict(head=k, **{m: s[m] / s['n'] for m in ('loss', 'top1', 'top5')})
-             for k, s in enumerate(sums, start=1)]
-    weights = loss_weights_for(len(heads), loss_weights)
-    return dict(loss=heads[0]['loss'], mtp_loss=sum(w * h['loss'] for w, h in zip(weights, heads)),
-                heads=heads)
-
-
 # -----------------------------------------------------------------------------
 # the model and the paper's training strategies
 
@@ -254,12 +213,9 @@ def build_model(cfg, meta):
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt)
         check_resume(ckpt, cfg, meta)  # its tokenizer, shape, resume state, iterations left
-    elif cfg.init_from == 'scratch':
-        model = MTPGPT(MTPConfig(block_size=cfg.block_size, vocab_size=meta['vocab_size'],
-                                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                 dropout=cfg.dropout, bias=cfg.bias, n_future=cfg.n_future,
-                                 attach_layer=cfg.attach_layer, head_type=cfg.head_type,
-                                 whs=cfg.whs, head_attention=cfg.head_attention))
+    elif cfg.init_from == 'scratch':  # the model: the flags named like MTPConfig's fields
+        model = MTPGPT(MTPConfig(vocab_size=meta['vocab_size'], **{
+            f.name: getattr(cfg, f.name) for f in fields(MTPConfig) if hasattr(cfg, f.name)}))
     else:
         source, source_ckpt = load_model(cfg.init_from)
         check_data_tokenizer(source_ckpt, cfg, meta)
@@ -299,17 +255,14 @@ Strategy = namedtuple('Strategy', 'loss_weights optimizer trunk_trainable')
 def training_strategy(model, cfg, device_type):
     """The paper's training strategies (Mehra et al. 2025), all of them here:
 
-    loss weights       L = sum_k lambda_k CE_k: --loss_weights=1,0.5,..., or lambda_1 = 1 and
-                       lambda_k = mtp_weight * mtp_decay^(k-2)
-    zero-weight heads  a head with lambda_k = 0 is frozen: out of the loss and the optimizer
-                       (distill.py sets lambda_1 = 0: the next-token head stays bit-identical)
+    loss weights       L = sum_k lambda_k CE_k (--loss_weights, or --mtp_weight, --mtp_decay)
+    zero-weight heads  frozen: out of the loss and the optimizer (distill.py: lambda_1 = 0)
     frozen trunk       --freeze_trunk: only the heads learn ("MTP heads on a frozen NTP model")
-    differential LR    joint training with the trunk's LR = trunk_lr_scale x the heads' LR, so
-                       the new heads move fast while the trunk's NTP skills are kept
-    WHS                each head's mixing coefficients over h_0..h_attach (heads.Head) are
-                       head parameters: the heads' LR, no weight decay; reported at every eval
-    head warmup        the first head_warmup_iters iterations train the heads only, then all:
-                       trunk_trainable(it) says which, and train() applies it every step
+    differential LR    the trunk's LR = trunk_lr_scale x the heads': new heads move fast, the
+                       trunk keeps its NTP skills
+    WHS                each head's mix of h_0..h_attach (heads.Head): head parameters, no decay
+    head warmup        heads only for head_warmup_iters iterations, then all: trunk_trainable(it)
+                       says which, train() applies it every step
     """
     try:
         explicit = [float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights else None
@@ -333,13 +286,7 @@ def training_strategy(model, cfg, device_type):
 
 
 # -----------------------------------------------------------------------------
-# the steps of a training run
-
-def diverged(loss, where, ckpt_path):
-    kept = f"the last good checkpoint ({ckpt_path}) is intact" if os.path.isfile(ckpt_path) else \
-        "no checkpoint was written"
-    return UserError(f"loss is {loss} at {where}: stopping; {kept}; try a lower learning_rate")
-
+# the training run: a step, the loop
 
 def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_steps, where):
     """One optimizer step over micro_steps micro-batches (gradient accumulation); the loss."""
@@ -363,53 +310,6 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
                                        cfg.grad_clip)
     return loss_accum
 
-
-def evaluate_splits(model, eval_train, val_batches, cfg, autocast, loss_weights, iter_num):
-    """Train and val metrics per head, and the WHS mix (MTPGPT.whs_weights); a non-finite loss
-    stops the run before any save."""
-    whs = model.whs_weights()
-    result = dict(iter=iter_num,
-                  train=evaluate(model, eval_train, cfg.eval_iters, autocast, loss_weights),
-                  val=evaluate(model, val_batches, cfg.eval_iters, autocast, loss_weights),
-                  whs=None if whs is None else whs.tolist())
-    for split in ('train', 'val'):
-        if not math.isfinite(result[split]['loss']):
-            raise diverged(result[split]['loss'], f"the evaluation of iter {iter_num}",
-                           os.path.join(cfg.out_dir, 'ckpt.pt'))
-    return result
-
-
-# -----------------------------------------------------------------------------
-# reporting a training run
-
-def eval_line(last_eval):
-    heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
-                     for h in last_eval['val']['heads'])
-    whs = ' | WHS mix h_0..h_attach per head: ' + '; '.join(
-        ' '.join(f"{c:.2f}" for c in row) for row in last_eval['whs']) if last_eval['whs'] else ''
-    return (f"iter {last_eval['iter']}: train loss {last_eval['train']['loss']:.4f}, val loss "
-            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}{whs}")
-
-
-def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
-    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
-    last_objective: the weighted MTP loss of the last step (what was minimized)."""
-    evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
-    return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
-                train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
-                val_heads=evaluated('val', 'heads'), whs=last_eval['whs'] if last_eval else None,
-                ms_per_iter=statistics.median(step_ms) if step_ms else None,
-                time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
-
-
-def printable(summary):
-    """The JSON-friendly part of train()'s summary (without the model and per-step lists)."""
-    return {k: v for k, v in summary.items() if k not in ('losses', 'step_ms', 'model')}
-
-
-
-# -----------------------------------------------------------------------------
-# the training run
 
 def train(cfg):
     """Run a training job; returns the summary dict (also printed as the last JSON line)."""

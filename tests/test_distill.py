@@ -16,7 +16,7 @@ from data.batches import Batches
 from data.text import val_path
 from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
-from train import evaluate
+from report import evaluate
 
 
 @pytest.fixture(scope='module')
