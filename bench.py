@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
-                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model, cli)
+                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model,
+                    cli)
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost

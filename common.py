@@ -354,7 +354,8 @@ def model_from_checkpoint(ckpt):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its model_args ({str(e).splitlines()[0]})")
+        raise UserError(f"checkpoint weights do not match its model_args "
+                        f"({str(e).splitlines()[0]})")
     return model
 
 

@@ -95,7 +95,7 @@ def fine_tuning_config(args, model_config):
     return cfg
 
 
-def check_request(args, model):
+def check_distill_request(args, model):
     n_future = model.config.n_future
     if n_future < 2:
         raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
@@ -114,7 +114,7 @@ def main(argv):
                         f"({args.prompt_len}): the generated tokens are the corpus")
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
-    check_request(args, model)
+    check_distill_request(args, model)
     cfg = fine_tuning_config(args, model.config)
     source_val = val_path(ckpt)
     if not source_val:

@@ -25,7 +25,6 @@ import torch
 from torch.nn import functional as F
 
 from model import run_blocks
-from heads import ntp_blocks
 from common import UserError, parse_flags, check_ranges, pick_device, load_model, cli
 from data.text import data_dir_of
 from metrics import eval_windows, window_batch, count_topk
@@ -38,7 +37,7 @@ def layer_states(model, tokens, positions, seed=0):
     """Every layer's hidden state at up to `positions` positions of a token array, and their
     targets: (states (L+1, N, C), targets (N, 2) holding x_{t+1}, x_{t+2})."""
     device = next(model.parameters()).device
-    blocks = ntp_blocks(model)  # trunk + head 1: the next-token path, L blocks
+    blocks = model.ntp_blocks()  # trunk + head 1: the next-token path, L blocks
     states, targets = [], []
     for start, n in eval_windows(len(tokens), model.config.block_size, K_AHEAD, positions, seed):
         seq, target = window_batch(tokens, start, n, K_AHEAD, device)

@@ -247,7 +247,7 @@ def model_at(ckpt, cfg):
     return load_model(ckpt, pick_device(cfg.device))[0]
 
 
-def accuracy(model, tokens, positions, k_ahead, top_ks):
+def accuracy_rows(model, tokens, positions, k_ahead, top_ks):
     """Rows of marginalize.evaluate_table on fixed positions (seed 0)."""
     return evaluate_table(model, tokens, positions=positions, k_ahead=k_ahead, top_ks=top_ks,
                           seed=0)
@@ -331,13 +331,13 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
         tokens, rows = tokens_of(data_dir, 'val'), []
         model = model_at(ft, cfg)
         exact = 0 if model.config.vocab_size <= 128 else 50
-        for row in accuracy(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
+        for row in accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
             name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
             rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
         for name, ckpt in runs.items():
             model = model_at(ckpt, cfg)
             whs = model.whs_weights()
-            heads = accuracy(model, tokens, cfg.positions, cfg.n_future, [])[-1]
+            heads = accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [])[-1]
             rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
                              whs=None if whs is None else whs.tolist()))
         return rows
@@ -387,8 +387,8 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
             tokens = tokens_of(data_dir, 'val')
             ft_model = model_at(cell['ft'], cfg)
             exact = 0 if ft_model.config.vocab_size <= 128 else 50
-            marginal = accuracy(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
-            heads = accuracy(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
+            marginal = accuracy_rows(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
+            heads = accuracy_rows(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
         extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
     if cfg.sweep and in_table:
@@ -397,7 +397,7 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
             ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
                                 n_future=cfg.n_future, init_from=cell['base'],
                                 attach_layer=layer, freeze_trunk=True, **adapt)[0]
-            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy(
+            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy_rows(
                 model_at(ckpt, cfg), tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
                 [])[-1])
             extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
@@ -606,7 +606,7 @@ def save(fig, path):
 
 # -----------------------------------------------------------------------------
 
-def check_config(cfg):
+def check_study_config(cfg):
     for names in (cfg.sizes, cfg.curve_sizes):
         unknown = [s for s in names.split(',') if s and s not in SIZES]
         if unknown:
@@ -665,7 +665,7 @@ def compute_seconds(out_dir):
 
 
 def run_study(cfg, log=print, command='python study.py'):
-    check_config(cfg)
+    check_study_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
