@@ -53,7 +53,6 @@ class StudyConfig:
     """python study.py [--preset=quick|cpu] [--name=value ...]
 The paper's study at small scale: strategies, marginalization, probes and a size curve."""
     preset: str = ''                # quick | cpu | paper: its defaults (PRESETS), then the flags
-    quick: bool = False             # the same as --preset=quick
     out_dir: str = 'out-study'      # data, runs and checkpoints
     results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
     corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
@@ -292,8 +291,8 @@ def eval_key(cfg, *ckpts):
     the evaluation code's version."""
     return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
         k: v for k, v in asdict(cfg).items() if k not in (
-            'preset', 'quick', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes',
-            'seeds', 'shakespeare', 'threads', 'device')})
+            'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
+            'shakespeare', 'threads', 'device')})
 
 
 # -----------------------------------------------------------------------------
@@ -687,10 +686,7 @@ def run_study(cfg, log=print, command='python study.py'):
 
 
 def main(argv):
-    cfg = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig())
-    if cfg.quick and cfg.preset not in ('', 'quick'):
-        raise UserError(f"--quick=true is --preset=quick: it conflicts with --preset={cfg.preset}")
-    preset = 'quick' if cfg.quick else cfg.preset
+    preset = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig()).preset
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     # the preset's defaults, then the flags given (--help shows the preset's defaults)
