@@ -87,28 +87,14 @@ def parse_flags(argv, defaults, presets=False, fixed=()):
     return dataclasses.replace(defaults, **values)
 
 
-def field_docs(cls):
-    """{field: description}, read from the `name: type = default  # description` lines of a
-    config dataclass (and its bases), so --help cannot drift from the code. A comment line whose
-    '#' is in the same column as the field's continues its description."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        name, column = None, -1
-        for line in inspect.getsource(klass).splitlines():
-            field = re.match(r'    (\w+)\s*:[^#]*?(?:#\s?(.*))?$', line)
-            if field and field.group(1) in cls.__dataclass_fields__:
-                name, column = field.group(1), line.find('#')
-                docs[name] = field.group(2) or ''
-            elif name and line.find('#') == column > 0 and not line[:column].strip():
-                docs[name] += ' ' + line[column + 1:].strip()
-            else:
-                name = None
-    return docs
+def flag(default, description):
+    """A field of a config dataclass: its default and what --help says about it."""
+    return dataclasses.field(default=default, metadata={'help': description})
 
 
 def help_text(defaults, values):
     """The --help page: the config class's docstring, then every flag, default, description."""
-    docs = field_docs(type(defaults))
+    docs = {f.name: f.metadata.get('help', '') for f in dataclasses.fields(defaults)}
     shown = {k: v if not isinstance(v, str) or v.isprintable() else repr(v)
              for k, v in values.items()}
     width = max(len(f"--{k}={v}") for k, v in shown.items())
@@ -127,10 +113,10 @@ def check_ranges(args, positive=(), non_negative=(), fractions=()):
                 raise UserError(f"--{key} must be {rule}, got {getattr(args, key)}")
 
 
-def parse_top_ks(flag):
+def parse_top_ks(value):
     """--top_k=1,5,all -> [1, 5, 0] (0 = all of V); '' -> None (the default rows)."""
     top_ks = []
-    for item in filter(None, flag.split(',')):
+    for item in filter(None, value.split(',')):
         if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
             raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
         top_ks.append(0 if item == 'all' else int(item))
@@ -140,36 +126,36 @@ def parse_top_ks(flag):
 @dataclasses.dataclass
 class MarginalizeFlags:
     """The flags of a marginalization run (marginalize.py's table, bench.py marginalize)."""
-    ckpt: str = ''            # checkpoint path (or gpt2 / ... / EleutherAI/pythia-*); required
-    input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
-    data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
-    positions: int = 256      # how many positions t to evaluate
-    k_ahead: int = 3          # predict x_{t+1} .. x_{t+k_ahead}
-    top_k: str = ''           # comma list of marginalization settings, 'all' = all of V;
-                              # '' = 1,2,5,10,50 (and all if V <= 128)
-    top_p: float = 1.0        # nucleus of every step's candidates (1 = off)
-    max_paths: int = 0        # at most this many paths per position (0 = no cap)
-    chunk_size: int = 512     # tokens per batched forward
-    window: int = 0           # tokens per window (0 = block_size)
-    max_forward_tokens: int = 100_000_000  # refuse a setting whose paths need more (all of a
-                              # BPE vocabulary at k_ahead=3: ~1e10 per position)
-    seed: int = 0             # which windows
-    device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
+    ckpt: str = flag('', "checkpoint path (or gpt2 / ... / EleutherAI/pythia-*); required")
+    input: str = flag('', "a text file to evaluate on, instead of the dataset's val.bin")
+    data_dir: str = flag('', "override the checkpoint's data dir (data/<dataset>)")
+    positions: int = flag(256, "how many positions t to evaluate")
+    k_ahead: int = flag(3, "predict x_{t+1} .. x_{t+k_ahead}")
+    top_k: str = flag('', "comma list of marginalization settings, 'all' = all of V; '' = "
+                          "1,2,5,10,50 (and all if V <= 128)")
+    top_p: float = flag(1.0, "nucleus of every step's candidates (1 = off)")
+    max_paths: int = flag(0, "at most this many paths per position (0 = no cap)")
+    chunk_size: int = flag(512, "tokens per batched forward")
+    window: int = flag(0, "tokens per window (0 = block_size)")
+    max_forward_tokens: int = flag(100_000_000, "refuse a setting whose paths need more (all of a "
+                                                "BPE vocabulary at k_ahead=3: ~1e10 per position)")
+    seed: int = flag(0, "which windows")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | ...")
 
 
 @dataclasses.dataclass
 class DecodeFlags:
     """The flags of decoding (sample.py, bench.py decode)."""
-    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / ... / EleutherAI/pythia-*
-    draft: str = ''             # a draft model's checkpoint: two-model speculative decoding
-    gamma: int = 4              # drafts per step of the draft model
-    temperature: float = 0.8    # 0 = greedy (bench.py decode always runs greedy too)
-    top_k: int = 0              # sample among the top_k most probable tokens (0 = all)
-    top_p: float = 1.0          # nucleus sampling: the smallest set with this mass (1 = all)
-    seed: int = 1337            # the sampling generator's seed (bench.py: repeat r uses seed + r)
-    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    threads: int = 0            # CPU threads (0 = torch's default; 1 is fastest for tiny models)
+    ckpt: str = flag('out/ckpt.pt', "checkpoint path, or gpt2 / ... / EleutherAI/pythia-*")
+    draft: str = flag('', "a draft model's checkpoint: two-model speculative decoding")
+    gamma: int = flag(4, "drafts per step of the draft model")
+    temperature: float = flag(0.8, "0 = greedy (bench.py decode always runs greedy too)")
+    top_k: int = flag(0, "sample among the top_k most probable tokens (0 = all)")
+    top_p: float = flag(1.0, "nucleus sampling: the smallest set with this mass (1 = all)")
+    seed: int = flag(1337, "the sampling generator's seed (bench.py: repeat r uses seed + r)")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag('auto', "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16")
+    threads: int = flag(0, "CPU threads (0 = torch's default; 1 is fastest for tiny models)")
 
 
 def cli(main, errors=(UserError,)):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import UserError, parse_flags, pick_device, load_model, cli, load_checkpoint
+from common import UserError, flag, parse_flags, pick_device, load_model, cli, load_checkpoint
 from model import GPT2_SIZES, PYTHIA
 from data.text import val_prompts
 from data.prepare import SHAKESPEARE, prepare
@@ -52,41 +52,42 @@ from bench import measure
 class StudyConfig:
     """python study.py [--preset=quick|cpu] [--name=value ...]
 The paper's study at small scale: strategies, marginalization, probes and a size curve."""
-    preset: str = ''                # quick | cpu | paper: its defaults (PRESETS), then the flags
-    out_dir: str = 'out-study'      # data, runs and checkpoints
-    results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
-    corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
-    shakespeare: str = ''           # tiny Shakespeare's text (default: the shipped data/ copy)
-    sizes: str = 'M,L'              # model sizes of the strategies table, see SIZES
-    curve_sizes: str = 'M,L,XL,XXL'  # model sizes of the size curve ('' = none)
-    seeds: int = 3                  # seeds per (corpus, size) of the strategies table
-    n_future: int = 2               # heads of the strategies table's MTP models
-    base_iters: int = 3000          # NTP pretraining from scratch
-    base_lr: float = 2e-3           # its peak LR (cosine to a tenth)
-    adapt_iters: int = 1000         # fine-tuning / each MTP adaptation
-    head_warmup_iters: int = 250    # of adapt_iters
-    trunk_lr_scale: float = 0.25    # differential LR (Medusa-2: heads 4x the backbone)
-    adapt_lr: float = 3e-4          # peak LR of the adaptations
-    batch_size: int = 32            # sequences per step
-    block_size: int = 128           # context length
-    eval_iters: int = 20            # batches per evaluation
-    positions: int = 2048           # positions of the strategies table
-    curve_positions: int = 512      # positions of the size curve (exact 3rd token: |V|^2 paths)
-    probe_positions: int = 8192     # train positions the probes are fit on (val: positions)
-    decode_prompts: int = 10        # greedy self-speculative decoding: prompts x new tokens
-    decode_tokens: int = 128        # (see decode_prompts)
-    convergence: str = '*'          # table sizes whose seed-0 base is also trained twice as long
-                                    # to check convergence: '*' all, '' none, or a list
-    sweep: bool = True              # the attach_layer sweep
-    threads: int = 0                # torch CPU threads (0 = torch's default)
-    device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
-    init_from: str = ''             # a pretrained NTP base instead of training one (paper preset)
-    probes: bool = True             # the layer probes of every base (a probe per layer: |V| wide)
+    preset: str = flag('', "quick | cpu | paper: its defaults (PRESETS), then the flags")
+    out_dir: str = flag('out-study', "data, runs and checkpoints")
+    results_dir: str = flag('', "study_<preset>.md / .json / *.png (default out_dir)")
+    corpora: str = flag('shakespeare_char,counting',
+                        "names, or paths to text files (char tokenizer)")
+    shakespeare: str = flag('', "tiny Shakespeare's text (default: the shipped data/ copy)")
+    sizes: str = flag('M,L', "model sizes of the strategies table, see SIZES")
+    curve_sizes: str = flag('M,L,XL,XXL', "model sizes of the size curve ('' = none)")
+    seeds: int = flag(3, "seeds per (corpus, size) of the strategies table")
+    n_future: int = flag(2, "heads of the strategies table's MTP models")
+    base_iters: int = flag(3000, "NTP pretraining from scratch")
+    base_lr: float = flag(2e-3, "its peak LR (cosine to a tenth)")
+    adapt_iters: int = flag(1000, "fine-tuning / each MTP adaptation")
+    head_warmup_iters: int = flag(250, "of adapt_iters")
+    trunk_lr_scale: float = flag(0.25, "differential LR (Medusa-2: heads 4x the backbone)")
+    adapt_lr: float = flag(3e-4, "peak LR of the adaptations")
+    batch_size: int = flag(32, "sequences per step")
+    block_size: int = flag(128, "context length")
+    eval_iters: int = flag(20, "batches per evaluation")
+    positions: int = flag(2048, "positions of the strategies table")
+    curve_positions: int = flag(512, "positions of the size curve (exact 3rd token: |V|^2 paths)")
+    probe_positions: int = flag(8192, "train positions the probes are fit on (val: positions)")
+    decode_prompts: int = flag(10, "greedy self-speculative decoding: prompts x new tokens")
+    decode_tokens: int = flag(128, "(see decode_prompts)")
+    convergence: str = flag('*', "table sizes whose seed-0 base is also trained twice as long to "
+                                 "check convergence: '*' all, '' none, or a list")
+    sweep: bool = flag(True, "the attach_layer sweep")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | mps")
+    init_from: str = flag('', "a pretrained NTP base instead of training one (paper preset)")
+    probes: bool = flag(True, "the layer probes of every base (a probe per layer: |V| wide)")
 
 
 SIZES = {  # n_layer, n_head, n_embd
-    'XXS': (1, 1, 16), 'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192), 'XL': (8, 8, 256),
-    'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
+    'XXS': (1, 1, 16), 'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192),
+    'XL': (8, 8, 256), 'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
 PRESETS = {
     'quick': dict(sizes='qS,M', curve_sizes='qS,M', seeds=2, base_iters=500, adapt_iters=150,
                   head_warmup_iters=40, batch_size=16, block_size=64, eval_iters=8, positions=512,

@@ -23,7 +23,7 @@ import numpy as np
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, parse_flags, pid_alive, cli  # noqa: E402
+from common import UserError, flag, parse_flags, pid_alive, cli  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -129,11 +129,13 @@ def recover(out_dir):
 class PrepareConfig:
     """python data/prepare.py [--name=value ...]
 Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
-    dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
-    input: str = ''                 # a text file (default: the dataset's own, data/tinyshakespeare.txt)
-    tokenizer: str = ''             # char | bpe | a Hugging Face name (default: the dataset's, else char)
-    out_dir: str = ''               # where to write (default: data/<dataset>)
-    val_fraction: float = 0.1       # the last part of the text that is the val split
+    dataset: str = flag('shakespeare_char',
+                        "shakespeare_char | shakespeare (BPE) | any name with --input")
+    input: str = flag('', "a text file (default: the dataset's own, data/tinyshakespeare.txt)")
+    tokenizer: str = flag('',
+                          "char | bpe | a Hugging Face name (default: the dataset's, else char)")
+    out_dir: str = flag('', "where to write (default: data/<dataset>)")
+    val_fraction: float = flag(0.1, "the last part of the text that is the val split")
 
 
 def main(argv):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import model as M
-from common import (UserError, cli, field_docs, help_text, load_checkpoint, load_model,
+from common import (UserError, cli, flag, help_text, load_checkpoint, load_model,
                     model_from_checkpoint, save_checkpoint, check_out_dir)
 from metrics import Tally, count_topk
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
@@ -36,6 +36,7 @@ HELP_PAGES = [('train', [], 'TrainConfig'),
               ('marginalize', [], 'MarginalizeConfig'),
               ('distill', [], 'DistillConfig'),
               ('study', [], 'StudyConfig'),
+              ('probes', [], 'ProbeConfig'),
               ('data.prepare', [], 'PrepareConfig'),
               ('bench', ['decode'], 'DecodeBench'),
               ('bench', ['train'], 'TrainBench'),
@@ -62,7 +63,7 @@ def shown(default):
 def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
         module, section, config, flag, capsys):
     """`<script> --help` (or -h) prints the config dataclass's docstring, then one line per flag
-    in the dataclass's order: --name=default and its description (common.field_docs), and
+    in the dataclass's order: --name=default and its description (common.flag), and
     exits with status 0 before doing anything else. The page lists exactly the flags the
     script takes: a field it leaves out (a config that extends another script's, e.g.
     distill.py's of train.py's, decides some fields itself) is refused as an unknown option."""
@@ -74,7 +75,7 @@ def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
     listed = [line.split('=', 1)[0].strip().removeprefix('--') for line in lines]
     names = [f.name for f in fields(cls)]
     assert listed and listed == [name for name in names if name in listed], listed
-    docs, defaults = field_docs(cls), cls()
+    docs, defaults = descriptions(cls), cls()
     for line, name in zip(lines, listed):
         prefix = f"  --{name}={shown(getattr(defaults, name))} "
         assert line.startswith(prefix), (line, prefix)
@@ -93,14 +94,17 @@ def test_bench_help_lists_every_section(capsys):
         assert page.strip() in everything
 
 
+def descriptions(cls):
+    """{field: its --help description} of a config dataclass."""
+    return {f.name: f.metadata.get('help', '') for f in fields(cls)}
+
+
 @pytest.mark.parametrize('module,config', CONFIGS, ids=[c for _, c in CONFIGS])
 def test_every_config_field_has_a_description(module, config):
-    """Every field of every script's config dataclass has a non-empty description (the
-    `# ...` comment on its line), so no flag is undocumented in --help."""
+    """Every field of every script's config dataclass is a flag(default, description) with a
+    non-empty description, so no flag is undocumented in --help."""
     cls = getattr(importlib.import_module(module), config)
-    docs = field_docs(cls)
-    assert set(docs) == {f.name for f in fields(cls)}
-    for name, description in docs.items():
+    for name, description in descriptions(cls).items():
         assert description.strip(), f"{config}.{name} has no description"
 
 
@@ -108,20 +112,17 @@ def test_every_config_field_has_a_description(module, config):
 class Example:
     """python example.py [--name=value ...]
 What the example does."""
-    alpha: int = 1          # the first flag
-    beta: str = 'x'         # a description that goes on
-                            # over two lines
-    gamma: float = 0.5      # (see alpha)
-    delta: str = '\n'       # not printable: shown as repr
+    alpha: int = flag(1, "the first flag")
+    beta: str = flag('x', "a description that goes on "
+                          "over two lines")
+    gamma: float = flag(0.5, "(see alpha)")
+    delta: str = flag('\n', "not printable: shown as repr")
 
 
-def test_field_docs_reads_the_comments_and_their_continuation_lines():
-    """field_docs reads `name: type = default  # description`; a comment line whose '#' is in
-    the same column continues the description. help_text lays them out under the docstring."""
-    assert field_docs(Example) == {'alpha': 'the first flag',
-                                   'beta': 'a description that goes on over two lines',
-                                   'gamma': '(see alpha)',
-                                   'delta': 'not printable: shown as repr'}
+def test_help_text_lays_the_descriptions_out_under_the_docstring():
+    """flag(default, description) is a dataclass field with that default; help_text shows the
+    docstring, then every flag: --name=default and its description."""
+    assert Example().beta == 'x' and Example(beta='y').beta == 'y'
     assert help_text(Example(), asdict(Example())).splitlines() == [
         'python example.py [--name=value ...]', 'What the example does.', '',
         'flags (--name=value):',
