@@ -1,8 +1,8 @@
 """
 The plumbing every nanoMTP script shares, kept out of the files that hold the ideas: flags (and
---help), devices, checkpoints, text and data, cli() (a UserError ends a script with one line), the
-bookkeeping of training, decoding, the accuracy table (top-k counts, Tally). Imports: model <-
-heads <- common <- scripts.
+--help), devices, checkpoints and cli() (a UserError ends a script with one line). Text and
+tokens are data/text.py's, accuracy bookkeeping metrics.py's. Imports: model <- heads <- common
+<- data/ <- metrics, report <- scripts.
 """
 import ast
 import dataclasses

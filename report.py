@@ -1,7 +1,7 @@
 """
 What a training run (train.py, distill.py) measures and reports: every head's loss and top-1 /
 top-5 accuracy on fixed batches, the divergence stop, the line logged at each evaluation and the
-run's summary. Imports: heads, common, metrics <- report <- train.
+run's summary. Imports: heads, common, metrics <- report <- train, distill, study.
 """
 import math
 import os

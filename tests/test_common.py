@@ -15,7 +15,6 @@ import torch
 import model as M
 from common import (UserError, cli, flag, help_text, load_checkpoint, load_model,
                     model_from_checkpoint, save_checkpoint, check_out_dir)
-from metrics import Tally, count_topk
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
 
 
@@ -293,35 +292,3 @@ def test_an_old_checkpoint_with_linear_heads_loads_as_the_same_model(tmp_path):
     broken = {k.replace('.linear.', '.proj.'): v for k, v in old_state.items()}
     one_line_error(model_from_checkpoint, dict(old, model=broken))
     assert M.UserError is UserError  # model.py's UserError is the one common.py raises
-
-
-# -----------------------------------------------------------------------------
-# accuracy bookkeeping
-
-def test_count_topk_is_exact_and_skips_missing_targets():
-    """Top-1 / top-5 hit counts on a hand-built score tensor; targets of -1 are not counted
-    (neither as a target nor as a hit, even though index 0 might be a top score)."""
-    V = 8
-    order = torch.arange(V, 0, -1).float()          # token 0 best, 1 second, ... 7 worst
-    scores = order.repeat(2, 3, 1)                   # (2, 3, V)
-    targets = torch.tensor([[0, 1, 4],               # top1 hit, top5 hit (rank 2), top5 hit (rank 5)
-                            [5, -1, 7]])             # miss (rank 6), ignored, miss
-    n, hits = count_topk(scores, targets)
-    assert n == 5
-    assert hits == {1: 1, 5: 3}
-    n, hits = count_topk(scores, torch.full((2, 3), -1))
-    assert n == 0 and hits == {1: 0, 5: 0}
-    n, hits = count_topk(scores[:, :, :3], torch.tensor([[0, 1, 2], [2, 1, 0]]))  # V < 5
-    assert n == 6 and hits == {1: 2, 5: 6}
-
-
-def test_tally_counts_tokens_not_batches():
-    tally = Tally(k_ahead=1)
-    scores = torch.tensor([[[0.1, 0.9]], [[0.8, 0.2]], [[0.3, 0.7]]])  # argmax 1, 0, 1
-    tally.add(scores, torch.tensor([[1], [1], [1]]))  # 2 of 3 right
-    tally.add(scores[:1], torch.tensor([[0]]))        # 0 of 1 right
-    assert tally.result()['top1'] == [0.5]           # 2 / 4, not the mean of 2/3 and 0
-    assert tally.result()['n'] == [4]
-
-
-# -----------------------------------------------------------------------------
