@@ -131,7 +131,7 @@ def main(argv):
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
                          device, generator)
     # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
-    # (bench.py, marginalize.py) use that, not this model-written corpus (common.val_path)
+    # (bench.py, marginalize.py) use that, not this model-written corpus (data.text.val_path)
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
         json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
     corpus_s = time.time() - t0
