@@ -24,12 +24,13 @@ from dataclasses import dataclass, asdict, fields, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, MarginalizeFlags, DecodeFlags, marginalize_inputs,
-                    help_text, check_ranges, pick_device, autocast_for, set_cpu_threads,
-                    clock, load_model, val_prompts, eval_windows, window_batch, check_draft,
+from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
+                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model,
                     cli)
-from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
 from convert import to_hf
+from data.text import val_prompts, check_draft
+from metrics import marginalize_inputs, eval_windows, window_batch
+from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
 import head_designs
 import sample
 from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
@@ -43,17 +44,17 @@ from train import TrainConfig, train
 class DecodeBench(DecodeFlags):
     """python bench.py decode --ckpt=out/ckpt.pt [--name=value ...]
 Vanilla vs self-speculative (and two-model) decoding on the same val prompts: speedup, tau."""
-    threads: int = 1            # CPU threads (0 = torch's default); see the docstring
-    data: str = ''              # val.bin to cut prompts from (default: the checkpoint's)
-    num_prompts: int = 20       # prompts, evenly spaced over the val tokens
-    prompt_len: int = 64        # tokens per prompt
-    max_new_tokens: int = 64    # tokens generated per prompt
-    repeats: int = 3            # runs of every mode (the median is reported)
-    heads: str = ''             # more checkpoints of the same next-token model: a self row each
-    peers: bool = False         # also transformers: generate, prompt lookup, assisted generation
-    assistant: str = ''         # --peers: a small checkpoint, exported as the assistant model
-    lookup: int = 10            # --peers: prompt_lookup_num_tokens
-    breakdown: bool = False     # also: where a step's time goes (forward, drafts, verify, rest)
+    threads: int = flag(1, "CPU threads (0 = torch's default); see the docstring")
+    data: str = flag('', "val.bin to cut prompts from (default: the checkpoint's)")
+    num_prompts: int = flag(20, "prompts, evenly spaced over the val tokens")
+    prompt_len: int = flag(64, "tokens per prompt")
+    max_new_tokens: int = flag(64, "tokens generated per prompt")
+    repeats: int = flag(3, "runs of every mode (the median is reported)")
+    heads: str = flag('', "more checkpoints of the same next-token model: a self row each")
+    peers: bool = flag(False, "also transformers: generate, prompt lookup, assisted generation")
+    assistant: str = flag('', "--peers: a small checkpoint, exported as the assistant model")
+    lookup: int = flag(10, "--peers: prompt_lookup_num_tokens")
+    breakdown: bool = flag(False, "also: where a step's time goes (forward, drafts, verify, rest)")
 
 
 def print_rows(setting, temperature, rows):
@@ -263,14 +264,14 @@ class TrainBench(TrainConfig):
     """python bench.py train [--name=value ...] [--compare="n_future=1;memory_efficient=true"]
 train.py's step on a synthetic corpus, each variant in a fresh process: ms/iter, memory, MFU.
 Every train.py flag (model shape, head type, device, dtype, compile, ...) can be benchmarked."""
-    vocab_size: int = 65        # of the synthetic corpus (50257: GPT-2's BPE)
-    iters: int = 20             # timed iterations
-    warmup: int = 5             # untimed iterations first
-    compare: str = ''           # variants: "flag=value,flag=value;flag=value" (';' between)
-    peak_tflops: float = 989.0  # for MFU (989: H100/H200 dense bf16)
-    block_size: int = 64        # context length (train.py's flag, the benchmark's default)
-    batch_size: int = 16        # sequences per step
-    device: str = 'cpu'         # cpu | cuda | mps
+    vocab_size: int = flag(65, "of the synthetic corpus (50257: GPT-2's BPE)")
+    iters: int = flag(20, "timed iterations")
+    warmup: int = flag(5, "untimed iterations first")
+    compare: str = flag('', "variants: \"flag=value,flag=value;flag=value\" (';' between)")
+    peak_tflops: float = flag(989.0, "for MFU (989: H100/H200 dense bf16)")
+    block_size: int = flag(64, "context length (train.py's flag, the benchmark's default)")
+    batch_size: int = flag(16, "sequences per step")
+    device: str = flag('cpu', "cpu | cuda | mps")
 
 
 TRAIN_FIXED = ('out_dir', 'dataset', 'data_dir', 'init_from', 'eval_interval', 'eval_iters',
@@ -281,9 +282,9 @@ TRAIN_FIXED = ('out_dir', 'dataset', 'data_dir', 'init_from', 'eval_interval', '
 class MarginalizeBench(MarginalizeFlags):
     """python bench.py marginalize --ckpt=out/ckpt.pt [--name=value ...]
 Batched (KV cache + tree attention) vs naive marginalization on the same positions."""
-    ckpt: str = 'out/ckpt.pt'  # checkpoint path (or gpt2 / gpt2-medium / ...)
-    k_ahead: int = 2          # estimate x_{t+1} .. x_{t+k_ahead}
-    top_k: str = '8'          # candidates per step: one number, or 'all'
+    ckpt: str = flag('out/ckpt.pt', "checkpoint path (or gpt2 / gpt2-medium / ...)")
+    k_ahead: int = flag(2, "estimate x_{t+1} .. x_{t+k_ahead}")
+    top_k: str = flag('8', "candidates per step: one number, or 'all'")
 
 
 def train_bench_flags(argv):

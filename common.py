@@ -1,32 +1,26 @@
 """
 The plumbing every nanoMTP script shares, kept out of the files that hold the ideas: flags (and
---help), devices, checkpoints, text and data, cli() (a UserError ends a script with one line), the
-bookkeeping of training, decoding, the accuracy table (top-k counts, Tally). Imports: model <-
-heads <- common <- scripts.
+--help), devices, checkpoints and cli() (a UserError ends a script with one line). Text and
+tokens are data/text.py's, accuracy bookkeeping metrics.py's. Imports: model <- heads <- common
+<- data/ <- metrics, report <- scripts.
 """
 import ast
 import dataclasses
 import glob
 import inspect
-import math
 import os
 import shutil
 import tempfile
 import re
-import statistics
 import sys
 import time
-from collections import namedtuple
 from contextlib import nullcontext, suppress
 
-import numpy as np
 import torch
 
 from model import UserError
 from convert import GPT2_SIZES, PYTHIA, from_pretrained
 from heads import MTPGPT, MTPConfig
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
@@ -94,28 +88,14 @@ def parse_flags(argv, defaults, presets=False, fixed=()):
     return dataclasses.replace(defaults, **values)
 
 
-def field_docs(cls):
-    """{field: description}, read from the `name: type = default  # description` lines of a
-    config dataclass (and its bases), so --help cannot drift from the code. A comment line whose
-    '#' is in the same column as the field's continues its description."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        name, column = None, -1
-        for line in inspect.getsource(klass).splitlines():
-            field = re.match(r'    (\w+)\s*:[^#]*?(?:#\s?(.*))?$', line)
-            if field and field.group(1) in cls.__dataclass_fields__:
-                name, column = field.group(1), line.find('#')
-                docs[name] = field.group(2) or ''
-            elif name and line.find('#') == column > 0 and not line[:column].strip():
-                docs[name] += ' ' + line[column + 1:].strip()
-            else:
-                name = None
-    return docs
+def flag(default, description):
+    """A field of a config dataclass: its default and what --help says about it."""
+    return dataclasses.field(default=default, metadata={'help': description})
 
 
 def help_text(defaults, values):
     """The --help page: the config class's docstring, then every flag, default, description."""
-    docs = field_docs(type(defaults))
+    docs = {f.name: f.metadata.get('help', '') for f in dataclasses.fields(defaults)}
     shown = {k: v if not isinstance(v, str) or v.isprintable() else repr(v)
              for k, v in values.items()}
     width = max(len(f"--{k}={v}") for k, v in shown.items())
@@ -134,10 +114,10 @@ def check_ranges(args, positive=(), non_negative=(), fractions=()):
                 raise UserError(f"--{key} must be {rule}, got {getattr(args, key)}")
 
 
-def parse_top_ks(flag):
+def parse_top_ks(value):
     """--top_k=1,5,all -> [1, 5, 0] (0 = all of V); '' -> None (the default rows)."""
     top_ks = []
-    for item in filter(None, flag.split(',')):
+    for item in filter(None, value.split(',')):
         if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
             raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
         top_ks.append(0 if item == 'all' else int(item))
@@ -147,49 +127,36 @@ def parse_top_ks(flag):
 @dataclasses.dataclass
 class MarginalizeFlags:
     """The flags of a marginalization run (marginalize.py's table, bench.py marginalize)."""
-    ckpt: str = ''            # checkpoint path (or gpt2 / ... / EleutherAI/pythia-*); required
-    input: str = ''           # a text file to evaluate on, instead of the dataset's val.bin
-    data_dir: str = ''        # override the checkpoint's data dir (data/<dataset>)
-    positions: int = 256      # how many positions t to evaluate
-    k_ahead: int = 3          # predict x_{t+1} .. x_{t+k_ahead}
-    top_k: str = ''           # comma list of marginalization settings, 'all' = all of V;
-                              # '' = 1,2,5,10,50 (and all if V <= 128)
-    top_p: float = 1.0        # nucleus of every step's candidates (1 = off)
-    max_paths: int = 0        # at most this many paths per position (0 = no cap)
-    chunk_size: int = 512     # tokens per batched forward
-    window: int = 0           # tokens per window (0 = block_size)
-    max_forward_tokens: int = 100_000_000  # refuse a setting whose paths need more (all of a
-                              # BPE vocabulary at k_ahead=3: ~1e10 per position)
-    seed: int = 0             # which windows
-    device: str = 'auto'      # auto (cuda > mps > cpu) | cpu | cuda | ...
-
-
-def marginalize_inputs(args, single_top_k=False):
-    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
-    exactness, the tokens, where they came from)."""
-    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
-                 non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k)
-    if single_top_k and len(top_ks or []) != 1:
-        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
-    model, ckpt = load_model(args.ckpt, pick_device(args.device))
-    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
-    return top_ks, model.float(), tokens, source
+    ckpt: str = flag('', "checkpoint path (or gpt2 / ... / EleutherAI/pythia-*); required")
+    input: str = flag('', "a text file to evaluate on, instead of the dataset's val.bin")
+    data_dir: str = flag('', "override the checkpoint's data dir (data/<dataset>)")
+    positions: int = flag(256, "how many positions t to evaluate")
+    k_ahead: int = flag(3, "predict x_{t+1} .. x_{t+k_ahead}")
+    top_k: str = flag('', "comma list of marginalization settings, 'all' = all of V; '' = "
+                          "1,2,5,10,50 (and all if V <= 128)")
+    top_p: float = flag(1.0, "nucleus of every step's candidates (1 = off)")
+    max_paths: int = flag(0, "at most this many paths per position (0 = no cap)")
+    chunk_size: int = flag(512, "tokens per batched forward")
+    window: int = flag(0, "tokens per window (0 = block_size)")
+    max_forward_tokens: int = flag(100_000_000, "refuse a setting whose paths need more (all of a "
+                                                "BPE vocabulary at k_ahead=3: ~1e10 per position)")
+    seed: int = flag(0, "which windows")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | ...")
 
 
 @dataclasses.dataclass
 class DecodeFlags:
     """The flags of decoding (sample.py, bench.py decode)."""
-    ckpt: str = 'out/ckpt.pt'   # checkpoint path, or gpt2 / ... / EleutherAI/pythia-*
-    draft: str = ''             # a draft model's checkpoint: two-model speculative decoding
-    gamma: int = 4              # drafts per step of the draft model
-    temperature: float = 0.8    # 0 = greedy (bench.py decode always runs greedy too)
-    top_k: int = 0              # sample among the top_k most probable tokens (0 = all)
-    top_p: float = 1.0          # nucleus sampling: the smallest set with this mass (1 = all)
-    seed: int = 1337            # the sampling generator's seed (bench.py: repeat r uses seed + r)
-    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = 'auto'         # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    threads: int = 0            # CPU threads (0 = torch's default; 1 is fastest for tiny models)
+    ckpt: str = flag('out/ckpt.pt', "checkpoint path, or gpt2 / ... / EleutherAI/pythia-*")
+    draft: str = flag('', "a draft model's checkpoint: two-model speculative decoding")
+    gamma: int = flag(4, "drafts per step of the draft model")
+    temperature: float = flag(0.8, "0 = greedy (bench.py decode always runs greedy too)")
+    top_k: int = flag(0, "sample among the top_k most probable tokens (0 = all)")
+    top_p: float = flag(1.0, "nucleus sampling: the smallest set with this mass (1 = all)")
+    seed: int = flag(1337, "the sampling generator's seed (bench.py: repeat r uses seed + r)")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag('auto', "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16")
+    threads: int = flag(0, "CPU threads (0 = torch's default; 1 is fastest for tiny models)")
 
 
 def cli(main, errors=(UserError,)):
@@ -386,7 +353,8 @@ def model_from_checkpoint(ckpt):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its model_args ({str(e).splitlines()[0]})")
+        raise UserError(f"checkpoint weights do not match its model_args "
+                        f"({str(e).splitlines()[0]})")
     return model
 
 
@@ -402,561 +370,3 @@ def load_model(path, device='cpu'):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
     return model.to(device).eval(), ckpt
-
-
-# -----------------------------------------------------------------------------
-# text: tokenizers, data files, prompts
-
-def data_dir_of(dataset, data_dir=''):
-    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
-    return data_dir or os.path.join(REPO, 'data', dataset)
-
-
-def val_path(ckpt, data_dir=''):
-    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
-    distilled on a model-written corpus, the real text that corpus came from: meta's
-    source_data), or data_dir's; '' when the checkpoint names no dataset."""
-    config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
-    data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
-        data_dir_of(config['dataset']) if config.get('dataset') else '')
-    return os.path.join(data_dir, 'val.bin') if data_dir else ''
-
-
-def tokenizer_for(ckpt):
-    """The checkpoint's tokenizer (data.prepare.Tokenizer); one-line UserErrors when the
-    checkpoint has none or tiktoken cannot load its BPE (offline without a cache)."""
-    from data.prepare import Tokenizer
-    if not ckpt.get('meta'):
-        raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
-    try:
-        return Tokenizer(ckpt['meta'])
-    except Exception as e:
-        hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
-                if ckpt['meta'].get('kind') == 'hf' else
-                "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
-
-
-TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
-
-
-def tokenizer_difference(meta, other):
-    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
-    keys (a distilled model's source_data: where its text is) do not change what an id means,
-    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
-    hf = (meta or {}).get('kind') == 'hf'
-    for key in (k for k in TOKENIZER_KEYS if not (hf and k == 'vocab_size')):
-        a, b = ((m or {}).get(key) for m in (meta, other))
-        if a != b:
-            shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
-                     for v in (a, b)]
-            return f"{key} {shown[0]} vs {shown[1]}"
-    return ''
-
-
-def check_draft(ckpt, draft_ckpt):
-    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
-    and bench.py decode alike)."""
-    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
-    if why:
-        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
-
-
-def read_text(path, what='input file'):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
-
-
-def token_file(path):
-    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
-    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
-    size = os.path.getsize(path)
-    if size == 0 or size % 2:
-        what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
-        raise UserError(f"{path} is {what}: re-run data/prepare.py for it")
-    return np.memmap(path, dtype=np.uint16, mode='r')
-
-
-def encode(tokenizer, text, what):
-    try:
-        return tokenizer.encode(text)
-    except ValueError as e:
-        raise UserError(f"{what}: {e}")
-
-
-def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
-    """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
-    or the val.bin of the checkpoint's dataset (or of data_dir)."""
-    source = input_path or val_path(ckpt, data_dir)
-    if input_path:
-        tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
-                                 f"cannot tokenize {input_path}"), dtype=np.int64)
-    else:
-        if not os.path.isfile(source):
-            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
-                            f"pass --input=FILE or --data_dir=DIR")
-        tokens = token_file(source)
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
-    return tokens, source
-
-
-def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
-    """The checks of a marginalization request (marginalize.py): one-line errors."""
-    block_size = model.config.block_size
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if k_ahead < 1:
-        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
-    if not 1 <= n_tokens <= block_size:
-        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
-    positions = torch.as_tensor(positions)
-    if len(positions) == 0:
-        raise UserError("no positions to evaluate")
-    first, last = int(positions.min()), int(positions.max())
-    if first < 0 or last >= n_tokens:
-        raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
-    if last + k_ahead - 1 >= block_size:
-        # the path tokens of position t sit at positions t+1 .. t+k_ahead-1: never wrap them
-        raise UserError(f"position {last} with k_ahead={k_ahead} needs position ids up to "
-                        f"{last + k_ahead - 1}, beyond block_size {block_size}")
-
-
-def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
-    """Which positions to evaluate: [(start, n)], the window tokens[start : start+n+k_ahead] and
-    its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} lie inside it (others are left out,
-    never wrapped). Windows of `window` tokens tile the sequence, so no position appears twice; a
-    seeded shuffle picks windows until `positions` positions are reached (or the tokens run out)."""
-    stride = window - k_ahead  # positions per window
-    if stride < 1 or n_tokens <= k_ahead:
-        raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
-                        f"{n_tokens} tokens)")
-    starts = list(range(0, n_tokens - k_ahead, stride))
-    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen, left = [], positions
-    for i in order:
-        if left <= 0:
-            break
-        n = min(stride, n_tokens - k_ahead - starts[i], left)
-        chosen.append((starts[i], n))
-        left -= n
-    return chosen
-
-
-def window_batch(tokens, start, n, k_ahead, device):
-    """The window's tokens and the targets (n, k_ahead): column k-1 holds x_{t+k}."""
-    seq = torch.as_tensor(np.asarray(tokens[start:start + n + k_ahead], dtype=np.int64),
-                          device=device)
-    targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
-    return seq, targets
-
-
-def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
-                hint='pass --data=path/to/val.bin'):
-    """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
-    val.bin), evenly spaced, or at random starts drawn from generator."""
-    data_path = data_path or val_path(ckpt)
-    if not os.path.isfile(data_path):
-        raise UserError(f"token file not found: {data_path}; {hint}")
-    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
-    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
-        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
-                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
-    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
-        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
-                        f"{data_path} ({len(data)} tokens)")
-    starts = (np.linspace(0, len(data) - prompt_len, num_prompts).astype(int) if generator is None
-              else torch.randint(len(data) - prompt_len + 1, (num_prompts,),
-                                 generator=generator).tolist())
-    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
-
-
-def encode_prompt(text, tokenizer):
-    """Token ids of a prompt string or FILE:path; empty: <|endoftext|> (BPE) or an error (char)."""
-    if text.startswith('FILE:'):
-        text = read_text(text[len('FILE:'):], 'prompt file')
-    if not text:
-        if tokenizer.eot is None:
-            raise UserError("empty prompt: a char model has no start token; give at least one "
-                            "character (--prompt=...)")
-        return [tokenizer.eot]
-    return encode(tokenizer, text, 'prompt')
-
-
-def stop_tokens(flag, tokenizer):
-    """--stop: auto (<|endoftext|> for BPE, none for char) | none | a string."""
-    if flag in ('auto', 'none', ''):
-        return [tokenizer.eot] if flag == 'auto' and tokenizer.eot is not None else []
-    return encode(tokenizer, flag.replace('\\n', '\n').replace('\\t', '\t'), 'stop')
-
-
-# -----------------------------------------------------------------------------
-# training data and resuming (train.py)
-
-class Batches:
-    """Random windows of a uint16 token file; the generator state is saved in checkpoints, so a
-    resumed run draws the same batches. Documents (doc_len > 0, distill.py): every window starts
-    at a document's start, and targets past its end or among its first doc_prompt tokens are -1
-    (neither loss nor accuracy). Head k > 1 at the last k - 1 prompt positions still predicts a
-    generated token: k - 1 targets per document, about 1% at distill.py's defaults."""
-
-    def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
-        if not os.path.isfile(path):
-            raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
-                            f"(or --input=FILE for a local text)")
-        self.data = token_file(path)
-        if len(self.data) < (doc_len or block_size + 2):
-            raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
-                            f"{block_size}")
-        if doc_len and len(self.data) % doc_len:
-            raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
-                            f"doc_len={doc_len} tokens")
-        self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.doc_len, self.doc_prompt = doc_len, doc_prompt
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next(self):
-        n = len(self.data) // self.doc_len if self.doc_len else len(self.data) - self.block_size
-        ix = torch.randint(n, (self.batch_size,), generator=self.gen) * max(self.doc_len, 1)
-        # block_size + 1 tokens from each start (one fewer for the file's last document)
-        windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
-        for row, i in enumerate(ix.tolist()):
-            tokens = self.data[i:i + self.block_size + 1].astype(np.int64)
-            windows[row, :len(tokens)] = torch.from_numpy(tokens)
-        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        if self.doc_len:  # y[t] is token t + 1 of the document
-            y[:, :max(0, self.doc_prompt - 1)] = -1
-            y[:, self.doc_len - 1:] = -1
-        if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
-        return x.to(self.device), y.to(self.device)
-
-
-def load_data(cfg, device, rank):
-    """For train.py's cfg: (meta, training batches, fixed val and train batches to evaluate)."""
-    data_dir = data_dir_of(cfg.dataset, cfg.data_dir)
-    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
-        raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
-                        f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
-    args = (cfg.block_size, cfg.batch_size, device)
-    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
-    split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
-    from data.prepare import load_meta, recover
-    recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
-    return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
-            Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
-
-
-def check_training_flags(cfg):
-    """train.py's numbers that would otherwise fail deep inside or silently (nan, a shape that
-    cannot be built), an output that would overwrite its own source, and an unwritable out_dir."""
-    for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
-                            ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
-                            ('>= 0', lambda v: v >= 0, ('min_lr', 'weight_decay', 'grad_clip',
-                                                        'trunk_lr_scale', 'mtp_weight',
-                                                        'mtp_decay'))):
-        for name in names:  # (nan fails every comparison)
-            if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
-                raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
-    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
-        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
-            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
-    if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
-        for name in ('n_layer', 'n_head', 'n_embd'):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.n_embd % cfg.n_head:
-            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-    target = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
-        raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
-                        f"training would overwrite it; pick another --out_dir")
-    check_out_dir(cfg.out_dir)
-
-
-def check_data_tokenizer(ckpt, cfg, meta):
-    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
-    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
-    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
-    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
-    if why:
-        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
-                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
-                        f"prepared with the checkpoint's tokenizer")
-
-
-def check_resume(ckpt, cfg, meta):
-    """A resume continues the checkpoint's run: it needs train.py's resume state, the dataset's
-    tokenizer must be the checkpoint's, and there must be iterations left. The checkpoint decides
-    the model: a shape flag set (not at its default) to another value is an error, and cfg takes
-    the checkpoint's values, so the new checkpoint's config agrees with its model_args. Another
-    data directory with the same tokenizer is allowed, and said."""
-    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
-    if missing:
-        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
-                        f"be resumed; start from it with --init_from=PATH and another --out_dir")
-    check_data_tokenizer(ckpt, cfg, meta)
-    args, defaults = ckpt['model_args'], {f.name: f.default for f in dataclasses.fields(cfg)}
-    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
-    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
-    wanted = dataclasses.asdict(MTPConfig(**{**args, **given}))  # (-1, 'linear' resolved)
-    for key in (k for k in given if wanted[k] != args[k]):
-        raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
-                        f"a resumed run keeps its model; pass the original value")
-    for key in keys:
-        setattr(cfg, key, args[key])
-    if ckpt['iter_num'] >= cfg.max_iters:
-        raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
-                        f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
-    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
-    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
-    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
-            int(os.environ.get('RANK', 0)) == 0:
-        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
-
-
-def restore(ckpt, optimizer, batches, rank):
-    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
-    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError):
-        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
-                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
-    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
-    if rank < len(saved):
-        torch.set_rng_state(saved[rank]['torch'])
-        batches.gen.set_state(saved[rank]['batches'])
-    return ckpt['iter_num'], ckpt['best_val_loss']
-
-
-# -----------------------------------------------------------------------------
-# reporting a training run (train.py)
-
-def eval_line(last_eval):
-    heads = ' '.join(f"h{h['head']} {h['loss']:.3f}/{h['top1']:.3f}/{h['top5']:.3f}"
-                     for h in last_eval['val']['heads'])
-    whs = ' | WHS mix h_0..h_attach per head: ' + '; '.join(
-        ' '.join(f"{c:.2f}" for c in row) for row in last_eval['whs']) if last_eval['whs'] else ''
-    return (f"iter {last_eval['iter']}: train loss {last_eval['train']['loss']:.4f}, val loss "
-            f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}{whs}")
-
-
-def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
-    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
-    last_objective: the weighted MTP loss of the last step (what was minimized)."""
-    evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
-    return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
-                train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
-                val_heads=evaluated('val', 'heads'), whs=last_eval['whs'] if last_eval else None,
-                ms_per_iter=statistics.median(step_ms) if step_ms else None,
-                time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
-
-
-def printable(summary):
-    """The JSON-friendly part of train()'s summary (without the model and per-step lists)."""
-    return {k: v for k, v in summary.items() if k not in ('losses', 'step_ms', 'model')}
-
-
-# -----------------------------------------------------------------------------
-# decoding bookkeeping (sample.py): metrics, request checks, stop sequences
-
-class Stats:
-    """Counters of one or more decoding runs; summary() turns them into the reported metrics:
-    tau = tokens emitted per target forward (accepted drafts + the free/bonus token) over the
-    decode forwards (a run's first forward prefills the prompt and is left out, so vanilla has
-    tau = 1, perfect drafts n_future, resp. gamma + 1); acceptance[j] = P(draft j+1 accepted |
-    drafts 1..j accepted); tokens/s."""
-
-    def __init__(self, n_draft_positions=0):
-        self.new_tokens = 0        # tokens returned (a stop sequence cut off)
-        self.target_forwards = 0   # every forward of the target, prefills included
-        self.draft_forwards = 0    # forwards of a separate draft model
-        self.decode_forwards = 0   # target forwards after each run's first (prompt) forward
-        self.decode_tokens = 0     # tokens those emitted: accepted drafts + the free token
-        self.drafted = [0] * n_draft_positions   # [j]: draft j+1 verified after j accepted ones
-        self.accepted = [0] * n_draft_positions  # [j]: ... and accepted
-        self.time_s = 0.0
-
-    def step(self, n_drafts, n_accepted):
-        """Count one target forward that verified n_drafts drafts and accepted n_accepted."""
-        if self.target_forwards > 0:  # a run's first forward prefills the prompt: not in tau
-            self.decode_forwards += 1
-            self.decode_tokens += n_accepted + 1
-        self.target_forwards += 1
-        for j in range(min(n_accepted + 1, n_drafts)):
-            self.drafted[j] += 1
-            self.accepted[j] += j < n_accepted
-
-    def add(self, other):
-        """Sum another run's counters into these (same number of draft positions)."""
-        for name, mine in vars(self).items():
-            theirs = getattr(other, name)
-            setattr(self, name, [a + b for a, b in zip(mine, theirs)] if isinstance(mine, list)
-                    else mine + theirs)
-        return self
-
-    def summary(self):
-        return dict(
-            new_tokens=self.new_tokens,
-            tau=self.decode_tokens / self.decode_forwards if self.decode_forwards else None,
-            acceptance=[a / d if d else None for a, d in zip(self.accepted, self.drafted)],
-            target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
-            tokens_per_s=self.new_tokens / self.time_s if self.time_s else None, time_s=self.time_s)
-
-
-# a decoding's result: the new tokens, its Stats, and the target's Window (KV cache) at the end
-Generation = namedtuple('Generation', 'tokens stats window')
-
-
-def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
-    if len(prompt) == 0:
-        raise UserError("empty prompt: give at least one token (BPE prompts may start with "
-                        "<|endoftext|>)")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
-        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
-class Decoding:
-    """The bookkeeping around a decoding loop (sample.py), so the loop holds only the idea: the
-    request's checks, the sequence so far, the sampling settings, the stop sequence, Stats and
-    timing. A loop runs `while d.running():` steps that end in `d.emit(new_tokens, n_drafts)`."""
-
-    def __init__(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, generator,
-                 n_draft_positions=0):
-        check_request(prompt, max_new_tokens, temperature, top_k, top_p)
-        self.seq, self.n_prompt, self.max_new_tokens = list(prompt), len(prompt), max_new_tokens
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # p and q
-        self.greedy, self.stop, self.generator = temperature == 0, list(stop), generator
-        self.stats, self.stopped = Stats(n_draft_positions), False
-        self.t0 = time.perf_counter()
-
-    def running(self):
-        return not self.stopped and self.budget() > 0
-
-    def budget(self):
-        """How many tokens may still be emitted."""
-        return self.max_new_tokens - (len(self.seq) - self.n_prompt)
-
-    def emit(self, new, n_drafts):
-        """Append a step's tokens (its accepted drafts and one target token); count the step. A stop
-        sequence now ending among them (and starting after the prompt) is cut, ending the run."""
-        self.stats.step(n_drafts, len(new) - 1)
-        self.seq += new
-        seq, stop = self.seq, self.stop
-        for i in range(max(self.n_prompt, len(seq) - len(new) - len(stop) + 1),
-                       len(seq) - len(stop) + 1) if stop else ():
-            if seq[i:i + len(stop)] == stop:
-                del seq[i:]
-                self.stopped = True
-                return
-
-    def result(self, window):
-        self.stats.new_tokens = len(self.seq) - self.n_prompt
-        self.stats.time_s = time.perf_counter() - self.t0
-        return Generation(self.seq[self.n_prompt:], self.stats, window)
-
-
-def interleaved(modes, prompts, device, seed, **sampling):
-    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
-    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
-    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
-    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
-    for prompt in prompts:
-        for mode, decode in modes.items():
-            elapsed = clock(device)
-            result = decode(prompt, generator=generators[mode], **sampling)
-            seconds[mode] += elapsed()
-            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
-            outputs[mode].append(result.tokens)
-    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
-            for mode in modes}
-
-
-def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
-    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
-    runs = [interleaved(modes, prompts, device, seed + r, **sampling) for r in range(repeats)]
-    speed = {mode: statistics.median(run[mode][0] for run in runs) for mode in modes}
-    rows = {}
-    for mode, (_, stats, outputs) in runs[-1].items():
-        s = stats.summary()
-        ms = statistics.median(1000 * st.new_tokens / tokens_per_s / st.target_forwards
-                               for tokens_per_s, st, _ in (run[mode] for run in runs))
-        rows[mode] = dict(tokens_per_s=speed[mode], speedup=speed[mode] / speed['vanilla'],
-                          tau=s['tau'], acceptance=s['acceptance'], ms_per_forward=ms,
-                          target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
-                          identical=outputs == runs[-1]['vanilla'][2] if greedy else None)
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# reporting the accuracy table (marginalize.py)
-
-def format_table(rows, k_ahead):
-    """The rows as a text table: accuracy and captured mass per k, then the cost."""
-    def cells(values, ks):
-        return ' '.join('     -' if values is None or values[k] is None else f"{values[k]:6.3f}"
-                        for k in ks)
-    ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
-    width = max(len(r['name']) for r in rows)
-    group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
-    k_labels, mass_labels = (' '.join(f"{f'k={k + 1}':>6}" for k in r) for r in (ks, later))
-    lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
-             f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
-             f"{'fwd tokens':>11} {'seconds':>8}"]
-    lines += [f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
-              f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
-              f"{r['seconds']:>8.2f}" for r in rows]
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# accuracy bookkeeping (token-weighted: every position with a target counts once)
-
-def count_topk(scores, targets, ks=(1, 5)):
-    """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
-    {k: number of targets among the k highest scores}). Sum these counts over batches and
-    divide at the end, so the accuracy is token-weighted."""
-    valid = targets >= 0
-    n = int(valid.sum())
-    top = scores.topk(min(max(ks), scores.size(-1)), dim=-1).indices
-    hit = top == targets.clamp(min=0).unsqueeze(-1)
-    return n, {k: int((hit[..., :k].any(-1) & valid).sum()) for k in ks}
-
-
-class Tally:
-    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from count_topk,
-    summed over windows, divided at the end) and the mean captured mass."""
-
-    def __init__(self, k_ahead):
-        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
-        self.mass = None
-
-    def add(self, scores, targets, mass=None):
-        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
-        for k in range(scores.size(1)):
-            n, hits = count_topk(scores[:, k], targets[:, k])
-            self.n[k] += n
-            self.top1[k] += hits[1]
-            self.top5[k] += hits[5]
-        if mass is not None:
-            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
-            for k in range(mass.size(1)):
-                self.mass[k] += float(mass[:, k].sum())
-
-    def result(self):
-        def mean(counts):
-            return None if counts is None else [c / n if n else None
-                                                for c, n in zip(counts, self.n)]
-        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))

@@ -23,33 +23,35 @@ import torch
 from tqdm import tqdm
 
 from heads import loss_weights_for
-from common import (UserError, parse_flags, check_ranges, pick_device, autocast_for, load_model,
-                    val_path, val_prompts, printable, cli)
+from common import (UserError, flag, parse_flags, check_ranges, pick_device, autocast_for,
+                    load_model, cli)
+from data.text import val_path, val_prompts
 from sample import generate_batch
 from train import TrainConfig, train, check_config
+from report import printable
 
 
 @dataclass
 class DistillConfig(TrainConfig):
     """python distill.py --ckpt=out/ckpt.pt [--name=value ...]
 Self-distillation: the model writes its own corpus, heads 2..n learn it (trunk, head 1 frozen)."""
-    ckpt: str = 'out/ckpt.pt'   # the MTP checkpoint to distill
-    num_sequences: int = 4096   # training documents to generate
-    val_sequences: int = 256    # validation documents to generate
-    prompt_len: int = 32        # tokens of real text that start each document
-    seq_len: int = 256          # tokens per document (prompt + generated), <= block_size
-    temperature: float = 0.0    # of the generation (0 = greedy: heads learn greedy drafts)
-    top_k: int = 0              # of the generation (0 = off)
-    top_p: float = 1.0          # of the generation (1 = off)
-    gen_batch: int = 64         # documents generated at once
+    ckpt: str = flag('out/ckpt.pt', "the MTP checkpoint to distill")
+    num_sequences: int = flag(4096, "training documents to generate")
+    val_sequences: int = flag(256, "validation documents to generate")
+    prompt_len: int = flag(32, "tokens of real text that start each document")
+    seq_len: int = flag(256, "tokens per document (prompt + generated), <= block_size")
+    temperature: float = flag(0.0, "of the generation (0 = greedy: heads learn greedy drafts)")
+    top_k: int = flag(0, "of the generation (0 = off)")
+    top_p: float = flag(1.0, "of the generation (1 = off)")
+    gen_batch: int = flag(64, "documents generated at once")
     # the fine-tuning: train.py's flags, with these defaults (heads 2..n only, a short run)
-    out_dir: str = 'out-distill'  # corpus -> <out_dir>/data/, model -> <out_dir>/ckpt.pt
-    max_iters: int = 2000       # fine-tuning iterations
-    batch_size: int = 16        # documents per step
-    learning_rate: float = 1e-3  # peak LR of the heads
-    min_lr: float = 1e-4        # LR at the end of the cosine decay
-    loss_weights: str = ''      # lambda_1..lambda_n; default 0,1,..,1 (must start with 0)
-    seed: int = 1337            # of the prompts, the generation and the fine-tuning
+    out_dir: str = flag('out-distill', "corpus -> <out_dir>/data/, model -> <out_dir>/ckpt.pt")
+    max_iters: int = flag(2000, "fine-tuning iterations")
+    batch_size: int = flag(16, "documents per step")
+    learning_rate: float = flag(1e-3, "peak LR of the heads")
+    min_lr: float = flag(1e-4, "LR at the end of the cosine decay")
+    loss_weights: str = flag('', "lambda_1..lambda_n; default 0,1,..,1 (must start with 0)")
+    seed: int = flag(1337, "of the prompts, the generation and the fine-tuning")
 
 
 # train.py flags this script decides itself: the data, the model (its shape) and what is frozen
@@ -93,7 +95,7 @@ def fine_tuning_config(args, model_config):
     return cfg
 
 
-def check_request(args, model):
+def check_distill_request(args, model):
     n_future = model.config.n_future
     if n_future < 2:
         raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
@@ -112,7 +114,7 @@ def main(argv):
                         f"({args.prompt_len}): the generated tokens are the corpus")
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
-    check_request(args, model)
+    check_distill_request(args, model)
     cfg = fine_tuning_config(args, model.config)
     source_val = val_path(ckpt)
     if not source_val:
@@ -129,7 +131,7 @@ def main(argv):
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
                          device, generator)
     # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
-    # (bench.py, marginalize.py) use that, not this model-written corpus (common.val_path)
+    # (bench.py, marginalize.py) use that, not this model-written corpus (data.text.val_path)
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
         json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
     corpus_s = time.time() - t0

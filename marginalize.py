@@ -28,9 +28,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from heads import MTPGPT
-from common import (UserError, parse_flags, MarginalizeFlags, marginalize_inputs,
-                    check_positions, eval_windows, window_batch, clock, format_table, Tally,
-                    cli)
+from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
+from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch,
+                     format_table, Tally)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
@@ -329,8 +329,8 @@ def head_scores(model, seq, n):
 class MarginalizeConfig(MarginalizeFlags):
     """python marginalize.py --ckpt=out/ckpt.pt [--name=value ...]
 The accuracy table: x_{t+1}..x_{t+k_ahead} by greedy chaining, marginalization and the MTP heads."""
-    renormalize: bool = False  # divide the estimate by the captured mass
-    quiet: bool = False       # no progress bars
+    renormalize: bool = flag(False, "divide the estimate by the captured mass")
+    quiet: bool = flag(False, "no progress bars")
 
 
 def main(argv):

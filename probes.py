@@ -25,8 +25,9 @@ import torch
 from torch.nn import functional as F
 
 from model import run_blocks
-from common import (UserError, parse_flags, check_ranges, pick_device, load_model, eval_windows,
-                    window_batch, data_dir_of, count_topk, cli)
+from common import UserError, flag, parse_flags, check_ranges, pick_device, load_model, cli
+from data.text import data_dir_of
+from metrics import eval_windows, window_batch, count_topk
 
 K_AHEAD = 2  # x_{t+1} and x_{t+2}
 
@@ -120,14 +121,14 @@ def format_probes(result):
 class ProbeConfig:
     """python probes.py --ckpt=out-ntp/ckpt.pt [--name=value ...]
 Logit lens and linear probes of every layer of a next-token model, for x_{t+1} and x_{t+2}."""
-    ckpt: str = 'out-ntp/ckpt.pt'  # a next-token (n_future=1) checkpoint
-    data_dir: str = ''          # its train.bin / val.bin (default: the checkpoint's dataset)
-    train_positions: int = 8192  # positions the probes are fit on
-    val_positions: int = 2048   # positions they are scored on
-    steps: int = 500            # Adam steps of the probes
-    lr: float = 1e-2            # the probes' learning rate
-    seed: int = 0               # which windows, which minibatches
-    device: str = 'auto'        # auto (cuda > mps > cpu) | cpu | cuda | mps
+    ckpt: str = flag('out-ntp/ckpt.pt', "a next-token (n_future=1) checkpoint")
+    data_dir: str = flag('', "its train.bin / val.bin (default: the checkpoint's dataset)")
+    train_positions: int = flag(8192, "positions the probes are fit on")
+    val_positions: int = flag(2048, "positions they are scored on")
+    steps: int = flag(500, "Adam steps of the probes")
+    lr: float = flag(1e-2, "the probes' learning rate")
+    seed: int = flag(0, "which windows, which minibatches")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | mps")
 
 
 def main(argv):

@@ -29,9 +29,9 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, parse_flags, DecodeFlags, check_ranges, pick_device, autocast_for,
-                    set_cpu_threads, load_model, tokenizer_for, encode_prompt, stop_tokens,
-                    check_draft, cli)
+from common import (UserError, flag, parse_flags, DecodeFlags, check_ranges, pick_device,
+                    autocast_for, set_cpu_threads, load_model, cli)
+from data.text import tokenizer_for, encode_prompt, stop_tokens, check_draft
 
 
 # -----------------------------------------------------------------------------
@@ -355,12 +355,12 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **samplin
 class SampleConfig(DecodeFlags):
     """python sample.py --ckpt=out/ckpt.pt [--name=value ...]
 Generate text from a checkpoint: vanilla, self-speculative (--speculative) or with a draft model."""
-    prompt: str = '\n'          # the prompt text, or FILE:path; '' = <|endoftext|> (BPE only)
-    num_samples: int = 1        # samples to draw, one after another
-    max_new_tokens: int = 500   # tokens to generate per sample
-    speculative: bool = False   # self-speculative decoding: the model's heads 2..n draft
-    stop: str = 'auto'          # stop sequence: auto (<|endoftext|> for BPE) | none | a string
-    quiet: bool = False         # print only the metrics and the JSON line
+    prompt: str = flag('\n', "the prompt text, or FILE:path; '' = <|endoftext|> (BPE only)")
+    num_samples: int = flag(1, "samples to draw, one after another")
+    max_new_tokens: int = flag(500, "tokens to generate per sample")
+    speculative: bool = flag(False, "self-speculative decoding: the model's heads 2..n draft")
+    stop: str = flag('auto', "stop sequence: auto (<|endoftext|> for BPE) | none | a string")
+    quiet: bool = flag(False, "print only the metrics and the JSON line")
 
 
 def decoder(args, model, ckpt):

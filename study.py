@@ -36,11 +36,12 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import (UserError, parse_flags, pick_device, load_model, val_prompts, REPO,
-                    cli, load_checkpoint)
+from common import UserError, flag, parse_flags, pick_device, load_model, cli, load_checkpoint
 from convert import GPT2_SIZES, PYTHIA
-from data.prepare import prepare
+from data.text import val_prompts
+from data.prepare import SHAKESPEARE, prepare
 import train as trainer
+from report import printable
 from marginalize import evaluate_table
 from probes import layer_probes
 from sample import generate, generate_self_speculative
@@ -51,42 +52,42 @@ from bench import measure
 class StudyConfig:
     """python study.py [--preset=quick|cpu] [--name=value ...]
 The paper's study at small scale: strategies, marginalization, probes and a size curve."""
-    preset: str = ''                # quick | cpu | paper: its defaults (PRESETS), then the flags
-    quick: bool = False             # the same as --preset=quick
-    out_dir: str = 'out-study'      # data, runs and checkpoints
-    results_dir: str = ''           # study_<preset>.md / .json / *.png (default out_dir)
-    corpora: str = 'shakespeare_char,counting'  # names, or paths to text files (char tokenizer)
-    shakespeare: str = ''           # tiny Shakespeare's text (default: the shipped data/ copy)
-    sizes: str = 'M,L'              # model sizes of the strategies table, see SIZES
-    curve_sizes: str = 'M,L,XL,XXL'  # model sizes of the size curve ('' = none)
-    seeds: int = 3                  # seeds per (corpus, size) of the strategies table
-    n_future: int = 2               # heads of the strategies table's MTP models
-    base_iters: int = 3000          # NTP pretraining from scratch
-    base_lr: float = 2e-3           # its peak LR (cosine to a tenth)
-    adapt_iters: int = 1000         # fine-tuning / each MTP adaptation
-    head_warmup_iters: int = 250    # of adapt_iters
-    trunk_lr_scale: float = 0.25    # differential LR (Medusa-2: heads 4x the backbone)
-    adapt_lr: float = 3e-4          # peak LR of the adaptations
-    batch_size: int = 32            # sequences per step
-    block_size: int = 128           # context length
-    eval_iters: int = 20            # batches per evaluation
-    positions: int = 2048           # positions of the strategies table
-    curve_positions: int = 512      # positions of the size curve (exact 3rd token: |V|^2 paths)
-    probe_positions: int = 8192     # train positions the probes are fit on (val: positions)
-    decode_prompts: int = 10        # greedy self-speculative decoding: prompts x new tokens
-    decode_tokens: int = 128        # (see decode_prompts)
-    convergence: str = '*'          # table sizes whose seed-0 base is also trained twice as long
-                                    # to check convergence: '*' all, '' none, or a list
-    sweep: bool = True              # the attach_layer sweep
-    threads: int = 0                # torch CPU threads (0 = torch's default)
-    device: str = 'auto'            # auto (cuda > mps > cpu) | cpu | cuda | mps
-    init_from: str = ''             # a pretrained NTP base instead of training one (paper preset)
-    probes: bool = True             # the layer probes of every base (a probe per layer: |V| wide)
+    preset: str = flag('', "quick | cpu | paper: its defaults (PRESETS), then the flags")
+    out_dir: str = flag('out-study', "data, runs and checkpoints")
+    results_dir: str = flag('', "study_<preset>.md / .json / *.png (default out_dir)")
+    corpora: str = flag('shakespeare_char,counting',
+                        "names, or paths to text files (char tokenizer)")
+    shakespeare: str = flag('', "tiny Shakespeare's text (default: the shipped data/ copy)")
+    sizes: str = flag('M,L', "model sizes of the strategies table, see SIZES")
+    curve_sizes: str = flag('M,L,XL,XXL', "model sizes of the size curve ('' = none)")
+    seeds: int = flag(3, "seeds per (corpus, size) of the strategies table")
+    n_future: int = flag(2, "heads of the strategies table's MTP models")
+    base_iters: int = flag(3000, "NTP pretraining from scratch")
+    base_lr: float = flag(2e-3, "its peak LR (cosine to a tenth)")
+    adapt_iters: int = flag(1000, "fine-tuning / each MTP adaptation")
+    head_warmup_iters: int = flag(250, "of adapt_iters")
+    trunk_lr_scale: float = flag(0.25, "differential LR (Medusa-2: heads 4x the backbone)")
+    adapt_lr: float = flag(3e-4, "peak LR of the adaptations")
+    batch_size: int = flag(32, "sequences per step")
+    block_size: int = flag(128, "context length")
+    eval_iters: int = flag(20, "batches per evaluation")
+    positions: int = flag(2048, "positions of the strategies table")
+    curve_positions: int = flag(512, "positions of the size curve (exact 3rd token: |V|^2 paths)")
+    probe_positions: int = flag(8192, "train positions the probes are fit on (val: positions)")
+    decode_prompts: int = flag(10, "greedy self-speculative decoding: prompts x new tokens")
+    decode_tokens: int = flag(128, "(see decode_prompts)")
+    convergence: str = flag('*', "table sizes whose seed-0 base is also trained twice as long to "
+                                 "check convergence: '*' all, '' none, or a list")
+    sweep: bool = flag(True, "the attach_layer sweep")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | mps")
+    init_from: str = flag('', "a pretrained NTP base instead of training one (paper preset)")
+    probes: bool = flag(True, "the layer probes of every base (a probe per layer: |V| wide)")
 
 
 SIZES = {  # n_layer, n_head, n_embd
-    'XXS': (1, 1, 16), 'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192), 'XL': (8, 8, 256),
-    'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
+    'XXS': (1, 1, 16), 'XS': (1, 2, 32), 'S': (2, 2, 64), 'M': (4, 4, 96), 'L': (6, 6, 192),
+    'XL': (8, 8, 256), 'XXL': (12, 12, 384), 'qS': (2, 2, 48)}
 PRESETS = {
     'quick': dict(sizes='qS,M', curve_sizes='qS,M', seeds=2, base_iters=500, adapt_iters=150,
                   head_warmup_iters=40, batch_size=16, block_size=64, eval_iters=8, positions=512,
@@ -140,7 +141,7 @@ def corpus_path(name, cfg):
     """The text file of a corpus name: shakespeare_char (--shakespeare, or the project's copy),
     or a path."""
     if name == 'shakespeare_char':
-        path = cfg.shakespeare or os.path.join(REPO, 'data', 'tinyshakespeare.txt')
+        path = cfg.shakespeare or SHAKESPEARE
         if not os.path.isfile(path):
             raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
         return path
@@ -202,7 +203,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
     record = read_json(os.path.join(run_dir, 'done.json'))
     if record and record.get('lineage') == run:  # finished earlier, from the same sources: reuse
         return os.path.join(run_dir, 'ckpt.pt'), record['summary']
-    summary = trainer.printable(trainer.train(tc))
+    summary = printable(trainer.train(tc))
     write_json(os.path.join(run_dir, 'done.json'), dict(lineage=run, summary=summary))
     return summary['ckpt'], summary
 
@@ -246,7 +247,7 @@ def model_at(ckpt, cfg):
     return load_model(ckpt, pick_device(cfg.device))[0]
 
 
-def accuracy(model, tokens, positions, k_ahead, top_ks):
+def accuracy_rows(model, tokens, positions, k_ahead, top_ks):
     """Rows of marginalize.evaluate_table on fixed positions (seed 0)."""
     return evaluate_table(model, tokens, positions=positions, k_ahead=k_ahead, top_ks=top_ks,
                           seed=0)
@@ -291,8 +292,8 @@ def eval_key(cfg, *ckpts):
     the evaluation code's version."""
     return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
         k: v for k, v in asdict(cfg).items() if k not in (
-            'preset', 'quick', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes',
-            'seeds', 'shakespeare', 'threads', 'device')})
+            'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
+            'shakespeare', 'threads', 'device')})
 
 
 # -----------------------------------------------------------------------------
@@ -330,13 +331,13 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
         tokens, rows = tokens_of(data_dir, 'val'), []
         model = model_at(ft, cfg)
         exact = 0 if model.config.vocab_size <= 128 else 50
-        for row in accuracy(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
+        for row in accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
             name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
             rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
         for name, ckpt in runs.items():
             model = model_at(ckpt, cfg)
             whs = model.whs_weights()
-            heads = accuracy(model, tokens, cfg.positions, cfg.n_future, [])[-1]
+            heads = accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [])[-1]
             rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
                              whs=None if whs is None else whs.tolist()))
         return rows
@@ -386,8 +387,8 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
             tokens = tokens_of(data_dir, 'val')
             ft_model = model_at(cell['ft'], cfg)
             exact = 0 if ft_model.config.vocab_size <= 128 else 50
-            marginal = accuracy(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
-            heads = accuracy(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
+            marginal = accuracy_rows(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
+            heads = accuracy_rows(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
         extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
     if cfg.sweep and in_table:
@@ -396,7 +397,7 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
             ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
                                 n_future=cfg.n_future, init_from=cell['base'],
                                 attach_layer=layer, freeze_trunk=True, **adapt)[0]
-            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy(
+            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy_rows(
                 model_at(ckpt, cfg), tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
                 [])[-1])
             extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
@@ -605,7 +606,7 @@ def save(fig, path):
 
 # -----------------------------------------------------------------------------
 
-def check_config(cfg):
+def check_study_config(cfg):
     for names in (cfg.sizes, cfg.curve_sizes):
         unknown = [s for s in names.split(',') if s and s not in SIZES]
         if unknown:
@@ -664,7 +665,7 @@ def compute_seconds(out_dir):
 
 
 def run_study(cfg, log=print, command='python study.py'):
-    check_config(cfg)
+    check_study_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -686,10 +687,7 @@ def run_study(cfg, log=print, command='python study.py'):
 
 
 def main(argv):
-    cfg = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig())
-    if cfg.quick and cfg.preset not in ('', 'quick'):
-        raise UserError(f"--quick=true is --preset=quick: it conflicts with --preset={cfg.preset}")
-    preset = 'quick' if cfg.quick else cfg.preset
+    preset = parse_flags([a for a in argv if a not in ('--help', '-h')], StudyConfig()).preset
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     # the preset's defaults, then the flags given (--help shows the preset's defaults)

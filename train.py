@@ -5,28 +5,27 @@ Train a GPT with multi-token prediction heads (n_future = 1 is plain next-token 
     python train.py config/ntp_shakespeare_char.py --max_iters=500   # a preset, then flags
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (nccl on CUDA, gloo on CPU)
 
-init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained NTP model (trunk = its first
-attach_layer blocks, every head a copy of the rest; its shape, not the flags', decides); a
-checkpoint that has heads already is fine-tuned whole. The paper's strategies for this are all in
-training_strategy().
+init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained model (build_model) with
+the paper's strategies, all of them in training_strategy().
 """
 import json
 import math
 import os
 import time
 from collections import namedtuple
-from contextlib import nullcontext
-from dataclasses import dataclass, asdict
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, asdict, fields
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from heads import MTPGPT, MTPConfig, loss_weights_for, head_targets
-from common import (UserError, parse_flags, autocast_for, Distributed, save_checkpoint,
-                    load_checkpoint, model_from_checkpoint, load_model, load_data, restore,
-                    eval_line, summarize, printable, count_topk, cli, check_training_flags,
-                    check_resume, check_data_tokenizer)
+from heads import MTPGPT, MTPConfig, loss_weights_for
+from common import (UserError, flag, parse_flags, check_ranges, autocast_for, Distributed,
+                    check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint,
+                    load_model, cli)
+from data.text import data_dir_of, tokenizer_difference
+from data.batches import load_data
+from report import evaluate_splits, diverged, eval_line, summarize, printable
 
 
 @dataclass
@@ -34,55 +33,55 @@ class TrainConfig:
     """python train.py [preset.py ...] [--name=value ...]
 Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume a run."""
     # I/O
-    out_dir: str = 'out'                # checkpoints go to out_dir/ckpt.pt
-    dataset: str = 'shakespeare_char'   # reads data/<dataset>/{train,val}.bin and meta.json
-    data_dir: str = ''                  # overrides data/<dataset>
-    init_from: str = 'scratch'          # scratch | resume | a ckpt path | gpt2* | EleutherAI/pythia-*
-    eval_interval: int = 500            # iterations between evaluations (and checkpoints)
-    eval_iters: int = 20                # batches per split per evaluation
-    log_interval: int = 10              # iterations between progress-bar updates
+    out_dir: str = flag('out', "checkpoints go to out_dir/ckpt.pt")
+    dataset: str = flag('shakespeare_char', "reads data/<dataset>/{train,val}.bin and meta.json")
+    data_dir: str = flag('', "overrides data/<dataset>")
+    init_from: str = flag('scratch', "scratch | resume | a ckpt path | gpt2* | EleutherAI/pythia-*")
+    eval_interval: int = flag(500, "iterations between evaluations (and checkpoints)")
+    eval_iters: int = flag(20, "batches per split per evaluation")
+    log_interval: int = flag(10, "iterations between progress-bar updates")
     # data
-    batch_size: int = 8                 # sequences per micro-batch
-    block_size: int = 256               # context length (tokens per training window)
-    grad_accum: int = 1                 # micro-batches per optimizer step (split across ranks)
-    doc_len: int = 0                    # > 0: the corpus is documents of doc_len tokens (distill.py)
-    doc_prompt: int = 0                 # ... whose first doc_prompt tokens are never targets
+    batch_size: int = flag(8, "sequences per micro-batch")
+    block_size: int = flag(256, "context length (tokens per training window)")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (split across ranks)")
+    doc_len: int = flag(0, "> 0: the corpus is documents of doc_len tokens (distill.py)")
+    doc_prompt: int = flag(0, "... whose first doc_prompt tokens are never targets")
     # model (ignored when adapting a checkpoint: the source decides)
-    n_layer: int = 4                    # transformer blocks on the next-token path
-    n_head: int = 4                     # attention heads per block
-    n_embd: int = 128                   # channels
-    dropout: float = 0.0                # dropout probability (0 for small data and fine-tuning)
-    bias: bool = False                  # biases in Linear and LayerNorm layers
+    n_layer: int = flag(4, "transformer blocks on the next-token path")
+    n_head: int = flag(4, "attention heads per block")
+    n_embd: int = flag(128, "channels")
+    dropout: float = flag(0.0, "dropout probability (0 for small data and fine-tuning)")
+    bias: bool = flag(False, "biases in Linear and LayerNorm layers")
     # multi-token prediction
-    n_future: int = 4                   # heads; head k predicts x_{t+k}
-    attach_layer: int = -1              # trunk depth; -1 = n_layer-1 (block heads), else n_layer
-    head_type: str = 'sequential'       # sequential (DeepSeek-V3) | resblock (Medusa) | block
-    whs: bool = False                   # weighted hidden states: heads read a learned mix of layers
-    head_attention: bool = False        # sequential heads: an MLP (Hydra), or a transformer block
-    loss_weights: str = ''              # explicit lambda_1..lambda_n, comma separated
-    mtp_weight: float = 1.0             # else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)
-    mtp_decay: float = 1.0              # (see mtp_weight)
-    memory_efficient: bool = False      # heads' forward+backward one at a time
+    n_future: int = flag(4, "heads; head k predicts x_{t+k}")
+    attach_layer: int = flag(-1, "trunk depth; -1 = n_layer-1 (block heads), else n_layer")
+    head_type: str = flag('sequential', "sequential (DeepSeek-V3) | resblock (Medusa) | block")
+    whs: bool = flag(False, "weighted hidden states: heads read a learned mix of layers")
+    head_attention: bool = flag(False, "sequential heads: an MLP (Hydra), or a transformer block")
+    loss_weights: str = flag('', "explicit lambda_1..lambda_n, comma separated")
+    mtp_weight: float = flag(1.0, "else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)")
+    mtp_decay: float = flag(1.0, "(see mtp_weight)")
+    memory_efficient: bool = flag(False, "heads' forward+backward one at a time")
     # training strategies of the paper (for adapted models), see training_strategy()
-    freeze_trunk: bool = False          # heads only
-    head_warmup_iters: int = 0          # heads only for this many iterations, then joint
-    trunk_lr_scale: float = 1.0         # differential LR: trunk LR = scale * head LR
+    freeze_trunk: bool = flag(False, "heads only")
+    head_warmup_iters: int = flag(0, "heads only for this many iterations, then joint")
+    trunk_lr_scale: float = flag(1.0, "differential LR: trunk LR = scale * head LR")
     # optimizer and schedule
-    learning_rate: float = 2e-3         # peak LR (of the heads, with differential LR)
-    max_iters: int = 3500               # total iterations (a resumed run continues to this)
-    weight_decay: float = 0.1           # AdamW's, on matrices only
-    beta1: float = 0.9                  # AdamW's beta1
-    beta2: float = 0.99                 # AdamW's beta2
-    grad_clip: float = 1.0              # max gradient norm; 0 disables
-    warmup_iters: int = 100             # linear LR warmup
-    lr_decay_iters: int = -1            # cosine decay to min_lr until here; -1: max_iters
-    min_lr: float = 2e-4                # the LR after the decay
+    learning_rate: float = flag(2e-3, "peak LR (of the heads, with differential LR)")
+    max_iters: int = flag(3500, "total iterations (a resumed run continues to this)")
+    weight_decay: float = flag(0.1, "AdamW's, on matrices only")
+    beta1: float = flag(0.9, "AdamW's beta1")
+    beta2: float = flag(0.99, "AdamW's beta2")
+    grad_clip: float = flag(1.0, "max gradient norm; 0 disables")
+    warmup_iters: int = flag(100, "linear LR warmup")
+    lr_decay_iters: int = flag(-1, "cosine decay to min_lr until here; -1: max_iters")
+    min_lr: float = flag(2e-4, "the LR after the decay")
     # system
-    device: str = 'auto'                # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = 'auto'                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    compile: bool = False               # torch.compile the model
-    seed: int = 1337                    # of the init and the batches (rank r uses seed + r)
-    quiet: bool = False                 # no progress bar / log lines (the JSON line still prints)
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag('auto', "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(1337, "of the init and the batches (rank r uses seed + r)")
+    quiet: bool = flag(False, "no progress bar / log lines (the JSON line still prints)")
 
 
 def parse_config(argv, base=None):
@@ -90,21 +89,24 @@ def parse_config(argv, base=None):
     return parse_flags(argv, base or TrainConfig(), presets=True)
 
 
+# -----------------------------------------------------------------------------
+# the checks: of the flags before any work is done, of the checkpoint a run starts from
+
 def check_config(cfg):
-    """Reject combinations that cannot mean anything, before any work is done."""
-    for flag in ('freeze_trunk', 'head_warmup_iters'):
-        if getattr(cfg, flag) and cfg.init_from == 'scratch':
-            raise UserError(f"{flag} needs a trained trunk: use init_from=<ckpt> or gpt2")
+    """Before any work: flags that cannot go together, numbers that would fail deep inside or
+    silently (nan, a shape that cannot be built), an out_dir that holds the source or is not
+    writable."""
+    for name in ('freeze_trunk', 'head_warmup_iters'):
+        if getattr(cfg, name) and cfg.init_from == 'scratch':
+            raise UserError(f"{name} needs a trained trunk: use init_from=<ckpt> or gpt2")
     if cfg.freeze_trunk and (cfg.head_warmup_iters or cfg.trunk_lr_scale != 1.0):
         raise UserError("freeze_trunk never trains the trunk: drop head_warmup_iters / "
                         "trunk_lr_scale")
     if cfg.compile and cfg.memory_efficient:
         raise UserError("memory_efficient runs the heads one by one outside the compiled "
                         "forward: drop compile or memory_efficient")
-    for name in ('batch_size', 'block_size', 'grad_accum', 'max_iters', 'eval_interval',
-                 'eval_iters', 'log_interval', 'n_future'):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1")
+    check_ranges(cfg, positive=('batch_size', 'block_size', 'grad_accum', 'max_iters',
+                                'eval_interval', 'eval_iters', 'log_interval', 'n_future'))
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
     if ranks and cfg.grad_accum % ranks:
         raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
@@ -114,36 +116,80 @@ def check_config(cfg):
         raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
                         f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
     autocast_for(cfg.dtype, 'cpu')  # validates dtype
-    check_training_flags(cfg)  # numbers in range, the source checkpoint safe, out_dir writable
+    for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
+                            ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
+                            ('>= 0', lambda v: v >= 0, ('min_lr', 'weight_decay', 'grad_clip',
+                                                        'trunk_lr_scale', 'mtp_weight',
+                                                        'mtp_decay'))):
+        for name in names:  # (nan fails every comparison)
+            if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
+                raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
+    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
+        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
+            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
+    if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
+        check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    target = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
+        raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
+                        f"training would overwrite it; pick another --out_dir")
+    check_out_dir(cfg.out_dir)
 
 
-# -----------------------------------------------------------------------------
-# evaluation
+def check_data_tokenizer(ckpt, cfg, meta):
+    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
+    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
+    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
+    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
+    if why:
+        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
+                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
+                        f"prepared with the checkpoint's tokenizer")
 
-@torch.no_grad()
-def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
-    """Per head: mean CE, top-1 and top-5 accuracy over all positions with a target (token-
-    weighted), on n_batches fixed batches (same windows at every evaluation)."""
-    model.eval()
-    batches.gen.manual_seed(seed)
-    sums = [dict(loss=0.0, n=0, top1=0, top5=0) for _ in range(model.config.n_future)]
-    for _ in range(n_batches):
-        x, y = batches.next()
-        with autocast:  # the heads one at a time: one logits tensor alive
-            for (k, state), s in zip(model.head_states(x, model.trunk(x)), sums):
-                scores = model.unembed(state).float()
-                targets = head_targets(y, k)
-                s['loss'] += F.cross_entropy(scores.reshape(-1, scores.size(-1)),
-                                             targets.reshape(-1), ignore_index=-1,
-                                             reduction='sum').item()
-                n, hits = count_topk(scores, targets)
-                s.update(n=s['n'] + n, top1=s['top1'] + hits[1], top5=s['top5'] + hits[5])
-    model.train()
-    heads = [dict(head=k, **{m: s[m] / s['n'] for m in ('loss', 'top1', 'top5')})
-             for k, s in enumerate(sums, start=1)]
-    weights = loss_weights_for(len(heads), loss_weights)
-    return dict(loss=heads[0]['loss'], mtp_loss=sum(w * h['loss'] for w, h in zip(weights, heads)),
-                heads=heads)
+
+def check_resume(ckpt, cfg, meta):
+    """A resume continues the checkpoint's run: its resume state, its tokenizer, its model (a shape
+    flag set to another value is an error; cfg takes the checkpoint's values, so the new config
+    agrees with model_args), iterations left. Another data dir, same tokenizer: allowed, said."""
+    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
+    if missing:
+        raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
+                        f"be resumed; start from it with --init_from=PATH and another --out_dir")
+    check_data_tokenizer(ckpt, cfg, meta)
+    args, defaults = ckpt['model_args'], {f.name: f.default for f in fields(cfg)}
+    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
+    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
+    wanted = asdict(MTPConfig(**{**args, **given}))  # (-1, 'linear' resolved)
+    for key in (k for k in given if wanted[k] != args[k]):
+        raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
+                        f"a resumed run keeps its model; pass the original value")
+    for key in keys:
+        setattr(cfg, key, args[key])
+    if ckpt['iter_num'] >= cfg.max_iters:
+        raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
+                        f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
+    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
+    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
+    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
+            int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
+
+
+def restore(ckpt, optimizer, batches, rank):
+    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
+    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError):
+        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
+                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
+    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
+    if rank < len(saved):
+        torch.set_rng_state(saved[rank]['torch'])
+        batches.gen.set_state(saved[rank]['batches'])
+    return ckpt['iter_num'], ckpt['best_val_loss']
 
 
 # -----------------------------------------------------------------------------
@@ -167,12 +213,9 @@ def build_model(cfg, meta):
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt)
         check_resume(ckpt, cfg, meta)  # its tokenizer, shape, resume state, iterations left
-    elif cfg.init_from == 'scratch':
-        model = MTPGPT(MTPConfig(block_size=cfg.block_size, vocab_size=meta['vocab_size'],
-                                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                 dropout=cfg.dropout, bias=cfg.bias, n_future=cfg.n_future,
-                                 attach_layer=cfg.attach_layer, head_type=cfg.head_type,
-                                 whs=cfg.whs, head_attention=cfg.head_attention))
+    elif cfg.init_from == 'scratch':  # the model: the flags named like MTPConfig's fields
+        model = MTPGPT(MTPConfig(vocab_size=meta['vocab_size'], **{
+            f.name: getattr(cfg, f.name) for f in fields(MTPConfig) if hasattr(cfg, f.name)}))
     else:
         source, source_ckpt = load_model(cfg.init_from)
         check_data_tokenizer(source_ckpt, cfg, meta)
@@ -212,17 +255,14 @@ Strategy = namedtuple('Strategy', 'loss_weights optimizer trunk_trainable')
 def training_strategy(model, cfg, device_type):
     """The paper's training strategies (Mehra et al. 2025), all of them here:
 
-    loss weights       L = sum_k lambda_k CE_k: --loss_weights=1,0.5,..., or lambda_1 = 1 and
-                       lambda_k = mtp_weight * mtp_decay^(k-2)
-    zero-weight heads  a head with lambda_k = 0 is frozen: out of the loss and the optimizer
-                       (distill.py sets lambda_1 = 0: the next-token head stays bit-identical)
+    loss weights       L = sum_k lambda_k CE_k (--loss_weights, or --mtp_weight, --mtp_decay)
+    zero-weight heads  frozen: out of the loss and the optimizer (distill.py: lambda_1 = 0)
     frozen trunk       --freeze_trunk: only the heads learn ("MTP heads on a frozen NTP model")
-    differential LR    joint training with the trunk's LR = trunk_lr_scale x the heads' LR, so
-                       the new heads move fast while the trunk's NTP skills are kept
-    WHS                each head's mixing coefficients over h_0..h_attach (whs_coef) are
-                       head parameters: the heads' LR, no weight decay; reported at every eval
-    head warmup        the first head_warmup_iters iterations train the heads only, then all:
-                       trunk_trainable(it) says which, and train() applies it every step
+    differential LR    the trunk's LR = trunk_lr_scale x the heads': new heads move fast, the
+                       trunk keeps its NTP skills
+    WHS                each head's mix of h_0..h_attach (whs_coef): head parameters, no decay
+    head warmup        heads only for head_warmup_iters iterations, then all: trunk_trainable(it)
+                       says which, train() applies it every step
     """
     try:
         explicit = [float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights else None
@@ -247,13 +287,7 @@ def training_strategy(model, cfg, device_type):
 
 
 # -----------------------------------------------------------------------------
-# the steps of a training run
-
-def diverged(loss, where, ckpt_path):
-    kept = f"the last good checkpoint ({ckpt_path}) is intact" if os.path.isfile(ckpt_path) else \
-        "no checkpoint was written"
-    return UserError(f"loss is {loss} at {where}: stopping; {kept}; try a lower learning_rate")
-
+# the training run: a step, the loop
 
 def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_steps, where):
     """One optimizer step over micro_steps micro-batches (gradient accumulation); the loss."""
@@ -277,24 +311,6 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
                                        cfg.grad_clip)
     return loss_accum
 
-
-def evaluate_splits(model, eval_train, val_batches, cfg, autocast, loss_weights, iter_num):
-    """Train and val metrics per head, and the WHS mix (MTPGPT.whs_weights); a non-finite loss
-    stops the run before any save."""
-    whs = model.whs_weights()
-    result = dict(iter=iter_num,
-                  train=evaluate(model, eval_train, cfg.eval_iters, autocast, loss_weights),
-                  val=evaluate(model, val_batches, cfg.eval_iters, autocast, loss_weights),
-                  whs=None if whs is None else whs.tolist())
-    for split in ('train', 'val'):
-        if not math.isfinite(result[split]['loss']):
-            raise diverged(result[split]['loss'], f"the evaluation of iter {iter_num}",
-                           os.path.join(cfg.out_dir, 'ckpt.pt'))
-    return result
-
-
-# -----------------------------------------------------------------------------
-# the training run
 
 def train(cfg):
     """Run a training job; returns the summary dict (also printed as the last JSON line)."""

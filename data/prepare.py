@@ -21,56 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tinyshakespeare.txt')
+if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import UserError, flag, parse_flags, pid_alive, cli  # noqa: E402
+from data.text import DATA, Tokenizer, data_dir_of  # noqa: E402
+
+SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
 # known datasets: name -> (their text, shipped in data/, tokenizer)
 DATASETS = {'shakespeare_char': (SHAKESPEARE, 'char'), 'shakespeare': (SHAKESPEARE, 'bpe')}
-BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
-
-
-class Tokenizer:
-    """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
-    {'kind': 'char', 'chars': '...'}, {'kind': 'bpe', 'encoding': 'r50k_base'} or
-    {'kind': 'hf', 'name': 'EleutherAI/pythia-70m'} (a Hugging Face tokenizer)."""
-
-    def __init__(self, meta):
-        self.meta = meta
-        if meta['kind'] == 'char':
-            self.itos, self.eot = meta['chars'], None
-            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-            self.vocab_size = len(self.itos)
-        elif meta['kind'] == 'bpe':
-            import tiktoken
-            self.enc = tiktoken.get_encoding(meta['encoding'])
-            self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
-        elif meta['kind'] == 'hf':
-            from transformers import AutoTokenizer
-            self.enc = AutoTokenizer.from_pretrained(meta['name'])
-            self.vocab_size, self.eot = len(self.enc), self.enc.eos_token_id
-        else:
-            raise ValueError(f"unknown tokenizer kind {meta['kind']!r}")
-
-    @classmethod
-    def from_text(cls, kind, text):
-        if kind == 'char':
-            return cls({'kind': 'char', 'chars': ''.join(sorted(set(text)))})
-        if kind == 'bpe':
-            return cls({'kind': 'bpe', 'encoding': BPE_ENCODING})
-        return cls({'kind': 'hf', 'name': kind})  # a Hugging Face tokenizer's name
-
-    def encode(self, text):
-        if self.meta['kind'] == 'char':
-            unknown = sorted(set(text) - self.stoi.keys())
-            if unknown:
-                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-            return [self.stoi[c] for c in text]
-        if self.meta['kind'] == 'hf':
-            return self.enc.encode(text, add_special_tokens=False)
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        if self.meta['kind'] == 'char':
-            return ''.join(self.itos[i] for i in ids)
-        return self.enc.decode(list(ids))
 
 
 def read_corpus(input_path, dataset):
@@ -153,7 +111,6 @@ def finish_switch(out_dir, pid):
 def recover(out_dir):
     """Complete the switches of dead writers that got as far as their mark, and delete the
     temporary files of those that did not (a kill -9 runs no clean-up)."""
-    from common import pid_alive
 
     def dead_writer(path):  # (our own pid here is an earlier process's: we are not switching)
         pid = path.rsplit('.', 1)[1]
@@ -168,25 +125,20 @@ def recover(out_dir):
                     os.remove(tmp)
 
 
-def load_meta(data_dir):
-    """The tokenizer metadata of a prepared dataset."""
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        return json.load(f)
-
-
 @dataclass
 class PrepareConfig:
     """python data/prepare.py [--name=value ...]
 Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token ids + tokenizer)."""
-    dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare (BPE) | any name with --input
-    input: str = ''                 # a text file (default: the dataset's own, data/tinyshakespeare.txt)
-    tokenizer: str = ''             # char | bpe | a Hugging Face name (default: the dataset's, else char)
-    out_dir: str = ''               # where to write (default: data/<dataset>)
-    val_fraction: float = 0.1       # the last part of the text that is the val split
+    dataset: str = flag('shakespeare_char',
+                        "shakespeare_char | shakespeare (BPE) | any name with --input")
+    input: str = flag('', "a text file (default: the dataset's own, data/tinyshakespeare.txt)")
+    tokenizer: str = flag('',
+                          "char | bpe | a Hugging Face name (default: the dataset's, else char)")
+    out_dir: str = flag('', "where to write (default: data/<dataset>)")
+    val_fraction: float = flag(0.1, "the last part of the text that is the val split")
 
 
 def main(argv):
-    from common import UserError
     try:
         run(argv)
     except (ValueError, OSError) as e:  # bad or missing files, a full disk: the user's to fix
@@ -194,10 +146,9 @@ def main(argv):
 
 
 def run(argv):
-    from common import parse_flags  # the --name=value parser every nanoMTP script shares
     args = parse_flags(argv, PrepareConfig())
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
+    out_dir = args.out_dir or data_dir_of(args.dataset)
     text = read_corpus(args.input, args.dataset)
     if tokenizer == 'bpe':  # tiktoken fetches its BPE file on first use: fail before any work
         try:
@@ -221,6 +172,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
-    from common import cli
     cli(main)

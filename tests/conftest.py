@@ -47,7 +47,8 @@ import model as M  # noqa: E402
 import train as T  # noqa: E402
 from common import UserError, save_checkpoint  # noqa: E402
 from heads import MTPGPT, MTPConfig  # noqa: E402
-from data.prepare import load_meta, prepare  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+from data.text import load_meta  # noqa: E402
 
 
 # -----------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import model as M
-from common import (UserError, Tally, count_topk, cli, field_docs, help_text, load_checkpoint,
-                    load_model, model_from_checkpoint, save_checkpoint, check_out_dir)
+from common import (UserError, cli, flag, help_text, load_checkpoint, load_model,
+                    model_from_checkpoint, save_checkpoint, check_out_dir)
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
 
 
@@ -35,6 +35,7 @@ HELP_PAGES = [('train', [], 'TrainConfig'),
               ('marginalize', [], 'MarginalizeConfig'),
               ('distill', [], 'DistillConfig'),
               ('study', [], 'StudyConfig'),
+              ('probes', [], 'ProbeConfig'),
               ('data.prepare', [], 'PrepareConfig'),
               ('bench', ['decode'], 'DecodeBench'),
               ('bench', ['train'], 'TrainBench'),
@@ -61,7 +62,7 @@ def shown(default):
 def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
         module, section, config, flag, capsys):
     """`<script> --help` (or -h) prints the config dataclass's docstring, then one line per flag
-    in the dataclass's order: --name=default and its description (common.field_docs), and
+    in the dataclass's order: --name=default and its description (common.flag), and
     exits with status 0 before doing anything else. The page lists exactly the flags the
     script takes: a field it leaves out (a config that extends another script's, e.g.
     distill.py's of train.py's, decides some fields itself) is refused as an unknown option."""
@@ -73,7 +74,7 @@ def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
     listed = [line.split('=', 1)[0].strip().removeprefix('--') for line in lines]
     names = [f.name for f in fields(cls)]
     assert listed and listed == [name for name in names if name in listed], listed
-    docs, defaults = field_docs(cls), cls()
+    docs, defaults = descriptions(cls), cls()
     for line, name in zip(lines, listed):
         prefix = f"  --{name}={shown(getattr(defaults, name))} "
         assert line.startswith(prefix), (line, prefix)
@@ -92,14 +93,17 @@ def test_bench_help_lists_every_section(capsys):
         assert page.strip() in everything
 
 
+def descriptions(cls):
+    """{field: its --help description} of a config dataclass."""
+    return {f.name: f.metadata.get('help', '') for f in fields(cls)}
+
+
 @pytest.mark.parametrize('module,config', CONFIGS, ids=[c for _, c in CONFIGS])
 def test_every_config_field_has_a_description(module, config):
-    """Every field of every script's config dataclass has a non-empty description (the
-    `# ...` comment on its line), so no flag is undocumented in --help."""
+    """Every field of every script's config dataclass is a flag(default, description) with a
+    non-empty description, so no flag is undocumented in --help."""
     cls = getattr(importlib.import_module(module), config)
-    docs = field_docs(cls)
-    assert set(docs) == {f.name for f in fields(cls)}
-    for name, description in docs.items():
+    for name, description in descriptions(cls).items():
         assert description.strip(), f"{config}.{name} has no description"
 
 
@@ -107,20 +111,17 @@ def test_every_config_field_has_a_description(module, config):
 class Example:
     """python example.py [--name=value ...]
 What the example does."""
-    alpha: int = 1          # the first flag
-    beta: str = 'x'         # a description that goes on
-                            # over two lines
-    gamma: float = 0.5      # (see alpha)
-    delta: str = '\n'       # not printable: shown as repr
+    alpha: int = flag(1, "the first flag")
+    beta: str = flag('x', "a description that goes on "
+                          "over two lines")
+    gamma: float = flag(0.5, "(see alpha)")
+    delta: str = flag('\n', "not printable: shown as repr")
 
 
-def test_field_docs_reads_the_comments_and_their_continuation_lines():
-    """field_docs reads `name: type = default  # description`; a comment line whose '#' is in
-    the same column continues the description. help_text lays them out under the docstring."""
-    assert field_docs(Example) == {'alpha': 'the first flag',
-                                   'beta': 'a description that goes on over two lines',
-                                   'gamma': '(see alpha)',
-                                   'delta': 'not printable: shown as repr'}
+def test_help_text_lays_the_descriptions_out_under_the_docstring():
+    """flag(default, description) is a dataclass field with that default; help_text shows the
+    docstring, then every flag: --name=default and its description."""
+    assert Example().beta == 'x' and Example(beta='y').beta == 'y'
     assert help_text(Example(), asdict(Example())).splitlines() == [
         'python example.py [--name=value ...]', 'What the example does.', '',
         'flags (--name=value):',
@@ -305,35 +306,3 @@ def test_an_old_checkpoint_loads_as_the_same_model(tmp_path, kw, rename, args):
     broken = {k.replace('heads.2.', 'heads.2.proj.'): v for k, v in old_state.items()}
     one_line_error(model_from_checkpoint, dict(old, model=broken))
     assert M.UserError is UserError  # model.py's UserError is the one common.py raises
-
-
-# -----------------------------------------------------------------------------
-# accuracy bookkeeping
-
-def test_count_topk_is_exact_and_skips_missing_targets():
-    """Top-1 / top-5 hit counts on a hand-built score tensor; targets of -1 are not counted
-    (neither as a target nor as a hit, even though index 0 might be a top score)."""
-    V = 8
-    order = torch.arange(V, 0, -1).float()          # token 0 best, 1 second, ... 7 worst
-    scores = order.repeat(2, 3, 1)                   # (2, 3, V)
-    targets = torch.tensor([[0, 1, 4],               # top1 hit, top5 hit (rank 2), top5 hit (rank 5)
-                            [5, -1, 7]])             # miss (rank 6), ignored, miss
-    n, hits = count_topk(scores, targets)
-    assert n == 5
-    assert hits == {1: 1, 5: 3}
-    n, hits = count_topk(scores, torch.full((2, 3), -1))
-    assert n == 0 and hits == {1: 0, 5: 0}
-    n, hits = count_topk(scores[:, :, :3], torch.tensor([[0, 1, 2], [2, 1, 0]]))  # V < 5
-    assert n == 6 and hits == {1: 2, 5: 6}
-
-
-def test_tally_counts_tokens_not_batches():
-    tally = Tally(k_ahead=1)
-    scores = torch.tensor([[[0.1, 0.9]], [[0.8, 0.2]], [[0.3, 0.7]]])  # argmax 1, 0, 1
-    tally.add(scores, torch.tensor([[1], [1], [1]]))  # 2 of 3 right
-    tally.add(scores[:1], torch.tensor([[0]]))        # 0 of 1 right
-    assert tally.result()['top1'] == [0.5]           # 2 / 4, not the mean of 2/3 and 0
-    assert tally.result()['n'] == [4]
-
-
-# -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import data.prepare as P
-from data.prepare import Tokenizer, prepare, load_meta
+from data.prepare import prepare
+from data.text import Tokenizer, load_meta
 from conftest import SHARED, one_line_error, run_cli
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"

@@ -11,11 +11,12 @@ import torch
 
 import distill
 import train as T
-from common import (Batches, UserError, load_checkpoint, load_model, model_from_checkpoint,
-                    save_checkpoint, val_path)
+from common import UserError, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from data.batches import Batches
+from data.text import val_path
 from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
-from train import evaluate
+from report import evaluate
 
 
 @pytest.fixture(scope='module')

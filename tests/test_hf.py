@@ -12,7 +12,8 @@ import torch
 
 import convert as C
 import model as M
-from common import UserError, load_checkpoint, save_checkpoint, tokenizer_for
+from common import UserError, load_checkpoint, save_checkpoint
+from data.text import tokenizer_for
 from heads import MTPGPT, MTPConfig
 from sample import generate, generate_self_speculative
 from conftest import (local_tokenizer, one_line_error, run_cli, run_train, tiny_config,
@@ -194,7 +195,7 @@ def test_prepare_with_a_hugging_face_tokenizer_and_adapt_a_padded_gpt_neox(tmp_p
     """prepare.py --tokenizer=<HF tokenizer> writes the tokenizer's ids (round trip exact) and
     meta {'kind': 'hf'}; a GPT-NeoX checkpoint whose embedding is padded past that vocabulary
     (as Pythia's 50304 rows for ~50280 tokens) adapts to MTP on it, and decodes text with it."""
-    from data.prepare import Tokenizer, load_meta
+    from data.text import Tokenizer, load_meta
     text = 'the cat sat on the mat. a dog sat on a log. ' * 200
     tok_dir = local_tokenizer(tmp_path / 'tok', text)
     import data.prepare as P

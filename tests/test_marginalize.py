@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common import UserError, eval_windows, save_checkpoint
+from common import UserError, save_checkpoint
+from metrics import eval_windows
 from heads import MTPGPT, MTPConfig
 import marginalize as M
 from conftest import one_line_error, random_mtp, run_cli, tiny_gpt, tiny_mtp

@@ -18,7 +18,8 @@ import torch
 
 import head_designs
 import sample
-from common import UserError, encode_prompt, stop_tokens
+from common import UserError
+from data.text import encode_prompt, stop_tokens
 from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
 from head_designs import ChainDrafter, mix
 from heads import MTPGPT, MTPConfig

@@ -137,7 +137,6 @@ STUDY_ERRORS = [
     (['--nope=1'], 'unknown option'),
     (['--seeds=two'], 'expects int'),
     (['--preset=huge'], 'unknown preset'),
-    (['--quick=true', '--preset=cpu'], 'conflicts'),
     (['--sizes=S,Q'], 'unknown sizes'),
     (['--corpora=,'], 'no corpora'),
     (['--corpora=missing.txt', '--out_dir=/nonexistent/x'], 'corpus not found'),

@@ -1,0 +1,204 @@
+"""
+Text and tokens: the tokenizers (described by a dataset's meta.json), text files, token files
+(data/prepare.py's uint16 .bin), the data a checkpoint was trained on, prompts and stop
+sequences. Imports: model <- data.text <- data.prepare, data.batches, metrics, scripts.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from model import UserError
+
+DATA = os.path.dirname(os.path.abspath(__file__))  # data/: a dataset's files are data/<dataset>
+BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
+
+
+class Tokenizer:
+    """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
+    {'kind': 'char', 'chars': '...'}, {'kind': 'bpe', 'encoding': 'r50k_base'} or
+    {'kind': 'hf', 'name': 'EleutherAI/pythia-70m'} (a Hugging Face tokenizer)."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        if meta['kind'] == 'char':
+            self.itos, self.eot = meta['chars'], None
+            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+            self.vocab_size = len(self.itos)
+        elif meta['kind'] == 'bpe':
+            import tiktoken
+            self.enc = tiktoken.get_encoding(meta['encoding'])
+            self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
+        elif meta['kind'] == 'hf':
+            from transformers import AutoTokenizer
+            self.enc = AutoTokenizer.from_pretrained(meta['name'])
+            self.vocab_size, self.eot = len(self.enc), self.enc.eos_token_id
+        else:
+            raise ValueError(f"unknown tokenizer kind {meta['kind']!r}")
+
+    @classmethod
+    def from_text(cls, kind, text):
+        if kind == 'char':
+            return cls({'kind': 'char', 'chars': ''.join(sorted(set(text)))})
+        if kind == 'bpe':
+            return cls({'kind': 'bpe', 'encoding': BPE_ENCODING})
+        return cls({'kind': 'hf', 'name': kind})  # a Hugging Face tokenizer's name
+
+    def encode(self, text):
+        if self.meta['kind'] == 'char':
+            unknown = sorted(set(text) - self.stoi.keys())
+            if unknown:
+                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+            return [self.stoi[c] for c in text]
+        if self.meta['kind'] == 'hf':
+            return self.enc.encode(text, add_special_tokens=False)
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        if self.meta['kind'] == 'char':
+            return ''.join(self.itos[i] for i in ids)
+        return self.enc.decode(list(ids))
+
+
+def load_meta(data_dir):
+    """The tokenizer metadata of a prepared dataset."""
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        return json.load(f)
+
+
+def data_dir_of(dataset, data_dir=''):
+    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
+    return data_dir or os.path.join(DATA, dataset)
+
+
+def val_path(ckpt, data_dir=''):
+    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
+    distilled on a model-written corpus, the real text that corpus came from: meta's
+    source_data), or data_dir's; '' when the checkpoint names no dataset."""
+    config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
+    data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
+        data_dir_of(config['dataset']) if config.get('dataset') else '')
+    return os.path.join(data_dir, 'val.bin') if data_dir else ''
+
+
+def tokenizer_for(ckpt):
+    """The checkpoint's Tokenizer; one-line UserErrors when the checkpoint has none or tiktoken
+    cannot load its BPE (offline without a cache)."""
+    if not ckpt.get('meta'):
+        raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
+    try:
+        return Tokenizer(ckpt['meta'])
+    except Exception as e:
+        hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
+                if ckpt['meta'].get('kind') == 'hf' else
+                "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
+
+
+TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
+
+
+def tokenizer_difference(meta, other):
+    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
+    keys (a distilled model's source_data: where its text is) do not change what an id means,
+    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
+    hf = (meta or {}).get('kind') == 'hf'
+    for key in (k for k in TOKENIZER_KEYS if not (hf and k == 'vocab_size')):
+        a, b = ((m or {}).get(key) for m in (meta, other))
+        if a != b:
+            shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
+                     for v in (a, b)]
+            return f"{key} {shown[0]} vs {shown[1]}"
+    return ''
+
+
+def check_draft(ckpt, draft_ckpt):
+    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
+    and bench.py decode alike)."""
+    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
+    if why:
+        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
+
+
+def read_text(path, what='input file'):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def token_file(path):
+    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
+    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
+        raise UserError(f"{path} is {what}: re-run data/prepare.py for it")
+    return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+def encode(tokenizer, text, what):
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}")
+
+
+def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
+    """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
+    or the val.bin of the checkpoint's dataset (or of data_dir)."""
+    source = input_path or val_path(ckpt, data_dir)
+    if input_path:
+        tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
+                                 f"cannot tokenize {input_path}"), dtype=np.int64)
+    else:
+        if not os.path.isfile(source):
+            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
+                            f"pass --input=FILE or --data_dir=DIR")
+        tokens = token_file(source)
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
+    return tokens, source
+
+
+def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
+                hint='pass --data=path/to/val.bin'):
+    """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
+    val.bin), evenly spaced, or at random starts drawn from generator."""
+    data_path = data_path or val_path(ckpt)
+    if not os.path.isfile(data_path):
+        raise UserError(f"token file not found: {data_path}; {hint}")
+    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
+    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
+        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
+                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
+    if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
+        raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
+                        f"{data_path} ({len(data)} tokens)")
+    starts = (np.linspace(0, len(data) - prompt_len, num_prompts).astype(int) if generator is None
+              else torch.randint(len(data) - prompt_len + 1, (num_prompts,),
+                                 generator=generator).tolist())
+    return [data[s:s + prompt_len].astype(np.int64).tolist() for s in starts]
+
+
+def encode_prompt(text, tokenizer):
+    """Token ids of a prompt string or FILE:path; empty: <|endoftext|> (BPE) or an error (char)."""
+    if text.startswith('FILE:'):
+        text = read_text(text[len('FILE:'):], 'prompt file')
+    if not text:
+        if tokenizer.eot is None:
+            raise UserError("empty prompt: a char model has no start token; give at least one "
+                            "character (--prompt=...)")
+        return [tokenizer.eot]
+    return encode(tokenizer, text, 'prompt')
+
+
+def stop_tokens(flag, tokenizer):
+    """--stop: auto (<|endoftext|> for BPE, none for char) | none | a string."""
+    if flag in ('auto', 'none', ''):
+        return [tokenizer.eot] if flag == 'auto' and tokenizer.eot is not None else []
+    return encode(tokenizer, flag.replace('\\n', '\n').replace('\\t', '\t'), 'stop')

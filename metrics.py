@@ -1,0 +1,135 @@
+"""
+The accuracy bookkeeping and the evaluation windows of train.py, marginalize.py, probes.py and
+bench.py: top-k counts (token-weighted), Tally, the accuracy table, and the windows of a token
+file a marginalization evaluates. Imports: common, data.text <- metrics <- scripts.
+"""
+import numpy as np
+import torch
+
+from common import UserError, check_ranges, parse_top_ks, pick_device, load_model
+from data.text import load_tokens
+
+
+# -----------------------------------------------------------------------------
+# accuracy bookkeeping (token-weighted: every position with a target counts once)
+
+def count_topk(scores, targets, ks=(1, 5)):
+    """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
+    {k: number of targets among the k highest scores}). Sum these counts over batches and
+    divide at the end, so the accuracy is token-weighted."""
+    valid = targets >= 0
+    n = int(valid.sum())
+    top = scores.topk(min(max(ks), scores.size(-1)), dim=-1).indices
+    hit = top == targets.clamp(min=0).unsqueeze(-1)
+    return n, {k: int((hit[..., :k].any(-1) & valid).sum()) for k in ks}
+
+
+class Tally:
+    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from count_topk,
+    summed over windows, divided at the end) and the mean captured mass."""
+
+    def __init__(self, k_ahead):
+        self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
+        self.mass = None
+
+    def add(self, scores, targets, mass=None):
+        """scores (P, K, V) for k = 1..K (K <= k_ahead), targets (P, k_ahead), mass (P, K)."""
+        for k in range(scores.size(1)):
+            n, hits = count_topk(scores[:, k], targets[:, k])
+            self.n[k] += n
+            self.top1[k] += hits[1]
+            self.top5[k] += hits[5]
+        if mass is not None:
+            self.mass = [0.0] * len(self.n) if self.mass is None else self.mass
+            for k in range(mass.size(1)):
+                self.mass[k] += float(mass[:, k].sum())
+
+    def result(self):
+        def mean(counts):
+            return None if counts is None else [c / n if n else None
+                                                for c, n in zip(counts, self.n)]
+        return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))
+
+
+def format_table(rows, k_ahead):
+    """The rows as a text table: accuracy and captured mass per k, then the cost."""
+    def cells(values, ks):
+        return ' '.join('     -' if values is None or values[k] is None else f"{values[k]:6.3f}"
+                        for k in ks)
+    ks, later = range(k_ahead), range(1, k_ahead)  # the mass is 1 at k = 1: left out
+    width = max(len(r['name']) for r in rows)
+    group, mass_group = 7 * k_ahead - 1, max(7 * (k_ahead - 1) - 1, 4)
+    k_labels, mass_labels = (' '.join(f"{f'k={k + 1}':>6}" for k in r) for r in (ks, later))
+    lines = [f"{'':{width}}  {'top-1':^{group}}  {'top-5':^{group}}  {'mass':^{mass_group}}",
+             f"{'method':{width}}  {k_labels}  {k_labels}  {mass_labels:>{mass_group}}  "
+             f"{'fwd tokens':>11} {'seconds':>8}"]
+    lines += [f"{r['name']:{width}}  {cells(r['top1'], ks)}  {cells(r['top5'], ks)}  "
+              f"{cells(r['mass'], later):>{mass_group}}  {r['forward_tokens']:>11,} "
+              f"{r['seconds']:>8.2f}" for r in rows]
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# what a marginalization evaluates (marginalize.py, bench.py; probes.py's windows)
+
+def marginalize_inputs(args, single_top_k=False):
+    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
+    exactness, the tokens, where they came from)."""
+    check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
+                 non_negative=('max_paths', 'window'), fractions=('top_p',))
+    top_ks = parse_top_ks(args.top_k)
+    if single_top_k and len(top_ks or []) != 1:
+        raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
+    model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
+    return top_ks, model.float(), tokens, source
+
+
+def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
+    """The checks of a marginalization request (marginalize.py): one-line errors."""
+    block_size = model.config.block_size
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if k_ahead < 1:
+        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
+    if not 1 <= n_tokens <= block_size:
+        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
+    positions = torch.as_tensor(positions)
+    if len(positions) == 0:
+        raise UserError("no positions to evaluate")
+    first, last = int(positions.min()), int(positions.max())
+    if first < 0 or last >= n_tokens:
+        raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
+    if last + k_ahead - 1 >= block_size:
+        # the path tokens of position t sit at positions t+1 .. t+k_ahead-1: never wrap them
+        raise UserError(f"position {last} with k_ahead={k_ahead} needs position ids up to "
+                        f"{last + k_ahead - 1}, beyond block_size {block_size}")
+
+
+def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
+    """Which positions to evaluate: [(start, n)], the window tokens[start : start+n+k_ahead] and
+    its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} lie inside it (others are left out,
+    never wrapped). Windows of `window` tokens tile the sequence, so no position appears twice; a
+    seeded shuffle picks windows until `positions` positions are reached (or the tokens run out)."""
+    stride = window - k_ahead  # positions per window
+    if stride < 1 or n_tokens <= k_ahead:
+        raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "
+                        f"{n_tokens} tokens)")
+    starts = list(range(0, n_tokens - k_ahead, stride))
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, left = [], positions
+    for i in order:
+        if left <= 0:
+            break
+        n = min(stride, n_tokens - k_ahead - starts[i], left)
+        chosen.append((starts[i], n))
+        left -= n
+    return chosen
+
+
+def window_batch(tokens, start, n, k_ahead, device):
+    """The window's tokens and the targets (n, k_ahead): column k-1 holds x_{t+k}."""
+    seq = torch.as_tensor(np.asarray(tokens[start:start + n + k_ahead], dtype=np.int64),
+                          device=device)
+    targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
+    return seq, targets
