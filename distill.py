@@ -26,7 +26,7 @@ from heads import loss_weights_for
 from common import (UserError, flag, parse_flags, check_ranges, pick_device, autocast_for,
                     load_model, cli)
 from data.text import val_path, val_prompts
-from sample import generate_batch
+from sample import probs_from_logits, draw, check_request
 from train import TrainConfig, train, check_config
 from report import printable
 
@@ -59,6 +59,26 @@ FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_promp
          'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type', 'whs',
          'head_attention', 'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters',
          'trunk_lr_scale')
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                   generator=None):
+    """Vanilla decoding of a batch: prompts (B, P) of equal length -> (B, P + max_new_tokens).
+    For writing the corpus, so there are no stop sequences, no metrics and no window:
+    P + max_new_tokens must fit block_size. Greedy row b is what generate() gives for prompts[b]
+    (up to floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
+    check_request(prompts[0].tolist() if len(prompts) else [], max_new_tokens, temperature,
+                  top_k, top_p)
+    if prompts.size(1) + max_new_tokens > model.config.block_size:
+        raise UserError(f"prompt ({prompts.size(1)}) + max_new_tokens ({max_new_tokens}) exceed "
+                        f"block_size {model.config.block_size}")
+    cache, tokens = model.new_cache(), [prompts]
+    for _ in range(max_new_tokens):
+        logits, _ = model(tokens[-1], cache=cache, n_heads=1)
+        probs = probs_from_logits(logits[:, -1, 0], temperature, top_k, top_p)
+        tokens.append(draw(probs, temperature == 0, generator)[:, None])
+    return torch.cat(tokens, dim=1)
 
 
 def write_corpus(model, prompts, path, args, device, generator):

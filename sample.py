@@ -286,26 +286,6 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                   generator=None):
-    """Vanilla decoding of a batch: prompts (B, P) of equal length -> (B, P + max_new_tokens).
-    For writing corpora (distill.py), so there are no stop sequences, no metrics and no window:
-    P + max_new_tokens must fit block_size. Greedy row b is what generate() gives for prompts[b]
-    (up to floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
-    check_request(prompts[0].tolist() if len(prompts) else [], max_new_tokens, temperature,
-                  top_k, top_p)
-    if prompts.size(1) + max_new_tokens > model.config.block_size:
-        raise UserError(f"prompt ({prompts.size(1)}) + max_new_tokens ({max_new_tokens}) exceed "
-                        f"block_size {model.config.block_size}")
-    cache, tokens = model.new_cache(), [prompts]
-    for _ in range(max_new_tokens):
-        logits, _ = model(tokens[-1], cache=cache, n_heads=1)
-        probs = probs_from_logits(logits[:, -1, 0], temperature, top_k, top_p)
-        tokens.append(draw(probs, temperature == 0, generator)[:, None])
-    return torch.cat(tokens, dim=1)
-
-
-@torch.inference_mode()
 def generate_speculative(model, make_drafter, n_drafts, prompt, max_new_tokens, temperature=1.0,
                          top_k=0, top_p=1.0, stop=(), generator=None, keep=None):
     """Speculative decoding: draft, verify, roll back, emit. make_drafter(window, pick) gives

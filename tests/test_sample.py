@@ -420,22 +420,6 @@ def test_two_model_greedy_with_a_different_draft_equals_vanilla(arch):
 # -----------------------------------------------------------------------------
 # edge cases
 
-def test_batched_generation_equals_generate_row_by_row(arch):
-    """generate_batch (distill.py's corpus writer) decodes every row as generate() would: greedy
-    token for token; sampling with the same generator draws valid tokens of the right shape."""
-    model = random_mtp(head_type='resblock', arch=arch)
-    prompts = torch.randint(13, (5, 7), generator=torch.Generator().manual_seed(3))
-    out = sample.generate_batch(model, prompts, 20, temperature=0)
-    assert out.shape == (5, 27) and torch.equal(out[:, :7], prompts)
-    for row, prompt in zip(out.tolist(), prompts.tolist()):
-        assert row[7:] == generate(model, prompt, 20, temperature=0).tokens
-    sampled = sample.generate_batch(model, prompts, 20, temperature=1.0, top_k=3,
-                                    generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == (5, 27) and int(sampled.max()) < 13
-    with pytest.raises(UserError, match='exceed block_size'):
-        sample.generate_batch(model, prompts, 60, temperature=0)
-
-
 def test_max_new_tokens_zero_runs_no_forward_and_negative_is_an_error():
     model = random_mtp()
     for run in (generate(model, [1, 2], 0), generate_self_speculative(model, [1, 2], 0),
