@@ -31,7 +31,7 @@ from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
-import head_designs
+import drafters
 import sample
 from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
@@ -135,10 +135,8 @@ def peer_rows(model, args, prompts, device, n_new):
 
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
-         ('drafts', sample.ModelDrafter, 'draft')] + [
-    ('drafts', drafter, 'observe') for drafter in (head_designs.BlockDrafter,
-                                                   head_designs.ResBlockDrafter,
-                                                   head_designs.ChainDrafter)]
+         ('drafts', drafters.ModelDrafter, 'draft')] + [
+    ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()]
 
 
 def step_breakdown(modes, prompts, **sampling):

@@ -6,18 +6,16 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
     python sample.py --ckpt=out/ckpt.pt --speculative=true --temperature=0   # heads 2..n draft
     python sample.py --ckpt=out/ckpt.pt --draft=out-small/ckpt.pt --gamma=4  # a draft model
 
-Speculative decoding, exactly (Leviathan et al. 2023, Chen et al. 2023). A step feeds the last
-emitted token and k drafts through the target in ONE forward; its next-token head gives the
-target distribution p at the k+1 positions, `verify` decides which drafts stand, and the KV cache
-is rolled back to the accepted length: the output is vanilla greedy decoding token for token, or
-distributed exactly as vanilla sampling. Temperature, top-k and top-p shape p and the drafts' q
-alike (probs_from_logits). Who drafts is a drafter (head_designs.py for the heads, ModelDrafter).
+Speculative decoding, exactly (Leviathan et al. 2023, Chen et al. 2023): a step feeds the last
+emitted token and k drafts through the target in ONE forward, `verify` decides which drafts stand
+against the target's p at the k+1 positions, and the KV cache is rolled back to the accepted
+length. The output is vanilla greedy decoding token for token, or distributed exactly as vanilla
+sampling (tested in fp32; under bfloat16 near-ties may differ). Who drafts is a drafter
+(drafters.py): the model's own heads, or a separate draft model.
 
-Long sequences (sliding window). A model sees at most block_size positions. When the sequence
-outgrows the window, the window jumps to its last `keep` tokens (default 3/4 of block_size), which
-are prefilled again. The jumps depend only on the sequence length, so every mode conditions every
-token on the same context, and a step feeds only as many drafts as fit before the window's end.
-Greedy exactness is tested in fp32; under bfloat16 near-ties may differ.
+Long sequences: a model sees at most block_size positions. A sequence that outgrows the window
+jumps to its last `keep` tokens (default 3/4 of block_size), prefilled again; the jumps depend
+only on the length, so every mode conditions every token on the same context.
 """
 import json
 import math
@@ -32,6 +30,7 @@ from torch.nn import functional as F
 from common import (UserError, flag, parse_flags, DecodeFlags, check_ranges, pick_device,
                     autocast_for, set_cpu_threads, load_model, cli)
 from data.text import tokenizer_for, encode_prompt, stop_tokens, check_draft
+from drafters import ModelDrafter, heads_drafter
 
 
 # -----------------------------------------------------------------------------
@@ -151,17 +150,16 @@ Generation = namedtuple('Generation', 'tokens stats')  # a decoding's new tokens
 
 
 def check_request(prompt, max_new_tokens, temperature, top_k, top_p):
-    if len(prompt) == 0:
-        raise UserError("empty prompt: give at least one token (BPE prompts may start with "
-                        "<|endoftext|>)")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not (temperature >= 0 and math.isfinite(temperature)):  # (nan fails >= 0)
-        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    """One-line errors for a request that cannot mean anything (nan fails every comparison)."""
+    for ok, error in ((len(prompt) > 0, "empty prompt: give at least one token (BPE prompts may "
+                                        "start with <|endoftext|>)"),
+                      (max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}"),
+                      (temperature >= 0 and math.isfinite(temperature),
+                       f"temperature must be a number >= 0 (0 = greedy), got {temperature}"),
+                      (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+                      (0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}")):
+        if not ok:
+            raise UserError(error)
 
 
 class Decoding:
@@ -241,34 +239,6 @@ class Window:
         return [h[:, :self.cache.length - self.first] for h in self.trunk_hidden]
 
 
-class ModelDrafter:
-    """The drafter of two-model decoding (the heads' are in head_designs.py): a smaller model
-    drafts k tokens, one forward each, in a window of its own; none before the target verified
-    the prompt. A draft model with a block_size >= the target's follows the target's window (so
-    a draft equal to the target is always accepted); a smaller one slides its own."""
-
-    def __init__(self, draft, target_window, pick):
-        self.window, self.target_window, self.pick = Window(draft), target_window, pick
-        self.follow = draft.config.block_size >= target_window.block_size
-        self.verified, self.forwards = False, 0
-
-    def observe(self, seq, trunk_hidden, start):
-        self.window.rollback(len(seq) - 1)  # its cache keeps the verified tokens
-        self.verified = True
-
-    def draft(self, seq, k):
-        window, drafts, q = self.window, [], []
-        if self.follow and window.start != self.target_window.start:
-            window.start, _ = self.target_window.start, window.cache.rollback(0)
-        for j in range(k if self.verified else 0):
-            window.slide(len(seq) + j)
-            token, q_j = self.pick(window.forward(seq + drafts)[-1])
-            drafts, q = drafts + [int(token)], q + [q_j]
-        self.forwards += len(drafts)
-        q = torch.stack(q) if q else torch.empty(0, self.window.model.config.vocab_size)
-        return torch.tensor(drafts, dtype=torch.long, device=window.device), q.to(window.device)
-
-
 # -----------------------------------------------------------------------------
 # the decoding loops
 
@@ -313,7 +283,7 @@ def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
     if model.config.n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
                         "n_future=1; decode without --speculative, or give a --draft model")
-    return generate_speculative(model, lambda window, pick: model.drafter(pick),
+    return generate_speculative(model, lambda window, pick: heads_drafter(model, pick),
                                 model.config.n_future - 1, prompt, max_new_tokens, **sampling)
 
 
@@ -324,7 +294,8 @@ def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **samplin
                         f"the target's ({target.config.vocab_size})")
     if gamma < 1:
         raise UserError(f"gamma (drafts per step) must be >= 1, got {gamma}")
-    return generate_speculative(target, lambda window, pick: ModelDrafter(draft, window, pick),
+    return generate_speculative(target, lambda window, pick: ModelDrafter(Window(draft), window,
+                                                                          pick),
                                 gamma, prompt, max_new_tokens, **sampling)
 
 
@@ -343,8 +314,7 @@ Generate text from a checkpoint: vanilla, self-speculative (--speculative) or wi
     quiet: bool = flag(False, "print only the metrics and the JSON line")
 
 
-def decoder(args, model, ckpt):
-    """(mode name, a function decoding a prompt) for the flags."""
+def decoder(args, model, ckpt):  # (mode name, a function decoding a prompt) for the flags
     if args.draft and args.speculative:
         raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
                         "exclusive: pick one")
@@ -379,11 +349,8 @@ def main(argv):
             if not args.quiet:
                 print(tokenizer.decode(prompt) + samples[-1] + '\n---------------')
     summary = dict(mode=mode, ckpt=args.ckpt, **stats.summary(), samples=samples)
-    acceptance = ' '.join('-' if a is None else f"{a:.2f}" for a in summary['acceptance'])
-    print(f"{mode}: {summary['new_tokens']} tokens in {summary['time_s']:.2f}s "
-          f"({summary['tokens_per_s'] or 0:.1f} tokens/s), tau {summary['tau'] or 'n/a'}, "
-          f"target forwards {summary['target_forwards']}, draft forwards "
-          f"{summary['draft_forwards']}, acceptance by position {acceptance or '-'}")
+    print(f"{mode}: {summary['new_tokens']} tokens in {summary['time_s']:.2f}s, tau "
+          f"{summary['tau'] or 'n/a'}, acceptance by position {summary['acceptance']}")
     print(json.dumps(summary))
     return summary
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import head_designs
+import drafters
 import sample
 from common import UserError
 from data.text import encode_prompt, stop_tokens
 from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
-from head_designs import ChainDrafter, mix
+from drafters import ChainDrafter
+from head_designs import mix
 from heads import MTPGPT, MTPConfig
 from sample import (Stats, probs_from_logits, verify, generate, generate_self_speculative,
                     generate_two_model)
@@ -258,11 +259,11 @@ def test_sequential_drafts_equal_a_recomputation(monkeypatch, temperature, make)
 
 def test_a_draft_cache_not_rolled_back_fails_the_recomputation_check(monkeypatch):
     """The negative control: a heads' cache that keeps one position that read a draft."""
-    class RolledBackOneShort(head_designs.KVCache):
+    class RolledBackOneShort(drafters.KVCache):
         def rollback(self, length):
             super().rollback(min(self.length, length + 1))
     model = counting_with_live_head_attention()
-    monkeypatch.setattr(head_designs, 'KVCache', RolledBackOneShort)
+    monkeypatch.setattr(drafters, 'KVCache', RolledBackOneShort)
     found = []
     drafts_checked_against_recomputation(monkeypatch, found, 1.0)
     decode_sequential(model, random_prompts(3, 13, 10, seed=3), 1.0)

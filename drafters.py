@@ -1,0 +1,169 @@
+"""
+How MTP heads draft: each head design's drafter, and a separate draft model's. Speculative
+decoding (sample.py) asks a drafter for guesses of the next tokens, verifies them with the target
+and tells the drafter what was verified. A drafter holds its own decode-time state (a KV cache,
+the chain's entries), with its invariant written beside it:
+
+    observe(seq, trunk_hidden, start)  the target has verified seq[:-1]; seq ends with the token
+            x_{j+1} it just emitted; trunk_hidden: the target's states [h_0 .. h_attach], each
+            (1, m, C), at the positions it computed this step, the last one j; start: where the
+            target's window begins in seq (cache positions are window positions)
+    draft(seq, k) -> (drafts (<= k,), q (<= k, V))  guesses of x_{j+2}, x_{j+3}, ... and the
+            distributions they were drawn from
+    pick: draft logits (..., V) -> (draft tokens, their q), the decoding's sampling settings
+"""
+import torch
+from torch.nn import functional as F
+
+from model import KVCache
+from head_designs import BlockHeads, ResBlockHeads, SequentialHeads, mix
+
+
+def heads_drafter(model, pick):
+    """The drafter of the model's head design (one per design: DRAFTERS)."""
+    return DRAFTERS[type(model.heads)](model, pick)
+
+
+class Drafter:
+    """What every drafter shares: the drafts of the last observe(), handed out k at a time.
+    pick: draft logits (..., V) -> (draft tokens (...), their q (..., V))."""
+    forwards = 0  # forwards of a separate draft model (none: the heads ride on the target's)
+
+    def __init__(self, model, pick):
+        self.model, self.pick = model, pick
+        self.drafts = torch.empty(0, dtype=torch.long, device=model.lm_head.weight.device)
+        self.q = torch.empty(0, model.config.vocab_size, device=self.drafts.device)
+
+    def draft(self, seq, k):
+        return self.drafts[:k], self.q[:k]
+
+
+class ResBlockDrafter(Drafter):
+    """Heads 2..n at the last verified position j alone: a ResBlock reads no other position."""
+
+    def observe(self, seq, trunk_hidden, start):
+        h = [state[0, -1] for state in trunk_hidden]  # position j, (C,) each
+        states = torch.stack([head(h) for head in list(self.model.heads)[1:]])
+        self.drafts, self.q = self.pick(self.model.unembed(states))
+
+
+class BlockDrafter(Drafter):
+    """Heads 2..n run their blocks over the verified positions, with a KV cache of their own.
+    Invariant: self.cache holds heads 2..n at window positions 0 .. cache.length - 1, all of
+    them verified (their trunk states never change): it grows by the rows observed and starts
+    again when the window does."""
+
+    def __init__(self, model, pick):
+        super().__init__(model, pick)
+        self.cache = KVCache(model.heads.cache_layers - model.heads.depth, model.config.block_size)
+
+    def observe(self, seq, trunk_hidden, start):
+        m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
+        self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after the window slid)
+        mask, heads = self.model.default_mask(trunk_hidden[0], self.cache, None), self.model.heads
+        states = [head(trunk_hidden, self.cache, i * heads.depth, mask)[0, -1]
+                  for i, head in enumerate(list(heads)[1:])]
+        self.cache.advance(m)
+        self.drafts, self.q = self.pick(self.model.unembed(torch.stack(states)))
+
+
+class ChainDrafter(Drafter):
+    """Sequential heads chain at the last verified position j: head 2 reads s_1[j] and the token
+    just emitted, head k reads s_{k-1}[j] and head k-1's draft (SequentialHeads.chain).
+    - With attention, head k at position s reads x_{s+k-1}, and the chain runs over every
+      position not cached yet. Invariant: self.cache (layer k-2 = head k) holds window positions
+      0 .. cache.length - 1 whose heads read verified tokens only (s + n - 1 <= j): drafts and
+      the token just emitted are never cached. self.entry keeps s_1 (or z_2) per position.
+    - An MLP body reads no other position: the chain runs on row j alone, with no cache and no
+      mask, as raw ops (row_chain) when the vocabulary is small enough for its tables to pay."""
+    max_table_vocab = 4096  # row_weights' tables cost V C^2 per head, once per decoding
+
+    def __init__(self, model, pick):
+        super().__init__(model, pick)
+        config = model.config
+        self.cache = KVCache(config.n_future - 1, config.block_size) \
+            if config.head_attention else None
+        self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device)
+        self.rows = row_weights(model) if not config.head_attention and \
+            config.vocab_size <= self.max_table_vocab else None
+
+    def observe(self, seq, trunk_hidden, start):
+        whs, device = self.model.heads.whs_coef, self.entry.device
+        if self.cache is None:  # an MLP body: the chain on row j alone
+            entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
+            if self.rows is not None:
+                self.drafts, self.q = row_chain(self.rows, entry, tokens, self.pick)
+                return
+        else:
+            m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
+            self.entry[j + 1 - m:j + 1] = mix(whs, trunk_hidden)[0]
+            self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after a slide)
+            entry = self.entry[self.cache.length:j + 1]
+            tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
+        self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.pick,
+                                                     self.cache)
+        if self.cache is not None:  # keep the positions whose heads read verified tokens only
+            self.cache.advance(len(tokens))
+            self.cache.rollback(max(0, j + 2 - self.model.config.n_future))
+
+
+def row_weights(model):
+    """MLP-bodied sequential heads and the unembedding as plain tensors (matrices transposed),
+    gathered once per decoding, for row_chain: on a CPU a module call or a parameter lookup costs
+    more than a 128-wide op on one row. The token half of M_k is a table (token_table)."""
+    def norm(ln):
+        return ln.normalized_shape, ln.weight, ln.bias
+    C, wte = model.config.n_embd, model.transformer.wte.weight
+    heads = [(h.token_table(wte), norm(h.norm_state), h.combine.weight[:, :C].t(),
+              norm(h.block.ln), h.block.mlp) for h in model.heads]
+    return [(table, ln_s, w_s, ln, mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(),
+             mlp.c_proj.bias, mlp.gelu.approximate) for table, ln_s, w_s, ln, mlp in heads], \
+        norm(model.transformer.ln_f), model.lm_head.weight.t()
+
+
+def row_chain(rows, state, token, pick):
+    """SequentialHeads.chain on one row with MLP bodies, as raw ops: for k = 2..n,
+    z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), logits = unembed(s_k)."""
+    heads, ln_f, unembedding = rows
+    drafts, q = [], []
+    for table, ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu in heads:
+        z = torch.addmm(table[token], F.layer_norm(state, *ln_s), w_s)
+        h = F.layer_norm(z, *ln) @ w_fc
+        state = torch.addmm(z, F.gelu(h if b_fc is None else h + b_fc, approximate=gelu), w_proj)
+        state = state if b_proj is None else state + b_proj
+        token, q_k = pick(F.layer_norm(state, *ln_f) @ unembedding)
+        drafts.append(token)
+        q.append(q_k)
+    return torch.cat(drafts), torch.cat(q)
+
+
+
+class ModelDrafter:
+    """Two-model decoding: a smaller draft model drafts k tokens, one forward each, in a window of
+    its own (sample.Window); none before the target verified the prompt. A draft model with a
+    block_size >= the target's follows the target's window (so a draft equal to the target is
+    always accepted); a smaller one slides its own."""
+
+    def __init__(self, window, target_window, pick):
+        self.window, self.target_window, self.pick = window, target_window, pick
+        self.follow = window.block_size >= target_window.block_size
+        self.verified, self.forwards = False, 0
+
+    def observe(self, seq, trunk_hidden, start):
+        self.window.rollback(len(seq) - 1)  # its cache keeps the verified tokens
+        self.verified = True
+
+    def draft(self, seq, k):
+        window, drafts, q = self.window, [], []
+        if self.follow and window.start != self.target_window.start:
+            window.start, _ = self.target_window.start, window.cache.rollback(0)
+        for j in range(k if self.verified else 0):
+            window.slide(len(seq) + j)
+            token, q_j = self.pick(window.forward(seq + drafts)[-1])
+            drafts, q = drafts + [int(token)], q + [q_j]
+        self.forwards += len(drafts)
+        q = torch.stack(q) if q else torch.empty(0, self.window.model.config.vocab_size)
+        return torch.tensor(drafts, dtype=torch.long, device=window.device), q.to(window.device)
+
+
+DRAFTERS = {BlockHeads: BlockDrafter, ResBlockHeads: ResBlockDrafter, SequentialHeads: ChainDrafter}
