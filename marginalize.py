@@ -69,9 +69,8 @@ def candidate_mask(dist, top_k=0, top_p=1.0):
 @torch.no_grad()
 def marginalize_naive(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
                       renormalize=False):
-    """The estimate written as the sum it is. For each position t, `paths` holds the kept paths
-    of intermediate tokens with their probabilities; every path gets its own forward over
-    x<=t + path, no cache, no masks. Slow, and obviously right: the reference for marginalize."""
+    """The estimate written as the sum it is: every kept path of intermediate tokens gets its own
+    forward over x<=t + path, no cache, no masks. Slow, and obviously right: the reference."""
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
     check_positions(model, len(tokens), positions, k_ahead, top_p)
@@ -113,9 +112,8 @@ Paths = namedtuple('Paths', 'root parent token prob')
 
 
 def children(dist, prob, root, parent, top_k, top_p):
-    """Extend paths by their candidates: the path in row i, of probability prob[i], with
-    next-token distribution dist[i], gets a child of probability prob[i] * dist[i, v] for every
-    kept v."""
+    """Extend paths by their candidates: path i (probability prob[i], next-token distribution
+    dist[i]) gets a child of probability prob[i] * dist[i, v] for every kept v."""
     row, token = candidate_mask(dist, top_k, top_p).nonzero(as_tuple=True)
     return Paths(root[row], parent[row], token, prob[row] * dist[row, token])
 
@@ -233,9 +231,8 @@ def tree_cost(n, k_ahead, top_k, max_paths, vocab_size, chunk_size=512):
 
 
 def check_cost(args, top_ks, vocab_size):
-    """Refuse, before any work, a table row whose paths are too many to evaluate (hours, or
-    more memory than there is); the cost and the flag to override are in the message. Returns
-    the forward tokens of all rows, at most."""
+    """Refuse, before any work, a row whose paths are too many to evaluate (hours, or more memory
+    than there is); returns the forward tokens of all rows, at most."""
     total = 0
     for top_k in top_ks:
         tokens = tree_cost(args.positions, args.k_ahead, top_k, args.max_paths, vocab_size)[0]
@@ -254,8 +251,7 @@ def check_cost(args, top_ks, vocab_size):
 
 def default_top_ks(vocab_size, all_vocab_max=128):
     """top_k 1 (greedy chaining), 2, 5, 10, 50 where below V, then all of V (0) if V is small."""
-    top_ks = [k for k in (1, 2, 5, 10, 50) if k < vocab_size]
-    return top_ks + [0] if vocab_size <= all_vocab_max else top_ks
+    return [k for k in (1, 2, 5, 10, 50) if k < vocab_size] + [0] * (vocab_size <= all_vocab_max)
 
 
 def row_name(top_k, top_p, max_paths):
@@ -271,11 +267,9 @@ def row_name(top_k, top_p, max_paths):
 def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1.0, max_paths=0,
                    renormalize=False, chunk_size=512, window=0, seed=0, progress=False):
     """The rows of the accuracy table on the same positions and targets: marginalization for
-    every top_k in top_ks (0 = all of V; default default_top_ks), then, for a model with
-    n_future > 1, its MTP heads (head k is the column k). tokens: a 1-D array of ids;
-    window: tokens per window (default block_size). Each row is a dict: name, method, n,
-    top1 / top5 / mass (lists over k = 1..k_ahead, mass None for heads), forward_tokens,
-    forwards, seconds."""
+    every top_k in top_ks (0 = all of V), then a model's MTP heads (head k in column k). Each row
+    is a dict: name, method, n, top1 / top5 / mass (lists over k = 1..k_ahead, mass None for
+    heads), forward_tokens, forwards, seconds. window: tokens per window (0 = block_size)."""
     device = next(model.parameters()).device
     window = min(window or model.config.block_size, model.config.block_size)
     windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
@@ -309,10 +303,8 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
 
 def head_scores(model, seq, n):
     """Logits (n, n_future, V): head k's prediction of x_{t+k} at positions t < n of seq (1-D),
-    from x<=t alone, computed as the heads draft (their drafter, one position at a time). A
-    sequential head k also reads x_{t+k-1}: here, as when drafting, the chain's own greedy
-    guesses (head 2 reads head 1's argmax), never the true tokens, which would hand it
-    x_{t+1}..x_{t+k-1}."""
+    from x<=t alone, as the heads draft (their drafter, a position at a time): sequential heads
+    read the chain's own greedy guesses, never the true x_{t+1}..x_{t+k-1}."""
     logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
     drafter = heads_drafter(model, lambda scores: (scores.argmax(-1), scores))  # q: the logits
     rows, tokens = [], seq.tolist()

@@ -104,7 +104,7 @@ def verify(p, drafts, q, greedy, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# the bookkeeping around a decoding loop: the request, the sequence, stop sequences, metrics
+# a decoding loop's bookkeeping, its window of the sequence, and the loops
 
 class Stats:
     """Counters of decoding runs and their metrics (summary()): tau = tokens emitted per target
@@ -211,8 +211,8 @@ class Window:
     def __init__(self, model, keep=None):
         self.model, self.block_size, self.start = model, model.config.block_size, 0
         self.keep = min(keep or self.block_size - self.block_size // 4, self.block_size)
-        self.cache, self.trunk_hidden = model.new_cache(self.block_size), []
-        self.device = next(model.parameters()).device
+        self.cache, self.trunk_hidden = model.new_cache(), []
+        self.device = model.lm_head.weight.device
 
     def slide(self, n):
         """Make the window fit a sequence of n tokens; return how many more tokens (drafts) fit."""
@@ -222,11 +222,9 @@ class Window:
         return self.start + self.block_size - n
 
     def forward(self, seq, drafts=None):
-        """Next-token logits (T, V) of the tokens of seq the cache lacks, followed by drafts (k,)."""
-        new = torch.tensor(seq[self.start + self.cache.length:], dtype=torch.long,
-                           device=self.device)
-        if drafts is not None and drafts.numel():
-            new = torch.cat([new, drafts])
+        """Next-token logits (T, V) of the tokens of seq the cache lacks, then of drafts (k,)."""
+        tokens = seq[self.start + self.cache.length:] + ([] if drafts is None else drafts.tolist())
+        new = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.first = self.cache.length  # the window position of the first new token
         logits, _, self.trunk_hidden = self.model(new[None], cache=self.cache, n_heads=1,
                                                   return_hidden=True)
@@ -238,9 +236,6 @@ class Window:
         self.cache.rollback(min(self.cache.length, n - self.start))
         return [h[:, :self.cache.length - self.first] for h in self.trunk_hidden]
 
-
-# -----------------------------------------------------------------------------
-# the decoding loops
 
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop=(),
@@ -314,19 +309,6 @@ Generate text from a checkpoint: vanilla, self-speculative (--speculative) or wi
     quiet: bool = flag(False, "print only the metrics and the JSON line")
 
 
-def decoder(args, model, ckpt):  # (mode name, a function decoding a prompt) for the flags
-    if args.draft and args.speculative:
-        raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
-                        "exclusive: pick one")
-    if args.draft:
-        draft, draft_ckpt = load_model(args.draft, next(model.parameters()).device)
-        check_draft(ckpt, draft_ckpt)
-        return 'two-model', partial(generate_two_model, model, draft, gamma=args.gamma)
-    if args.speculative:
-        return 'self-speculative', partial(generate_self_speculative, model)
-    return 'vanilla', partial(generate, model)
-
-
 def main(argv):
     args = parse_flags(argv, SampleConfig())
     set_cpu_threads(args.threads)
@@ -339,7 +321,16 @@ def main(argv):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))
-    mode, decode = decoder(args, model, ckpt)
+    if args.draft and args.speculative:
+        raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
+                        "exclusive: pick one")
+    mode, decode = 'vanilla', partial(generate, model)
+    if args.speculative:
+        mode, decode = 'self-speculative', partial(generate_self_speculative, model)
+    if args.draft:
+        draft, draft_ckpt = load_model(args.draft, device)
+        check_draft(ckpt, draft_ckpt)
+        mode, decode = 'two-model', partial(generate_two_model, model, draft, gamma=args.gamma)
     samples, stats = [], Stats()
     with autocast:
         for i in range(args.num_samples):
