@@ -132,9 +132,8 @@ def counting_text(n=60000):
 
 
 def prepare_corpus(name, cfg):
-    """data dir of a corpus (shakespeare_char, counting or a text file) under out_dir/data,
-    prepared once: char-level, or (init_from) in the base model's tokenizer: GPT-2's BPE,
-    Pythia's, or a checkpoint's own BPE / Hugging Face one (a char vocabulary is its corpus's)."""
+    """data dir of a corpus (shakespeare_char, counting or a text file), prepared once:
+    char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
     tokenizer = 'char'
     if cfg.init_from in GPT2_SIZES:
         tokenizer = 'bpe'
@@ -234,8 +233,7 @@ def cached(path, key, compute):
 
 
 def eval_key(cfg, *ckpts):
-    """What an evaluation depends on: the study's settings, the evaluated runs' lineages and
-    the evaluation code's version."""
+    """An evaluation's cache key: the study's settings, the runs' lineages, the code's version."""
     return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
         k: v for k, v in asdict(cfg).items() if k not in (
             'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
@@ -262,9 +260,8 @@ def scores(row):
 
 
 def decode_speed(model, data_dir, cfg):
-    """Greedy self-speculative vs vanilla decoding of fixed val prompts, measured as bench.py
-    decode does (one thread: small-model decoding is latency bound): tau, speedup, and whether
-    the texts are identical (they must be)."""
+    """Greedy self-speculative vs vanilla decoding of fixed val prompts as bench.py decode measures
+    it (one thread: small models decode latency bound): tau, speedup, identical (it must be)."""
     prompt_len = cfg.block_size // 2
     prompts = val_prompts({}, os.path.join(data_dir, 'val.bin'), cfg.decode_prompts, prompt_len)
     new = min(cfg.decode_tokens, model.config.block_size - prompt_len)
@@ -364,9 +361,9 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
 
         def curve_point():
             ft_model = model_at(cell['ft'], cfg)
-            return dict(params=ft_model.num_params(), marginal=accuracy_rows(
-                ft_model, data_dir, cfg.curve_positions, 3, ['exact'])[0], heads=accuracy_rows(
-                model_at(joint3, cfg), data_dir, cfg.curve_positions, 3)[-1])
+            marginal = accuracy_rows(ft_model, data_dir, cfg.curve_positions, 3, ['exact'])[0]
+            heads = accuracy_rows(model_at(joint3, cfg), data_dir, cfg.curve_positions, 3)[-1]
+            return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
         extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
     if cfg.sweep and in_table:
         extras['sweep'] = []
@@ -381,7 +378,7 @@ def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
 
 
 # -----------------------------------------------------------------------------
-# statistics over seeds
+# statistics over seeds, and the report
 
 def spread(values):
     """(mean, half the max-min range) of a list of numbers."""
@@ -405,9 +402,8 @@ def aggregate(rows_per_seed):
 
 
 def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 'second_top5')):
-    """Every row minus the reference row of the same seed (the seeds pair them): per column,
-    the per-seed differences, their mean, sample standard deviation and the half-width of the
-    mean's 95% confidence interval (Student's t, n - 1 degrees of freedom)."""
+    """Every row minus the reference row of the same seed (the seeds pair them), per column: the
+    differences, their mean, sd and the half-width of its 95% CI (Student's t, n - 1 dof)."""
     refs = [next(r for r in rows if r['strategy'] == reference) for rows in rows_per_seed]
     result = []
     for rows in zip(*rows_per_seed):
@@ -422,9 +418,6 @@ def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 's
         result.append(entry)
     return result
 
-
-# -----------------------------------------------------------------------------
-# the report
 
 def fmt(mean, half=None, digits=3):
     return f"{mean:.{digits}f}" + ('' if half is None else f" ± {half:.{digits}f}")
@@ -534,9 +527,10 @@ def plots(results, stem):
     for corpus, points in results['curve'].items():
         fig, ax = plt.subplots(figsize=(6, 4))
         points = [p for _, p in by_params(points)]
-        for label, method, k in (('next token', 'marginal', 0), ('2nd, marginalization',
-                                 'marginal', 1), ('2nd, heads', 'heads', 1),
-                                 ('3rd, marginalization', 'marginal', 2), ('3rd, heads', 'heads', 2)):
+        for label, method, k in (
+                ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
+                ('2nd, heads', 'heads', 1), ('3rd, marginalization', 'marginal', 2),
+                ('3rd, heads', 'heads', 2)):
             ax.plot([p['params'] for p in points], [p[method]['top1'][k] for p in points],
                     marker='o', label=label)
         ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
@@ -597,9 +591,8 @@ def run_corpus(cfg, corpus, results, log):
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
         if 'probes' in extras:
             results['probes'][key] = extras.pop('probes')
-        results['convergence'][key] = dict(
-            base=[c['base_loss'] for c in cells], base_train=[c['base_train_loss'] for c in cells],
-            ft=[c['ft_loss'] for c in cells], **extras.pop('convergence', {}))
+        results['convergence'][key] = dict({k: [c[k + '_loss'] for c in cells] for k in (
+            'base', 'base_train', 'ft')}, **extras.pop('convergence', {}))
         if in_table:
             n_layer, _, n_embd = SIZES[size]
             rows = [c['rows'] for c in cells]
