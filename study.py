@@ -175,8 +175,9 @@ def slug(name):
 # runs and evaluations, each done once
 
 def run_training(cfg, run_dir, data_dir, size, seed, **flags):
-    """train.train with the study's shared settings; returns (checkpoint path, its summary).
-    A run from a checkpoint (init_from) is an adaptation: adapt_iters at adapt_lr by default."""
+    """train.train with the study's shared settings, n_future included; returns (checkpoint
+    path, its summary). A run from a checkpoint (init_from) is an adaptation: adapt_iters at
+    adapt_lr unless flags say otherwise."""
     if 'init_from' in flags:
         flags = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr,
                      min_lr=cfg.adapt_lr / 10) | flags
