@@ -1,31 +1,23 @@
 """
-The paper's study at small scale: one command from corpus to results.
+The paper's study at small scale, one command from corpus to results:
 
     python study.py --preset=quick --results_dir=results   # the CI-sized smoke, ~12 min on 2 cores
     python study.py --preset=cpu --results_dir=results     # converged models, 3 seeds: ~2 h here
     python study.py                                        # the full setting (bigger: a GPU)
     python study.py --preset=paper --init_from=EleutherAI/pythia-410m --corpora=text.txt  # GPU
 
-With init_from (the paper preset), the base is that pretrained next-token model (a checkpoint,
-gpt2*, or EleutherAI/pythia-*, the paper's models) instead of one trained here: its tokenizer
-reads the corpus, no model is trained from scratch, and probes, convergence, curve and sweep are
-left out; the strategies table is the paper's Table 1 on that model and corpus.
-
 For every corpus (tiny Shakespeare, open-ended; `counting`, the numbers 1.. in words, nearly
-deterministic) and every model size in `sizes`, with `seeds` seeds, it
-  1. trains an NTP base model, then fine-tunes it with NTP for as many iterations as each MTP
-     adaptation gets (FT NTP: no row gets more training than another), and marginalizes it;
-  2. adapts the base to n_future heads with each strategy of the paper, and trains an MTP
-     model from scratch with the same total iterations; decodes greedily with every MTP model;
-and with seed 0, per corpus and size:
-  3. convergence (`convergence` sizes): a base trained twice as long; its val loss gain reported;
-  4. probes: logit lens and linear probes of every layer of the base (probes.py);
-  5. the size curve over `curve_sizes`: next-token accuracy, the 2nd and 3rd token by exact
-     marginalization, and 3 heads adapted by joint fine-tuning (the paper's Figure 1);
-  6. the attach_layer sweep with a frozen trunk (`sweep`).
-It writes study_<preset>.md / .json and PNGs (matplotlib optional) into results_dir. Finished
-runs and evaluations are reused, so a killed study resumes, and corpora can run in parallel
-processes (--corpora=counting & --corpora=shakespeare_char), a last run assembling the report.
+deterministic), size in `sizes` and seed: an NTP base model; FT NTP, the base fine-tuned for as
+many iterations as each adaptation gets (no row trains longer), marginalized; the base adapted
+to n_future heads by each of the paper's strategies; MTP from scratch for the same total; greedy
+decoding with every MTP model. Seed 0 adds the convergence check (a base trained twice as long),
+layer probes (probes.py), the size curve over `curve_sizes` (2nd and 3rd token by exact
+marginalization vs 3 heads: the paper's Figure 1) and the attach_layer sweep (frozen trunk).
+With init_from (--preset=paper) the base is that pretrained model, whose tokenizer reads the
+corpus: the paper's Table 1, without runs from scratch, probes, convergence, curve or sweep.
+Results: study_<preset>.md / .json and PNGs (matplotlib optional) in results_dir. Finished runs
+and evaluations are reused, so a killed study resumes, and corpora can run in parallel processes
+(--corpora=counting & --corpora=shakespeare_char), a last run assembling the report.
 """
 import json
 import os
@@ -115,6 +107,8 @@ STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's v
 SCRATCH = 'MTP from scratch (same total iters)'
 FT_EXACT = 'FT NTP + marginalization (exact, all V)'
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_.975
+COLUMNS = ('next_top5', 'second_top5', 'next_top1', 'second_top1', 'tau', 'speedup')
+EVAL_VERSION = 2  # bump when an evaluation's code changes, so cached results are recomputed
 
 
 # -----------------------------------------------------------------------------
@@ -137,67 +131,64 @@ def counting_text(n=60000):
     return ',\n'.join(words(i) for i in range(1, n + 1)) + '\n'
 
 
-def corpus_path(name, cfg):
-    """The text file of a corpus name: shakespeare_char (--shakespeare, or the project's copy),
-    or a path."""
-    if name == 'shakespeare_char':
-        path = cfg.shakespeare or SHAKESPEARE
-        if not os.path.isfile(path):
-            raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
-        return path
-    if not os.path.isfile(name):
-        raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
-    return name
-
-
 def prepare_corpus(name, cfg):
-    """data dir of a corpus under out_dir/data (prepared once): char-level, or with init_from
-    in the base model's tokenizer."""
-    tokenizer = base_tokenizer(cfg.init_from) if cfg.init_from else 'char'
+    """data dir of a corpus (shakespeare_char, counting or a text file), prepared once:
+    char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
+    tokenizer = 'char'
+    if cfg.init_from in GPT2_SIZES:
+        tokenizer = 'bpe'
+    elif cfg.init_from.startswith(PYTHIA):
+        tokenizer = cfg.init_from
+    elif cfg.init_from:
+        meta = load_checkpoint(cfg.init_from).get('meta') or {}
+        if meta.get('kind') not in ('hf', 'bpe'):
+            raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
+                            f"Face one (a char vocabulary is fixed by its own corpus)")
+        tokenizer = meta.get('name', 'bpe')
     data_dir = os.path.join(cfg.out_dir, 'data', os.path.basename(name).split('.')[0] + (
         '' if tokenizer == 'char' else '-' + slug(tokenizer)))
-    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
-        if name == 'counting':
-            text = counting_text()
-        else:
-            with open(corpus_path(name, cfg), encoding='utf-8') as f:
-                text = f.read()
-        prepare(text, data_dir, tokenizer)
+    if os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        return data_dir
+    path = (cfg.shakespeare or SHAKESPEARE) if name == 'shakespeare_char' else name
+    if name == 'shakespeare_char' and not os.path.isfile(path):
+        raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
+    if name == 'counting':
+        text = counting_text()
+    elif not os.path.isfile(path):
+        raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
+    else:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    prepare(text, data_dir, tokenizer)
     return data_dir
-
-
-def base_tokenizer(init_from):
-    """prepare's tokenizer for a pretrained base: GPT-2's BPE, Pythia's (Hugging Face), or a
-    checkpoint's own Hugging Face / BPE tokenizer."""
-    if init_from in GPT2_SIZES:
-        return 'bpe'
-    if init_from.startswith(PYTHIA):
-        return init_from
-    meta = load_checkpoint(init_from).get('meta') or {}
-    if meta.get('kind') not in ('hf', 'bpe'):
-        raise UserError(f"init_from={init_from}: its tokenizer must be bpe or a Hugging Face one "
-                        f"(a char vocabulary is fixed by its own corpus)")
-    return meta.get('name', 'bpe')
 
 
 def tokens_of(data_dir, split):
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 
 
+def slug(name):
+    return ''.join(c if c.isalnum() else '_' for c in name).strip('_')
+
+
 # -----------------------------------------------------------------------------
 # runs and evaluations, each done once
 
 def run_training(cfg, run_dir, data_dir, size, seed, **flags):
-    """train.train with the study's shared settings; returns (checkpoint path, its summary)."""
+    """train.train with the study's shared settings, n_future included; returns (checkpoint
+    path, its summary). A run from a checkpoint (init_from) is an adaptation: adapt_iters at
+    adapt_lr unless flags say otherwise."""
+    if 'init_from' in flags:
+        flags = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr,
+                     min_lr=cfg.adapt_lr / 10) | flags
     n_layer, n_head, n_embd = SIZES[size]
     max_iters = flags.get('max_iters', cfg.base_iters)
-    tc = trainer.TrainConfig(out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head,
-                             n_embd=n_embd, batch_size=cfg.batch_size, block_size=cfg.block_size,
-                             eval_iters=cfg.eval_iters, device=cfg.device, seed=seed, quiet=True,
-                             head_type='block', learning_rate=cfg.base_lr, min_lr=cfg.base_lr / 10,
-                             max_iters=max_iters, warmup_iters=min(100, max_iters // 10),
-                             eval_interval=max_iters)
-    tc = replace(tc, **flags)
+    tc = trainer.TrainConfig(**dict(
+        out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        batch_size=cfg.batch_size, block_size=cfg.block_size, eval_iters=cfg.eval_iters,
+        device=cfg.device, seed=seed, quiet=True, head_type='block', n_future=cfg.n_future,
+        learning_rate=cfg.base_lr, min_lr=cfg.base_lr / 10, max_iters=max_iters,
+        warmup_iters=min(100, max_iters // 10), eval_interval=max_iters) | flags)
     run = dict(config=asdict(tc), parent=None if tc.init_from == 'scratch' else
                lineage(tc.init_from))
     record = read_json(os.path.join(run_dir, 'done.json'))
@@ -242,27 +233,43 @@ def cached(path, key, compute):
     return value
 
 
+def eval_key(cfg, *ckpts):
+    """An evaluation's cache key: the study's settings, the runs' lineages, the code's version."""
+    return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
+        k: v for k, v in asdict(cfg).items() if k not in (
+            'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
+            'shakespeare', 'threads', 'device')})
+
+
 def model_at(ckpt, cfg):
     """A run's model, in eval mode, on the study's device."""
     return load_model(ckpt, pick_device(cfg.device))[0]
 
 
-def accuracy_rows(model, tokens, positions, k_ahead, top_ks):
-    """Rows of marginalize.evaluate_table on fixed positions (seed 0)."""
-    return evaluate_table(model, tokens, positions=positions, k_ahead=k_ahead, top_ks=top_ks,
-                          seed=0)
+def accuracy_rows(model, data_dir, positions, k_ahead, top_ks=()):
+    """marginalize.evaluate_table on fixed val positions (seed 0): a row per marginalization
+    top_k ('exact': all of V for a char vocabulary, else top_k=50), then the heads' row."""
+    exact = 0 if model.config.vocab_size <= 128 else 50
+    return evaluate_table(model, tokens_of(data_dir, 'val'), positions=positions, k_ahead=k_ahead,
+                          top_ks=[exact if k == 'exact' else k for k in top_ks], seed=0)
+
+
+def scores(row):
+    """next and 2nd (the last head's) token accuracies of a table row."""
+    return dict(next_top5=row['top5'][0], next_top1=row['top1'][0],
+                second_top5=row['top5'][-1], second_top1=row['top1'][-1])
 
 
 def decode_speed(model, data_dir, cfg):
-    """Greedy self-speculative vs vanilla decoding on fixed val prompts, measured as bench.py
-    decode does: tau, speedup, and whether the texts are identical (they must be)."""
+    """Greedy self-speculative vs vanilla decoding of fixed val prompts as bench.py decode measures
+    it (one thread: small models decode latency bound): tau, speedup, identical (it must be)."""
     prompt_len = cfg.block_size // 2
     prompts = val_prompts({}, os.path.join(data_dir, 'val.bin'), cfg.decode_prompts, prompt_len)
     new = min(cfg.decode_tokens, model.config.block_size - prompt_len)
     modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, new, **kw),
              'self': lambda prompt, **kw: generate_self_speculative(model, prompt, new, **kw)}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as bench.py decode: small-model decoding is latency bound
+    torch.set_num_threads(1)
     try:
         for decode in modes.values():  # warm-up
             decode(prompts[0], temperature=0.0)
@@ -270,30 +277,7 @@ def decode_speed(model, data_dir, cfg):
                       temperature=0.0)['self']
     finally:
         torch.set_num_threads(threads)
-    return dict(tau=row['tau'], speedup=row['speedup'], identical=row['identical'])
-
-
-def scores(row, k=None):
-    """next (k=1) and 2nd (or k-th) token accuracies of a table row."""
-    k = k or len(row['top1'])
-    return dict(next_top5=row['top5'][0], next_top1=row['top1'][0],
-                second_top5=row['top5'][k - 1], second_top1=row['top1'][k - 1])
-
-
-def slug(name):
-    return ''.join(c if c.isalnum() else '_' for c in name).strip('_')
-
-
-EVAL_VERSION = 2  # bump when an evaluation's code changes, so cached results are recomputed
-
-
-def eval_key(cfg, *ckpts):
-    """What an evaluation depends on: the study's settings, the evaluated runs' lineages and
-    the evaluation code's version."""
-    return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
-        k: v for k, v in asdict(cfg).items() if k not in (
-            'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
-            'shakespeare', 'threads', 'device')})
+    return {k: row[k] for k in ('tau', 'speedup', 'identical')}
 
 
 # -----------------------------------------------------------------------------
@@ -304,15 +288,15 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
     strategies, only the base and FT NTP runs (the size curve's other sizes)."""
     cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-"
                             f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}")
-    path = lambda name: os.path.join(cell_dir, name)  # noqa: E731
-    adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
+
+    def train(name, **flags):
+        return run_training(cfg, os.path.join(cell_dir, name), data_dir, size, seed, **flags)
     # the base: trained here, or (init_from) the pretrained model, saved by one step at LR 1e-30
     # (train.py refuses LR 0): no weight moves by more than 1e-30
-    base, base_summary = run_training(cfg, path('base'), data_dir, size, seed, n_future=1, **(
-        dict(init_from=cfg.init_from, max_iters=1, learning_rate=1e-30, min_lr=1e-30)
+    base, base_summary = train('base', n_future=1, **(dict(
+        init_from=cfg.init_from, max_iters=1, learning_rate=1e-30, min_lr=1e-30)
         if cfg.init_from else {}))
-    ft, ft_summary = run_training(cfg, path('ft'), data_dir, size, seed, n_future=1,
-                                  init_from=base, **adapt)
+    ft, ft_summary = train('ft', n_future=1, init_from=base)
     cell = dict(base_loss=base_summary['val_loss'], base_train_loss=base_summary['train_loss'],
                 ft_loss=ft_summary['val_loss'], base=base, ft=ft, cell_dir=cell_dir, rows=[])
     if not strategies:
@@ -320,28 +304,25 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
     runs = {}
     for name, flags in STRATEGIES.items():
         flags = {k: (getattr(cfg, k) if v is None else v) for k, v in flags.items()}
-        runs[name] = run_training(cfg, path(slug(name)), data_dir, size, seed,
-                                  n_future=cfg.n_future, init_from=base, **adapt, **flags)[0]
+        runs[name] = train(slug(name), init_from=base, **flags)[0]
     if not cfg.init_from:  # (from scratch at a pretrained model's size: not here)
-        runs[SCRATCH] = run_training(cfg, path('scratch'), data_dir, size, seed,
-                                     n_future=cfg.n_future,
-                                     max_iters=cfg.base_iters + cfg.adapt_iters)[0]
+        runs[SCRATCH] = train('scratch', max_iters=cfg.base_iters + cfg.adapt_iters)[0]
 
     def evaluate_cell():
-        tokens, rows = tokens_of(data_dir, 'val'), []
-        model = model_at(ft, cfg)
-        exact = 0 if model.config.vocab_size <= 128 else 50
-        for row in accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [exact, 5, 1]):
-            name = {0: 'exact, all V', 50: 'top_k=50'}.get(row['top_k'], f"top_k={row['top_k']}")
+        rows = []
+        for row in accuracy_rows(model_at(ft, cfg), data_dir, cfg.positions, cfg.n_future,
+                                 ['exact', 5, 1]):
+            name = 'exact, all V' if row['top_k'] == 0 else f"top_k={row['top_k']}"
             rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
         for name, ckpt in runs.items():
             model = model_at(ckpt, cfg)
             whs = model.whs_weights()
-            heads = accuracy_rows(model, tokens, cfg.positions, cfg.n_future, [])[-1]
+            heads = accuracy_rows(model, data_dir, cfg.positions, cfg.n_future)[-1]
             rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
                              whs=None if whs is None else whs.tolist()))
         return rows
-    cell['rows'] = cached(path('eval.json'), eval_key(cfg, ft, *runs.values()), evaluate_cell)
+    cell['rows'] = cached(os.path.join(cell_dir, 'eval.json'), eval_key(cfg, ft, *runs.values()),
+                          evaluate_cell)
     for row in cell['rows']:
         if row.get('whs'):
             row['whs_share'] = whs_share(model_at(runs[row['strategy']], cfg), data_dir, cfg)
@@ -361,57 +342,44 @@ def whs_share(model, data_dir, cfg):
     return (share / share.sum(dim=1, keepdim=True)).tolist()
 
 
-# -----------------------------------------------------------------------------
-# seed 0 of a (corpus, size): convergence, probes, the size curve, the sweep
-
 def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
-    """Seed 0 of a size: the convergence check (table sizes), probes, a size curve point, the
-    attach_layer sweep (table sizes)."""
+    """Seed 0 of a size: the convergence check and the attach_layer sweep (table sizes), the
+    probes, a size curve point."""
     path = lambda name: os.path.join(cell['cell_dir'], name)  # noqa: E731
-    adapt = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr, min_lr=cfg.adapt_lr / 10)
+
+    def train(name, **flags):
+        return run_training(cfg, path(name), data_dir, size, 0, **flags)
     extras = {}
     if in_table and (cfg.convergence == '*' or size in cfg.convergence.split(',')):
-        _, longer = run_training(cfg, path('base_2x'), data_dir, size, 0, n_future=1,
-                                 max_iters=2 * cfg.base_iters)
-        extras['convergence'] = dict(base_2x_loss=longer['val_loss'],
-                                     gain_2x=cell['base_loss'] - longer['val_loss'])
+        loss = train('base_2x', n_future=1, max_iters=2 * cfg.base_iters)[1]['val_loss']
+        extras['convergence'] = dict(base_2x_loss=loss, gain_2x=cell['base_loss'] - loss)
     if cfg.probes:
         extras['probes'] = cached(path('probes.json'), eval_key(cfg, cell['base']), lambda: (
             layer_probes(model_at(cell['base'], cfg), tokens_of(data_dir, 'train'),
                          tokens_of(data_dir, 'val'), cfg.probe_positions, cfg.positions)))
     if curve:
-        joint3 = run_training(cfg, path('joint3'), data_dir, size, 0, n_future=3,
-                              init_from=cell['base'], **adapt)[0]
+        joint3 = train('joint3', n_future=3, init_from=cell['base'])[0]
 
         def curve_point():
-            tokens = tokens_of(data_dir, 'val')
             ft_model = model_at(cell['ft'], cfg)
-            exact = 0 if ft_model.config.vocab_size <= 128 else 50
-            marginal = accuracy_rows(ft_model, tokens, cfg.curve_positions, 3, [exact])[0]
-            heads = accuracy_rows(model_at(joint3, cfg), tokens, cfg.curve_positions, 3, [])[-1]
+            marginal = accuracy_rows(ft_model, data_dir, cfg.curve_positions, 3, ['exact'])[0]
+            heads = accuracy_rows(model_at(joint3, cfg), data_dir, cfg.curve_positions, 3)[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
         extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
     if cfg.sweep and in_table:
         extras['sweep'] = []
         for layer in range(SIZES[size][0]):
-            ckpt = run_training(cfg, path(f'attach{layer}'), data_dir, size, 0,
-                                n_future=cfg.n_future, init_from=cell['base'],
-                                attach_layer=layer, freeze_trunk=True, **adapt)[0]
+            ckpt = train(f'attach{layer}', init_from=cell['base'], attach_layer=layer,
+                         freeze_trunk=True)[0]
             row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy_rows(
-                model_at(ckpt, cfg), tokens_of(data_dir, 'val'), cfg.positions, cfg.n_future,
-                [])[-1])
+                model_at(ckpt, cfg), data_dir, cfg.positions, cfg.n_future)[-1])
             extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
     log(f"{os.path.basename(cell['cell_dir'])}: extras done")
     return extras
 
 
 # -----------------------------------------------------------------------------
-# statistics over seeds
-
-COLUMNS = ('next_top5', 'second_top5', 'next_top1', 'second_top1', 'tau', 'speedup')
-LABELS = dict(next_top1='next top-1', next_top5='next top-5', second_top1='2nd top-1',
-              second_top5='2nd top-5')
-
+# statistics over seeds, and the report
 
 def spread(values):
     """(mean, half the max-min range) of a list of numbers."""
@@ -419,7 +387,7 @@ def spread(values):
 
 
 def aggregate(rows_per_seed):
-    """Mean and spread (half the max-min range) over seeds, row by row; the WHS mix's mean."""
+    """Mean and spread over seeds, row by row; the WHS mix's mean."""
     table = []
     for rows in zip(*rows_per_seed):
         entry = dict(strategy=rows[0]['strategy'])
@@ -435,27 +403,22 @@ def aggregate(rows_per_seed):
 
 
 def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 'second_top5')):
-    """Every row minus the reference row of the same seed (the seeds pair them): per column,
-    the per-seed differences, their mean, sample standard deviation and the half-width of the
-    mean's 95% confidence interval (Student's t, n - 1 degrees of freedom)."""
+    """Every row minus the reference row of the same seed (the seeds pair them), per column: the
+    differences, their mean, sd and the half-width of its 95% CI (Student's t, n - 1 dof)."""
+    refs = [next(r for r in rows if r['strategy'] == reference) for rows in rows_per_seed]
     result = []
     for rows in zip(*rows_per_seed):
         if rows[0]['strategy'] == reference:
             continue
         entry = dict(strategy=rows[0]['strategy'])
         for col in cols:
-            diffs = [row[col] - ref[col] for row, ref in zip(
-                rows, [next(r for r in seed_rows if r['strategy'] == reference)
-                       for seed_rows in rows_per_seed])]
+            diffs = [row[col] - ref[col] for row, ref in zip(rows, refs)]
             sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs), sd=sd,
                               ci95=T95.get(len(diffs) - 1, 1.96) * sd / len(diffs) ** 0.5)
         result.append(entry)
     return result
 
-
-# -----------------------------------------------------------------------------
-# the report
 
 def fmt(mean, half=None, digits=3):
     return f"{mean:.{digits}f}" + ('' if half is None else f" ± {half:.{digits}f}")
@@ -482,52 +445,22 @@ def markdown_strategies(key, cell):
                     ' '.join(f"{c:.3f}" for c in share)
                     for k, (mix, share) in enumerate(zip(row['whs'], row['whs_share'])))
                 for seed, row in enumerate(rows)]
-    for title, table, cols in (
-            ('2nd token, every row minus joint fine-tuning', cell['paired'],
-             ('second_top1', 'second_top5')),
-            ('next token, every MTP model minus FT NTP', [
-                r for r in cell['paired_next'] if not r['strategy'].startswith('FT NTP')],
-             ('next_top1', 'next_top5'))):
+    next_rows = [r for r in cell['paired_next'] if not r['strategy'].startswith('FT NTP')]
+    for title, table, col, label in (
+            ('2nd token, every row minus joint fine-tuning', cell['paired'], 'second', '2nd'),
+            ('next token, every MTP model minus FT NTP', next_rows, 'next', 'next')):
         if table:
-            lines += ['', f"Paired differences, {title}, same seed: mean [95% CI, t over "
-                      f"seeds]; per seed:", '', f"| row | Δ {LABELS[cols[0]]} | per seed | "
-                      f"Δ {LABELS[cols[1]]} | per seed |",
-                      '|---|---|---|---|---|']
+            lines += ['', f"Paired differences, {title}, same seed: mean [95% CI, t over seeds]; "
+                      f"per seed:", '', f"| row | Δ {label} top-1 | per seed | Δ {label} top-5 | "
+                      f"per seed |", '|---|---|---|---|---|']
             for row in table:
                 lines.append(f"| {row['strategy']} | " + ' | '.join(
-                    f"{row[c]['mean']:+.3f} [{row[c]['mean'] - row[c]['ci95']:+.3f}, "
-                    f"{row[c]['mean'] + row[c]['ci95']:+.3f}] | "
-                    + ' '.join(f"{d:+.3f}" for d in row[c]['diffs']) for c in cols) + ' |')
+                    f"{d['mean']:+.3f} [{d['mean'] - d['ci95']:+.3f}, "
+                    f"{d['mean'] + d['ci95']:+.3f}] | " + ' '.join(f"{x:+.3f}" for x in d['diffs'])
+                    for d in (row[f'{col}_top1'], row[f'{col}_top5'])) + ' |')
     if cell.get('sweep'):
         lines += ['', "attach_layer sweep (frozen trunk, seed 0), 2nd-token top-5: " + ', '.join(
             f"layer {s['attach_layer']}: {s['second_top5']:.3f}" for s in cell['sweep'])]
-    return lines + ['']
-
-
-def markdown_probes(key, probes):
-    lines = [f"**{key}**, base model, seed 0, {probes['positions']} val positions "
-             f"(top-1 / top-5):", '',
-             '| layer | lens x_{t+1} | lens x_{t+2} | probe x_{t+1} | probe x_{t+2} |',
-             '|---|---|---|---|---|']
-    for layer in probes['layers']:
-        lines.append(f"| {layer} | " + ' | '.join(
-            f"{probes[r]['top1'][k][layer]:.3f} / {probes[r]['top5'][k][layer]:.3f}"
-            for r in ('lens', 'probe') for k in (0, 1)) + ' |')
-    best = [max(probes['layers'], key=lambda l: probes['probe']['top1'][k][l]) for k in (0, 1)]
-    return lines + ['', f"Best layer by the linear probe (top-1): x_{{t+1}} at {best[0]}, "
-                        f"x_{{t+2}} at {best[1]} (last layer: {probes['layers'][-1]}).", '']
-
-
-def markdown_curve(curve):
-    lines = ['| corpus | size | params | next top-1 | 2nd: marginal / heads | '
-             '3rd: marginal / heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
-             '|---|---|---|---|---|---|---|---|']
-    for corpus, points in curve.items():
-        for size, p in sorted(points.items(), key=lambda item: item[1]['params']):
-            m, h = p['marginal'], p['heads']
-            lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | {m['top1'][0]:.3f} | "
-                         + ' | '.join(f"{m[t][k]:.3f} / {h[t][k]:.3f}"
-                                      for t in ('top1', 'top5') for k in (1, 2)) + ' |')
     return lines + ['']
 
 
@@ -544,43 +477,66 @@ def markdown(results, cfg, command, seconds):
              '| corpus / size | base val | base train | FT NTP val | base, 2x iters | 2x gains |',
              '|---|---|---|---|---|---|']
     for key, c in results['convergence'].items():
-        longer = (f"{c['base_2x_loss']:.3f} | {c['gain_2x']:+.3f}" if 'gain_2x' in c
-                  else '- | -')
+        longer = f"{c['base_2x_loss']:.3f} | {c['gain_2x']:+.3f}" if 'gain_2x' in c else '- | -'
         lines.append(f"| {key} | {fmt(*spread(c['base']))} | {fmt(*spread(c['base_train']))} | "
                      f"{fmt(*spread(c['ft']))} | {longer} |")
     lines += ['', '## Strategies', '']
     for key, cell in results['cells'].items():
         lines += markdown_strategies(key, cell)
     lines += ['## Layer probes', ''] if results['probes'] else []
-    for key, probes in results['probes'].items():
-        lines += markdown_probes(key, probes)
+    for key, p in results['probes'].items():
+        lines += [f"**{key}**, base model, seed 0, {p['positions']} val positions (top-1 / top-5):",
+                  '', '| layer | lens x_{t+1} | lens x_{t+2} | probe x_{t+1} | probe x_{t+2} |',
+                  '|---|---|---|---|---|']
+        for layer in p['layers']:
+            lines.append(f"| {layer} | " + ' | '.join(
+                f"{p[r]['top1'][k][layer]:.3f} / {p[r]['top5'][k][layer]:.3f}"
+                for r in ('lens', 'probe') for k in (0, 1)) + ' |')
+        best = [max(p['layers'], key=lambda layer: p['probe']['top1'][k][layer]) for k in (0, 1)]
+        lines += ['', f"Best layer by the linear probe (top-1): x_{{t+1}} at {best[0]}, "
+                      f"x_{{t+2}} at {best[1]} (last layer: {p['layers'][-1]}).", '']
     if results['curve']:
-        lines += ['## Size curve (seed 0)', ''] + markdown_curve(results['curve'])
+        lines += ['## Size curve (seed 0)', '',
+                  '| corpus | size | params | next top-1 | 2nd: marginal / heads | 3rd: marginal / '
+                  'heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
+                  '|---|---|---|---|---|---|---|---|']
+        for corpus, points in results['curve'].items():
+            for size, p in by_params(points):
+                m, h = p['marginal'], p['heads']
+                lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | "
+                             f"{m['top1'][0]:.3f} | " + ' | '.join(
+                                 f"{m[t][k]:.3f} / {h[t][k]:.3f}"
+                                 for t in ('top1', 'top5') for k in (1, 2)) + ' |')
+        lines.append('')
     return '\n'.join(lines)
 
 
+def by_params(points):
+    """A corpus's size curve points, (size, point), smallest model first."""
+    return sorted(points.items(), key=lambda item: item[1]['params'])
+
+
 def plots(results, stem):
-    """PNG paths: the size curve and the probes per corpus, and the attach_layer sweep."""
+    """PNG paths: the size curve and the probes per corpus."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    paths = []
+    figures = []
     for corpus, points in results['curve'].items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        points = dict(sorted(points.items(), key=lambda item: item[1]['params']))
-        params = [p['params'] for p in points.values()]
-        for label, get in (('next token', lambda p: p['marginal']['top1'][0]),
-                           ('2nd, marginalization', lambda p: p['marginal']['top1'][1]),
-                           ('2nd, heads', lambda p: p['heads']['top1'][1]),
-                           ('3rd, marginalization', lambda p: p['marginal']['top1'][2]),
-                           ('3rd, heads', lambda p: p['heads']['top1'][2])):
-            ax.plot(params, [get(p) for p in points.values()], marker='o', label=label)
+        points = [p for _, p in by_params(points)]
+        for label, method, k in (
+                ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
+                ('2nd, heads', 'heads', 1), ('3rd, marginalization', 'marginal', 2),
+                ('3rd, heads', 'heads', 2)):
+            ax.plot([p['params'] for p in points], [p[method]['top1'][k] for p in points],
+                    marker='o', label=label)
         ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
         ax.legend(fontsize=8)
-        paths.append(save(fig, f"{stem}_size_curve_{corpus}.png"))
+        figures.append((fig, f"{stem}_size_curve_{corpus}.png"))
     for corpus in sorted({key.split(' / ')[0] for key in results['probes']}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for key, p in results['probes'].items():
@@ -594,14 +550,11 @@ def plots(results, stem):
             ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
                    title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
             ax.legend(fontsize=7)
-        paths.append(save(fig, f"{stem}_probes_{corpus}.png"))
-    return paths
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+        figures.append((fig, f"{stem}_probes_{corpus}.png"))
+    for fig, path in figures:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    return [path for _, path in figures]
 
 
 # -----------------------------------------------------------------------------
@@ -639,9 +592,8 @@ def run_corpus(cfg, corpus, results, log):
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
         if 'probes' in extras:
             results['probes'][key] = extras.pop('probes')
-        results['convergence'][key] = dict(
-            base=[c['base_loss'] for c in cells], base_train=[c['base_train_loss'] for c in cells],
-            ft=[c['ft_loss'] for c in cells], **extras.pop('convergence', {}))
+        results['convergence'][key] = dict({k: [c[k + '_loss'] for c in cells] for k in (
+            'base', 'base_train', 'ft')}, **extras.pop('convergence', {}))
         if in_table:
             n_layer, _, n_embd = SIZES[size]
             rows = [c['rows'] for c in cells]
@@ -651,17 +603,6 @@ def run_corpus(cfg, corpus, results, log):
                 paired=paired(rows) if cfg.seeds > 1 else [],
                 paired_next=paired(rows, FT_EXACT, ('next_top1', 'next_top5'))
                 if cfg.seeds > 1 else [], per_seed=rows, **extras)
-
-
-def compute_seconds(out_dir):
-    """Training and evaluation seconds of every run and evaluation on disk."""
-    total = 0.0
-    for root, _, files in os.walk(os.path.join(out_dir, 'runs')):
-        for name in files:
-            record = read_json(os.path.join(root, name)) if name.endswith('.json') else None
-            if record:
-                total += record.get('seconds') or record.get('summary', {}).get('time_s') or 0
-    return total
 
 
 def run_study(cfg, log=print, command='python study.py'):
@@ -675,7 +616,11 @@ def run_study(cfg, log=print, command='python study.py'):
     results_dir = cfg.results_dir or cfg.out_dir
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, f"study_{cfg.preset or 'full'}")
-    seconds = compute_seconds(cfg.out_dir)
+    seconds = 0.0  # of training and evaluation: every run and evaluation on disk
+    for root, _, files in os.walk(os.path.join(cfg.out_dir, 'runs')):
+        for record in [read_json(os.path.join(root, n)) for n in files if n.endswith('.json')]:
+            if record:
+                seconds += record.get('seconds') or record.get('summary', {}).get('time_s') or 0
     text = markdown(results, cfg, command, seconds)
     with open(stem + '.md', 'w') as f:
         f.write(text)
