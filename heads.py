@@ -40,7 +40,8 @@ class MTPConfig(GPTConfig):
         if self.n_future < 1:
             raise UserError(f"n_future must be >= 1, got {self.n_future}")
         if not 0 <= self.attach_layer <= self.n_layer:
-            raise UserError(f"attach_layer={self.attach_layer} must be in 0..n_layer={self.n_layer}")
+            raise UserError(f"attach_layer={self.attach_layer} must be in 0..n_layer="
+                            f"{self.n_layer}")
         reads_last = self.head_type != 'block'  # resblock and sequential heads read h_L
         if reads_last != (self.attach_layer == self.n_layer):
             raise UserError(f"{self.head_type} heads need attach_layer " + (
@@ -162,7 +163,7 @@ class MTPGPT(GPT):
 # the loss
 
 def loss_weights_for(n_future, loss_weights=None, mtp_weight=1.0, decay=1.0):
-    """lambda_1..lambda_n: an explicit list, or lambda_1 = 1, lambda_k = mtp_weight * decay^(k-2)."""
+    """lambda_1..lambda_n: a list, or lambda_1 = 1, lambda_k = mtp_weight * decay^(k-2)."""
     if loss_weights is None:
         loss_weights = [1.0] + [mtp_weight * decay ** (k - 2) for k in range(2, n_future + 1)]
     if len(loss_weights) != n_future:
