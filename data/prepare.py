@@ -23,7 +23,7 @@ import numpy as np
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, flag, parse_flags, pid_alive, cli  # noqa: E402
+from common import UserError, flag, parse_flags, dead_writer, cli  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -110,17 +110,14 @@ def finish_switch(out_dir, pid):
 
 def recover(out_dir):
     """Complete the switches of dead writers that got as far as their mark, and delete the
-    temporary files of those that did not (a kill -9 runs no clean-up)."""
-
-    def dead_writer(path):  # (our own pid here is an earlier process's: we are not switching)
-        pid = path.rsplit('.', 1)[1]
-        return pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+    temporary files of those that did not (a kill -9 runs no clean-up). Our own pid here is an
+    earlier process's: this one is not switching."""
     for mark in glob.glob(os.path.join(glob.escape(out_dir), 'switch.*')):
-        if dead_writer(mark):
+        if dead_writer(mark, mine=True):
             finish_switch(out_dir, mark.rsplit('.', 1)[1])
     for name in DATASET_FILES:
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
-            if dead_writer(tmp):
+            if dead_writer(tmp, mine=True):
                 with suppress(OSError):  # (gone already, or a directory we may only read)
                     os.remove(tmp)
 
