@@ -31,8 +31,8 @@ from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
-import head_designs
 import sample
+from head_designs import BlockDrafter, ResBlockDrafter, ChainDrafter
 from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
 from train import TrainConfig, train
 
@@ -136,16 +136,13 @@ def peer_rows(model, args, prompts, device, n_new):
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
          ('drafts', sample.ModelDrafter, 'draft')] + [
-    ('drafts', drafter, 'observe') for drafter in (head_designs.BlockDrafter,
-                                                   head_designs.ResBlockDrafter,
-                                                   head_designs.ChainDrafter)]
+    ('drafts', drafter, 'observe') for drafter in (BlockDrafter, ResBlockDrafter, ChainDrafter)]
 
 
 def step_breakdown(modes, prompts, **sampling):
-    """Per mode, from one more pass over the prompts: ms per new token spent in the target's
-    forwards (Window.forward), in drafting (the drafters' observe, a draft model's draft), in
-    verify, and elsewhere (the loop's bookkeeping), with a timer wrapped around each of those
-    functions (a part inside another, a draft model's forwards, counts for the outer one)."""
+    """Per mode, from one more pass over the prompts: ms per new token in each part of TIMED, a
+    timer wrapped around its functions (a part inside another counts for the outer one), and
+    the 'rest' (the loop's bookkeeping)."""
     spent, rows, running = {}, {}, []
 
     def timed(part, fn):
@@ -288,8 +285,6 @@ Batched (KV cache + tree attention) vs naive marginalization on the same positio
 
 
 def train_bench_flags(argv):
-    """TrainBench from the flags; a synthetic corpus needs 1 <= vocab_size <= 65536 (uint16),
-    and a median needs timed iterations."""
     args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
     check_ranges(args, positive=('iters',), non_negative=('warmup',))
     if not 1 <= args.vocab_size <= 2 ** 16:
@@ -336,8 +331,8 @@ def bench_train_one(argv):
 
 
 def bench_train(argv):
-    """The base variant and every --compare variant ("n_future=1;memory_efficient=true"), each
-    in a fresh process (so peak memory is its own), with ratios to the base."""
+    """The base and every --compare variant, each in a fresh process (so peak memory is its
+    own), with ratios to the base."""
     args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
     variants = [('base', base)]
@@ -376,8 +371,8 @@ def bench_train(argv):
 
 def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
                      chunk_size=512, window=0, seed=0):
-    """Run both estimators on the same positions; max abs difference of the probabilities and
-    captured masses, seconds of each and the speed ratio naive / batched."""
+    """Both estimators on the same positions: max abs difference of the probabilities and
+    masses, seconds of each, speedup naive / batched."""
     device = next(model.parameters()).device
     window = min(window or model.config.block_size, model.config.block_size)
     windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
