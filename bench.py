@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, asdict, fields, replace
+from functools import partial
 
 import numpy as np
 import torch
 
-from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
-                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model,
-                    cli)
+from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text, cli,
+                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model)
 from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
@@ -83,8 +83,7 @@ def self_rows(model, args, prompts, device, n_new):
                                 f"its speedup would not be comparable")
         if other.config.n_future > 1:
             name = 'self' if other is model else f"self:{os.path.basename(os.path.dirname(path))}"
-            modes[name] = lambda prompt, m=other, **kw: generate_self_speculative(m, prompt,
-                                                                                  n_new, **kw)
+            modes[name] = partial(generate_self_speculative, other, max_new_tokens=n_new)
     return modes
 
 
@@ -116,8 +115,7 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
 
 
 def peer_rows(model, args, prompts, device, n_new):
-    """transformers on the same weights (convert.to_hf): vanilla generate(), prompt lookup decoding,
-    and assisted generation with --assistant (a smaller nanoMTP model, exported too)."""
+    """transformers on the same weights: generate(), prompt lookup, assisted by --assistant."""
     if device != 'cpu':
         raise UserError("--peers runs transformers on the CPU: use --device=cpu")
     if args.prompt_len + n_new + args.lookup > model.config.block_size:
@@ -214,13 +212,13 @@ def bench_decode(argv):
     model, ckpt = load_model(args.ckpt, device)
     prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
     n_new = args.max_new_tokens
-    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw),
+    modes = {'vanilla': partial(generate, model, max_new_tokens=n_new),
              **self_rows(model, args, prompts, device, n_new)}
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, device)
         check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
-        modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
-                                                                 args.gamma, **kw)
+        modes['draft'] = partial(generate_two_model, model, draft, max_new_tokens=n_new,
+                                 gamma=args.gamma)
     if args.peers:
         modes.update(peer_rows(model, args, prompts, device, n_new))
     settings = {'greedy': dict(temperature=0.0),
@@ -310,15 +308,14 @@ def bench_train_one(argv):
         with open('/proc/self/statm') as f:  # the resident set size before training, in MB
             rss_before = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
         summary = train(cfg)
-    step_ms = statistics.median(summary['step_ms'][args.warmup:])
-    model = summary['model']
-    tokens = cfg.batch_size * cfg.block_size
+    step_ms, model = statistics.median(summary['step_ms'][args.warmup:]), summary['model']
     # FLOPs per token: 6 per parameter (forward + backward; the tied unembedding runs once per
     # head) + attention scores (PaLM appendix B)
     c = model.config
     flops = (6 * (model.num_params() + (c.n_future - 1) * c.vocab_size * c.n_embd)
              + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size)
-    result = dict(ms_per_iter=step_ms, tokens_per_s=tokens / step_ms * 1000,
+    result = dict(ms_per_iter=step_ms,
+                  tokens_per_s=cfg.batch_size * cfg.block_size / step_ms * 1000,
                   params=model.num_params())
     if 'cuda' in str(next(model.parameters()).device):
         result['mfu'] = flops * result['tokens_per_s'] / (args.peak_tflops * 1e12)
@@ -331,8 +328,7 @@ def bench_train_one(argv):
 
 
 def bench_train(argv):
-    """The base and every --compare variant, each in a fresh process (so peak memory is its
-    own), with ratios to the base."""
+    """The base and every --compare variant, each in a fresh process (its own peak memory)."""
     args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
     variants = [('base', base)]
@@ -371,8 +367,7 @@ def bench_train(argv):
 
 def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
                      chunk_size=512, window=0, seed=0):
-    """Both estimators on the same positions: max abs difference of the probabilities and
-    masses, seconds of each, speedup naive / batched."""
+    """Both estimators on the same positions: max abs difference, seconds, speedup, cost."""
     device = next(model.parameters()).device
     window = min(window or model.config.block_size, model.config.block_size)
     windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
@@ -408,8 +403,6 @@ def bench_marginalize(argv):
     print(json.dumps(result))
     return result
 
-
-# -----------------------------------------------------------------------------
 
 SECTIONS = {'decode': bench_decode, 'train': bench_train, 'marginalize': bench_marginalize,
             'train_one': bench_train_one}
