@@ -1,11 +1,8 @@
 """
-Weights from and to Hugging Face transformers: GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia
-(GPTNeoXForCausalLM), both as options of model.GPT. transformers is optional: it is imported when
-a conversion runs, and its absence is a one-line error.
-
-    model = from_pretrained('gpt2')        # or 'EleutherAI/pythia-70m' (a download)
-    model = from_hf(hf_model)              # a transformers model in memory
-    hf_model = to_hf(model)                # a model's next-token path, exported
+Weights from and to Hugging Face transformers (optional: imported when a conversion runs, its
+absence a one-line error): GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia (GPTNeoXForCausalLM),
+both options of model.GPT. from_pretrained('gpt2' or 'EleutherAI/pythia-70m': a download),
+from_hf(a transformers model in memory), to_hf(model: its next-token path, exported).
 """
 import torch
 
@@ -29,7 +26,7 @@ def from_pretrained(name, dropout=0.0):
     return from_hf(hf, dropout=dropout)
 
 def from_hf(hf_model, dropout=0.0):
-    """Convert a transformers GPT2LMHeadModel or GPTNeoXForCausalLM (from_pretrained's path)."""
+    """A transformers GPT2LMHeadModel or GPTNeoXForCausalLM as a GPT."""
     model = GPT(GPTConfig(**config_from_hf(hf_model.config), dropout=dropout))
     copy_weights(model, hf_model, to_hf=False)
     return model
@@ -50,14 +47,10 @@ def to_hf(model):
             **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
             rotary_emb_base=c.rotary_base))
     else:
-        hf = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(**kw, activation_function=act))
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw, activation_function=act))
     copy_weights(model, hf, to_hf=True)
     return hf.eval()
 
-
-# -----------------------------------------------------------------------------
-# weight conversion from and to transformers
 
 HF_CONFIG = {  # GPTConfig fields -> transformers config fields, per architecture (model_type)
     'gpt2': dict(block_size='n_positions', vocab_size='vocab_size', n_layer='n_layer',
