@@ -6,11 +6,8 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
     python data/prepare.py --dataset=pile --input=my.txt --tokenizer=EleutherAI/pythia-70m  # (*)
 
-(*) any Hugging Face tokenizer, by name or local directory, through transformers' AutoTokenizer
-(optional; needs the network or a local copy): the token ids that model reads, e.g. Pythia's.
-
-Tiny Shakespeare ships with the project (data/tinyshakespeare.txt, nanoGPT's char-rnn file), so
-nothing needs a network but tiktoken's BPE file (set TIKTOKEN_CACHE_DIR to a cache when offline).
+(*) any Hugging Face tokenizer, by name or local directory (the optional transformers; needs the
+network or a local copy). Offline, tiktoken's BPE needs TIKTOKEN_CACHE_DIR set to a cache.
 """
 import glob
 import json
@@ -32,7 +29,6 @@ DATASETS = {'shakespeare_char': (SHAKESPEARE, 'char'), 'shakespeare': (SHAKESPEA
 
 
 def read_corpus(input_path, dataset):
-    """The text: the --input file if given, else the dataset's shipped text."""
     if not input_path and dataset not in DATASETS:
         raise FileNotFoundError(f"dataset {dataset!r} has no text of its own; pass --input=FILE")
     path = input_path or DATASETS[dataset][0]
@@ -147,21 +143,17 @@ def run(argv):
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
     out_dir = args.out_dir or data_dir_of(args.dataset)
     text = read_corpus(args.input, args.dataset)
-    if tokenizer == 'bpe':  # tiktoken fetches its BPE file on first use: fail before any work
-        try:
-            Tokenizer.from_text('bpe', '')
-        except Exception as e:
+    try:  # load the tokenizer before any work (tiktoken fetches its BPE file on first use)
+        Tokenizer.from_text(tokenizer, '')
+    except Exception as e:
+        if tokenizer == 'bpe':
             raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
                                   f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-    elif tokenizer != 'char':  # a Hugging Face tokenizer: transformers, and a download or copy
-        try:
-            Tokenizer.from_text(tokenizer, '')
-        except ImportError:
+        if isinstance(e, ImportError):
             raise ValueError(f"--tokenizer={tokenizer} needs the optional package transformers "
                              f"(pip install transformers); or use char or bpe")
-        except Exception as e:
-            raise ValueError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
-                             f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
+        raise ValueError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
+                         f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
     summary = prepare(text, out_dir, tokenizer, args.val_fraction)
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")
