@@ -98,18 +98,6 @@ def layer_probes(model, train_tokens, val_tokens, train_positions=8192, val_posi
                 probe=probe)
 
 
-def format_probes(result):
-    lines = []
-    for readout in ('lens', 'probe'):
-        lines.append(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  "
-                     f"{'t+2 top-1':>9} {'top-5':>6}")
-        for layer in result['layers']:
-            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
-            lines.append(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  "
-                         f"{cells[2]:9.3f} {cells[3]:6.3f}")
-    return '\n'.join(lines)
-
-
 @dataclass
 class ProbeConfig:
     """python probes.py --ckpt=out-ntp/ckpt.pt [--name=value ...]
@@ -142,7 +130,13 @@ def main(argv):
             raise UserError(f"token file not found or empty: {path}")
     result = layer_probes(model, tokens['train'], tokens['val'], args.train_positions,
                           args.val_positions, args.steps, args.lr, args.seed)
-    print(format_probes(result))
+    for readout in ('lens', 'probe'):
+        print(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  {'t+2 top-1':>9} "
+              f"{'top-5':>6}")
+        for layer in result['layers']:
+            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
+            print(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  {cells[2]:9.3f} "
+                  f"{cells[3]:6.3f}")
     print(json.dumps(dict(ckpt=args.ckpt, data_dir=data_dir, **result)))
     return result
 
