@@ -109,16 +109,6 @@ def check_ranges(args, positive=(), non_negative=(), fractions=()):
                 raise UserError(f"--{key} must be {rule}, got {getattr(args, key)}")
 
 
-def parse_top_ks(value):
-    """--top_k=1,5,all -> [1, 5, 0] (0 = all of V); '' -> None (the default rows)."""
-    top_ks = []
-    for item in filter(None, value.split(',')):
-        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
-            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
-        top_ks.append(0 if item == 'all' else int(item))
-    return top_ks or None
-
-
 @dataclasses.dataclass
 class MarginalizeFlags:
     """The flags of a marginalization run (marginalize.py's table, bench.py marginalize)."""

@@ -5,7 +5,7 @@ a token file that an evaluation reads. Imports: common, data.text <- metrics <- 
 import numpy as np
 import torch
 
-from common import UserError, check_ranges, parse_top_ks, pick_device, load_model
+from common import UserError, check_ranges, pick_device, load_model
 from data.text import load_tokens
 
 
@@ -70,11 +70,17 @@ def format_table(rows, k_ahead):
 # what a marginalization evaluates (marginalize.py, bench.py; probes.py's windows)
 
 def marginalize_inputs(args, single_top_k=False):
-    """Check MarginalizeFlags; (top_ks, the model in fp32 (the sums are about exactness), the
-    tokens, where they came from)."""
+    """Check MarginalizeFlags; (top_ks: --top_k=1,5,all -> [1, 5, 0] (0 = all of V), '' -> None
+    (the default rows); the model in fp32 (the sums are about exactness); the tokens; where they
+    came from)."""
     check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
                  non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k)
+    top_ks = []
+    for item in filter(None, args.top_k.split(',')):
+        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
+            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
+        top_ks.append(0 if item == 'all' else int(item))
+    top_ks = top_ks or None
     if single_top_k and len(top_ks or []) != 1:
         raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))

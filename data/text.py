@@ -141,8 +141,7 @@ def encode(tokenizer, text, what):
 
 
 def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
-    """(token ids, where they came from): a text file, or the val.bin of data_dir or of the
-    checkpoint's dataset."""
+    """(token ids, where from): a text file, or the val.bin of data_dir or the checkpoint's."""
     source = input_path or val_path(ckpt, data_dir)
     if input_path:
         tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
