@@ -132,29 +132,25 @@ Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token id
 
 
 def main(argv):
-    try:
-        run(argv)
-    except (ValueError, OSError) as e:  # bad or missing files, a full disk: the user's to fix
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-
-
-def run(argv):
     args = parse_flags(argv, PrepareConfig())
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
     out_dir = args.out_dir or data_dir_of(args.dataset)
-    text = read_corpus(args.input, args.dataset)
-    try:  # load the tokenizer before any work (tiktoken fetches its BPE file on first use)
-        Tokenizer.from_text(tokenizer, '')
-    except Exception as e:
-        if tokenizer == 'bpe':
-            raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
-                                  f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-        if isinstance(e, ImportError):
-            raise ValueError(f"--tokenizer={tokenizer} needs the optional package transformers "
-                             f"(pip install transformers); or use char or bpe")
-        raise ValueError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
-                         f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
-    summary = prepare(text, out_dir, tokenizer, args.val_fraction)
+    try:  # bad or missing files, a full disk: the user's to fix
+        text = read_corpus(args.input, args.dataset)
+        try:  # load the tokenizer before any work (tiktoken fetches its BPE file on first use)
+            Tokenizer.from_text(tokenizer, '')
+        except Exception as e:
+            if tokenizer == 'bpe':
+                raise UserError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
+                                f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+            if isinstance(e, ImportError):
+                raise UserError(f"--tokenizer={tokenizer} needs the optional package "
+                                f"transformers (pip install transformers); or use char or bpe")
+            raise UserError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
+                            f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
+        summary = prepare(text, out_dir, tokenizer, args.val_fraction)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")
     print(json.dumps(summary))
