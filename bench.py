@@ -70,10 +70,13 @@ def print_rows(setting, temperature, rows):
               f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
 
 
-def self_rows(model, args, prompts, device, n_new):
-    """The self-speculative modes: the --ckpt's heads, and those of each --heads checkpoint,
-    which must decode the same next-token model (else their speedups would not compare)."""
-    modes, x = {}, torch.tensor(prompts[:1], device=device)
+def decode_modes(model, ckpt, args, prompts, device):
+    """{mode: decode(prompt, **sampling)}: vanilla; self, the --ckpt's heads, and self:<dir> for
+    each --heads checkpoint, which must decode the same next-token model (else their speedups
+    would not compare); draft, --draft's; --peers: transformers on the same weights (hf: its
+    generate(), hf-lookup: prompt lookup, hf-assist: assisted by --assistant)."""
+    n_new, x = args.max_new_tokens, torch.tensor(prompts[:1], device=device)
+    modes = {'vanilla': partial(generate, model, max_new_tokens=n_new)}
     for path in [args.ckpt] + [p for p in args.heads.split(',') if p]:
         other = model if path == args.ckpt else load_model(path, device)[0]
         with torch.no_grad():
@@ -84,6 +87,25 @@ def self_rows(model, args, prompts, device, n_new):
         if other.config.n_future > 1:
             name = 'self' if other is model else f"self:{os.path.basename(os.path.dirname(path))}"
             modes[name] = partial(generate_self_speculative, other, max_new_tokens=n_new)
+    if args.draft:
+        draft, draft_ckpt = load_model(args.draft, device)
+        check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
+        modes['draft'] = partial(generate_two_model, model, draft, max_new_tokens=n_new,
+                                 gamma=args.gamma)
+    if not args.peers:
+        return modes
+    if device != 'cpu':
+        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
+    if args.prompt_len + n_new + args.lookup > model.config.block_size:
+        raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
+                        f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
+                        f"lookup must be <= block_size {model.config.block_size}")
+    hf = to_hf(model)
+    modes['hf'] = transformers_decoder(hf, n_new)
+    modes['hf-lookup'] = transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)
+    if args.assistant:
+        assistant = to_hf(load_model(args.assistant, device)[0])
+        modes['hf-assist'] = transformers_decoder(hf, n_new, assistant)
     return modes
 
 
@@ -112,23 +134,6 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
         stats.decode_forwards, stats.decode_tokens = counts['target'] - 1, len(tokens) - 1
         return Generation(tokens, stats)
     return decode
-
-
-def peer_rows(model, args, prompts, device, n_new):
-    """transformers on the same weights: generate(), prompt lookup, assisted by --assistant."""
-    if device != 'cpu':
-        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
-    if args.prompt_len + n_new + args.lookup > model.config.block_size:
-        raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
-                        f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
-                        f"lookup must be <= block_size {model.config.block_size}")
-    hf = to_hf(model)
-    modes = {'hf': transformers_decoder(hf, n_new),
-             'hf-lookup': transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)}
-    if args.assistant:
-        modes['hf-assist'] = transformers_decoder(hf, n_new,
-                                                  to_hf(load_model(args.assistant, device)[0]))
-    return modes
 
 
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
@@ -211,21 +216,12 @@ def bench_decode(argv):
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
-    n_new = args.max_new_tokens
-    modes = {'vanilla': partial(generate, model, max_new_tokens=n_new),
-             **self_rows(model, args, prompts, device, n_new)}
-    if args.draft:
-        draft, draft_ckpt = load_model(args.draft, device)
-        check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
-        modes['draft'] = partial(generate_two_model, model, draft, max_new_tokens=n_new,
-                                 gamma=args.gamma)
-    if args.peers:
-        modes.update(peer_rows(model, args, prompts, device, n_new))
+    modes = decode_modes(model, ckpt, args, prompts, device)
     settings = {'greedy': dict(temperature=0.0),
                 'sampling': dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)}
     print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
-          f"prompts x {args.prompt_len} tokens -> {n_new} new tokens, {args.repeats} "
-          f"repeats, device {device}, dtype {args.dtype}")
+          f"prompts x {args.prompt_len} tokens -> {args.max_new_tokens} new tokens, "
+          f"{args.repeats} repeats, device {device}, dtype {args.dtype}")
     results = {}
     with autocast_for(args.dtype, device):
         for decode in modes.values():  # warm-up: allocator, kernels, caches
@@ -245,8 +241,9 @@ def bench_decode(argv):
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
-                   prompt_len=args.prompt_len, max_new_tokens=n_new, repeats=args.repeats,
-                   device=device, dtype=args.dtype, threads=args.threads, **results)
+                   prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                   repeats=args.repeats, device=device, dtype=args.dtype, threads=args.threads,
+                   **results)
     print(json.dumps(summary))
     return summary
 
