@@ -290,11 +290,11 @@ def check_out_dir(out_dir):
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                         f"retrain or restore it")
@@ -310,8 +310,8 @@ def upgrade_checkpoint(args, state):
     heads 2..n stored from index 1 (head 1, the trunk, had an empty slot 0)."""
     args = {'head_type': 'block', 'head_attention': True, **args}
     args['head_type'] = {'linear': 'resblock'}.get(args['head_type'], args['head_type'])
-    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.',
-                    k.removeprefix('_orig_mod.').removeprefix('module.')): v for k, v in state.items()}
+    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state.items()}
+    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.', k): v for k, v in state.items()}
     for key in [k for k in state if k.endswith('.whs_logits')]:
         state[key.replace('whs_logits', 'whs_coef')] = torch.softmax(state.pop(key), dim=0)
     if args['head_type'] == 'sequential' and not any(k.startswith('heads.0.') for k in state):

@@ -99,9 +99,8 @@ def fine_tuning_config(args, model_config):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     cfg = replace(cfg, init_from=args.ckpt, data_dir=os.path.join(args.out_dir, 'data'),
                   head_type=model_config.head_type,  # (the checkpoint's: fine-tuned whole)
-                  head_attention=model_config.head_attention,
+                  head_attention=model_config.head_attention, freeze_trunk=True,
                   block_size=args.seq_len, doc_len=args.seq_len, doc_prompt=args.prompt_len,
-                  freeze_trunk=True,
                   loss_weights=cfg.loss_weights or ','.join(['0'] + ['1'] * (n_future - 1)))
     try:
         weights = loss_weights_for(n_future, [float(w) for w in cfg.loss_weights.split(',')])
