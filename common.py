@@ -29,11 +29,10 @@ def _convert(name, value, default):
     """`value` (a command-line string or a preset's literal) with the type of `default`."""
     kind = type(default)
     if isinstance(value, str) and kind is not str:
+        bools = {'true': True, '1': True, 'false': False, '0': False}
         try:
-            if kind is bool and value.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError
-            return value.lower() in ('true', '1') if kind is bool else kind(value)
-        except ValueError:
+            return bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
             raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
     if kind is float and type(value) is int:
         return float(value)
@@ -169,8 +168,7 @@ def pick_device(name='auto'):
 
 
 def autocast_for(dtype, device):
-    """The context for --dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32,
-    or bfloat16 (autocast; on CPU too). Weights stay fp32 either way."""
+    """The context for --dtype (bfloat16: autocast, on CPU too); weights stay fp32 either way."""
     if dtype not in ('auto', 'float32', 'bfloat16'):
         raise UserError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
     device_type = device.split(':')[0]

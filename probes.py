@@ -73,19 +73,14 @@ def probe_logits(W, b, states):
 
 def accuracy(logits, targets):
     """{'top1': [[per layer] for k = 1, 2], 'top5': ...} of logits (2, L+1, N, V)."""
-    result = {'top1': [], 'top5': []}
-    for k in range(K_AHEAD):
-        hits = [count_topk(layer_logits, targets[:, k]) for layer_logits in logits[k]]
-        result['top1'].append([h[1] / n for n, h in hits])
-        result['top5'].append([h[5] / n for n, h in hits])
-    return result
+    hits = [[count_topk(layer, targets[:, k]) for layer in logits[k]] for k in range(K_AHEAD)]
+    return {f'top{j}': [[h[j] / n for n, h in per_k] for per_k in hits] for j in (1, 5)}
 
 
 def layer_probes(model, train_tokens, val_tokens, train_positions=8192, val_positions=2048,
                  steps=500, lr=1e-2, seed=0):
-    """Top-1/top-5 val accuracy of x_{t+1} and x_{t+2} from every layer, by the logit lens and
-    by linear probes fit on train positions: dict(layers, lens, probe), where lens and probe
-    hold {'top1': [k=1: [per layer], k=2: [...]], 'top5': ...}."""
+    """dict(layers, positions, lens, probe): the val accuracy of x_{t+1}, x_{t+2} from every
+    layer by the logit lens and by probes fit on train positions, as accuracy() gives it."""
     model.eval()
     train_states, train_targets = layer_states(model, train_tokens, train_positions, seed)
     val_states, val_targets = layer_states(model, val_tokens, val_positions, seed)

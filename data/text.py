@@ -16,9 +16,8 @@ BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
 
 
 class Tokenizer:
-    """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
-    {'kind': 'char', 'chars': '...'}, {'kind': 'bpe', 'encoding': 'r50k_base'} or
-    {'kind': 'hf', 'name': 'EleutherAI/pythia-70m'} (a Hugging Face tokenizer)."""
+    """encode(str) -> list[int] and decode(list[int]) -> str of a meta dict: {'kind': 'char',
+    'chars': ...}, {'kind': 'bpe', 'encoding': 'r50k_base'} or {'kind': 'hf', 'name': ...}."""
 
     def __init__(self, meta):
         self.meta = meta
