@@ -67,8 +67,7 @@ def fit_probes(states, targets, vocab_size, steps=500, lr=1e-2, batch_size=512, 
 
 def probe_logits(W, b, states):
     """(2, L+1, N, V) logits of every probe on states (L+1, N, C)."""
-    normed = F.layer_norm(states, states.shape[-1:])
-    return normed[None] @ W + b
+    return F.layer_norm(states, states.shape[-1:])[None] @ W + b
 
 
 def accuracy(logits, targets):
