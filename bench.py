@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, asdict, fields, replace
+from functools import partial
 
 import numpy as np
 import torch
 
-from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text,
-                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model,
-                    cli)
+from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text, cli,
+                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model)
 from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
@@ -70,10 +70,13 @@ def print_rows(setting, temperature, rows):
               f"{row['draft_forwards']:9d}  {same:17}  {acceptance or '-'}")
 
 
-def self_rows(model, args, prompts, device, n_new):
-    """The self-speculative modes: the --ckpt's heads, and those of each --heads checkpoint,
-    which must decode the same next-token model (else their speedups would not compare)."""
-    modes, x = {}, torch.tensor(prompts[:1], device=device)
+def decode_modes(model, ckpt, args, prompts, device):
+    """{mode: decode(prompt, **sampling)}: vanilla; self, the --ckpt's heads, and self:<dir> for
+    each --heads checkpoint, which must decode the same next-token model (else their speedups
+    would not compare); draft, --draft's; --peers: transformers on the same weights (hf: its
+    generate(), hf-lookup: prompt lookup, hf-assist: assisted by --assistant)."""
+    n_new, x = args.max_new_tokens, torch.tensor(prompts[:1], device=device)
+    modes = {'vanilla': partial(generate, model, max_new_tokens=n_new)}
     for path in [args.ckpt] + [p for p in args.heads.split(',') if p]:
         other = model if path == args.ckpt else load_model(path, device)[0]
         with torch.no_grad():
@@ -83,8 +86,26 @@ def self_rows(model, args, prompts, device, n_new):
                                 f"its speedup would not be comparable")
         if other.config.n_future > 1:
             name = 'self' if other is model else f"self:{os.path.basename(os.path.dirname(path))}"
-            modes[name] = lambda prompt, m=other, **kw: generate_self_speculative(m, prompt,
-                                                                                  n_new, **kw)
+            modes[name] = partial(generate_self_speculative, other, max_new_tokens=n_new)
+    if args.draft:
+        draft, draft_ckpt = load_model(args.draft, device)
+        check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
+        modes['draft'] = partial(generate_two_model, model, draft, max_new_tokens=n_new,
+                                 gamma=args.gamma)
+    if not args.peers:
+        return modes
+    if device != 'cpu':
+        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
+    if args.prompt_len + n_new + args.lookup > model.config.block_size:
+        raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
+                        f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
+                        f"lookup must be <= block_size {model.config.block_size}")
+    hf = to_hf(model)
+    modes['hf'] = transformers_decoder(hf, n_new)
+    modes['hf-lookup'] = transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)
+    if args.assistant:
+        assistant = to_hf(load_model(args.assistant, device)[0])
+        modes['hf-assist'] = transformers_decoder(hf, n_new, assistant)
     return modes
 
 
@@ -115,24 +136,6 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
     return decode
 
 
-def peer_rows(model, args, prompts, device, n_new):
-    """transformers on the same weights (convert.to_hf): vanilla generate(), prompt lookup decoding,
-    and assisted generation with --assistant (a smaller nanoMTP model, exported too)."""
-    if device != 'cpu':
-        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
-    if args.prompt_len + n_new + args.lookup > model.config.block_size:
-        raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
-                        f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
-                        f"lookup must be <= block_size {model.config.block_size}")
-    hf = to_hf(model)
-    modes = {'hf': transformers_decoder(hf, n_new),
-             'hf-lookup': transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)}
-    if args.assistant:
-        modes['hf-assist'] = transformers_decoder(hf, n_new,
-                                                  to_hf(load_model(args.assistant, device)[0]))
-    return modes
-
-
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
          ('drafts', drafters.ModelDrafter, 'draft')] + [
@@ -140,10 +143,9 @@ TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
 
 
 def step_breakdown(modes, prompts, **sampling):
-    """Per mode, from one more pass over the prompts: ms per new token spent in the target's
-    forwards (Window.forward), in drafting (the drafters' observe, a draft model's draft), in
-    verify, and elsewhere (the loop's bookkeeping), with a timer wrapped around each of those
-    functions (a part inside another, a draft model's forwards, counts for the outer one)."""
+    """Per mode, from one more pass over the prompts: ms per new token in each part of TIMED, a
+    timer wrapped around its functions (a part inside another counts for the outer one), and
+    the 'rest' (the loop's bookkeeping)."""
     spent, rows, running = {}, {}, []
 
     def timed(part, fn):
@@ -214,21 +216,12 @@ def bench_decode(argv):
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
-    n_new = args.max_new_tokens
-    modes = {'vanilla': lambda prompt, **kw: generate(model, prompt, n_new, **kw),
-             **self_rows(model, args, prompts, device, n_new)}
-    if args.draft:
-        draft, draft_ckpt = load_model(args.draft, device)
-        check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
-        modes['draft'] = lambda prompt, **kw: generate_two_model(model, draft, prompt, n_new,
-                                                                 args.gamma, **kw)
-    if args.peers:
-        modes.update(peer_rows(model, args, prompts, device, n_new))
+    modes = decode_modes(model, ckpt, args, prompts, device)
     settings = {'greedy': dict(temperature=0.0),
                 'sampling': dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)}
     print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
-          f"prompts x {args.prompt_len} tokens -> {n_new} new tokens, {args.repeats} "
-          f"repeats, device {device}, dtype {args.dtype}")
+          f"prompts x {args.prompt_len} tokens -> {args.max_new_tokens} new tokens, "
+          f"{args.repeats} repeats, device {device}, dtype {args.dtype}")
     results = {}
     with autocast_for(args.dtype, device):
         for decode in modes.values():  # warm-up: allocator, kernels, caches
@@ -248,8 +241,9 @@ def bench_decode(argv):
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
-                   prompt_len=args.prompt_len, max_new_tokens=n_new, repeats=args.repeats,
-                   device=device, dtype=args.dtype, threads=args.threads, **results)
+                   prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                   repeats=args.repeats, device=device, dtype=args.dtype, threads=args.threads,
+                   **results)
     print(json.dumps(summary))
     return summary
 
@@ -286,8 +280,6 @@ Batched (KV cache + tree attention) vs naive marginalization on the same positio
 
 
 def train_bench_flags(argv):
-    """TrainBench from the flags; a synthetic corpus needs 1 <= vocab_size <= 65536 (uint16),
-    and a median needs timed iterations."""
     args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
     check_ranges(args, positive=('iters',), non_negative=('warmup',))
     if not 1 <= args.vocab_size <= 2 ** 16:
@@ -313,15 +305,14 @@ def bench_train_one(argv):
         with open('/proc/self/statm') as f:  # the resident set size before training, in MB
             rss_before = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
         summary = train(cfg)
-    step_ms = statistics.median(summary['step_ms'][args.warmup:])
-    model = summary['model']
-    tokens = cfg.batch_size * cfg.block_size
+    step_ms, model = statistics.median(summary['step_ms'][args.warmup:]), summary['model']
     # FLOPs per token: 6 per parameter (forward + backward; the tied unembedding runs once per
     # head) + attention scores (PaLM appendix B)
     c = model.config
     flops = (6 * (model.num_params() + (c.n_future - 1) * c.vocab_size * c.n_embd)
              + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size)
-    result = dict(ms_per_iter=step_ms, tokens_per_s=tokens / step_ms * 1000,
+    result = dict(ms_per_iter=step_ms,
+                  tokens_per_s=cfg.batch_size * cfg.block_size / step_ms * 1000,
                   params=model.num_params())
     if 'cuda' in str(next(model.parameters()).device):
         result['mfu'] = flops * result['tokens_per_s'] / (args.peak_tflops * 1e12)
@@ -334,8 +325,7 @@ def bench_train_one(argv):
 
 
 def bench_train(argv):
-    """The base variant and every --compare variant ("n_future=1;memory_efficient=true"), each
-    in a fresh process (so peak memory is its own), with ratios to the base."""
+    """The base and every --compare variant, each in a fresh process (its own peak memory)."""
     args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
     variants = [('base', base)]
@@ -374,8 +364,7 @@ def bench_train(argv):
 
 def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
                      chunk_size=512, window=0, seed=0):
-    """Run both estimators on the same positions; max abs difference of the probabilities and
-    captured masses, seconds of each and the speed ratio naive / batched."""
+    """Both estimators on the same positions: max abs difference, seconds, speedup, cost."""
     device = next(model.parameters()).device
     window = min(window or model.config.block_size, model.config.block_size)
     windows = eval_windows(len(tokens), window, k_ahead, positions, seed)
@@ -411,8 +400,6 @@ def bench_marginalize(argv):
     print(json.dumps(result))
     return result
 
-
-# -----------------------------------------------------------------------------
 
 SECTIONS = {'decode': bench_decode, 'train': bench_train, 'marginalize': bench_marginalize,
             'train_one': bench_train_one}

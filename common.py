@@ -1,8 +1,7 @@
 """
-The plumbing every nanoMTP script shares, kept out of the files that hold the ideas: flags (and
---help), devices, checkpoints and cli() (a UserError ends a script with one line). Text and
-tokens are data/text.py's, accuracy bookkeeping metrics.py's. Imports: model <- heads <- common
-<- data/ <- metrics, report <- scripts.
+The plumbing every nanoMTP script shares: flags (and --help), devices, checkpoints and cli() (a
+UserError ends a script with one line). Imports: model <- heads <- common <- data/ <- metrics,
+report <- scripts.
 """
 import ast
 import dataclasses
@@ -27,15 +26,13 @@ from heads import MTPGPT, MTPConfig
 # flags: defaults < preset files < --name=value (nanoGPT's convention)
 
 def _convert(name, value, default):
-    """Give `value` (a string from the command line, or a literal from a preset) the type of
-    `default`; UserError if it cannot be."""
+    """`value` (a command-line string or a preset's literal) with the type of `default`."""
     kind = type(default)
     if isinstance(value, str) and kind is not str:
+        bools = {'true': True, '1': True, 'false': False, '0': False}
         try:
-            if kind is bool and value.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError
-            return value.lower() in ('true', '1') if kind is bool else kind(value)
-        except ValueError:
+            return bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
             raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
     if kind is float and type(value) is int:
         return float(value)
@@ -62,10 +59,8 @@ def read_preset(path):
 
 
 def parse_flags(argv, defaults, presets=False, fixed=()):
-    """`defaults` (a config dataclass instance) updated from preset files given as plain paths
-    (when `presets`), then from `--name=value` flags (a bare `--name` sets a bool). Values take the
-    type of the default; unknown names and wrong types are UserErrors that say what is valid.
-    `fixed` names are not flags. `--help` prints every flag and exits."""
+    """`defaults` (a config dataclass) updated from preset files (when `presets`), then from
+    `--name=value` flags (a bare `--name` sets a bool); `fixed` names are not flags."""
     values = {k: v for k, v in dataclasses.asdict(defaults).items() if k not in fixed}
     if '--help' in argv or '-h' in argv:
         print(help_text(defaults, values))
@@ -94,7 +89,7 @@ def flag(default, description):
 
 
 def help_text(defaults, values):
-    """The --help page: the config class's docstring, then every flag, default, description."""
+    """The --help page: the config class's docstring, then every flag."""
     docs = {f.name: f.metadata.get('help', '') for f in dataclasses.fields(defaults)}
     shown = {k: v if not isinstance(v, str) or v.isprintable() else repr(v)
              for k, v in values.items()}
@@ -105,23 +100,12 @@ def help_text(defaults, values):
 
 
 def check_ranges(args, positive=(), non_negative=(), fractions=()):
-    """One-line errors for numeric flags out of range."""
     for keys, ok, rule in ((fractions, lambda v: 0 < v <= 1, 'in (0, 1]'),
                            (positive, lambda v: v >= 1, '>= 1'),
                            (non_negative, lambda v: v >= 0, '>= 0')):
         for key in keys:
             if not ok(getattr(args, key)):
                 raise UserError(f"--{key} must be {rule}, got {getattr(args, key)}")
-
-
-def parse_top_ks(value):
-    """--top_k=1,5,all -> [1, 5, 0] (0 = all of V); '' -> None (the default rows)."""
-    top_ks = []
-    for item in filter(None, value.split(',')):
-        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
-            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
-        top_ks.append(0 if item == 'all' else int(item))
-    return top_ks or None
 
 
 @dataclasses.dataclass
@@ -184,8 +168,7 @@ def pick_device(name='auto'):
 
 
 def autocast_for(dtype, device):
-    """The context for --dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32,
-    or bfloat16 (autocast; on CPU too). Weights stay fp32 either way."""
+    """The context for --dtype (bfloat16: autocast, on CPU too); weights stay fp32 either way."""
     if dtype not in ('auto', 'float32', 'bfloat16'):
         raise UserError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
     device_type = device.split(':')[0]
@@ -195,7 +178,6 @@ def autocast_for(dtype, device):
 
 
 def set_cpu_threads(n):
-    """torch's intra-op CPU threads (0 = leave torch's default)."""
     if n < 0:
         raise UserError(f"threads must be >= 0, got {n}")
     if n:
@@ -250,33 +232,34 @@ def clock(device):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def pid_alive(pid):
-    """Whether process `pid` may still run here (only a sure 'no' is False): temp files carry
-    their writer's pid, and only a dead writer's are cleaned up."""
+def dead_writer(path, mine=False):
+    """Whether the writer of temp file `path` (NAME.<pid>) is surely dead: only a dead writer's
+    files are cleaned up. mine: this process's pid counts as dead (an earlier process's)."""
+    pid = path.rsplit('.', 1)[1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return pid.isdigit() and mine
     if os.name != 'posix':
-        return True  # no cheap check elsewhere: never touch another writer's files
+        return False  # no cheap check elsewhere: never touch another writer's files
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
 
 
 def remove_stale_temps(path):
     """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
     a checkpoint, and on a nearly full disk it would make the next save fail too."""
     for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
-        pid = tmp.rsplit('.', 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if dead_writer(tmp):
             with suppress(OSError):
                 os.remove(tmp)
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file. A
-    failed write (a full disk) removes its temporary file and is a one-line error."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -295,8 +278,7 @@ def save_checkpoint(obj, path):
 
 
 def check_out_dir(out_dir):
-    """Create out_dir and write a file there now: an unwritable out_dir is a one-line error before
-    training, not a traceback at the first checkpoint. Dead writers' temp files go."""
+    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -306,27 +288,17 @@ def check_out_dir(out_dir):
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
-def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint dict; missing or corrupt files raise UserError with one clear line."""
+def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                         f"retrain or restore it")
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise UserError(f"{path} is not a nanoMTP checkpoint (no model/model_args)")
     return ckpt
-
-
-def model_config(model_args):
-    """MTPConfig(**model_args); unknown keys (a hand-edited checkpoint) are a one-line error."""
-    unknown = sorted(set(model_args) - {f.name for f in dataclasses.fields(MTPConfig)})
-    if unknown:
-        raise UserError(f"the checkpoint's model_args has unknown keys {', '.join(unknown)}: not a "
-                        f"model this code builds (a hand-edited or newer checkpoint?)")
-    return MTPConfig(**model_args)
 
 
 def upgrade_checkpoint(args, state):
@@ -336,8 +308,8 @@ def upgrade_checkpoint(args, state):
     heads 2..n stored from index 1 (head 1, the trunk, had an empty slot 0)."""
     args = {'head_type': 'block', 'head_attention': True, **args}
     args['head_type'] = {'linear': 'resblock'}.get(args['head_type'], args['head_type'])
-    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.',
-                    k.removeprefix('_orig_mod.').removeprefix('module.')): v for k, v in state.items()}
+    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state.items()}
+    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.', k): v for k, v in state.items()}
     for key in [k for k in state if k.endswith('.whs_logits')]:
         state[key.replace('whs_logits', 'whs_coef')] = torch.softmax(state.pop(key), dim=0)
     if args['head_type'] == 'sequential' and not any(k.startswith('heads.0.') for k in state):
@@ -349,7 +321,11 @@ def upgrade_checkpoint(args, state):
 def model_from_checkpoint(ckpt):
     """Rebuild the MTPGPT a checkpoint dict describes and load its weights (any version's)."""
     args, state = upgrade_checkpoint(ckpt['model_args'], ckpt['model'])
-    model = MTPGPT(model_config(args))
+    unknown = sorted(set(args) - {f.name for f in dataclasses.fields(MTPConfig)})
+    if unknown:
+        raise UserError(f"the checkpoint's model_args has unknown keys {', '.join(unknown)}: not a "
+                        f"model this code builds (a hand-edited or newer checkpoint?)")
+    model = MTPGPT(MTPConfig(**args))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

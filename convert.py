@@ -1,11 +1,8 @@
 """
-Weights from and to Hugging Face transformers: GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia
-(GPTNeoXForCausalLM), both as options of model.GPT. transformers is optional: it is imported when
-a conversion runs, and its absence is a one-line error.
-
-    model = from_pretrained('gpt2')        # or 'EleutherAI/pythia-70m' (a download)
-    model = from_hf(hf_model)              # a transformers model in memory
-    hf_model = to_hf(model)                # a model's next-token path, exported
+Weights from and to Hugging Face transformers (optional: imported when a conversion runs, its
+absence a one-line error): GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia (GPTNeoXForCausalLM),
+both options of model.GPT. from_pretrained('gpt2' or 'EleutherAI/pythia-70m': a download),
+from_hf(a transformers model in memory), to_hf(model: its next-token path, exported).
 """
 import torch
 
@@ -28,11 +25,26 @@ def from_pretrained(name, dropout=0.0):
                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     return from_hf(hf, dropout=dropout)
 
+
 def from_hf(hf_model, dropout=0.0):
-    """Convert a transformers GPT2LMHeadModel or GPTNeoXForCausalLM (from_pretrained's path)."""
-    model = GPT(GPTConfig(**config_from_hf(hf_model.config), dropout=dropout))
+    """A transformers GPT2LMHeadModel or GPTNeoXForCausalLM (of Pythia's shape) as a GPT."""
+    c = hf_model.config
+    if c.model_type not in HF_CONFIG:
+        raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2, GPT-NeoX")
+    kw = {ours: getattr(c, theirs) for ours, theirs in HF_CONFIG[c.model_type].items()}
+    if c.model_type == 'gpt_neox':
+        gelu = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}.get(c.hidden_act)
+        if c.intermediate_size != 4 * c.hidden_size or gelu is None or c.layer_norm_eps != 1e-5:
+            raise UserError("this GPT-NeoX differs from Pythia's shape (intermediate_size = 4 x "
+                            "hidden_size, GELU, layer_norm_eps 1e-5): cannot convert it")
+        rope = getattr(c, 'rope_parameters', None) or {}  # transformers 5 (4: rotary_pct, ..)
+        kw.update(gelu=gelu,
+                  rotary_pct=rope.get('partial_rotary_factor', getattr(c, 'rotary_pct', 1.0)),
+                  rotary_base=rope.get('rope_theta', getattr(c, 'rotary_emb_base', 10000.0)))
+    model = GPT(GPTConfig(**kw, bias=True, dropout=dropout))
     copy_weights(model, hf_model, to_hf=False)
     return model
+
 
 def to_hf(model):
     """A model's next-token path (an MTPGPT's trunk + head 1) as a transformers model:
@@ -50,14 +62,10 @@ def to_hf(model):
             **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
             rotary_emb_base=c.rotary_base))
     else:
-        hf = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(**kw, activation_function=act))
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw, activation_function=act))
     copy_weights(model, hf, to_hf=True)
     return hf.eval()
 
-
-# -----------------------------------------------------------------------------
-# weight conversion from and to transformers
 
 HF_CONFIG = {  # GPTConfig fields -> transformers config fields, per architecture (model_type)
     'gpt2': dict(block_size='n_positions', vocab_size='vocab_size', n_layer='n_layer',
@@ -83,23 +91,6 @@ def import_transformers():
         raise UserError("converting weights needs the optional package transformers: "
                         "pip install transformers")
     return transformers
-
-
-def config_from_hf(c):
-    """GPTConfig fields of a transformers GPT-2 or GPT-NeoX (Pythia-shaped) config."""
-    if c.model_type not in HF_CONFIG:
-        raise UserError(f"cannot convert a {c.model_type} model: nanoMTP reads GPT-2, GPT-NeoX")
-    kw = {ours: getattr(c, theirs) for ours, theirs in HF_CONFIG[c.model_type].items()}
-    if c.model_type == 'gpt2':
-        return dict(kw, bias=True)
-    gelu = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}.get(c.hidden_act)
-    if c.intermediate_size != 4 * c.hidden_size or gelu is None or c.layer_norm_eps != 1e-5:
-        raise UserError("this GPT-NeoX differs from Pythia's shape (intermediate_size = 4 x "
-                        "hidden_size, GELU, layer_norm_eps 1e-5): cannot convert it")
-    rope = getattr(c, 'rope_parameters', None) or {}  # transformers 5 (4: rotary_pct, ..)
-    return dict(kw, bias=True, gelu=gelu,
-                rotary_pct=rope.get('partial_rotary_factor', getattr(c, 'rotary_pct', 1.0)),
-                rotary_base=rope.get('rope_theta', getattr(c, 'rotary_emb_base', 10000.0)))
 
 
 def copy_weights(model, hf, to_hf):

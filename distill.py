@@ -64,10 +64,9 @@ FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_promp
 @torch.inference_mode()
 def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                    generator=None):
-    """Vanilla decoding of a batch: prompts (B, P) of equal length -> (B, P + max_new_tokens).
-    For writing the corpus, so there are no stop sequences, no metrics and no window:
-    P + max_new_tokens must fit block_size. Greedy row b is what generate() gives for prompts[b]
-    (up to floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
+    """Vanilla decoding of prompts (B, P) -> (B, P + max_new_tokens), with no stop sequences, no
+    metrics and no window. Greedy row b is what generate() gives for prompts[b] (up to
+    floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
     check_request(prompts[0].tolist() if len(prompts) else [], max_new_tokens, temperature,
                   top_k, top_p)
     if prompts.size(1) + max_new_tokens > model.config.block_size:
@@ -100,9 +99,8 @@ def fine_tuning_config(args, model_config):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     cfg = replace(cfg, init_from=args.ckpt, data_dir=os.path.join(args.out_dir, 'data'),
                   head_type=model_config.head_type,  # (the checkpoint's: fine-tuned whole)
-                  head_attention=model_config.head_attention,
+                  head_attention=model_config.head_attention, freeze_trunk=True,
                   block_size=args.seq_len, doc_len=args.seq_len, doc_prompt=args.prompt_len,
-                  freeze_trunk=True,
                   loss_weights=cfg.loss_weights or ','.join(['0'] + ['1'] * (n_future - 1)))
     try:
         weights = loss_weights_for(n_future, [float(w) for w in cfg.loss_weights.split(',')])
@@ -115,17 +113,6 @@ def fine_tuning_config(args, model_config):
     return cfg
 
 
-def check_distill_request(args, model):
-    n_future = model.config.n_future
-    if n_future < 2:
-        raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
-                        "heads first (train.py --init_from=... --n_future=4)")
-    if not n_future < args.seq_len <= model.config.block_size:
-        raise UserError(f"seq_len {args.seq_len} must be in {n_future + 1}.."
-                        f"{model.config.block_size} (more than the {n_future} heads, at most the "
-                        f"model's block_size)")
-
-
 def main(argv):
     args = parse_flags(argv, DistillConfig(), fixed=FIXED)
     check_ranges(args, positive=('num_sequences', 'val_sequences', 'prompt_len', 'gen_batch'))
@@ -134,7 +121,13 @@ def main(argv):
                         f"({args.prompt_len}): the generated tokens are the corpus")
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
-    check_distill_request(args, model)
+    n_future, block_size = model.config.n_future, model.config.block_size
+    if n_future < 2:
+        raise UserError("the checkpoint has no MTP heads (n_future=1): nothing to distill; train "
+                        "heads first (train.py --init_from=... --n_future=4)")
+    if not n_future < args.seq_len <= block_size:
+        raise UserError(f"seq_len {args.seq_len} must be in {n_future + 1}..{block_size} (more "
+                        f"than the {n_future} heads, at most the model's block_size)")
     cfg = fine_tuning_config(args, model.config)
     source_val = val_path(ckpt)
     if not source_val:

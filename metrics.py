@@ -1,12 +1,11 @@
 """
-The accuracy bookkeeping and the evaluation windows of train.py, marginalize.py, probes.py and
-bench.py: top-k counts (token-weighted), Tally, the accuracy table, and the windows of a token
-file a marginalization evaluates. Imports: common, data.text <- metrics <- scripts.
+Accuracy bookkeeping (token-weighted top-k counts, Tally, the accuracy table) and the windows of
+a token file that an evaluation reads. Imports: common, data.text <- metrics <- scripts.
 """
 import numpy as np
 import torch
 
-from common import UserError, check_ranges, parse_top_ks, pick_device, load_model
+from common import UserError, check_ranges, pick_device, load_model
 from data.text import load_tokens
 
 
@@ -15,8 +14,7 @@ from data.text import load_tokens
 
 def count_topk(scores, targets, ks=(1, 5)):
     """For scores (..., V) and targets (...) with -1 = no target: (number of targets,
-    {k: number of targets among the k highest scores}). Sum these counts over batches and
-    divide at the end, so the accuracy is token-weighted."""
+    {k: number of targets among the k highest scores}), to sum over batches."""
     valid = targets >= 0
     n = int(valid.sum())
     top = scores.topk(min(max(ks), scores.size(-1)), dim=-1).indices
@@ -25,8 +23,7 @@ def count_topk(scores, targets, ks=(1, 5)):
 
 
 class Tally:
-    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead (counts from count_topk,
-    summed over windows, divided at the end) and the mean captured mass."""
+    """Token-weighted top-1/top-5 accuracy for k = 1..k_ahead and the mean captured mass."""
 
     def __init__(self, k_ahead):
         self.n, self.top1, self.top5 = [0] * k_ahead, [0] * k_ahead, [0] * k_ahead
@@ -73,11 +70,17 @@ def format_table(rows, k_ahead):
 # what a marginalization evaluates (marginalize.py, bench.py; probes.py's windows)
 
 def marginalize_inputs(args, single_top_k=False):
-    """Check MarginalizeFlags; (top_ks, the model in fp32: the comparisons and sums are about
-    exactness, the tokens, where they came from)."""
+    """Check MarginalizeFlags; (top_ks: --top_k=1,5,all -> [1, 5, 0] (0 = all of V), '' -> None
+    (the default rows); the model in fp32 (the sums are about exactness); the tokens; where they
+    came from)."""
     check_ranges(args, positive=('positions', 'chunk_size', 'k_ahead'),
                  non_negative=('max_paths', 'window'), fractions=('top_p',))
-    top_ks = parse_top_ks(args.top_k)
+    top_ks = []
+    for item in filter(None, args.top_k.split(',')):
+        if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
+            raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
+        top_ks.append(0 if item == 'all' else int(item))
+    top_ks = top_ks or None
     if single_top_k and len(top_ks or []) != 1:
         raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
@@ -86,7 +89,6 @@ def marginalize_inputs(args, single_top_k=False):
 
 
 def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
-    """The checks of a marginalization request (marginalize.py): one-line errors."""
     block_size = model.config.block_size
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
@@ -107,10 +109,9 @@ def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
 
 
 def eval_windows(n_tokens, window, k_ahead, positions, seed=0):
-    """Which positions to evaluate: [(start, n)], the window tokens[start : start+n+k_ahead] and
-    its positions 0..n-1, whose targets x_{t+1}..x_{t+k_ahead} lie inside it (others are left out,
-    never wrapped). Windows of `window` tokens tile the sequence, so no position appears twice; a
-    seeded shuffle picks windows until `positions` positions are reached (or the tokens run out)."""
+    """[(start, n)]: the windows tokens[start : start+n+k_ahead], whose positions 0..n-1 have
+    their targets x_{t+1}..x_{t+k_ahead} inside (never wrapped). They tile the tokens (no
+    position twice); a seeded shuffle picks them until `positions` positions are reached."""
     stride = window - k_ahead  # positions per window
     if stride < 1 or n_tokens <= k_ahead:
         raise UserError(f"need more than k_ahead={k_ahead} tokens per window (window {window}, "

@@ -1,19 +1,18 @@
 """
 Layer probes: where in a next-token model does the token after next live?
 
-The paper's explanation of why MTP heads on a frozen next-token (NTP) model do poorly is that its
-hidden layers specialize for NTP (Mehra et al. 2025). This measures that directly. For every
-layer l = 0..L of an NTP model (h_0 = the embeddings, h_L = the last block's output), how well
-does h_l at position t predict x_{t+1}, and x_{t+2}?
+The paper explains why MTP heads on a frozen next-token (NTP) model do poorly: its hidden layers
+specialize for NTP (Mehra et al. 2025). This measures it: for every layer l = 0..L of an NTP
+model (h_0 = the embeddings, h_L = the last block's output), how well does h_l at position t
+predict x_{t+1}, and x_{t+2}?
 
-  logit lens    logits = unembed(ln_f(h_l)): the model's own readout applied to an inner layer
-                (nostalgebraist 2020). Nothing is trained: it shows what a layer already says in
-                the output basis. At l = L it is the model's own next-token prediction.
-  linear probe  logits = W_l LayerNorm(h_l) + b_l, fit by cross-entropy on train positions with
-                the model frozen (Alain & Bengio 2016): what a linear head can read from h_l.
+  logit lens    unembed(ln_f(h_l)): the model's own readout on an inner layer (nostalgebraist
+                2020); nothing is trained. At l = L it is the model's next-token prediction.
+  linear probe  W_l LayerNorm(h_l) + b_l, fit by cross-entropy on train positions with the
+                model frozen (Alain & Bengio 2016): what a linear head can read from h_l.
 
-If the paper's claim holds, x_{t+1} is read best at the last layer, while the best layer for
-x_{t+2} lies below it: the last layers turn the state towards the next token only.
+If the claim holds, x_{t+1} is read best at the last layer, x_{t+2} at a layer below it: the
+last layers turn the state towards the next token only.
 
     python probes.py --ckpt=out-ntp/ckpt.pt        # a table per readout, then a JSON line
 """
@@ -48,8 +47,7 @@ def layer_states(model, tokens, positions, seed=0):
 
 
 def fit_probes(states, targets, vocab_size, steps=500, lr=1e-2, batch_size=512, seed=0):
-    """One linear probe per (layer, k): logits = W LayerNorm(h_l) + b for x_{t+k}. All (L+1) x 2
-    probes are independent parameters trained together in one batched matmul. Returns (W, b):
+    """One linear probe per (layer, k) for x_{t+k}, all trained together in one batched matmul:
     W (2, L+1, C, V), b (2, L+1, 1, V)."""
     n_layers, N, C = states.shape
     gen = torch.Generator().manual_seed(seed)
@@ -69,52 +67,29 @@ def fit_probes(states, targets, vocab_size, steps=500, lr=1e-2, batch_size=512, 
 
 def probe_logits(W, b, states):
     """(2, L+1, N, V) logits of every probe on states (L+1, N, C)."""
-    normed = F.layer_norm(states, states.shape[-1:])
-    return normed[None] @ W + b
+    return F.layer_norm(states, states.shape[-1:])[None] @ W + b
 
 
 def accuracy(logits, targets):
     """{'top1': [[per layer] for k = 1, 2], 'top5': ...} of logits (2, L+1, N, V)."""
-    result = {'top1': [], 'top5': []}
-    for k in range(K_AHEAD):
-        hits = [count_topk(layer_logits, targets[:, k]) for layer_logits in logits[k]]
-        result['top1'].append([h[1] / n for n, h in hits])
-        result['top5'].append([h[5] / n for n, h in hits])
-    return result
-
-
-@torch.no_grad()
-def lens_logits(model, states):
-    """(2, L+1, N, V): the logit lens of every layer, the same readout for k = 1 and 2."""
-    lens = torch.stack([model.unembed(h) for h in states])
-    return torch.stack([lens, lens])
+    hits = [[count_topk(layer, targets[:, k]) for layer in logits[k]] for k in range(K_AHEAD)]
+    return {f'top{j}': [[h[j] / n for n, h in per_k] for per_k in hits] for j in (1, 5)}
 
 
 def layer_probes(model, train_tokens, val_tokens, train_positions=8192, val_positions=2048,
                  steps=500, lr=1e-2, seed=0):
-    """Top-1/top-5 val accuracy of x_{t+1} and x_{t+2} from every layer, by the logit lens and
-    by linear probes fit on train positions: dict(layers, lens, probe), where lens and probe
-    hold {'top1': [k=1: [per layer], k=2: [...]], 'top5': ...}."""
+    """dict(layers, positions, lens, probe): the val accuracy of x_{t+1}, x_{t+2} from every
+    layer by the logit lens and by probes fit on train positions, as accuracy() gives it."""
     model.eval()
     train_states, train_targets = layer_states(model, train_tokens, train_positions, seed)
     val_states, val_targets = layer_states(model, val_tokens, val_positions, seed)
     W, b = fit_probes(train_states, train_targets, model.config.vocab_size, steps, lr, seed=seed)
     with torch.no_grad():
         probe = accuracy(probe_logits(W, b, val_states), val_targets)
-    return dict(layers=list(range(len(val_states))), positions=len(val_targets),
-                lens=accuracy(lens_logits(model, val_states), val_targets), probe=probe)
-
-
-def format_probes(result):
-    lines = []
-    for readout in ('lens', 'probe'):
-        lines.append(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  "
-                     f"{'t+2 top-1':>9} {'top-5':>6}")
-        for layer in result['layers']:
-            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
-            lines.append(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  "
-                         f"{cells[2]:9.3f} {cells[3]:6.3f}")
-    return '\n'.join(lines)
+        lens = torch.stack([model.unembed(h) for h in val_states])  # the same for k = 1 and 2
+        lens = accuracy(torch.stack([lens, lens]), val_targets)
+    return dict(layers=list(range(len(val_states))), positions=len(val_targets), lens=lens,
+                probe=probe)
 
 
 @dataclass
@@ -149,7 +124,13 @@ def main(argv):
             raise UserError(f"token file not found or empty: {path}")
     result = layer_probes(model, tokens['train'], tokens['val'], args.train_positions,
                           args.val_positions, args.steps, args.lr, args.seed)
-    print(format_probes(result))
+    for readout in ('lens', 'probe'):
+        print(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  {'t+2 top-1':>9} "
+              f"{'top-5':>6}")
+        for layer in result['layers']:
+            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
+            print(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  {cells[2]:9.3f} "
+                  f"{cells[3]:6.3f}")
     print(json.dumps(dict(ckpt=args.ckpt, data_dir=data_dir, **result)))
     return result
 

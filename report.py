@@ -44,16 +44,13 @@ def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
 def evaluate_splits(model, eval_train, val_batches, cfg, autocast, loss_weights, iter_num):
     """Train and val metrics per head, and the WHS mix (MTPGPT.whs_weights); a non-finite loss
     stops the run before any save."""
-    whs = model.whs_weights()
-    result = dict(iter=iter_num,
-                  train=evaluate(model, eval_train, cfg.eval_iters, autocast, loss_weights),
-                  val=evaluate(model, val_batches, cfg.eval_iters, autocast, loss_weights),
-                  whs=None if whs is None else whs.tolist())
-    for split in ('train', 'val'):
+    result, whs = dict(iter=iter_num), model.whs_weights()
+    for split, batches in (('train', eval_train), ('val', val_batches)):
+        result[split] = evaluate(model, batches, cfg.eval_iters, autocast, loss_weights)
         if not math.isfinite(result[split]['loss']):
             raise diverged(result[split]['loss'], f"the evaluation of iter {iter_num}",
                            os.path.join(cfg.out_dir, 'ckpt.pt'))
-    return result
+    return dict(result, whs=None if whs is None else whs.tolist())
 
 
 def diverged(loss, where, ckpt_path):

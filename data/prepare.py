@@ -6,11 +6,8 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
     python data/prepare.py --dataset=mytext --input=my.txt --tokenizer=char
     python data/prepare.py --dataset=pile --input=my.txt --tokenizer=EleutherAI/pythia-70m  # (*)
 
-(*) any Hugging Face tokenizer, by name or local directory, through transformers' AutoTokenizer
-(optional; needs the network or a local copy): the token ids that model reads, e.g. Pythia's.
-
-Tiny Shakespeare ships with the project (data/tinyshakespeare.txt, nanoGPT's char-rnn file), so
-nothing needs a network but tiktoken's BPE file (set TIKTOKEN_CACHE_DIR to a cache when offline).
+(*) any Hugging Face tokenizer, by name or local directory (the optional transformers; needs the
+network or a local copy). Offline, tiktoken's BPE needs TIKTOKEN_CACHE_DIR set to a cache.
 """
 import glob
 import json
@@ -23,7 +20,7 @@ import numpy as np
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, flag, parse_flags, pid_alive, cli  # noqa: E402
+from common import UserError, flag, parse_flags, dead_writer, cli  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -32,7 +29,6 @@ DATASETS = {'shakespeare_char': (SHAKESPEARE, 'char'), 'shakespeare': (SHAKESPEA
 
 
 def read_corpus(input_path, dataset):
-    """The text: the --input file if given, else the dataset's shipped text."""
     if not input_path and dataset not in DATASETS:
         raise FileNotFoundError(f"dataset {dataset!r} has no text of its own; pass --input=FILE")
     path = input_path or DATASETS[dataset][0]
@@ -110,17 +106,14 @@ def finish_switch(out_dir, pid):
 
 def recover(out_dir):
     """Complete the switches of dead writers that got as far as their mark, and delete the
-    temporary files of those that did not (a kill -9 runs no clean-up)."""
-
-    def dead_writer(path):  # (our own pid here is an earlier process's: we are not switching)
-        pid = path.rsplit('.', 1)[1]
-        return pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+    temporary files of those that did not (a kill -9 runs no clean-up). Our own pid here is an
+    earlier process's: this one is not switching."""
     for mark in glob.glob(os.path.join(glob.escape(out_dir), 'switch.*')):
-        if dead_writer(mark):
+        if dead_writer(mark, mine=True):
             finish_switch(out_dir, mark.rsplit('.', 1)[1])
     for name in DATASET_FILES:
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
-            if dead_writer(tmp):
+            if dead_writer(tmp, mine=True):
                 with suppress(OSError):  # (gone already, or a directory we may only read)
                     os.remove(tmp)
 
@@ -139,33 +132,25 @@ Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token id
 
 
 def main(argv):
-    try:
-        run(argv)
-    except (ValueError, OSError) as e:  # bad or missing files, a full disk: the user's to fix
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-
-
-def run(argv):
     args = parse_flags(argv, PrepareConfig())
     tokenizer = args.tokenizer or DATASETS.get(args.dataset, (None, 'char'))[1]
     out_dir = args.out_dir or data_dir_of(args.dataset)
-    text = read_corpus(args.input, args.dataset)
-    if tokenizer == 'bpe':  # tiktoken fetches its BPE file on first use: fail before any work
-        try:
-            Tokenizer.from_text('bpe', '')
-        except Exception as e:
-            raise ConnectionError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
-                                  f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-    elif tokenizer != 'char':  # a Hugging Face tokenizer: transformers, and a download or copy
-        try:
+    try:  # bad or missing files, a full disk: the user's to fix
+        text = read_corpus(args.input, args.dataset)
+        try:  # load the tokenizer before any work (tiktoken fetches its BPE file on first use)
             Tokenizer.from_text(tokenizer, '')
-        except ImportError:
-            raise ValueError(f"--tokenizer={tokenizer} needs the optional package transformers "
-                             f"(pip install transformers); or use char or bpe")
         except Exception as e:
-            raise ValueError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
-                             f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
-    summary = prepare(text, out_dir, tokenizer, args.val_fraction)
+            if tokenizer == 'bpe':
+                raise UserError(f"cannot load the BPE tokenizer ({type(e).__name__}); offline? "
+                                f"set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+            if isinstance(e, ImportError):
+                raise UserError(f"--tokenizer={tokenizer} needs the optional package "
+                                f"transformers (pip install transformers); or use char or bpe")
+            raise UserError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
+                            f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
+        summary = prepare(text, out_dir, tokenizer, args.val_fraction)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
           f"vocab {summary['vocab_size']}, written to {out_dir}")
     print(json.dumps(summary))

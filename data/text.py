@@ -16,9 +16,8 @@ BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
 
 
 class Tokenizer:
-    """encode(str) -> list[int] and decode(list[int]) -> str, described by a small meta dict:
-    {'kind': 'char', 'chars': '...'}, {'kind': 'bpe', 'encoding': 'r50k_base'} or
-    {'kind': 'hf', 'name': 'EleutherAI/pythia-70m'} (a Hugging Face tokenizer)."""
+    """encode(str) -> list[int] and decode(list[int]) -> str of a meta dict: {'kind': 'char',
+    'chars': ...}, {'kind': 'bpe', 'encoding': 'r50k_base'} or {'kind': 'hf', 'name': ...}."""
 
     def __init__(self, meta):
         self.meta = meta
@@ -62,7 +61,6 @@ class Tokenizer:
 
 
 def load_meta(data_dir):
-    """The tokenizer metadata of a prepared dataset."""
     with open(os.path.join(data_dir, 'meta.json')) as f:
         return json.load(f)
 
@@ -73,9 +71,9 @@ def data_dir_of(dataset, data_dir=''):
 
 
 def val_path(ckpt, data_dir=''):
-    """The val.bin of a checkpoint's text (its config's data_dir or data/<dataset>; for heads
-    distilled on a model-written corpus, the real text that corpus came from: meta's
-    source_data), or data_dir's; '' when the checkpoint names no dataset."""
+    """The val.bin of data_dir, else of the checkpoint's text: for heads distilled on a
+    model-written corpus, the real text it came from (meta's source_data), else its config's
+    data_dir or data/<dataset>; '' when the checkpoint names none."""
     config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
     data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
         data_dir_of(config['dataset']) if config.get('dataset') else '')
@@ -83,8 +81,6 @@ def val_path(ckpt, data_dir=''):
 
 
 def tokenizer_for(ckpt):
-    """The checkpoint's Tokenizer; one-line UserErrors when the checkpoint has none or tiktoken
-    cannot load its BPE (offline without a cache)."""
     if not ckpt.get('meta'):
         raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
     try:
@@ -96,15 +92,12 @@ def tokenizer_for(ckpt):
         raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
 
 
-TOKENIZER_KEYS = ('kind', 'encoding', 'vocab_size', 'chars')  # what a token id means
-
-
 def tokenizer_difference(meta, other):
     """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
     keys (a distilled model's source_data: where its text is) do not change what an id means,
     nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
     hf = (meta or {}).get('kind') == 'hf'
-    for key in (k for k in TOKENIZER_KEYS if not (hf and k == 'vocab_size')):
+    for key in ('kind', 'encoding') + (() if hf else ('vocab_size',)) + ('chars',):
         a, b = ((m or {}).get(key) for m in (meta, other))
         if a != b:
             shown = [repr(v[:16] + '...' if isinstance(v, str) and len(v) > 19 else v)
@@ -114,8 +107,7 @@ def tokenizer_difference(meta, other):
 
 
 def check_draft(ckpt, draft_ckpt):
-    """A draft model must share the target's tokenizer, not just its vocabulary size (sample.py
-    and bench.py decode alike)."""
+    """A draft model must share the target's tokenizer, not just its vocabulary size."""
     why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
     if why:
         raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
@@ -132,8 +124,7 @@ def read_text(path, what='input file'):
 
 
 def token_file(path):
-    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped; an empty
-    or odd-sized file (not such a file) is a one-line error, not numpy's traceback."""
+    """The uint16 token ids of a .bin file (data/prepare.py's format), memory-mapped."""
     size = os.path.getsize(path)
     if size == 0 or size % 2:
         what = 'empty' if size == 0 else 'not a uint16 token file (odd size)'
@@ -149,8 +140,7 @@ def encode(tokenizer, text, what):
 
 
 def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
-    """(token ids, where they came from): a text file encoded with the checkpoint's tokenizer,
-    or the val.bin of the checkpoint's dataset (or of data_dir)."""
+    """(token ids, where from): a text file, or the val.bin of data_dir or the checkpoint's."""
     source = input_path or val_path(ckpt, data_dir)
     if input_path:
         tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
