@@ -25,8 +25,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from common import (UserError, flag, parse_flags, MarginalizeFlags, DecodeFlags, help_text, cli,
-                    check_ranges, pick_device, autocast_for, set_cpu_threads, clock, load_model)
+from common import (UserError, TrainConfig, flag, parse_flags, MarginalizeFlags, DecodeFlags,
+                    help_text, cli, check_ranges, pick_device, autocast_for, set_cpu_threads,
+                    clock, load_model)
 from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
@@ -34,7 +35,7 @@ from marginalize import marginalize, marginalize_naive, check_cost, next_token_l
 import drafters
 import sample
 from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
-from train import TrainConfig, train
+from train import train
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
-The plumbing every nanoMTP script shares: flags (and --help), devices, checkpoints and cli() (a
-UserError ends a script with one line). Imports: model <- heads <- common <- data/ <- metrics,
-report <- scripts.
+The plumbing every nanoMTP script shares: flags (and --help; the flag sets of training, decoding
+and marginalization), devices, checkpoints and cli() (a UserError ends a script with one line).
+Imports: model <- heads <- common <- data/ <- metrics, report <- scripts.
 """
 import ast
 import dataclasses
@@ -126,6 +126,62 @@ class MarginalizeFlags:
                                                 "BPE vocabulary at k_ahead=3: ~1e10 per position)")
     seed: int = flag(0, "which windows")
     device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | ...")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """python train.py [preset.py ...] [--name=value ...]
+Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume a run."""
+    # I/O
+    out_dir: str = flag('out', "checkpoints go to out_dir/ckpt.pt")
+    dataset: str = flag('shakespeare_char', "reads data/<dataset>/{train,val}.bin and meta.json")
+    data_dir: str = flag('', "overrides data/<dataset>")
+    init_from: str = flag('scratch', "scratch | resume | a ckpt path | gpt2* | EleutherAI/pythia-*")
+    eval_interval: int = flag(500, "iterations between evaluations (and checkpoints)")
+    eval_iters: int = flag(20, "batches per split per evaluation")
+    log_interval: int = flag(10, "iterations between progress-bar updates")
+    # data
+    batch_size: int = flag(8, "sequences per micro-batch")
+    block_size: int = flag(256, "context length (tokens per training window)")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (split across ranks)")
+    doc_len: int = flag(0, "> 0: the corpus is documents of doc_len tokens (distill.py)")
+    doc_prompt: int = flag(0, "... whose first doc_prompt tokens are never targets")
+    # model (ignored when adapting a checkpoint: the source decides)
+    n_layer: int = flag(4, "transformer blocks on the next-token path")
+    n_head: int = flag(4, "attention heads per block")
+    n_embd: int = flag(128, "channels")
+    dropout: float = flag(0.0, "dropout probability (0 for small data and fine-tuning)")
+    bias: bool = flag(False, "biases in Linear and LayerNorm layers")
+    # multi-token prediction
+    n_future: int = flag(4, "heads; head k predicts x_{t+k}")
+    attach_layer: int = flag(-1, "trunk depth; -1 = n_layer-1 (block heads), else n_layer")
+    head_type: str = flag('sequential', "sequential (DeepSeek-V3) | resblock (Medusa) | block")
+    whs: bool = flag(False, "weighted hidden states: heads read a learned mix of layers")
+    head_attention: bool = flag(False, "sequential heads: an MLP (Hydra), or a transformer block")
+    loss_weights: str = flag('', "explicit lambda_1..lambda_n, comma separated")
+    mtp_weight: float = flag(1.0, "else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)")
+    mtp_decay: float = flag(1.0, "(see mtp_weight)")
+    memory_efficient: bool = flag(False, "heads' forward+backward one at a time")
+    # training strategies of the paper (for adapted models), see training_strategy()
+    freeze_trunk: bool = flag(False, "heads only")
+    head_warmup_iters: int = flag(0, "heads only for this many iterations, then joint")
+    trunk_lr_scale: float = flag(1.0, "differential LR: trunk LR = scale * head LR")
+    # optimizer and schedule
+    learning_rate: float = flag(2e-3, "peak LR (of the heads, with differential LR)")
+    max_iters: int = flag(3500, "total iterations (a resumed run continues to this)")
+    weight_decay: float = flag(0.1, "AdamW's, on matrices only")
+    beta1: float = flag(0.9, "AdamW's beta1")
+    beta2: float = flag(0.99, "AdamW's beta2")
+    grad_clip: float = flag(1.0, "max gradient norm; 0 disables")
+    warmup_iters: int = flag(100, "linear LR warmup")
+    lr_decay_iters: int = flag(-1, "cosine decay to min_lr until here; -1: max_iters")
+    min_lr: float = flag(2e-4, "the LR after the decay")
+    # system
+    device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag('auto', "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(1337, "of the init and the batches (rank r uses seed + r)")
+    quiet: bool = flag(False, "no progress bar / log lines (the JSON line still prints)")
 
 
 @dataclasses.dataclass

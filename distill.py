@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from heads import loss_weights_for
-from common import (UserError, flag, parse_flags, check_ranges, pick_device, autocast_for,
-                    load_model, cli)
+from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
+                    autocast_for, load_model, cli)
 from data.text import val_path, val_prompts
 from sample import probs_from_logits, draw, check_request
-from train import TrainConfig, train, check_config
+from train import train, check_config
 from report import printable
 
 

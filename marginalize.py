@@ -4,7 +4,7 @@ Marginalization: how far ahead can a next-token (NTP) model already see?
 An NTP model defines the distribution of the token k steps ahead (Mehra et al. 2025): sum over
 every path of intermediate tokens v_1 .. v_{k-1},
 
-    p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}} prod_{j<k} p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_1..v_{k-1})
+    p(x_{t+k} | x<=t) = sum_{v_1..v_{k-1}} prod_{j<k} p(v_j | x<=t, v_<j) * p(x_{t+k} | x<=t, v_<k)
 
 Exact, it costs |V|^(k-1) forwards per position, so the path set is sparsified: only candidates
 among the top_k most probable and/or inside the top_p nucleus of p(v_j | ...) are followed, and at

@@ -48,7 +48,7 @@ class KVCache:
     exceed block_size: cache slots are not positions (marginalization chooses its position ids)."""
 
     def __init__(self, n_layers, max_len):
-        self.n_layers, self.max_len, self.length = n_layers, max_len, 0
+        self.max_len, self.length = max_len, 0
         self.k, self.v = [None] * n_layers, [None] * n_layers  # allocated on first use
 
     def update(self, layer, k, v):

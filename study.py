@@ -28,7 +28,8 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 
-from common import UserError, flag, parse_flags, pick_device, load_model, cli, load_checkpoint
+from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
+                    load_checkpoint)
 from convert import GPT2_SIZES, PYTHIA
 from data.text import val_prompts
 from data.prepare import SHAKESPEARE, prepare
@@ -183,7 +184,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
                      min_lr=cfg.adapt_lr / 10) | flags
     n_layer, n_head, n_embd = SIZES[size]
     max_iters = flags.get('max_iters', cfg.base_iters)
-    tc = trainer.TrainConfig(**dict(
+    tc = TrainConfig(**dict(
         out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
         batch_size=cfg.batch_size, block_size=cfg.block_size, eval_iters=cfg.eval_iters,
         device=cfg.device, seed=seed, quiet=True, head_type='block', n_future=cfg.n_future,

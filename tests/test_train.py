@@ -13,7 +13,7 @@ import torch
 
 import heads
 import train as T
-from common import load_checkpoint, model_from_checkpoint
+from common import TrainConfig, load_checkpoint, model_from_checkpoint
 from conftest import (one_line_error, run_cli, run_train, tiny_mtp, train_config, make_corpus,
                       pattern_text)
 
@@ -73,7 +73,7 @@ def test_a_resumed_runs_config_records_the_checkpoints_shape(corpus, tmp_path):
     run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2')
     cfg = train_config(corpus, tmp_path, '--init_from=resume', '--max_iters=3')
     for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type'):  # back to defaults
-        setattr(cfg, name, getattr(T.TrainConfig(), name))
+        setattr(cfg, name, getattr(TrainConfig(), name))
     ckpt = load_checkpoint(T.train(cfg)['ckpt'])
     for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type', 'attach_layer'):
         assert ckpt['config'][name] == ckpt['model_args'][name], name
@@ -97,7 +97,7 @@ def test_memory_efficient_training_matches_standard(corpus, tmp_path, arch, requ
 
 def test_lr_schedule():
     """get_lr: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    cfg = T.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=14,
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=14,
                         max_iters=100)
     lrs = [T.get_lr(it, cfg) for it in range(20)]
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
@@ -127,7 +127,7 @@ def test_training_strategy_puts_trunk_and_heads_in_named_groups(arch):
     weight decay and with Adam's default eps; group lr = learning_rate * lr_scale, and every
     parameter is in exactly one group."""
     model = tiny_mtp(n_future=3, whs=True, arch=arch)
-    cfg = T.TrainConfig(trunk_lr_scale=0.25, learning_rate=1e-3)
+    cfg = TrainConfig(trunk_lr_scale=0.25, learning_rate=1e-3)
     strategy = T.training_strategy(model, cfg, 'cpu')
     groups = groups_by_name(strategy.optimizer)
     assert sorted(groups) == ['heads', 'trunk']
@@ -150,7 +150,7 @@ def test_training_strategy_leaves_a_frozen_trunk_out_of_the_optimizer():
     """freeze_trunk: the optimizer holds the heads only (one group, heads), the trunk has
     requires_grad off and is never trainable."""
     model = tiny_mtp(n_future=3)
-    strategy = T.training_strategy(model, T.TrainConfig(freeze_trunk=True), 'cpu')
+    strategy = T.training_strategy(model, TrainConfig(freeze_trunk=True), 'cpu')
     assert sorted(groups_by_name(strategy.optimizer)) == ['heads']
     assert sorted(held(strategy.optimizer)) == sorted(map(id, model.heads.parameters()))
     assert not any(p.requires_grad for p in model.trunk_parameters())
@@ -162,7 +162,7 @@ def test_training_strategy_freezes_a_head_with_zero_loss_weight():
     heads 2 and 3 and the trunk are in it. loss_weights come back as numbers; without them,
     lambda_k = mtp_weight * mtp_decay^(k-2)."""
     model = tiny_mtp(n_future=3)
-    strategy = T.training_strategy(model, T.TrainConfig(loss_weights='0,1,0.5'), 'cpu')
+    strategy = T.training_strategy(model, TrainConfig(loss_weights='0,1,0.5'), 'cpu')
     assert strategy.loss_weights == [0.0, 1.0, 0.5]
     ids = set(held(strategy.optimizer))
     assert not any(id(p) in ids or p.requires_grad for p in model.heads[0].parameters())
@@ -170,7 +170,7 @@ def test_training_strategy_freezes_a_head_with_zero_loss_weight():
               *model.trunk_parameters()]:
         assert id(p) in ids and p.requires_grad
     decayed = T.training_strategy(tiny_mtp(n_future=3),
-                                  T.TrainConfig(mtp_weight=0.5, mtp_decay=0.5), 'cpu')
+                                  TrainConfig(mtp_weight=0.5, mtp_decay=0.5), 'cpu')
     assert decayed.loss_weights == [1.0, 0.5, 0.25]
 
 
@@ -178,7 +178,7 @@ def test_training_strategy_head_warmup_holds_the_trunk_back_for_its_iterations()
     """head_warmup_iters=5: the trunk is in the optimizer (its own group, trunk_lr_scale) but
     trunk_trainable(it) is False for it < 5 and True from then on."""
     model = tiny_mtp(n_future=2)
-    cfg = T.TrainConfig(head_warmup_iters=5, trunk_lr_scale=0.5)
+    cfg = TrainConfig(head_warmup_iters=5, trunk_lr_scale=0.5)
     strategy = T.training_strategy(model, cfg, 'cpu')
     assert sorted(held(strategy.optimizer, 'trunk')) == sorted(map(id, model.trunk_parameters()))
     assert [strategy.trunk_trainable(it) for it in (0, 4, 5, 100)] == [False, False, True, True]
@@ -285,7 +285,7 @@ def test_differential_lr_scales_the_trunk_groups(corpus, source_ckpt, tmp_path, 
     assert sorted(rec.saves) == [1, 2, 3, 4, 5]
     lrs = set()
     for it, saved in rec.saves.items():
-        cfg = T.TrainConfig(**saved['config'])
+        cfg = TrainConfig(**saved['config'])
         lr = T.get_lr(it - 1, cfg)  # the LR of the step that produced iteration `it`
         lrs.add(lr)
         names = {g['name'] for g in saved['groups']}
