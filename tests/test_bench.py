@@ -38,7 +38,7 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
 def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckpt, tmp_path):
     """--heads adds a self-speculative row per checkpoint of the same next-token model; --peers
     adds transformers' generate, prompt lookup and assisted generation on the same weights
-    (GPT.to_hf): greedy, every row emits vanilla's tokens, and each is counted like ours.
+    (convert.to_hf): greedy, every row emits vanilla's tokens, and each is counted like ours.
     --breakdown splits our modes' time per token into forward, drafts, verify and the rest."""
     pytest.importorskip('transformers')
     ckpt = counting_ckpt / 'ckpt.pt'
