@@ -137,7 +137,6 @@ def row_chain(rows, state, token, pick):
     return torch.cat(drafts), torch.cat(q)
 
 
-
 class ModelDrafter:
     """Two-model decoding: a smaller draft model drafts k tokens, one forward each, in a window of
     its own (sample.Window); none before the target verified the prompt. A draft model with a

@@ -1,5 +1,5 @@
 """
-The three MTP head designs, side by side, each with its training forward and its drafting.
+The three MTP head designs, side by side: their parameters, equations and training forward.
 
 Head k (1-based) predicts x_{t+k} from the trunk states h_0 .. h_attach (heads.py builds the
 model around them). Every design computes head k's state s_k; ln_f and the unembedding are
@@ -155,7 +155,6 @@ class BlockHeads(Heads):
                 block.load_state_dict(source.state_dict())
 
 
-
 class ResBlockHeads(Heads):
     """Head k (element k-1) is a ResBlock on z_k; its drafter reads the last verified position."""
 
@@ -168,7 +167,6 @@ class ResBlockHeads(Heads):
     def states(self, model, idx, trunk_hidden, n_heads, cache=None, attn_mask=None, pos=None):
         for k, head in enumerate(list(self)[:n_heads], start=1):
             yield k, head(trunk_hidden)
-
 
 
 class SequentialHeads(Heads):
@@ -198,7 +196,6 @@ class SequentialHeads(Heads):
 
     def head1_blocks(self):
         return []  # head 1 is the trunk itself
-
 
     def chain(self, model, entry, tokens, pick, cache=None):
         """Heads 2..n drafting x_{t+2}..x_{t+n} at the last of m positions t-m+1..t.

@@ -153,8 +153,8 @@ def assert_every_head_reproduces(src, mtp):
 
 @pytest.mark.parametrize('attach', [0, 1, 2])
 def test_from_gpt_head1_reproduces_the_source_at_every_attach_layer(attach, arch):
-    """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a), block heads: head 1 gives the source model's
-    logits for every a in 0..n_layer-1 (and at init the other heads are copies of it)."""
+    """MTPGPT.from_gpt(ntp, n_future=3, attach_layer=a), block heads: head 1 gives the source
+    model's logits for every a in 0..n_layer-1 (and at init the other heads are copies of it)."""
     src = tiny_gpt(n_layer=3, arch=arch)
     mtp = MTPGPT.from_gpt(src, n_future=3, attach_layer=attach, head_type='block').eval()
     assert len(mtp.transformer.h) == attach
