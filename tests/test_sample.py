@@ -212,6 +212,50 @@ def drafts_checked_against_recomputation(monkeypatch, found, temperature):
     monkeypatch.setattr(ChainDrafter, 'observe', checked)
 
 
+def parallel_drafts_checked(monkeypatch, model, found):
+    """Make every parallel drafter's observe also compute heads 2..n of a full forward over the
+    window (no cache) at the last verified position, and record whether the q agree."""
+    cls = type(drafters.heads_drafter(model, None))
+    observe = cls.observe
+
+    def checked(drafter, seq, trunk_hidden, start):
+        observe(drafter, seq, trunk_hidden, start)
+        with torch.no_grad():
+            logits = model(torch.tensor([seq[start:-1]]))[0][0, -1, 1:]
+        found.append(bool(torch.allclose(drafter.q, probs_from_logits(logits, 1.0), atol=1e-5)))
+    monkeypatch.setattr(cls, 'observe', checked)
+
+
+@pytest.mark.parametrize('head_type', ['block', 'resblock'])
+def test_parallel_drafts_equal_a_full_forwards_heads(monkeypatch, head_type):
+    """Block heads draft with a KV cache of their own over the verified positions, which starts
+    again when the window slides; resblock heads from the last verified row. At every step,
+    across slides, their q equals heads 2..n of a full forward over the window."""
+    model, found = random_mtp(block_size=32, head_type=head_type), []
+    parallel_drafts_checked(monkeypatch, model, found)
+    for prompt in random_prompts(4, 13, 50, seed=11):
+        generate_self_speculative(model, prompt, 40, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert len(found) > 50 and all(found)
+
+
+def test_a_block_drafter_cache_kept_across_a_slide_fails_the_check(monkeypatch):
+    """The negative control: a block drafter whose cache does not start again with the window."""
+    class NeverReset(drafters.KVCache):
+        def __init__(self, n_layers, max_len):
+            super().__init__(n_layers, 16 * max_len)  # room for the stale positions
+
+        def rollback(self, length):
+            super().rollback(self.length if length == 0 else length)
+    monkeypatch.setattr(drafters, 'KVCache', NeverReset)
+    model, found = random_mtp(block_size=32, head_type='block'), []
+    parallel_drafts_checked(monkeypatch, model, found)
+    for prompt in random_prompts(2, 13, 50, seed=11):
+        generate_self_speculative(model, prompt + [1] * 30, 20, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert not all(found)
+
+
 def counting_with_live_head_attention(wrong=(), seed=0):
     """counting_mtp with sequential heads whose attention outputs are not zeroed: drafts depend
     on the heads' cached keys and values (and are often right)."""
