@@ -141,7 +141,8 @@ class ModelDrafter:
     """Two-model decoding: a smaller draft model drafts k tokens, one forward each, in a window of
     its own (sample.Window); none before the target verified the prompt. A draft model with a
     block_size >= the target's follows the target's window (so a draft equal to the target is
-    always accepted); a smaller one slides its own."""
+    always accepted); a smaller one slides its own. Invariant: after observe(), its window's
+    cache holds verified tokens only; draft() adds its drafts, which the next observe() drops."""
 
     def __init__(self, window, target_window, pick):
         self.window, self.target_window, self.pick = window, target_window, pick
@@ -149,13 +150,14 @@ class ModelDrafter:
         self.verified, self.forwards = False, 0
 
     def observe(self, seq, trunk_hidden, start):
-        self.window.rollback(len(seq) - 1)  # its cache keeps the verified tokens
+        self.window.rollback(len(seq) - 1)
         self.verified = True
 
     def draft(self, seq, k):
         window, drafts, q = self.window, [], []
         if self.follow and window.start != self.target_window.start:
-            window.start, _ = self.target_window.start, window.cache.rollback(0)
+            window.start = self.target_window.start
+            window.cache.rollback(0)
         for j in range(k if self.verified else 0):
             window.slide(len(seq) + j)
             token, q_j = self.pick(window.forward(seq + drafts)[-1])
