@@ -83,12 +83,13 @@ class ChainDrafter(Drafter):
         config = model.config
         self.cache = KVCache(config.n_future - 1, config.block_size) \
             if config.head_attention else None
-        self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device)
+        self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device) \
+            if config.head_attention else None
         self.rows = row_weights(model) if not config.head_attention and \
             config.vocab_size <= self.max_table_vocab else None
 
     def observe(self, seq, trunk_hidden, start):
-        whs, device = self.model.heads.whs_coef, self.entry.device
+        whs, device = self.model.heads.whs_coef, self.drafts.device
         if self.cache is None:  # an MLP body: the chain on row j alone
             entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
             if self.rows is not None:
