@@ -28,6 +28,7 @@ class Drafter:
     """What every drafter shares: the drafts of the last observe(), handed out k at a time.
     pick: draft logits (..., V) -> (draft tokens (...), their q (..., V))."""
     forwards = 0  # forwards of a separate draft model (none: the heads ride on the target's)
+    row_local = False  # True: draft_rows drafts from each row's last verified position alone
 
     def __init__(self, model, pick):
         self.model, self.pick = model, pick
@@ -40,11 +41,17 @@ class Drafter:
 
 class ResBlockDrafter(Drafter):
     """Heads 2..n at the last verified position j alone: a ResBlock reads no other position."""
+    row_local = True
 
     def observe(self, seq, trunk_hidden, start):
-        h = [state[0, -1] for state in trunk_hidden]  # position j, (C,) each
-        states = torch.stack([head(h) for head in list(self.model.heads)[1:]])
-        self.drafts, self.q = self.pick(self.model.unembed(states))
+        drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden], None)  # position j
+        self.drafts, self.q = drafts[0], q[0]
+
+    def draft_rows(self, trunk_hidden, tokens):
+        """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each
+        at their last verified position (tokens, the ones just emitted, are not read)."""
+        states = torch.stack([head(trunk_hidden) for head in list(self.model.heads)[1:]], dim=1)
+        return self.pick(self.model.unembed(states))
 
 
 class BlockDrafter(Drafter):
@@ -87,13 +94,21 @@ class ChainDrafter(Drafter):
             if config.head_attention else None
         self.rows = row_weights(model) if not config.head_attention and \
             config.vocab_size <= self.max_table_vocab else None
+        self.row_local = self.rows is not None
+
+    def draft_rows(self, trunk_hidden, tokens):
+        """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each at
+        their last verified position j and the tokens (B,) just emitted, x_{j+1} (MLP bodies)."""
+        return row_chain(self.rows, mix(self.model.heads.whs_coef, trunk_hidden), tokens,
+                         self.pick)
 
     def observe(self, seq, trunk_hidden, start):
         whs, device = self.model.heads.whs_coef, self.drafts.device
         if self.cache is None:  # an MLP body: the chain on row j alone
             entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
             if self.rows is not None:
-                self.drafts, self.q = row_chain(self.rows, entry, tokens, self.pick)
+                drafts, q = row_chain(self.rows, entry, tokens, self.pick)
+                self.drafts, self.q = drafts[0], q[0]
                 return
         else:
             m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
@@ -123,8 +138,9 @@ def row_weights(model):
 
 
 def row_chain(rows, state, token, pick):
-    """SequentialHeads.chain on one row with MLP bodies, as raw ops: for k = 2..n,
-    z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), logits = unembed(s_k)."""
+    """SequentialHeads.chain with MLP bodies, as raw ops, on B rows: state (B, C), token (B,);
+    for k = 2..n, z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)),
+    logits = unembed(s_k). Returns drafts (B, n-1) and q (B, n-1, V)."""
     heads, ln_f, unembedding = rows
     drafts, q = [], []
     for table, ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu in heads:
@@ -135,7 +151,7 @@ def row_chain(rows, state, token, pick):
         token, q_k = pick(F.layer_norm(state, *ln_f) @ unembedding)
         drafts.append(token)
         q.append(q_k)
-    return torch.cat(drafts), torch.cat(q)
+    return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
 
 
 class ModelDrafter:

@@ -74,13 +74,15 @@ class KVCache:
 
 
 def rotate(q, k, pos, n_rot, base):
-    """Rotary position embedding (GPT-NeoX) of q and k (B, H, T, hd) at positions pos (T,).
+    """Rotary position embedding (GPT-NeoX) of q and k (B, H, T, hd) at positions pos (T,) or
+    per row (B, T).
     The first n_rot dims of each head are n_rot/2 pairs (i, i + n_rot/2); pair i is rotated by the
     angle pos * base^(-2i/n_rot). A query at position m and a key at n then meet in the dot product
     rotated by (m - n) only: attention sees relative positions, and a cached key never changes.
     Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position."""
     inv_freq = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float, device=q.device) / n_rot)
-    angles = pos.to(q.device).float()[:, None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
+    angles = pos.to(q.device).float()[..., None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
+    angles = angles[:, None] if pos.dim() == 2 else angles  # per-row pos (B, T): (B, 1, T, n_rot)
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
 
     def apply(x):

@@ -15,6 +15,9 @@ torchrun, bench.py subprocesses); CI runs everything.
                         next-token distributions; its heads are untrained);
                         counting_mtp(...) hand-set weights: token x+1 follows x, head k predicts
                         x+k (perfect drafts)
+  sampling oracles      exact_vanilla_distribution (P of the first tokens, enumerated),
+                        total_variation, N_RUNS and TV_BOUND, tiny_vocab_model (3 tokens),
+                        and two wrong acceptance rules, the negative controls
   corpora, training     pattern_text, make_corpus, local_tokenizer (a Hugging Face tokenizer
                         directory), run_train, train_config; fixtures corpus
                         (random 8-letter words), ntp_ckpt (a trained next-token checkpoint),
@@ -49,6 +52,7 @@ from common import UserError, save_checkpoint  # noqa: E402
 from heads import MTPGPT, MTPConfig  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.text import load_meta  # noqa: E402
+from sample import probs_from_logits  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +149,58 @@ def counting_mtp(vocab=13, n_future=4, wrong=(), noise=0.01, seed=0, block_size=
                 target = (x + step + ((i, x) in wrong)) % vocab
                 mlp.c_proj.weight[target, x] += 2.0
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# sampling: speculative samples are distributed exactly as vanilla samples
+
+def exact_vanilla_distribution(model, prompt, n_tokens, **sampling):
+    """P(first n_tokens emitted tokens) by enumerating the tree of continuations."""
+    V = model.config.vocab_size
+    dist = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            grown = {}
+            for prefix, prob in dist.items():
+                logits, _ = model(torch.tensor([prompt + list(prefix)]), n_heads=1)
+                p = probs_from_logits(logits[0, -1, 0], **sampling)
+                for v in range(V):
+                    grown[prefix + (v,)] = prob * float(p[v])
+            dist = grown
+    return dist
+
+
+def total_variation(samples, exact):
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    keys = set(exact) | set(counts)
+    return 0.5 * sum(abs(counts.get(k, 0) / len(samples) - exact.get(k, 0.0)) for k in keys)
+
+
+# 27 outcomes (3 tokens of a 3-token vocabulary), 1000 runs. For this model sampling noise alone
+# gives a TV of 0.02-0.04; accepting every draft gives ~0.6, resampling a rejected draft from p
+# instead of norm(max(0, p - q)) ~0.23 (test_wrong_acceptance_rules_fail_the_distribution_test).
+N_RUNS, TV_BOUND = 1000, 0.1
+
+
+def tiny_vocab_model(head_type='block', arch='gpt2'):
+    seed, std = (6, 0.7) if head_type == 'sequential' else (12, 0.5)  # (the controls fail hard)
+    return random_mtp(vocab=3, n_future=3, std=std, seed=seed, head_type=head_type,
+                      arch=arch), [0, 2, 1]
+
+
+def accept_every_draft(p, drafts, q, greedy, generator=None):
+    bonus = torch.multinomial(p[len(drafts)], 1, generator=generator)
+    return drafts.tolist() + bonus.tolist()
+
+
+def resample_rejected_from_p(p, drafts, q, greedy, generator=None):
+    k = drafts.numel()
+    u = torch.rand(k, generator=generator)
+    accept = u * q[torch.arange(k), drafts] < p[torch.arange(k), drafts]
+    n = int(accept.long().cumprod(0).sum())
+    return drafts[:n].tolist() + torch.multinomial(p[n], 1, generator=generator).tolist()
 
 
 # -----------------------------------------------------------------------------

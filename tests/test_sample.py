@@ -20,7 +20,9 @@ import drafters
 import sample
 from common import UserError
 from data.text import encode_prompt, stop_tokens
-from conftest import REPO, counting_mtp, one_line_error, random_mtp, run_cli
+from conftest import (REPO, N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
+                      exact_vanilla_distribution, one_line_error, random_mtp,
+                      resample_rejected_from_p, run_cli, tiny_vocab_model, total_variation)
 from drafters import ChainDrafter
 from head_designs import mix
 from heads import MTPGPT, MTPConfig
@@ -339,42 +341,6 @@ def test_sequential_heads_variants_decode_exactly(kw):
 # -----------------------------------------------------------------------------
 # sampling: speculative samples are distributed exactly as vanilla samples
 
-def exact_vanilla_distribution(model, prompt, n_tokens, **sampling):
-    """P(first n_tokens emitted tokens) by enumerating the tree of continuations."""
-    V = model.config.vocab_size
-    dist = {(): 1.0}
-    with torch.no_grad():
-        for _ in range(n_tokens):
-            grown = {}
-            for prefix, prob in dist.items():
-                logits, _ = model(torch.tensor([prompt + list(prefix)]), n_heads=1)
-                p = probs_from_logits(logits[0, -1, 0], **sampling)
-                for v in range(V):
-                    grown[prefix + (v,)] = prob * float(p[v])
-            dist = grown
-    return dist
-
-
-def total_variation(samples, exact):
-    counts = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    keys = set(exact) | set(counts)
-    return 0.5 * sum(abs(counts.get(k, 0) / len(samples) - exact.get(k, 0.0)) for k in keys)
-
-
-# 27 outcomes (3 tokens of a 3-token vocabulary), 1000 runs. For this model sampling noise alone
-# gives a TV of 0.02-0.04; accepting every draft gives ~0.6, resampling a rejected draft from p
-# instead of norm(max(0, p - q)) ~0.23 (test_wrong_acceptance_rules_fail_the_distribution_test).
-N_RUNS, TV_BOUND = 1000, 0.1
-
-
-def tiny_vocab_model(head_type='block', arch='gpt2'):
-    seed, std = (6, 0.7) if head_type == 'sequential' else (12, 0.5)  # (the controls fail hard)
-    return random_mtp(vocab=3, n_future=3, std=std, seed=seed, head_type=head_type,
-                      arch=arch), [0, 2, 1]
-
-
 def first_three_tokens(model, prompt):
     g = torch.Generator().manual_seed(0)
     # max_new_tokens=4: the second step verifies 2 drafts (heads 2 and 3) for tokens 2 and 3
@@ -393,19 +359,6 @@ def test_self_speculative_sampling_matches_vanilla_distribution(head_type, arch)
     model, prompt = tiny_vocab_model(head_type, arch)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
     assert total_variation(first_three_tokens(model, prompt), exact) < TV_BOUND
-
-
-def accept_every_draft(p, drafts, q, greedy, generator=None):
-    bonus = torch.multinomial(p[len(drafts)], 1, generator=generator)
-    return drafts.tolist() + bonus.tolist()
-
-
-def resample_rejected_from_p(p, drafts, q, greedy, generator=None):
-    k = drafts.numel()
-    u = torch.rand(k, generator=generator)
-    accept = u * q[torch.arange(k), drafts] < p[torch.arange(k), drafts]
-    n = int(accept.long().cumprod(0).sum())
-    return drafts[:n].tolist() + torch.multinomial(p[n], 1, generator=generator).tolist()
 
 
 @pytest.mark.parametrize('head_type', ['block', pytest.param('sequential',

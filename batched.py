@@ -1,0 +1,228 @@
+"""
+Batched decoding: many prompts at once, each row exactly what decoding it alone gives
+(sample.generate and sample.generate_speculative, the one-prompt loops this file mirrors).
+Vanilla, self-speculative (every head design) and two-model, in one loop.
+
+Rows go ragged: prompts differ in length, and each step every row accepts its own number of
+drafts. The bookkeeping, named:
+    lengths[b]  how many of row b's tokens its cache holds; they sit at window positions
+                0 .. lengths[b] - 1, and a cache slot is its position (RaggedCache)
+    feeds[b]    what row b feeds a step: its tokens the cache lacks (the prompt, later the token
+                just emitted), then its drafts. Feeds are padded on the right to the longest, T.
+    positions   row b's token t sits at lengths[b] + t and attends to slots <= lengths[b] + t:
+                its own tokens only, never a padding slot or a stale one (Batch.forward)
+    rollback    per row: lengths[b] moves back to the verified tokens, O(1) as in KVCache
+Finished rows leave the batch: their cache rows are dropped, so they cost nothing more (masking
+them would keep paying their share of every forward until the last row ends).
+
+The window: batched rows do not slide. Every prompt plus its max_new_tokens must fit block_size
+(the draft model's too), or the request is refused with a one-line error; decode a longer one
+alone (sample.py without --prompts), which slides.
+"""
+import torch
+
+from model import KVCache, UserError
+from drafters import heads_drafter
+
+
+class RaggedCache(KVCache):
+    """A KVCache whose rows hold different numbers of tokens. Invariant: row b's slots
+    0 .. lengths[b] - 1 hold its tokens at those positions; later slots are stale, and a forward
+    writes its T tokens at lengths[b] .. lengths[b] + T - 1 before anything reads them."""
+
+    def __init__(self, n_layers, max_len, n_rows, device):
+        super().__init__(n_layers, max_len)
+        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=device)  # (B,)
+
+    def prepare(self, T, n_head, head_dim):
+        """Where every row's next T tokens go: slots lengths[b] .. lengths[b] + T - 1."""
+        self.end = int(self.lengths.max()) + T
+        if self.end > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.end} positions > max_len {self.max_len}")
+        slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        self.slots = slots[:, None, :, None].expand(len(slots), n_head, T, head_dim)
+
+    def update(self, layer, k, v):
+        if self.k[layer] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer].scatter_(2, self.slots, k)
+        self.v[layer].scatter_(2, self.slots, v)
+        return self.k[layer][:, :, :self.end], self.v[layer][:, :, :self.end]
+
+    def advance(self, T):  # every row by T, padding included: Batch.forward then rolls back
+        self.lengths = self.lengths + T
+
+    def rollback(self, lengths):
+        """Rows keep lengths (B,) tokens (at most what they hold)."""
+        if not bool(((0 <= lengths) & (lengths <= self.lengths)).all()):
+            raise ValueError(f"cannot roll back rows of lengths {self.lengths.tolist()} to "
+                             f"{lengths.tolist()}")
+        self.lengths = lengths
+
+    def keep(self, rows):
+        """Only the rows (B',) stay, in that order (the others finished)."""
+        self.k = [None if k is None else k[rows] for k in self.k]
+        self.v = [None if v is None else v[rows] for v in self.v]
+        self.lengths = self.lengths[rows]
+
+
+class Batch:
+    """A model's view of a batch of rows (decoding runs): its RaggedCache, the forward of ragged
+    feeds, and the per-row rollback."""
+
+    def __init__(self, model, runs, n_drafts, name='the model'):
+        for run in runs:
+            if run.n_prompt + run.max_new_tokens > model.config.block_size:
+                raise UserError(
+                    f"a prompt of {run.n_prompt} tokens + max_new_tokens {run.max_new_tokens} "
+                    f"does not fit {name}'s block_size {model.config.block_size}: batched rows "
+                    f"do not slide their window; decode it alone, or ask for fewer tokens")
+        self.model, self.device = model, model.lm_head.weight.device
+        max_len = model.config.block_size + n_drafts + 1  # a short row padded to the longest feed
+        self.cache = RaggedCache(model.num_cache_layers(), max_len, len(runs), self.device)
+
+    def lengths(self):
+        return self.cache.lengths.tolist()
+
+    def forward(self, feeds):
+        """feeds: one token list per row, what follows its cached tokens -> next-token logits
+        (B, T, V) and the trunk states [h_0 .. h_attach], each (B, T, C), padded to the longest
+        feed T. Afterwards row b's cache holds its feed too (and no padding)."""
+        T, lengths = max(map(len, feeds)), self.cache.lengths
+        idx = torch.tensor([feed + [0] * (T - len(feed)) for feed in feeds], device=self.device)
+        pos = lengths[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        config = self.model.config
+        self.cache.prepare(T, config.n_head, config.n_embd // config.n_head)
+        slots = torch.arange(self.cache.end, device=self.device)
+        mask = slots[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, slots)
+        # padding may sit past the last position: clamped, it is computed but never read
+        logits, _, trunk_hidden = self.model(
+            idx, cache=self.cache, pos=pos.clamp(max=config.block_size - 1),
+            attn_mask=mask, n_heads=1, return_hidden=True)
+        self.cache.rollback(lengths + torch.tensor(list(map(len, feeds)), device=self.device))
+        return logits[:, :, 0], trunk_hidden
+
+    def rollback(self, lengths, rows):
+        """Row b keeps lengths[b] tokens; then only the rows (indices) stay, in that order."""
+        self.cache.rollback(torch.tensor(lengths, device=self.device))
+        if len(rows) < len(lengths):
+            self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.device))
+
+
+# -----------------------------------------------------------------------------
+# drafting for a batch: draft(runs, ks) -> [(drafts (k_b,), q (k_b, V))] per row;
+# keep(rows): only those rows stay; observe(runs, trunk_hidden, last): the target verified row
+# b's tokens up to index last[b] of its feed, trunk_hidden: its states, each (B, T, C)
+
+class NoDrafts:
+    """Vanilla decoding: a drafter that never drafts."""
+    forwards = 0
+
+    def __init__(self, model):
+        device = model.lm_head.weight.device
+        self.none = (torch.empty(0, dtype=torch.long, device=device),
+                     torch.empty(0, model.config.vocab_size, device=device))
+
+    def draft(self, runs, ks):
+        return [self.none] * len(runs)
+
+    def keep(self, rows):
+        pass
+
+    def observe(self, runs, trunk_hidden, last):
+        pass
+
+
+class EachRow:
+    """One-prompt drafters (drafters.py), one per row, each fed its own row: exact for every
+    design, at the price of one drafter call per row (block heads, heads with attention)."""
+    forwards = 0
+
+    def __init__(self, drafters):
+        self.drafters = drafters
+
+    def draft(self, runs, ks):
+        return [d.draft(run.seq, k) for d, run, k in zip(self.drafters, runs, ks)]
+
+    def observe(self, runs, trunk_hidden, last):
+        for b, (d, run) in enumerate(zip(self.drafters, runs)):
+            d.observe(run.seq, [h[b:b + 1, :last[b] + 1] for h in trunk_hidden], 0)
+
+    def keep(self, rows):
+        self.drafters = [self.drafters[b] for b in rows]
+
+
+class LastRows:
+    """Drafters that read each row's last verified position alone (ResBlock heads, MLP-bodied
+    sequential heads): every row in one call of drafter.draft_rows."""
+    forwards = 0
+
+    def __init__(self, drafter):
+        self.drafter, self.drafts = drafter, None
+
+    def draft(self, runs, ks):
+        if self.drafts is None:  # nothing verified yet: the prompt's forward drafts nothing
+            return [self.drafter.draft(run.seq, 0) for run in runs]
+        return [(self.drafts[b, :k], self.q[b, :k]) for b, k in enumerate(ks)]
+
+    def observe(self, runs, trunk_hidden, last):
+        rows = torch.arange(len(runs), device=trunk_hidden[0].device)
+        at_last = [h[rows, torch.tensor(last, device=rows.device)] for h in trunk_hidden]
+        tokens = torch.tensor([run.seq[-1] for run in runs], device=rows.device)
+        self.drafts, self.q = self.drafter.draft_rows(at_last, tokens)
+
+    def keep(self, rows):
+        pass  # observe() drafts anew for the rows that stay
+
+
+def self_drafter(model):
+    """make_drafter for self-speculative decoding: the heads of the model's design."""
+    def make(runs, pick):
+        drafter = heads_drafter(model, pick)
+        if drafter.row_local:
+            return LastRows(drafter)
+        return EachRow([drafter] + [heads_drafter(model, pick) for _ in runs[1:]])
+    return make
+
+
+class DraftModelRows:
+    """Two-model decoding for a batch: the draft model decodes every row at once, in a Batch of
+    its own. Invariant: after observe(), its cache holds verified tokens only (draft() adds
+    drafts, which the next observe() rolls back)."""
+
+    def __init__(self, draft_model, runs, n_drafts, pick):
+        self.batch, self.pick = Batch(draft_model, runs, n_drafts, 'the draft model'), pick
+        self.verified, self.forwards = False, 0
+
+    def draft(self, runs, ks):
+        drafts, q = [[] for _ in runs], [[] for _ in runs]
+        for _ in range(max(ks) if self.verified else 0):  # every row drafts max(ks), cut to k_b
+            lengths = self.batch.lengths()
+            logits, _ = self.batch.forward([(run.seq + d)[n:] for run, d, n in
+                                            zip(runs, drafts, lengths)])
+            last = torch.tensor([len(run.seq) + len(d) - n - 1 for run, d, n in
+                                 zip(runs, drafts, lengths)], device=logits.device)
+            tokens, q_j = self.pick(logits[torch.arange(len(runs)), last])
+            for b, token in enumerate(tokens.tolist()):
+                drafts[b].append(token)
+                q[b].append(q_j[b])
+            self.forwards += 1
+        no_q = torch.empty(0, self.batch.model.config.vocab_size, device=self.batch.device)
+        return [(torch.tensor(d[:k], dtype=torch.long, device=self.batch.device),
+                 torch.stack(qb[:k]) if qb and k else no_q)
+                for d, qb, k in zip(drafts, q, ks)]
+
+    def observe(self, runs, trunk_hidden, last):
+        verified = torch.tensor([len(run.seq) - 1 for run in runs], device=self.batch.device)
+        self.batch.cache.rollback(torch.minimum(self.batch.cache.lengths, verified))
+        self.verified = True
+
+    def keep(self, rows):
+        lengths = self.batch.lengths()
+        self.batch.rollback(lengths, rows)
+
+
+def model_drafter(draft_model, n_drafts):
+    """make_drafter for two-model decoding: a smaller model drafts n_drafts tokens a step."""
+    return lambda runs, pick: DraftModelRows(draft_model, runs, n_drafts, pick)
