@@ -32,9 +32,11 @@ from convert import to_hf
 from data.text import val_prompts, check_draft
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
+import batched
 import drafters
 import sample
-from sample import Stats, Generation, generate, generate_self_speculative, generate_two_model
+from sample import (Stats, Generation, generate, generate_self_speculative, generate_two_model,
+                    generate_batch)
 from train import train
 
 
@@ -56,6 +58,9 @@ Vanilla vs self-speculative (and two-model) decoding on the same val prompts: sp
     assistant: str = flag('', "--peers: a small checkpoint, exported as the assistant model")
     lookup: int = flag(10, "--peers: prompt_lookup_num_tokens")
     breakdown: bool = flag(False, "also: where a step's time goes (forward, drafts, verify, rest)")
+    batch_sizes: str = flag('', "e.g. 1,2,4,8: batched decoding (greedy) at each batch size, on "
+                                "max(num_prompts, largest size) prompts; --peers: transformers")
+    plot: str = flag('', "with --batch_sizes: a PNG of tokens/s against batch size (matplotlib)")
 
 
 def print_rows(setting, temperature, rows):
@@ -110,7 +115,7 @@ def decode_modes(model, ckpt, args, prompts, device):
     return modes
 
 
-def transformers_decoder(hf, n_new, assistant=None, **options):
+def transformers_decoder(hf, n_new, assistant=None, batched=False, **options):
     """A decode(prompt, generator, temperature, ...) that runs transformers' generate() and
     counts like ours: forward hooks count the target's forwards and the assistant's."""
     counts = dict(target=0, draft=0)
@@ -119,28 +124,32 @@ def transformers_decoder(hf, n_new, assistant=None, **options):
             module.register_forward_hook(lambda *_, key=key: counts.update({key: counts[key] + 1}))
 
     def decode(prompt, generator=None, temperature=0.0, top_k=0, top_p=1.0, stop=()):
+        """prompt: a token list, or with batched a list of them (of one length)."""
         counts.update(target=0, draft=0)
         sampling = dict(do_sample=False) if temperature == 0 else dict(
             do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
         if temperature:  # transformers samples with the global generator
             torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor(prompt if batched else [prompt])
         with torch.no_grad():  # (an explicit mask: else generate() masks the pad id, a real token)
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
                               pad_token_id=0, assistant_model=assistant, **sampling, **options)
-        stats, tokens = Stats(), out[0, len(prompt):].tolist()
-        stats.new_tokens, stats.time_s = len(tokens), time.perf_counter() - t0
+        stats, rows = Stats(), out[:, ids.size(1):].tolist()
+        stats.new_tokens, stats.time_s = sum(map(len, rows)), time.perf_counter() - t0
         stats.target_forwards, stats.draft_forwards = counts['target'], counts['draft']
-        stats.decode_forwards, stats.decode_tokens = counts['target'] - 1, len(tokens) - 1
-        return Generation(tokens, stats)
+        stats.decode_forwards = len(rows) * (counts['target'] - 1)
+        stats.decode_tokens = stats.new_tokens - len(rows)
+        return Generation(rows if batched else rows[0], stats)
     return decode
 
 
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
-TIMED = [('forward', sample.Window, 'forward'), ('verify', sample, 'verify'),
-         ('drafts', drafters.ModelDrafter, 'draft')] + [
-    ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()]
+TIMED = [('forward', sample.Window, 'forward'), ('forward', batched.Batch, 'forward'),
+         ('verify', sample, 'verify'), ('drafts', drafters.ModelDrafter, 'draft')] + [
+    ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()] + [
+    ('drafts', drafter, part) for part in ('draft', 'observe')
+    for drafter in (batched.EachRow, batched.LastRows, batched.DraftModelRows)]
 
 
 def step_breakdown(modes, prompts, **sampling):
@@ -167,8 +176,8 @@ def step_breakdown(modes, prompts, **sampling):
             spent.update(forward=0.0, drafts=0.0, verify=0.0)
             t0, n = time.perf_counter(), 0
             for prompt in prompts:
-                n += len(decode(prompt, generator=torch.Generator().manual_seed(0),
-                                **sampling).tokens)
+                n += decode(prompt, generator=torch.Generator().manual_seed(0),
+                            **sampling).stats.new_tokens
             row = {part: 1000 * t / n for part, t in spent.items()}
             total = 1000 * (time.perf_counter() - t0) / n
             rows[mode] = dict(row, rest=total - sum(row.values()), total=total)
@@ -210,12 +219,88 @@ def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
     return rows
 
 
+def batch_of(decode_batch):
+    """A decode(prompts, ...) of rows decoded at once, counted as one Generation: tokens per row,
+    Stats summed over the rows (per-row tau), target_forwards = the batch's forwards."""
+    def decode(prompts, generator=None, **sampling):
+        rows = decode_batch(prompts, generator=generator, **sampling)
+        stats = Stats(len(rows[0].stats.drafted))
+        for row in rows:
+            stats.add(row.stats)
+        stats.target_forwards = max(row.stats.target_forwards for row in rows)
+        return Generation([row.tokens for row in rows], stats)
+    return decode
+
+
+def bench_batched(args, model, ckpt, device):
+    """Batched vanilla vs batched speculative decoding (and transformers' batched generate) at
+    each of --batch_sizes, greedy, the same prompts decoded B at a time, modes interleaved."""
+    sizes = [int(b) for b in args.batch_sizes.split(',')]
+    if min(sizes) < 1:
+        raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
+    prompts = val_prompts(ckpt, args.data, max(args.num_prompts, *sizes), args.prompt_len)
+    # the one-prompt modes (their checks) name the models: self, self:<dir> and draft batched
+    singles = decode_modes(model, ckpt, replace(args, peers=False), prompts, device)
+    modes = {'vanilla': partial(generate_batch, model)}
+    for name, single in list(singles.items())[1:]:
+        target, *draft = single.args
+        modes[name] = partial(generate_batch, target, **(dict(
+            make_drafter=batched.model_drafter(draft[0], args.gamma), n_drafts=args.gamma)
+            if draft else dict(make_drafter=batched.self_drafter(target),
+                               n_drafts=target.config.n_future - 1)))
+    modes = {name: batch_of(partial(decode, max_new_tokens=args.max_new_tokens))
+             for name, decode in modes.items()}
+    if args.peers:
+        modes['hf'] = transformers_decoder(to_hf(model), args.max_new_tokens, batched=True)
+    results = {}
+    for size in sizes:
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        for decode in modes.values():  # warm-up
+            decode(chunks[0], temperature=0.0)
+        results[size] = measure(modes, chunks, device, args.repeats, args.seed, True,
+                                temperature=0.0)
+        print_rows(f"batch size {size}", 0.0, results[size])
+        if args.breakdown:
+            ours = {m: d for m, d in modes.items() if m != 'hf'}
+            results[size]['ms_per_token'] = step_breakdown(ours, chunks, temperature=0.0)
+            print('  ms per new token: ' + '; '.join(f"{m} " + ' '.join(
+                f"{k} {v:.3f}" for k, v in row.items()) for m, row in
+                results[size]['ms_per_token'].items()))
+    if args.plot:
+        plot_batched(results, modes, args.plot)
+    return prompts, results
+
+
+def plot_batched(results, modes, path):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; no PNG written")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        ax.plot(list(results), [row[mode]['tokens_per_s'] for row in results.values()], 'o-',
+                label=mode)
+    ax.set(xscale='log', yscale='log', xlabel='batch size', ylabel='tokens/s (greedy)')
+    ax.set_xticks(list(results), [str(b) for b in results])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png', dpi=110)
+    os.replace(path + '.tmp.png', path)
+
+
 def bench_decode(argv):
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
     check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'))
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
+    if args.batch_sizes:
+        with autocast_for(args.dtype, device):
+            prompts, results = bench_batched(args, model, ckpt, device)
+        return decode_summary(args, model, prompts, device, dict(batched=results))
     prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
     modes = decode_modes(model, ckpt, args, prompts, device)
     settings = {'greedy': dict(temperature=0.0),
@@ -239,12 +324,16 @@ def bench_decode(argv):
                 print('  ms per new token: ' + '; '.join(
                     f"{m} " + ' '.join(f"{k} {v:.3f}" for k, v in row.items())
                     for m, row in parts.items()))
+    return decode_summary(args, model, prompts, device, results)
+
+
+def decode_summary(args, model, prompts, device, results):
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
                    prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
                    repeats=args.repeats, device=device, dtype=args.dtype, threads=args.threads,
-                   **results)
+                   plot=args.plot or None, **results)
     print(json.dumps(summary))
     return summary
 

@@ -6,9 +6,10 @@ Self-distillation of the MTP heads: heads 2..n learn to draft what the model its
 
 A draft is accepted when it agrees with the MODEL's own next tokens, but heads trained on the
 corpus learn the DATA's p(x_{t+k} | x<=t). So (Medusa-2's self-distillation, Cai et al. 2024) the
-model writes its own corpus, prompts of real text continued by vanilla decoding at --temperature,
-and train.py fine-tunes heads 2..n on it with trunk and head 1 frozen: the next-token distribution
-stays bit-identical, so decoding stays exactly as lossless; only the drafts get better. At
+model writes its own corpus, prompts of real text continued at --temperature (batched
+self-speculative decoding: distributed exactly as vanilla sampling), and train.py fine-tunes heads
+2..n on it with trunk and head 1 frozen: the next-token distribution stays bit-identical, so
+decoding stays exactly as lossless; only the drafts get better. At
 temperature 0, x_{t+k} of the corpus IS the greedy continuation, what greedy verification accepts;
 at 1 it is a sample of the model's own p(x_{t+k} | x<=t) = sum_v p(v | x<=t) p(x_{t+k} | x<=t, v),
 so cross-entropy fits the heads to the q that lossless sampling wants.
@@ -26,7 +27,8 @@ from heads import loss_weights_for
 from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
                     autocast_for, load_model, cli)
 from data.text import val_path, val_prompts
-from sample import probs_from_logits, draw, check_request
+from batched import self_drafter
+from sample import generate_batch
 from train import train, check_config
 from report import printable
 
@@ -61,34 +63,20 @@ FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_promp
          'trunk_lr_scale')
 
 
-@torch.inference_mode()
-def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                   generator=None):
-    """Vanilla decoding of prompts (B, P) -> (B, P + max_new_tokens), with no stop sequences, no
-    metrics and no window. Greedy row b is what generate() gives for prompts[b] (up to
-    floating-point near-ties, e.g. under bf16); sampled rows match it in distribution."""
-    check_request(prompts[0].tolist() if len(prompts) else [], max_new_tokens, temperature,
-                  top_k, top_p)
-    if prompts.size(1) + max_new_tokens > model.config.block_size:
-        raise UserError(f"prompt ({prompts.size(1)}) + max_new_tokens ({max_new_tokens}) exceed "
-                        f"block_size {model.config.block_size}")
-    cache, tokens = model.new_cache(), [prompts]
-    for _ in range(max_new_tokens):
-        logits, _ = model(tokens[-1], cache=cache, n_heads=1)
-        probs = probs_from_logits(logits[:, -1, 0], temperature, top_k, top_p)
-        tokens.append(draw(probs, temperature == 0, generator)[:, None])
-    return torch.cat(tokens, dim=1)
-
-
-def write_corpus(model, prompts, path, args, device, generator):
-    """Continue every prompt to seq_len tokens and write them, one after another, as uint16."""
+def write_corpus(model, prompts, path, args, generator):
+    """Continue every prompt to seq_len tokens and write them, one after another, as uint16.
+    Batched self-speculative decoding (sample.generate_batch): each row distributed exactly as
+    vanilla sampling (greedy: vanilla's tokens), the heads drafting as they will when decoding."""
     new_tokens = args.seq_len - args.prompt_len
     with open(path + '.tmp', 'wb') as f:
-        for batch in tqdm(prompts.split(args.gen_batch), desc=os.path.basename(path),
-                          dynamic_ncols=True, disable=args.quiet):
-            seqs = generate_batch(model, batch.to(device), new_tokens, args.temperature,
-                                  args.top_k, args.top_p, generator)
-            f.write(seqs.cpu().numpy().astype(np.uint16).tobytes())
+        for i in tqdm(range(0, len(prompts), args.gen_batch), desc=os.path.basename(path),
+                      dynamic_ncols=True, disable=args.quiet):
+            batch = prompts[i:i + args.gen_batch]
+            rows = generate_batch(model, batch, new_tokens, args.temperature, args.top_k,
+                                  args.top_p, generator=generator, make_drafter=self_drafter(
+                                      model), n_drafts=model.config.n_future - 1)
+            seqs = [prompt + row.tokens for prompt, row in zip(batch, rows)]
+            f.write(np.array(seqs, dtype=np.uint16).tobytes())
     os.replace(path + '.tmp', path)  # a half-written corpus never looks finished
 
 
@@ -139,10 +127,10 @@ def main(argv):
         for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
             source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
             starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
-            prompts = torch.tensor(val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
-                "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset")))
+            prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
+                "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
             write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
-                         device, generator)
+                         generator)
     # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
     # (bench.py, marginalize.py) use that, not this model-written corpus (data.text.val_path)
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:

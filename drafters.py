@@ -15,12 +15,15 @@ the chain's entries), with its invariant written beside it:
 import torch
 from torch.nn import functional as F
 
-from model import KVCache
+from model import KVCache, UserError
 from head_designs import BlockHeads, ResBlockHeads, SequentialHeads, mix
 
 
 def heads_drafter(model, pick):
     """The drafter of the model's head design (one per design: DRAFTERS)."""
+    if model.config.n_future < 2:
+        raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
+                        "n_future=1; decode without --speculative, or give a --draft model")
     return DRAFTERS[type(model.heads)](model, pick)
 
 

@@ -5,13 +5,15 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
     python sample.py --ckpt=out/ckpt.pt --prompt="ROMEO:" --max_new_tokens=200
     python sample.py --ckpt=out/ckpt.pt --speculative=true --temperature=0   # heads 2..n draft
     python sample.py --ckpt=out/ckpt.pt --draft=out-small/ckpt.pt --gamma=4  # a draft model
+    python sample.py --ckpt=out/ckpt.pt --prompts=FILE --batch_size=8        # batched
 
 Speculative decoding, exactly (Leviathan et al. 2023, Chen et al. 2023): a step feeds the last
 emitted token and k drafts through the target in ONE forward, `verify` decides which drafts stand
 against the target's p at the k+1 positions, and the KV cache is rolled back to the accepted
 length. The output is vanilla greedy decoding token for token, or distributed exactly as vanilla
 sampling (tested in fp32; under bfloat16 near-ties may differ). Who drafts is a drafter
-(drafters.py): the model's own heads, or a separate draft model.
+(drafters.py): the model's own heads, or a separate draft model. generate_batch runs the same
+loop over many prompts at once (batched.py: the ragged rows' bookkeeping).
 
 Long sequences: a model sees at most block_size positions. A sequence that outgrows the window
 jumps to its last `keep` tokens (default 3/4 of block_size), prefilled again; the jumps depend
@@ -29,9 +31,9 @@ from torch.nn import functional as F
 
 from common import (UserError, flag, parse_flags, DecodeFlags, check_ranges, pick_device,
                     autocast_for, set_cpu_threads, load_model, cli)
-from data.text import tokenizer_for, encode_prompt, stop_tokens, check_draft
+from data.text import tokenizer_for, encode_prompt, read_text, stop_tokens, check_draft
 from drafters import ModelDrafter, heads_drafter
-from batched import Batch, NoDrafts
+from batched import Batch, NoDrafts, self_drafter, model_drafter
 
 
 # -----------------------------------------------------------------------------
@@ -311,23 +313,24 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
 
 def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
     """Self-speculative decoding: the model's heads 2..n draft (its design's drafter)."""
-    if model.config.n_future < 2:
-        raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
-                        "n_future=1; decode without --speculative, or give a --draft model")
     return generate_speculative(model, lambda window, pick: heads_drafter(model, pick),
                                 model.config.n_future - 1, prompt, max_new_tokens, **sampling)
 
 
 def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **sampling):
     """Two-model speculative decoding: a smaller model drafts gamma tokens a step."""
+    check_two_model(target, draft, gamma)
+    return generate_speculative(target, lambda window, pick: ModelDrafter(Window(draft), window,
+                                                                          pick),
+                                gamma, prompt, max_new_tokens, **sampling)
+
+
+def check_two_model(target, draft, gamma):
     if target.config.vocab_size != draft.config.vocab_size:
         raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from "
                         f"the target's ({target.config.vocab_size})")
     if gamma < 1:
         raise UserError(f"gamma (drafts per step) must be >= 1, got {gamma}")
-    return generate_speculative(target, lambda window, pick: ModelDrafter(Window(draft), window,
-                                                                          pick),
-                                gamma, prompt, max_new_tokens, **sampling)
 
 
 # -----------------------------------------------------------------------------
@@ -338,7 +341,10 @@ class SampleConfig(DecodeFlags):
     """python sample.py --ckpt=out/ckpt.pt [--name=value ...]
 Generate text from a checkpoint: vanilla, self-speculative (--speculative) or with a draft model."""
     prompt: str = flag('\n', "the prompt text, or FILE:path; '' = <|endoftext|> (BPE only)")
-    num_samples: int = flag(1, "samples to draw, one after another")
+    prompts: str = flag('', "a file of prompts, one per line (\\n in a line: a newline), decoded "
+                            "--batch_size at a time (batched.py); samples in the file's order")
+    batch_size: int = flag(8, "with --prompts: how many prompts are decoded at once")
+    num_samples: int = flag(1, "samples to draw, one after another (without --prompts)")
     max_new_tokens: int = flag(500, "tokens to generate per sample")
     speculative: bool = flag(False, "self-speculative decoding: the model's heads 2..n draft")
     stop: str = flag('auto', "stop sequence: auto (<|endoftext|> for BPE) | none | a string")
@@ -352,29 +358,41 @@ def main(argv):
     autocast = autocast_for(args.dtype, device)  # (checks --dtype before any loading)
     model, ckpt = load_model(args.ckpt, device)
     tokenizer = tokenizer_for(ckpt)  # (a checkpoint without one is a one-line error)
-    prompt = encode_prompt(args.prompt, tokenizer)
-    check_ranges(args, positive=('num_samples',))
+    texts = [line.replace('\\n', '\n') for line in read_text(args.prompts, 'prompts file')
+             .splitlines()] if args.prompts else [args.prompt] * args.num_samples
+    prompts = [encode_prompt(text, tokenizer) for text in texts]
+    if not prompts:
+        raise UserError(f"no prompts in {args.prompts}: give one per line")
+    check_ranges(args, positive=('num_samples', 'batch_size'))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))
     if args.draft and args.speculative:
         raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
                         "exclusive: pick one")
-    mode, decode = 'vanilla', partial(generate, model)
+    mode, decode, drafting = 'vanilla', partial(generate, model), {}
     if args.speculative:
         mode, decode = 'self-speculative', partial(generate_self_speculative, model)
+        drafting = dict(make_drafter=self_drafter(model), n_drafts=model.config.n_future - 1)
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, device)
         check_draft(ckpt, draft_ckpt)
+        check_two_model(model, draft, args.gamma)
         mode, decode = 'two-model', partial(generate_two_model, model, draft, gamma=args.gamma)
-    samples, stats = [], Stats()
+        drafting = dict(make_drafter=model_drafter(draft, args.gamma), n_drafts=args.gamma)
+    t0 = time.perf_counter()
     with autocast:
-        for i in range(args.num_samples):
-            result = decode(prompt, args.max_new_tokens, **sampling)
-            stats = result.stats if i == 0 else stats.add(result.stats)
-            samples.append(tokenizer.decode(result.tokens))
-            if not args.quiet:
-                print(tokenizer.decode(prompt) + samples[-1] + '\n---------------')
+        results = [row for i in range(0, len(prompts), args.batch_size) for row in generate_batch(
+            model, prompts[i:i + args.batch_size], args.max_new_tokens, **sampling, **drafting)] \
+            if args.prompts else [decode(prompt, args.max_new_tokens, **sampling)
+                                  for prompt in prompts]
+    samples, stats = [tokenizer.decode(result.tokens) for result in results], results[0].stats
+    for result in results[1:]:
+        stats.add(result.stats)
+    for prompt, sample in zip(prompts, samples if not args.quiet else ()):
+        print(tokenizer.decode(prompt) + sample + '\n---------------')
+    if args.prompts:  # a batch's rows share its time: tokens/s of the whole run
+        stats.time_s = time.perf_counter() - t0
     summary = dict(mode=mode, ckpt=args.ckpt, **stats.summary(), samples=samples)
     print(f"{mode}: {summary['new_tokens']} tokens in {summary['time_s']:.2f}s, tau "
           f"{summary['tau'] or 'n/a'}, acceptance by position {summary['acceptance']}")

@@ -11,10 +11,8 @@ import json
 import pytest
 import torch
 
-import batched
 import sample
 from batched import Batch, model_drafter, self_drafter
-from common import UserError
 from conftest import (N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
                       exact_vanilla_distribution, one_line_error, random_mtp,
                       resample_rejected_from_p, tiny_vocab_model, total_variation)
@@ -236,3 +234,33 @@ def test_two_model_sampled_rows_with_top_k_and_top_p_match_vanilla_distribution(
                                                                     **sampling)):
         exact = exact_vanilla_distribution(target, prompt, 3, **sampling)
         assert total_variation(samples, exact) < TV_BOUND, prompt
+
+
+# -----------------------------------------------------------------------------
+# the command line: sample.py --prompts=FILE --batch_size=B
+
+@pytest.mark.parametrize('mode', [[], ['--speculative=true'], ['--draft={ckpt}', '--gamma=2']])
+def test_cli_decodes_a_prompts_file_in_batches_in_the_files_order(counting_ckpt, tmp_path,
+                                                                   capsys, mode):
+    ckpt = str(counting_ckpt / 'ckpt.pt')
+    (tmp_path / 'prompts.txt').write_text('abc\nk\nfghij\n')
+    summary = sample.main([f'--ckpt={ckpt}', f"--prompts={tmp_path / 'prompts.txt'}",
+                           '--batch_size=2', '--max_new_tokens=5', '--temperature=0',
+                           *[a.format(ckpt=ckpt) for a in mode]])
+    assert summary['samples'] == ['defgh', 'lmabc', 'klmab']  # (x + 1 follows x, mod 13)
+    assert summary['new_tokens'] == 15
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    if mode:
+        assert summary['tau'] > 1
+
+
+@pytest.mark.parametrize('lines,flags,fragment', [
+    ('ab\\ncd\n', [], r"'\n'"),  # \n in a line is a newline (not in this vocabulary)
+    ('', [], 'no prompts'),
+    ('abc\n', ['--batch_size=0'], 'batch_size'),
+    ('abc\n', ['--max_new_tokens=62'], 'block_size 64'),  # 3 + 62 > 64
+])
+def test_cli_prompts_file_errors(counting_ckpt, tmp_path, lines, flags, fragment):
+    (tmp_path / 'prompts.txt').write_text(lines)
+    one_line_error(sample.main, [f"--ckpt={counting_ckpt / 'ckpt.pt'}", *flags,
+                                 f"--prompts={tmp_path / 'prompts.txt'}"], match=fragment)

@@ -34,6 +34,27 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
 
 
+def test_bench_decode_batch_sizes_compares_batched_modes_and_plots(counting_ckpt, tmp_path):
+    """--batch_sizes: batched vanilla, self-speculative and two-model decoding at each batch
+    size on the same prompts (greedy: every row emits vanilla's tokens), per-row tau, the step
+    breakdown, a PNG of tokens/s against batch size; --peers: transformers' batched generate."""
+    pytest.importorskip('transformers')
+    ckpt = counting_ckpt / 'ckpt.pt'
+    summary = bench.main(['decode', f'--ckpt={ckpt}', f'--draft={ckpt}', '--gamma=2',
+                          '--batch_sizes=1,2', '--num_prompts=3', '--prompt_len=8',
+                          '--max_new_tokens=7', '--repeats=1', '--breakdown=true',
+                          '--peers=true', f"--plot={tmp_path / 'batched.png'}"])
+    assert summary['num_prompts'] == 3 and set(summary['batched']) == {1, 2}
+    for rows in summary['batched'].values():
+        assert set(rows) == {'vanilla', 'self', 'draft', 'hf', 'ms_per_token'}
+        for mode in ('self', 'draft', 'hf'):
+            assert rows[mode]['identical'] is True and rows[mode]['speedup'] > 0
+        assert rows['self']['tau'] == 3 and rows['draft']['tau'] == 3 and rows['hf']['tau'] == 1
+        assert rows['ms_per_token']['self']['drafts'] > 0
+    assert summary['batched'][2]['vanilla']['target_forwards'] == 7 * 2  # 2 batches of 7 steps
+    assert (tmp_path / 'batched.png').read_bytes()[:4] == b'\x89PNG'
+
+
 @pytest.mark.slow
 def test_bench_decode_rows_of_other_heads_and_of_transformers_peers(counting_ckpt, tmp_path):
     """--heads adds a self-speculative row per checkpoint of the same next-token model; --peers

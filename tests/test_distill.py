@@ -14,7 +14,7 @@ import train as T
 from common import UserError, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from data.batches import Batches
 from data.text import val_path
-from conftest import one_line_error, random_mtp, run_train, train_config
+from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative
 from report import evaluate
 
@@ -186,19 +186,3 @@ def test_distill_user_errors(mtp_ckpt, ntp_ckpt, tmp_path, args, fragment):
     for out in ('out', 'copy'):  # refused before generating
         assert not (tmp_path / out / 'data' / 'train.bin').exists()
     assert open(tmp_path / 'copy' / 'ckpt.pt', 'rb').read() == open(mtp_ckpt, 'rb').read()
-
-
-def test_batched_generation_equals_generate_row_by_row(arch):
-    """generate_batch (the corpus writer) decodes every row as generate() would: greedy
-    token for token; sampling with the same generator draws valid tokens of the right shape."""
-    model = random_mtp(head_type='resblock', arch=arch)
-    prompts = torch.randint(13, (5, 7), generator=torch.Generator().manual_seed(3))
-    out = distill.generate_batch(model, prompts, 20, temperature=0)
-    assert out.shape == (5, 27) and torch.equal(out[:, :7], prompts)
-    for row, prompt in zip(out.tolist(), prompts.tolist()):
-        assert row[7:] == generate(model, prompt, 20, temperature=0).tokens
-    sampled = distill.generate_batch(model, prompts, 20, temperature=1.0, top_k=3,
-                                    generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == (5, 27) and int(sampled.max()) < 13
-    with pytest.raises(UserError, match='exceed block_size'):
-        distill.generate_batch(model, prompts, 60, temperature=0)
