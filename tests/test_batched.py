@@ -80,8 +80,9 @@ def assert_rows_equal_or_near_ties(target, prompts, rows, alone):
 # -----------------------------------------------------------------------------
 # greedy: every row is its prompt decoded alone
 
-@pytest.mark.parametrize('arch', ['gpt2', 'neox'])
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode,arch', [(mode, 'gpt2') for mode in MODES] + [
+    (mode, 'neox') if mode == 'sequential' else pytest.param(mode, 'neox', marks=pytest.mark.slow)
+    for mode in MODES])
 def test_greedy_rows_equal_each_prompt_decoded_alone(mode, arch, record_property):
     """Mixed prompt lengths, a max_new_tokens per row (0 and 1 included), a stop sequence."""
     target, draft = models_for(mode, arch)

@@ -34,6 +34,7 @@ def test_bench_decode_compares_modes_and_ends_with_a_json_line(counting_ckpt, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['section'] == 'decode'
 
 
+@pytest.mark.slow
 def test_bench_decode_batch_sizes_compares_batched_modes_and_plots(counting_ckpt, tmp_path):
     """--batch_sizes: batched vanilla, self-speculative and two-model decoding at each batch
     size on the same prompts (greedy: every row emits vanilla's tokens), per-row tau, the step
