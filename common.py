@@ -302,11 +302,11 @@ def dead_writer(path, mine=False):
     return False
 
 
-def remove_stale_temps(path):
+def remove_stale_temps(path, mine=False):
     """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
     a checkpoint, and on a nearly full disk it would make the next save fail too."""
     for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
-        if dead_writer(tmp):
+        if dead_writer(tmp, mine):
             with suppress(OSError):
                 os.remove(tmp)
 

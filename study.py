@@ -494,7 +494,7 @@ def markdown(results, cfg, command, seconds):
                   'heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
                   '|---|---|---|---|---|---|---|---|']
         for corpus, points in results['curve'].items():
-            for size, p in by_params(points):
+            for size, p in sorted(points.items(), key=lambda item: item[1]['params']):
                 m, h = p['marginal'], p['heads']
                 lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | "
                              f"{m['top1'][0]:.3f} | " + ' | '.join(
@@ -502,11 +502,6 @@ def markdown(results, cfg, command, seconds):
                                  for t in ('top1', 'top5') for k in (1, 2)) + ' |')
         lines.append('')
     return '\n'.join(lines)
-
-
-def by_params(points):
-    """A corpus's size curve points, (size, point), smallest model first."""
-    return sorted(points.items(), key=lambda item: item[1]['params'])
 
 
 def plots(results, stem):
@@ -520,7 +515,7 @@ def plots(results, stem):
     figures = []
     for corpus, points in results['curve'].items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        points = [p for _, p in by_params(points)]
+        points = sorted(points.values(), key=lambda p: p['params'])  # smallest model first
         for label, method, k in (
                 ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
                 ('2nd, heads', 'heads', 1), ('3rd, marginalization', 'marginal', 2),

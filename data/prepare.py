@@ -22,7 +22,7 @@ import torch
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, flag, parse_flags, dead_writer, cli  # noqa: E402
+from common import UserError, flag, parse_flags, dead_writer, remove_stale_temps, cli  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -108,10 +108,7 @@ def recover(out_dir):
         if dead_writer(mark, mine=True):
             finish_switch(out_dir, mark.rsplit('.', 1)[1])
     for name in DATASET_FILES:
-        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
-            if dead_writer(tmp, mine=True):
-                with suppress(OSError):  # (gone already, or a directory we may only read)
-                    os.remove(tmp)
+        remove_stale_temps(os.path.join(out_dir, name), mine=True)
 
 
 class Batches:
