@@ -28,7 +28,7 @@ from dataclasses import dataclass, asdict, replace
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    load_checkpoint)
+                    load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
 from data.text import val_prompts, read_text, token_file
 from data.prepare import SHAKESPEARE, prepare
@@ -594,8 +594,7 @@ def run_corpus(cfg, corpus, results, log):
 
 def run_study(cfg, log=print, command='python study.py'):
     check_study_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_cpu_threads(cfg.threads)
     t0 = time.time()
     results = dict(cells={}, curve={}, probes={}, convergence={})
     for corpus in [c for c in cfg.corpora.split(',') if c]:
