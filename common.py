@@ -34,11 +34,9 @@ def _convert(name, value, default):
             return bools[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError):
             raise UserError(f"--{name} expects {kind.__name__}, got {value!r}")
-    if kind is float and type(value) is int:
-        return float(value)
-    if type(value) is not kind:
+    if type(value) is not kind and not (kind is float and type(value) is int):
         raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
-    return value
+    return kind(value)
 
 
 def read_preset(path):
@@ -46,14 +44,13 @@ def read_preset(path):
     if not os.path.isfile(path):
         raise UserError(f"preset file not found: {path}")
     try:
-        items = []
-        for node in ast.parse(open(path).read(), path).body:
+        nodes = ast.parse(open(path).read(), path).body
+        for node in nodes:
             if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                     and isinstance(node.targets[0], ast.Name)):
                 raise ValueError(f"line {node.lineno} is not `name = value`")
-            items.append((node.targets[0].id, ast.literal_eval(node.value),
-                          f"{path}:{node.lineno}"))
-        return items
+        return [(node.targets[0].id, ast.literal_eval(node.value), f"{path}:{node.lineno}")
+                for node in nodes]
     except (SyntaxError, ValueError) as e:
         raise UserError(f"cannot read preset {path}: {e}")
 
@@ -305,11 +302,11 @@ def dead_writer(path, mine=False):
     return False
 
 
-def remove_stale_temps(path):
+def remove_stale_temps(path, mine=False):
     """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
     a checkpoint, and on a nearly full disk it would make the next save fail too."""
     for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
-        if dead_writer(tmp):
+        if dead_writer(tmp, mine):
             with suppress(OSError):
                 os.remove(tmp)
 

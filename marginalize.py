@@ -165,12 +165,8 @@ def tree_chunk(levels, leaves, positions, n_cached):
 def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
                 renormalize=False, chunk_size=512, bar=None):
     """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens,
-    a sequence of at most block_size tokens) by the sparsified sum over paths:
-
-        p(x_{t+k} | x<=t) = sum_{kept v_1..v_{k-1}} prod_j p(v_j | x<=t, v_<j)
-                                                         * p(x_{t+k} | x<=t, v_1..v_{k-1})
-
-    The paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
+    a sequence of at most block_size tokens) by the sparsified sum over paths (the module's). The
+    paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
     in chunks of at most chunk_size tokens, each a forward after the cached sequence with a tree
     attention mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared
     ancestors (none for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate.

@@ -25,13 +25,12 @@ import statistics
 import time
 from dataclasses import dataclass, asdict, replace
 
-import numpy as np
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    load_checkpoint)
+                    load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
-from data.text import val_prompts
+from data.text import val_prompts, read_text, token_file
 from data.prepare import SHAKESPEARE, prepare
 import train as trainer
 from report import printable
@@ -106,7 +105,6 @@ STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's v
     'diff. LR + WHS': dict(trunk_lr_scale=None, whs=True),
 }
 SCRATCH = 'MTP from scratch (same total iters)'
-FT_EXACT = 'FT NTP + marginalization (exact, all V)'
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_.975
 COLUMNS = ('next_top5', 'second_top5', 'next_top1', 'second_top1', 'tau', 'speedup')
 EVAL_VERSION = 2  # bump when an evaluation's code changes, so cached results are recomputed
@@ -153,19 +151,15 @@ def prepare_corpus(name, cfg):
     path = (cfg.shakespeare or SHAKESPEARE) if name == 'shakespeare_char' else name
     if name == 'shakespeare_char' and not os.path.isfile(path):
         raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
-    if name == 'counting':
-        text = counting_text()
-    elif not os.path.isfile(path):
+    if name != 'counting' and not os.path.isfile(path):
         raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
-    else:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-    prepare(text, data_dir, tokenizer)
+    prepare(counting_text() if name == 'counting' else read_text(path, 'corpus'), data_dir,
+            tokenizer)
     return data_dir
 
 
 def tokens_of(data_dir, split):
-    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    return token_file(os.path.join(data_dir, f'{split}.bin'))
 
 
 def slug(name):
@@ -203,8 +197,7 @@ def run_training(cfg, run_dir, data_dir, size, seed, **flags):
 def lineage(ckpt):
     """A finished run's config and, recursively, its source's: a run is reused only when its
     whole lineage is unchanged, so a retrained base retrains every run adapted from it."""
-    record = read_json(os.path.join(os.path.dirname(ckpt), 'done.json'))
-    return record and record.get('lineage')
+    return (read_json(os.path.join(os.path.dirname(ckpt), 'done.json')) or {}).get('lineage')
 
 
 def read_json(path):
@@ -302,10 +295,9 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
                 ft_loss=ft_summary['val_loss'], base=base, ft=ft, cell_dir=cell_dir, rows=[])
     if not strategies:
         return cell
-    runs = {}
-    for name, flags in STRATEGIES.items():
-        flags = {k: (getattr(cfg, k) if v is None else v) for k, v in flags.items()}
-        runs[name] = train(slug(name), init_from=base, **flags)[0]
+    runs = {name: train(slug(name), init_from=base, **{
+        k: getattr(cfg, k) if v is None else v for k, v in flags.items()})[0]
+        for name, flags in STRATEGIES.items()}
     if not cfg.init_from:  # (from scratch at a pretrained model's size: not here)
         runs[SCRATCH] = train('scratch', max_iters=cfg.base_iters + cfg.adapt_iters)[0]
 
@@ -502,7 +494,7 @@ def markdown(results, cfg, command, seconds):
                   'heads | 2nd top-5: marginal / heads | 3rd top-5: marginal / heads |',
                   '|---|---|---|---|---|---|---|---|']
         for corpus, points in results['curve'].items():
-            for size, p in by_params(points):
+            for size, p in sorted(points.items(), key=lambda item: item[1]['params']):
                 m, h = p['marginal'], p['heads']
                 lines.append(f"| {corpus} | {size} | {p['params'] / 1e6:.2f}M | "
                              f"{m['top1'][0]:.3f} | " + ' | '.join(
@@ -510,11 +502,6 @@ def markdown(results, cfg, command, seconds):
                                  for t in ('top1', 'top5') for k in (1, 2)) + ' |')
         lines.append('')
     return '\n'.join(lines)
-
-
-def by_params(points):
-    """A corpus's size curve points, (size, point), smallest model first."""
-    return sorted(points.items(), key=lambda item: item[1]['params'])
 
 
 def plots(results, stem):
@@ -528,7 +515,7 @@ def plots(results, stem):
     figures = []
     for corpus, points in results['curve'].items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        points = [p for _, p in by_params(points)]
+        points = sorted(points.values(), key=lambda p: p['params'])  # smallest model first
         for label, method, k in (
                 ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
                 ('2nd, heads', 'heads', 1), ('3rd, marginalization', 'marginal', 2),
@@ -561,10 +548,9 @@ def plots(results, stem):
 # -----------------------------------------------------------------------------
 
 def check_study_config(cfg):
-    for names in (cfg.sizes, cfg.curve_sizes):
-        unknown = [s for s in names.split(',') if s and s not in SIZES]
-        if unknown:
-            raise UserError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+    unknown = [s for s in f"{cfg.sizes},{cfg.curve_sizes}".split(',') if s and s not in SIZES]
+    if unknown:
+        raise UserError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
     if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
@@ -595,21 +581,20 @@ def run_corpus(cfg, corpus, results, log):
             results['probes'][key] = extras.pop('probes')
         results['convergence'][key] = dict({k: [c[k + '_loss'] for c in cells] for k in (
             'base', 'base_train', 'ft')}, **extras.pop('convergence', {}))
-        if in_table:
+        if in_table:  # paired_next's reference: FT NTP at its largest top_k (all V, or 50)
             n_layer, _, n_embd = SIZES[size]
-            rows = [c['rows'] for c in cells]
+            rows, many = [c['rows'] for c in cells], cfg.seeds > 1
             results['cells'][key] = dict(
                 params=f"{n_layer} layers, {n_embd} dim" if not cfg.init_from else
                 f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
-                paired=paired(rows) if cfg.seeds > 1 else [],
-                paired_next=paired(rows, FT_EXACT, ('next_top1', 'next_top5'))
-                if cfg.seeds > 1 else [], per_seed=rows, **extras)
+                paired=paired(rows) if many else [],
+                paired_next=paired(rows, rows[0][0]['strategy'], ('next_top1', 'next_top5'))
+                if many else [], per_seed=rows, **extras)
 
 
 def run_study(cfg, log=print, command='python study.py'):
     check_study_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_cpu_threads(cfg.threads)
     t0 = time.time()
     results = dict(cells={}, curve={}, probes={}, convergence={})
     for corpus in [c for c in cfg.corpora.split(',') if c]:

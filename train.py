@@ -24,7 +24,7 @@ from common import (UserError, TrainConfig, parse_flags, check_ranges, autocast_
                     check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint,
                     load_model, cli)
 from data.text import data_dir_of, tokenizer_difference
-from data.batches import load_data
+from data.prepare import load_data
 from report import evaluate_splits, diverged, eval_line, summarize, printable
 
 

@@ -8,6 +8,7 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
 
 (*) any Hugging Face tokenizer, by name or local directory (the optional transformers; needs the
 network or a local copy). Offline, tiktoken's BPE needs TIKTOKEN_CACHE_DIR set to a cache.
+train.py reads a prepared dataset with load_data: Batches of random windows of its token files.
 """
 import glob
 import json
@@ -17,11 +18,12 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, flag, parse_flags, dead_writer, cli  # noqa: E402
-from data.text import DATA, Tokenizer, data_dir_of  # noqa: E402
+from common import UserError, flag, parse_flags, dead_writer, remove_stale_temps, cli  # noqa: E402
+from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
 # known datasets: name -> (their text, shipped in data/, tokenizer)
@@ -32,13 +34,7 @@ def read_corpus(input_path, dataset):
     if not input_path and dataset not in DATASETS:
         raise FileNotFoundError(f"dataset {dataset!r} has no text of its own; pass --input=FILE")
     path = input_path or DATASETS[dataset][0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file not found: {path}")
-    try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    text = read_text(path)
     if not text:
         raise ValueError(f"{path} is empty: nothing to prepare")
     return text
@@ -112,10 +108,60 @@ def recover(out_dir):
         if dead_writer(mark, mine=True):
             finish_switch(out_dir, mark.rsplit('.', 1)[1])
     for name in DATASET_FILES:
-        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
-            if dead_writer(tmp, mine=True):
-                with suppress(OSError):  # (gone already, or a directory we may only read)
-                    os.remove(tmp)
+        remove_stale_temps(os.path.join(out_dir, name), mine=True)
+
+
+class Batches:
+    """Random windows of a uint16 token file; the generator state is saved in checkpoints, so a
+    resumed run draws the same batches. Documents (doc_len > 0, distill.py): every window starts
+    at a document's start, and targets past its end or among its first doc_prompt tokens are -1
+    (neither loss nor accuracy). Head k > 1 at the last k - 1 prompt positions still predicts a
+    generated token: k - 1 targets per document, about 1% at distill.py's defaults."""
+
+    def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
+        if not os.path.isfile(path):
+            raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
+                            f"(or --input=FILE for a local text)")
+        self.data = token_file(path)
+        if len(self.data) < (doc_len or block_size + 2):
+            raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "
+                            f"{block_size}")
+        if doc_len and len(self.data) % doc_len:
+            raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
+                            f"doc_len={doc_len} tokens")
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.doc_len, self.doc_prompt = doc_len, doc_prompt
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        n = len(self.data) // self.doc_len if self.doc_len else len(self.data) - self.block_size
+        ix = torch.randint(n, (self.batch_size,), generator=self.gen) * max(self.doc_len, 1)
+        # block_size + 1 tokens from each start (one fewer for the file's last document)
+        windows = torch.full((self.batch_size, self.block_size + 1), -1, dtype=torch.long)
+        for row, i in enumerate(ix.tolist()):
+            tokens = self.data[i:i + self.block_size + 1].astype(np.int64)
+            windows[row, :len(tokens)] = torch.from_numpy(tokens)
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if self.doc_len:  # y[t] is token t + 1 of the document
+            y[:, :max(0, self.doc_prompt - 1)] = -1
+            y[:, self.doc_len - 1:] = -1
+        if 'cuda' in str(self.device):  # pinned memory + non_blocking: copy overlaps compute
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
+        return x.to(self.device), y.to(self.device)
+
+
+def load_data(cfg, device, rank):
+    """For train.py's cfg: (meta, training batches, fixed val and train batches to evaluate)."""
+    data_dir = data_dir_of(cfg.dataset, cfg.data_dir)
+    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
+                        f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
+    args = (cfg.block_size, cfg.batch_size, device)
+    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
+    split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
+    recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
+    return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
+            Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """
 Text and tokens: the tokenizers (described by a dataset's meta.json), text files, token files
 (data/prepare.py's uint16 .bin), the data a checkpoint was trained on, prompts and stop
-sequences. Imports: model <- data.text <- data.prepare, data.batches, metrics, scripts.
+sequences. Imports: model <- data.text <- data.prepare, metrics, scripts.
 """
 import json
 import os

@@ -12,7 +12,7 @@ import torch
 import distill
 import train as T
 from common import UserError, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
-from data.batches import Batches
+from data.prepare import Batches
 from data.text import val_path
 from conftest import one_line_error, run_train, train_config
 from sample import generate, generate_self_speculative

@@ -132,6 +132,31 @@ def test_a_retrained_base_retrains_every_run_adapted_from_it(tmp_path, monkeypat
         assert trained == expected, (base_iters, trained)
 
 
+def test_paired_next_token_differences_work_with_a_bpe_vocabulary(monkeypatch):
+    """With a large vocabulary the FT NTP reference row is top_k=50, not 'exact, all V': the
+    paired next-token differences are taken to it (once a StopIteration with --seeds >= 2)."""
+    def row(strategy, value):
+        return dict(strategy=strategy, next_top1=value, next_top5=value, second_top1=value,
+                    second_top5=value, identical=True)
+
+    def run_cell(cfg, data_dir, size, seed, log, strategies=True):
+        rows = [row('FT NTP + marginalization (top_k=50)', 0.5 + seed / 10),
+                row('joint fine-tuning', 0.4), row('diff. LR', 0.3)]
+        return dict(rows=rows, base_loss=1.0, base_train_loss=1.0, ft_loss=1.0)
+    monkeypatch.setattr(study, 'prepare_corpus', lambda corpus, cfg: 'data')
+    monkeypatch.setattr(study, 'run_cell', run_cell)
+    monkeypatch.setattr(study, 'run_extras', lambda *args: {})
+    cfg = study.StudyConfig(corpora='text.txt', sizes='S', curve_sizes='', seeds=2,
+                            init_from='EleutherAI/pythia-70m', sweep=False, convergence='')
+    results = dict(cells={}, curve={}, probes={}, convergence={})
+    study.run_corpus(cfg, 'text.txt', results, log=print)
+    cell = results['cells']['text / EleutherAI/pythia-70m']
+    assert [r['strategy'] for r in cell['paired_next']] == ['joint fine-tuning', 'diff. LR']
+    assert cell['paired_next'][0]['next_top1']['diffs'] == pytest.approx([-0.1, -0.2])
+    assert 'next token, every MTP model minus FT NTP' in '\n'.join(
+        study.markdown_strategies('text', cell))
+
+
 # (study.py's arguments, a fragment of the one-line message)
 STUDY_ERRORS = [
     (['--nope=1'], 'unknown option'),
