@@ -22,7 +22,7 @@ alone (sample.py without --prompts), which slides.
 import torch
 
 from model import KVCache, UserError
-from drafters import heads_drafter
+from drafters import DraftVocab, heads_drafter
 
 
 class RaggedCache(KVCache):
@@ -176,13 +176,15 @@ class LastRows:
         pass  # observe() drafts anew for the rows that stay
 
 
-def self_drafter(model):
-    """make_drafter for self-speculative decoding: the heads of the model's design."""
+def self_drafter(model, draft_vocab=None):
+    """make_drafter for self-speculative decoding: the heads of the model's design (drafting
+    from the token ids draft_vocab only, if given)."""
     def make(runs, pick):
-        drafter = heads_drafter(model, pick)
+        propose = DraftVocab(model, pick, draft_vocab)  # (its rows gathered once, shared)
+        drafter = heads_drafter(model, propose)
         if drafter.row_local:
             return LastRows(drafter)
-        return EachRow([drafter] + [heads_drafter(model, pick) for _ in runs[1:]])
+        return EachRow([drafter] + [heads_drafter(model, propose) for _ in runs[1:]])
     return make
 
 

@@ -29,7 +29,7 @@ from common import (UserError, TrainConfig, flag, parse_flags, MarginalizeFlags,
                     help_text, cli, check_ranges, pick_device, autocast_for, set_cpu_threads,
                     clock, load_model)
 from convert import to_hf
-from data.text import val_prompts, check_draft
+from data.text import val_prompts, check_draft, frequent_tokens
 from metrics import marginalize_inputs, eval_windows, window_batch
 from marginalize import marginalize, marginalize_naive, check_cost, next_token_logits
 import batched
@@ -93,6 +93,10 @@ def decode_modes(model, ckpt, args, prompts, device):
         if other.config.n_future > 1:
             name = 'self' if other is model else f"self:{os.path.basename(os.path.dirname(path))}"
             modes[name] = partial(generate_self_speculative, other, max_new_tokens=n_new)
+            if args.draft_vocab and other is model:  # the heads drafting from a subset
+                modes[f'self@{args.draft_vocab}'] = partial(
+                    generate_self_speculative, other, max_new_tokens=n_new,
+                    draft_vocab=frequent_tokens(ckpt, args.draft_vocab))
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, device)
         check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
@@ -246,8 +250,8 @@ def bench_batched(args, model, ckpt, device):
         target, *draft = single.args
         modes[name] = partial(generate_batch, target, **(dict(
             make_drafter=batched.model_drafter(draft[0], args.gamma), n_drafts=args.gamma)
-            if draft else dict(make_drafter=batched.self_drafter(target),
-                               n_drafts=target.config.n_future - 1)))
+            if draft else dict(make_drafter=batched.self_drafter(
+                target, single.keywords.get('draft_vocab')), n_drafts=target.config.n_future - 1)))
     modes = {name: batch_of(partial(decode, max_new_tokens=args.max_new_tokens))
              for name, decode in modes.items()}
     if args.peers:
@@ -294,7 +298,8 @@ def plot_batched(results, modes, path):
 def bench_decode(argv):
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
-    check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'))
+    check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'),
+                 non_negative=('draft_vocab',))
     device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     if args.batch_sizes:

@@ -194,6 +194,8 @@ class DecodeFlags:
     device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
     dtype: str = flag('auto', "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16")
     threads: int = flag(0, "CPU threads (0 = torch's default; 1 is fastest for tiny models)")
+    draft_vocab: int = flag(0, "self-speculative: heads draft from the N most frequent tokens of "
+                               "the training data only (0 = all); the output stays exact")
 
 
 def cli(main, errors=(UserError,)):

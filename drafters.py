@@ -10,7 +10,8 @@ the chain's entries), with its invariant written beside it:
             target's window begins in seq (cache positions are window positions)
     draft(seq, k) -> (drafts (<= k,), q (<= k, V))  guesses of x_{j+2}, x_{j+3}, ... and the
             distributions they were drawn from
-    pick: draft logits (..., V) -> (draft tokens, their q), the decoding's sampling settings
+    propose: head states (..., C) -> (draft tokens, their q (..., V)): DraftVocab, the shared
+            unembedding over the draft vocabulary, then the decoding's sampling settings (pick)
 """
 import torch
 from torch.nn import functional as F
@@ -19,22 +20,41 @@ from model import KVCache, UserError
 from head_designs import BlockHeads, ResBlockHeads, SequentialHeads, mix
 
 
-def heads_drafter(model, pick):
+class DraftVocab:
+    """propose(h): drafts from head states h (..., C) through the shared ln_f and unembedding,
+    restricted to a draft vocabulary (FR-Spec, Zhao et al. 2025: the most frequent token ids;
+    None: all), then pick (logits -> (tokens, q)). Its unembedding rows are gathered once. Drafts
+    never leave the subset and q is 0 outside it; verification keeps the full vocabulary, and the
+    residual max(0, p - q) covers the rest, so the output stays exact."""
+
+    def __init__(self, model, pick, ids=None):
+        weight, self.ln_f, self.pick = model.lm_head.weight, model.transformer.ln_f, pick
+        self.ids = None if ids is None else torch.as_tensor(ids, device=weight.device)
+        self.weight, self.vocab_size = weight if ids is None else weight[self.ids], weight.size(0)
+
+    def __call__(self, h):
+        tokens, q = self.pick(F.linear(self.ln_f(h), self.weight))
+        if self.ids is None:
+            return tokens, q
+        full = q.new_zeros(*q.shape[:-1], self.vocab_size).index_copy_(-1, self.ids, q)
+        return self.ids[tokens], full
+
+
+def heads_drafter(model, propose):
     """The drafter of the model's head design (one per design: DRAFTERS)."""
     if model.config.n_future < 2:
         raise UserError("self-speculative decoding needs MTP heads, but this checkpoint has "
                         "n_future=1; decode without --speculative, or give a --draft model")
-    return DRAFTERS[type(model.heads)](model, pick)
+    return DRAFTERS[type(model.heads)](model, propose)
 
 
 class Drafter:
-    """What every drafter shares: the drafts of the last observe(), handed out k at a time.
-    pick: draft logits (..., V) -> (draft tokens (...), their q (..., V))."""
+    """What every drafter shares: the drafts of the last observe(), handed out k at a time."""
     forwards = 0  # forwards of a separate draft model (none: the heads ride on the target's)
     row_local = False  # True: draft_rows drafts from each row's last verified position alone
 
-    def __init__(self, model, pick):
-        self.model, self.pick = model, pick
+    def __init__(self, model, propose):
+        self.model, self.propose = model, propose
         self.drafts = torch.empty(0, dtype=torch.long, device=model.lm_head.weight.device)
         self.q = torch.empty(0, model.config.vocab_size, device=self.drafts.device)
 
@@ -54,7 +74,7 @@ class ResBlockDrafter(Drafter):
         """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each
         at their last verified position (tokens, the ones just emitted, are not read)."""
         states = torch.stack([head(trunk_hidden) for head in list(self.model.heads)[1:]], dim=1)
-        return self.pick(self.model.unembed(states))
+        return self.propose(states)
 
 
 class BlockDrafter(Drafter):
@@ -63,8 +83,8 @@ class BlockDrafter(Drafter):
     them verified (their trunk states never change): it grows by the rows observed and starts
     again when the window does."""
 
-    def __init__(self, model, pick):
-        super().__init__(model, pick)
+    def __init__(self, model, propose):
+        super().__init__(model, propose)
         self.cache = KVCache(model.heads.cache_layers - model.heads.depth, model.config.block_size)
 
     def observe(self, seq, trunk_hidden, start):
@@ -74,7 +94,7 @@ class BlockDrafter(Drafter):
         states = [head(trunk_hidden, self.cache, i * heads.depth, mask)[0, -1]
                   for i, head in enumerate(list(heads)[1:])]
         self.cache.advance(m)
-        self.drafts, self.q = self.pick(self.model.unembed(torch.stack(states)))
+        self.drafts, self.q = self.propose(torch.stack(states))
 
 
 class ChainDrafter(Drafter):
@@ -85,73 +105,71 @@ class ChainDrafter(Drafter):
       0 .. cache.length - 1 whose heads read verified tokens only (s + n - 1 <= j): drafts and
       the token just emitted are never cached. self.entry keeps s_1 (or z_2) per position.
     - An MLP body reads no other position: the chain runs on row j alone, with no cache and no
-      mask, as raw ops (row_chain) when the vocabulary is small enough for its tables to pay."""
-    max_table_vocab = 4096  # row_weights' tables cost V C^2 per head, once per decoding
+      mask, as raw ops (row_chain)."""
 
-    def __init__(self, model, pick):
-        super().__init__(model, pick)
+    def __init__(self, model, propose):
+        super().__init__(model, propose)
         config = model.config
         self.cache = KVCache(config.n_future - 1, config.block_size) \
             if config.head_attention else None
         self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device) \
             if config.head_attention else None
-        self.rows = row_weights(model) if not config.head_attention and \
-            config.vocab_size <= self.max_table_vocab else None
+        self.rows = None if config.head_attention else row_weights(model)
         self.row_local = self.rows is not None
 
     def draft_rows(self, trunk_hidden, tokens):
         """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each at
         their last verified position j and the tokens (B,) just emitted, x_{j+1} (MLP bodies)."""
         return row_chain(self.rows, mix(self.model.heads.whs_coef, trunk_hidden), tokens,
-                         self.pick)
+                         self.propose)
 
     def observe(self, seq, trunk_hidden, start):
         whs, device = self.model.heads.whs_coef, self.drafts.device
         if self.cache is None:  # an MLP body: the chain on row j alone
-            entry, tokens = mix(whs, trunk_hidden)[0, -1:], torch.tensor(seq[-1:], device=device)
-            if self.rows is not None:
-                drafts, q = row_chain(self.rows, entry, tokens, self.pick)
-                self.drafts, self.q = drafts[0], q[0]
-                return
-        else:
-            m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
-            self.entry[j + 1 - m:j + 1] = mix(whs, trunk_hidden)[0]
-            self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after a slide)
-            entry = self.entry[self.cache.length:j + 1]
-            tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
-        self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.pick,
+            drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden],
+                                        torch.tensor(seq[-1:], device=device))
+            self.drafts, self.q = drafts[0], q[0]
+            return
+        m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
+        self.entry[j + 1 - m:j + 1] = mix(whs, trunk_hidden)[0]
+        self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after a slide)
+        entry = self.entry[self.cache.length:j + 1]
+        tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
+        self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.propose,
                                                      self.cache)
-        if self.cache is not None:  # keep the positions whose heads read verified tokens only
-            self.cache.advance(len(tokens))
-            self.cache.rollback(max(0, j + 2 - self.model.config.n_future))
+        # keep the positions whose heads read verified tokens only
+        self.cache.advance(len(tokens))
+        self.cache.rollback(max(0, j + 2 - self.model.config.n_future))
 
 
-def row_weights(model):
-    """MLP-bodied sequential heads and the unembedding as plain tensors (matrices transposed),
-    gathered once per decoding, for row_chain: on a CPU a module call or a parameter lookup costs
-    more than a 128-wide op on one row. The token half of M_k is a table (token_table)."""
+def row_weights(model, max_table_vocab=4096):
+    """MLP-bodied sequential heads as plain tensors (matrices transposed), gathered once per
+    decoding, for row_chain: on a CPU a module call or a parameter lookup costs more than a
+    128-wide op on one row. The token half of M_k: a V x C table (token_table) up to
+    max_table_vocab tokens (it costs V C^2 per head, once), else computed per row."""
     def norm(ln):
         return ln.normalized_shape, ln.weight, ln.bias
     C, wte = model.config.n_embd, model.transformer.wte.weight
-    heads = [(h.token_table(wte), norm(h.norm_state), h.combine.weight[:, :C].t(),
-              norm(h.block.ln), h.block.mlp) for h in model.heads]
+    small = model.config.vocab_size <= max_table_vocab
+    heads = [(h.token_table(wte) if small else lambda x, h=h: h.token_table(wte[x]),
+              norm(h.norm_state), h.combine.weight[:, :C].t(), norm(h.block.ln), h.block.mlp)
+             for h in model.heads]
     return [(table, ln_s, w_s, ln, mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(),
-             mlp.c_proj.bias, mlp.gelu.approximate) for table, ln_s, w_s, ln, mlp in heads], \
-        norm(model.transformer.ln_f), model.lm_head.weight.t()
+             mlp.c_proj.bias, mlp.gelu.approximate) for table, ln_s, w_s, ln, mlp in heads]
 
 
-def row_chain(rows, state, token, pick):
+def row_chain(heads, state, token, propose):
     """SequentialHeads.chain with MLP bodies, as raw ops, on B rows: state (B, C), token (B,);
-    for k = 2..n, z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)),
-    logits = unembed(s_k). Returns drafts (B, n-1) and q (B, n-1, V)."""
-    heads, ln_f, unembedding = rows
+    for k = 2..n, z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), and head k's
+    draft from s_k (propose). Returns drafts (B, n-1) and q (B, n-1, V)."""
     drafts, q = [], []
     for table, ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu in heads:
-        z = torch.addmm(table[token], F.layer_norm(state, *ln_s), w_s)
+        token_half = table[token] if torch.is_tensor(table) else table(token)
+        z = torch.addmm(token_half, F.layer_norm(state, *ln_s), w_s)
         h = F.layer_norm(z, *ln) @ w_fc
         state = torch.addmm(z, F.gelu(h if b_fc is None else h + b_fc, approximate=gelu), w_proj)
         state = state if b_proj is None else state + b_proj
-        token, q_k = pick(F.layer_norm(state, *ln_f) @ unembedding)
+        token, q_k = propose(state)
         drafts.append(token)
         q.append(q_k)
     return torch.stack(drafts, dim=1), torch.stack(q, dim=1)

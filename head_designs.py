@@ -197,11 +197,11 @@ class SequentialHeads(Heads):
     def head1_blocks(self):
         return []  # head 1 is the trunk itself
 
-    def chain(self, model, entry, tokens, pick, cache=None):
+    def chain(self, model, entry, tokens, propose, cache=None):
         """Heads 2..n drafting x_{t+2}..x_{t+n} at the last of m positions t-m+1..t.
         entry:  (m, C) s_1 (or the WHS mix z_2) at those positions
         tokens: (m,) the token after each position, x_{s+1}; the last is x_{t+1}
-        pick:   logits (V,) -> (draft token, its q)
+        propose: a head state (C,) -> (draft token, its q) (drafters.DraftVocab)
         cache:  the heads' KVCache (layer k-2 = head k) holding the positions before these (with
                 attention; the caller advances and rolls it back)
         Head k+1 reads x_{s+k}: the tokens shifted by one, head k's draft last. Returns
@@ -210,7 +210,7 @@ class SequentialHeads(Heads):
         attn_mask = model.default_mask(tokens[None], cache, None)  # causal after the cached ones
         for k, head in enumerate(self, start=2):
             state = head(state, model.transformer.wte(tokens[None]), cache, k - 2, attn_mask)
-            picks.append(pick(model.unembed(state[0, -1])))  # (draft, q)
+            picks.append(propose(state[0, -1]))  # (draft, q)
             tokens = torch.cat([tokens[1:], picks[-1][0].view(1)])
         return tuple(torch.stack(column) for column in zip(*picks))
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from heads import MTPGPT
-from drafters import heads_drafter
+from drafters import DraftVocab, heads_drafter
 from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
 from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch,
                      format_table, Tally)
@@ -302,7 +302,7 @@ def head_scores(model, seq, n):
     from x<=t alone, as the heads draft (their drafter, a position at a time): sequential heads
     read the chain's own greedy guesses, never the true x_{t+1}..x_{t+k-1}."""
     logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
-    drafter = heads_drafter(model, lambda scores: (scores.argmax(-1), scores))  # q: the logits
+    drafter = heads_drafter(model, DraftVocab(model, lambda scores: (scores.argmax(-1), scores)))
     rows, tokens = [], seq.tolist()
     for t in range(n):
         guess = int(logits[0, t, 0].argmax())

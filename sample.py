@@ -31,8 +31,9 @@ from torch.nn import functional as F
 
 from common import (UserError, flag, parse_flags, DecodeFlags, check_ranges, pick_device,
                     autocast_for, set_cpu_threads, load_model, cli)
-from data.text import tokenizer_for, encode_prompt, read_text, stop_tokens, check_draft
-from drafters import ModelDrafter, heads_drafter
+from data.text import (tokenizer_for, encode_prompt, read_text, stop_tokens, check_draft,
+                       frequent_tokens)
+from drafters import DraftVocab, ModelDrafter, heads_drafter
 from batched import Batch, NoDrafts, self_drafter, model_drafter
 
 
@@ -311,10 +312,12 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
     return [run.result(drafter.forwards) for run in runs]
 
 
-def generate_self_speculative(model, prompt, max_new_tokens, **sampling):
-    """Self-speculative decoding: the model's heads 2..n draft (its design's drafter)."""
-    return generate_speculative(model, lambda window, pick: heads_drafter(model, pick),
-                                model.config.n_future - 1, prompt, max_new_tokens, **sampling)
+def generate_self_speculative(model, prompt, max_new_tokens, draft_vocab=None, **sampling):
+    """Self-speculative decoding: the model's heads 2..n draft (its design's drafter), from the
+    token ids draft_vocab only if given (drafters.DraftVocab)."""
+    return generate_speculative(
+        model, lambda window, pick: heads_drafter(model, DraftVocab(model, pick, draft_vocab)),
+        model.config.n_future - 1, prompt, max_new_tokens, **sampling)
 
 
 def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **sampling):
@@ -363,7 +366,7 @@ def main(argv):
     prompts = [encode_prompt(text, tokenizer) for text in texts]
     if not prompts:
         raise UserError(f"no prompts in {args.prompts}: give one per line")
-    check_ranges(args, positive=('num_samples', 'batch_size'))
+    check_ranges(args, positive=('num_samples', 'batch_size'), non_negative=('draft_vocab',))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))
@@ -372,8 +375,11 @@ def main(argv):
                         "exclusive: pick one")
     mode, decode, drafting = 'vanilla', partial(generate, model), {}
     if args.speculative:
-        mode, decode = 'self-speculative', partial(generate_self_speculative, model)
-        drafting = dict(make_drafter=self_drafter(model), n_drafts=model.config.n_future - 1)
+        vocab = frequent_tokens(ckpt, args.draft_vocab) if args.draft_vocab else None
+        mode, decode = 'self-speculative', partial(generate_self_speculative, model,
+                                                   draft_vocab=vocab)
+        drafting = dict(make_drafter=self_drafter(model, vocab),
+                        n_drafts=model.config.n_future - 1)
     if args.draft:
         draft, draft_ckpt = load_model(args.draft, device)
         check_draft(ckpt, draft_ckpt)

@@ -113,6 +113,17 @@ def check_draft(ckpt, draft_ckpt):
         raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
 
 
+def frequent_tokens(ckpt, n):
+    """The n most frequent token ids of the checkpoint's training data (train.bin beside its
+    val.bin; ties: the smaller id first), sorted: a draft vocabulary (drafters.DraftVocab)."""
+    path = os.path.join(os.path.dirname(val_path(ckpt)), 'train.bin')
+    if not os.path.isfile(path):
+        raise UserError(f"--draft_vocab counts the training data's tokens, but {path} is not "
+                        f"there: run data/prepare.py for the checkpoint's dataset")
+    counts = np.bincount(token_file(path), minlength=ckpt['model_args']['vocab_size'])
+    return np.sort(np.argsort(-counts, kind='stable')[:n])
+
+
 def read_text(path, what='input file'):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model as M
-from drafters import heads_drafter
+from drafters import DraftVocab, heads_drafter
 from heads import MTPGPT, MTPConfig, head_targets, mtp_loss, loss_weights_for
 from conftest import tiny_config, tiny_gpt, tiny_mtp, run_train
 
@@ -243,7 +243,8 @@ def test_resblock_drafts_at_one_position_equal_each_heads_logits(kw):
             p.normal_(0, 0.5)
         trunk_hidden = model.trunk(x[:, :6])
         want = torch.stack([head_logits(model, k, trunk_hidden)[0, 5] for k in range(2, 5)])
-        drafter = heads_drafter(model, lambda logits: (logits.argmax(-1), logits))
+        propose = DraftVocab(model, lambda logits: (logits.argmax(-1), logits))  # q: the logits
+        drafter = heads_drafter(model, propose)
         drafter.observe(x[0, :7].tolist(), trunk_hidden, 0)
         got = drafter.draft(x[0].tolist(), 3)[1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

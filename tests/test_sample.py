@@ -23,7 +23,7 @@ from data.text import encode_prompt, stop_tokens
 from conftest import (REPO, N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
                       exact_vanilla_distribution, one_line_error, random_mtp,
                       resample_rejected_from_p, run_cli, tiny_vocab_model, total_variation)
-from drafters import ChainDrafter
+from drafters import ChainDrafter, DraftVocab
 from head_designs import mix
 from heads import MTPGPT, MTPConfig
 from sample import (Stats, probs_from_logits, verify, generate, generate_self_speculative,
@@ -199,7 +199,7 @@ def recomputed_q(model, seq, start, drafts, temperature):
         entry = mix(model.heads.whs_coef, model.trunk(window[None, :-1]))[0]
         forced = iter(drafts)
         pick = lambda logits: (next(forced), probs_from_logits(logits, temperature))  # noqa: E731
-        return model.heads.chain(model, entry, window[1:], pick)[1]
+        return model.heads.chain(model, entry, window[1:], DraftVocab(model, pick))[1]
 
 
 def drafts_checked_against_recomputation(monkeypatch, found, temperature):
