@@ -22,6 +22,7 @@ alone (sample.py without --prompts), which slides.
 import torch
 
 from model import KVCache, UserError
+from decoding import Decoding, probs_from_logits, verify
 from drafters import DraftVocab, heads_drafter
 
 
@@ -108,6 +109,41 @@ class Batch:
         self.cache.rollback(torch.tensor(lengths, device=self.device))
         if len(rows) < len(lengths):
             self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.device))
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                   stop=(), generator=None, make_drafter=None, n_drafts=0):
+    """Decode a list of prompts at once: sample.generate_speculative's loop (draft, verify, roll
+    back, emit) on ragged rows, each exactly what it gives its prompt alone. make_drafter(runs,
+    pick) drafts up to n_drafts tokens per row (self_drafter, model_drafter; None: vanilla).
+    max_new_tokens: one for all, or one per prompt. Returns a Generation per prompt."""
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else \
+        [max_new_tokens] * len(prompts)
+    runs = [Decoding(prompt, budget, temperature, top_k, top_p, stop, generator, n_drafts)
+            for prompt, budget in zip(prompts, budgets)]
+    live = [run for run in runs if run.running()]  # the batch's rows, in cache order
+    batch = Batch(model, live, n_drafts)  # (refuses rows that do not fit the window)
+    drafter = make_drafter(live, runs[0].pick) if make_drafter and live else NoDrafts(model)
+    while live:
+        drafts = drafter.draft(live, [min(n_drafts, run.budget() - 1) for run in live])
+        feeds = [run.seq[n:] + d.tolist() for run, n, (d, _) in zip(live, batch.lengths(), drafts)]
+        logits, trunk_hidden = batch.forward(feeds)  # (B, T, V): each row's feed, padded
+        p_all = probs_from_logits(logits, **runs[0].sampling)  # (every row's settings)
+        verified, last = [], []  # per row: the tokens its cache keeps; its last one's feed index
+        for b, (run, feed, (d, q)) in enumerate(zip(live, feeds, drafts)):
+            p = p_all[b, len(feed) - len(d) - 1:len(feed)]  # the last k+1 rows of its feed
+            new = verify(p, d, q, run.greedy, run.generator)
+            verified.append(len(run.seq) + len(new) - 1)  # the free token is fed next step
+            last.append(len(feed) - len(d) - 2 + len(new))
+            run.emit(new, len(d))
+        rows = [b for b, run in enumerate(live) if run.running()]  # finished rows leave
+        batch.rollback(verified, rows)
+        drafter.keep(rows)
+        live = [live[b] for b in rows]
+        if live:
+            drafter.observe(live, [h[rows] for h in trunk_hidden], [last[b] for b in rows])
+    return [run.result(drafter.forwards) for run in runs]
 
 
 # -----------------------------------------------------------------------------

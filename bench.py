@@ -35,8 +35,9 @@ from marginalize import marginalize, marginalize_naive, check_cost, next_token_l
 import batched
 import drafters
 import sample
-from sample import (Stats, Generation, generate, generate_self_speculative, generate_two_model,
-                    generate_batch)
+from batched import generate_batch
+from decoding import Stats, Generation
+from sample import generate, generate_self_speculative, generate_two_model
 from train import train
 
 
@@ -150,7 +151,7 @@ def transformers_decoder(hf, n_new, assistant=None, batched=False, **options):
 
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('forward', batched.Batch, 'forward'),
-         ('verify', sample, 'verify'), ('drafts', drafters.ModelDrafter, 'draft')] + [
+         ('verify', sample, 'verify'), ('verify', batched, 'verify'), ('drafts', drafters.ModelDrafter, 'draft')] + [
     ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()] + [
     ('drafts', drafter, part) for part in ('draft', 'observe')
     for drafter in (batched.EachRow, batched.LastRows, batched.DraftModelRows)]

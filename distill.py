@@ -27,8 +27,7 @@ from heads import loss_weights_for
 from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
                     autocast_for, load_model, cli)
 from data.text import val_path, val_prompts
-from batched import self_drafter
-from sample import generate_batch
+from batched import generate_batch, self_drafter
 from train import train, check_config
 from report import printable
 
@@ -65,7 +64,7 @@ FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_promp
 
 def write_corpus(model, prompts, path, args, generator):
     """Continue every prompt to seq_len tokens and write them, one after another, as uint16.
-    Batched self-speculative decoding (sample.generate_batch): each row distributed exactly as
+    Batched self-speculative decoding (batched.generate_batch): each row distributed exactly as
     vanilla sampling (greedy: vanilla's tokens), the heads drafting as they will when decoding."""
     new_tokens = args.seq_len - args.prompt_len
     with open(path + '.tmp', 'wb') as f:

@@ -52,7 +52,7 @@ from common import UserError, save_checkpoint  # noqa: E402
 from heads import MTPGPT, MTPConfig  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.text import load_meta  # noqa: E402
-from sample import probs_from_logits  # noqa: E402
+from decoding import probs_from_logits  # noqa: E402
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Specification of batched decoding (sample.generate_batch, batched.py): many prompts at once,
+"""Specification of batched decoding (batched.generate_batch): many prompts at once,
 each row exactly what decoding its prompt alone gives (sample.generate and the speculative loops).
 
 Exact means: in fp32 every greedy row equals the prompt decoded alone, token for token, with the
@@ -11,12 +11,14 @@ import json
 import pytest
 import torch
 
+import batched
 import sample
-from batched import Batch, model_drafter, self_drafter
 from conftest import (N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
                       exact_vanilla_distribution, one_line_error, random_mtp,
                       resample_rejected_from_p, tiny_vocab_model, total_variation)
-from sample import Decoding, generate, generate_batch, generate_self_speculative, generate_two_model
+from batched import Batch, generate_batch, model_drafter, self_drafter
+from decoding import Decoding
+from sample import generate, generate_self_speculative, generate_two_model
 
 # the decoding modes: (head design and options, or 'vanilla' / 'two-model')
 MODES = ['vanilla', 'block', 'resblock', 'sequential', 'sequential+attention', 'two-model']
@@ -221,7 +223,7 @@ def test_sampled_rows_match_vanilla_distribution(head_type):
                                         resample_rejected_from_p])
 def test_wrong_acceptance_rules_fail_the_batched_distribution_test(monkeypatch, wrong_rule):
     model, _ = tiny_vocab_model('block')
-    monkeypatch.setattr(sample, 'verify', wrong_rule)
+    monkeypatch.setattr(batched, 'verify', wrong_rule)
     tv = [total_variation(samples, exact_vanilla_distribution(model, prompt, 3, temperature=1.0))
           for prompt, samples in zip(PROMPTS, first_three_tokens_batched(model, PROMPTS))]
     assert max(tv) > 1.5 * TV_BOUND

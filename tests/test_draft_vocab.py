@@ -9,12 +9,13 @@ import torch
 from torch.nn import functional as F
 
 import sample
-from batched import self_drafter
+from decoding import Decoding
+from batched import generate_batch, self_drafter
 from conftest import (N_RUNS, TV_BOUND, exact_vanilla_distribution, one_line_error, random_mtp,
                       tiny_vocab_model, total_variation)
 from data.text import frequent_tokens
 from drafters import DraftVocab
-from sample import generate, generate_batch, generate_self_speculative
+from sample import generate, generate_self_speculative
 
 DESIGNS = [dict(head_type='block'), dict(head_type='resblock'), dict(head_type='sequential'),
            dict(head_type='sequential', head_attention=True)]
@@ -38,7 +39,7 @@ def test_drafts_stay_in_the_subset_and_q_is_zero_outside_it():
     subset's logits), 0 elsewhere; the drafts are the subset's own ids."""
     model = random_mtp(seed=5, head_type='resblock')
     subset = torch.tensor([1, 4, 6, 10])
-    pick = sample.Decoding([0], 1, 0.7, 0, 1.0, (), torch.Generator().manual_seed(0)).pick
+    pick = Decoding([0], 1, 0.7, 0, 1.0, (), torch.Generator().manual_seed(0)).pick
     h = torch.randn(50, model.config.n_embd)
     drafts, q = DraftVocab(model, pick, subset)(h)
     assert set(drafts.tolist()) <= set(subset.tolist()) and len(set(drafts.tolist())) > 1

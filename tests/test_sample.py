@@ -26,7 +26,8 @@ from conftest import (REPO, N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
 from drafters import ChainDrafter, DraftVocab
 from head_designs import mix
 from heads import MTPGPT, MTPConfig
-from sample import (Stats, probs_from_logits, verify, generate, generate_self_speculative,
+from decoding import Stats, probs_from_logits, verify
+from sample import (generate, generate_self_speculative,
                     generate_two_model)
 
 
