@@ -21,19 +21,21 @@ alone (sample.py without --prompts), which slides.
 """
 import torch
 
-from model import KVCache, UserError
+from model import UserError
 from decoding import Decoding, probs_from_logits, verify
 from drafters import DraftVocab, heads_drafter
 
 
-class RaggedCache(KVCache):
-    """A KVCache whose rows hold different numbers of tokens. Invariant: row b's slots
+class RaggedCache:
+    """The KV cache of a batch: rows hold different numbers of tokens, lengths (B,). Storage
+    (B, n_head, max_len, head_dim) per layer, allocated on first use. Invariant: row b's slots
     0 .. lengths[b] - 1 hold its tokens at those positions; later slots are stale, and a forward
-    writes its T tokens at lengths[b] .. lengths[b] + T - 1 before anything reads them."""
+    writes its T tokens at lengths[b] .. lengths[b] + T - 1 before anything reads them. It has
+    no single length: a forward on it is given its positions and mask (Batch.forward)."""
 
     def __init__(self, n_layers, max_len, n_rows, device):
-        super().__init__(n_layers, max_len)
-        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=device)  # (B,)
+        self.max_len, self.k, self.v = max_len, [None] * n_layers, [None] * n_layers
+        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
 
     def prepare(self, T, n_head, head_dim):
         """Where every row's next T tokens go: slots lengths[b] .. lengths[b] + T - 1."""
@@ -51,8 +53,8 @@ class RaggedCache(KVCache):
         self.v[layer].scatter_(2, self.slots, v)
         return self.k[layer][:, :, :self.end], self.v[layer][:, :, :self.end]
 
-    def advance(self, T):  # every row by T, padding included: Batch.forward then rolls back
-        self.lengths = self.lengths + T
+    def advance(self, T):  # (Batch.forward sets the lengths: each row's own feed, no padding)
+        pass
 
     def rollback(self, lengths):
         """Rows keep lengths (B,) tokens (at most what they hold)."""
@@ -97,17 +99,21 @@ class Batch:
         self.cache.prepare(T, config.n_head, config.n_embd // config.n_head)
         slots = torch.arange(self.cache.end, device=self.device)
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, slots)
-        # padding may sit past the last position: clamped, it is computed but never read
+        # positions past the window (padding; a draft model's drafts a row will not keep) are
+        # clamped: computed, never used
         logits, _, trunk_hidden = self.model(
             idx, cache=self.cache, pos=pos.clamp(max=config.block_size - 1),
             attn_mask=mask, n_heads=1, return_hidden=True)
-        self.cache.rollback(lengths + torch.tensor(list(map(len, feeds)), device=self.device))
+        self.cache.lengths = lengths + torch.tensor(list(map(len, feeds)), device=self.device)
         return logits[:, :, 0], trunk_hidden
 
-    def rollback(self, lengths, rows):
-        """Row b keeps lengths[b] tokens; then only the rows (indices) stay, in that order."""
+    def rollback(self, lengths):
+        """Row b keeps its first lengths[b] tokens (the verified ones)."""
         self.cache.rollback(torch.tensor(lengths, device=self.device))
-        if len(rows) < len(lengths):
+
+    def keep(self, rows):
+        """Only the rows (indices) stay, in that order: the others finished."""
+        if len(rows) < len(self.cache.lengths):
             self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.device))
 
 
@@ -127,23 +133,24 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
     drafter = make_drafter(live, runs[0].pick) if make_drafter and live else NoDrafts(model)
     while live:
         drafts = drafter.draft(live, [min(n_drafts, run.budget() - 1) for run in live])
-        feeds = [run.seq[n:] + d.tolist() for run, n, (d, _) in zip(live, batch.lengths(), drafts)]
+        lengths = batch.lengths()
+        feeds = [run.seq[n:] + d.tolist() for run, n, (d, _) in zip(live, lengths, drafts)]
         logits, trunk_hidden = batch.forward(feeds)  # (B, T, V): each row's feed, padded
         p_all = probs_from_logits(logits, **runs[0].sampling)  # (every row's settings)
-        verified, last = [], []  # per row: the tokens its cache keeps; its last one's feed index
+        verified = []  # per row: how many tokens its cache keeps
         for b, (run, feed, (d, q)) in enumerate(zip(live, feeds, drafts)):
             p = p_all[b, len(feed) - len(d) - 1:len(feed)]  # the last k+1 rows of its feed
             new = verify(p, d, q, run.greedy, run.generator)
             verified.append(len(run.seq) + len(new) - 1)  # the free token is fed next step
-            last.append(len(feed) - len(d) - 2 + len(new))
             run.emit(new, len(d))
+        batch.rollback(verified)
         rows = [b for b, run in enumerate(live) if run.running()]  # finished rows leave
-        batch.rollback(verified, rows)
+        batch.keep(rows)
         drafter.keep(rows)
-        live = [live[b] for b in rows]
-        if live:
-            drafter.observe(live, [h[rows] for h in trunk_hidden], [last[b] for b in rows])
-    return [run.result(drafter.forwards) for run in runs]
+        live, last = [live[b] for b in rows], [verified[b] - 1 - lengths[b] for b in rows]
+        if live:  # row b's last verified token is its feed's token last[b]
+            drafter.observe(live, [h[rows] for h in trunk_hidden], last)
+    return [run.result() for run in runs]
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +160,6 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
 
 class NoDrafts:
     """Vanilla decoding: a drafter that never drafts."""
-    forwards = 0
 
     def __init__(self, model):
         device = model.lm_head.weight.device
@@ -173,7 +179,6 @@ class NoDrafts:
 class EachRow:
     """One-prompt drafters (drafters.py), one per row, each fed its own row: exact for every
     design, at the price of one drafter call per row (block heads, heads with attention)."""
-    forwards = 0
 
     def __init__(self, drafters):
         self.drafters = drafters
@@ -192,7 +197,6 @@ class EachRow:
 class LastRows:
     """Drafters that read each row's last verified position alone (ResBlock heads, MLP-bodied
     sequential heads): every row in one call of drafter.draft_rows."""
-    forwards = 0
 
     def __init__(self, drafter):
         self.drafter, self.drafts = drafter, None
@@ -231,25 +235,25 @@ class DraftModelRows:
 
     def __init__(self, draft_model, runs, n_drafts, pick):
         self.batch, self.pick = Batch(draft_model, runs, n_drafts, 'the draft model'), pick
-        self.verified, self.forwards = False, 0
+        self.verified = False  # (nothing to draft from before the target verified the prompt)
 
     def draft(self, runs, ks):
-        drafts, q = [[] for _ in runs], [[] for _ in runs]
-        for _ in range(max(ks) if self.verified else 0):  # every row drafts max(ks), cut to k_b
-            lengths = self.batch.lengths()
-            logits, _ = self.batch.forward([(run.seq + d)[n:] for run, d, n in
-                                            zip(runs, drafts, lengths)])
-            last = torch.tensor([len(run.seq) + len(d) - n - 1 for run, d, n in
-                                 zip(runs, drafts, lengths)], device=logits.device)
-            tokens, q_j = self.pick(logits[torch.arange(len(runs)), last])
-            for b, token in enumerate(tokens.tolist()):
-                drafts[b].append(token)
-                q[b].append(q_j[b])
-            self.forwards += 1
-        no_q = torch.empty(0, self.batch.model.config.vocab_size, device=self.batch.device)
-        return [(torch.tensor(d[:k], dtype=torch.long, device=self.batch.device),
-                 torch.stack(qb[:k]) if qb and k else no_q)
-                for d, qb, k in zip(drafts, q, ks)]
+        """Every row drafts max(ks) tokens, one forward each, and keeps its first k_b."""
+        B, V, device = len(runs), self.batch.model.config.vocab_size, self.batch.device
+        tokens, q = [torch.empty(B, 0, dtype=torch.long, device=device)], [torch.empty(B, 0, V,
+                                                                                  device=device)]
+        feeds = [run.seq[n:] for run, n in zip(runs, self.batch.lengths())]  # what caches lack
+        for _ in range(max(ks) if self.verified else 0):
+            logits, _ = self.batch.forward(feeds)
+            last = torch.tensor([len(feed) - 1 for feed in feeds], device=device)
+            token, q_j = self.pick(logits[torch.arange(B, device=device), last])
+            tokens.append(token[:, None])
+            q.append(q_j[:, None])
+            feeds = [[t] for t in token.tolist()]
+        tokens, q = torch.cat(tokens, dim=1), torch.cat(q, dim=1)  # (B, max k), (B, max k, V)
+        for run, k in zip(runs, ks):
+            run.stats.draft_forwards += min(k, tokens.size(1))  # as decoding alone counts them
+        return [(tokens[b, :k], q[b, :k]) for b, k in enumerate(ks)]
 
     def observe(self, runs, trunk_hidden, last):
         verified = torch.tensor([len(run.seq) - 1 for run in runs], device=self.batch.device)
@@ -257,8 +261,7 @@ class DraftModelRows:
         self.verified = True
 
     def keep(self, rows):
-        lengths = self.batch.lengths()
-        self.batch.rollback(lengths, rows)
+        self.batch.keep(rows)
 
 
 def model_drafter(draft_model, n_drafts):

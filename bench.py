@@ -151,7 +151,8 @@ def transformers_decoder(hf, n_new, assistant=None, batched=False, **options):
 
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('forward', batched.Batch, 'forward'),
-         ('verify', sample, 'verify'), ('verify', batched, 'verify'), ('drafts', drafters.ModelDrafter, 'draft')] + [
+         ('verify', sample, 'verify'), ('verify', batched, 'verify'),
+         ('drafts', drafters.ModelDrafter, 'draft')] + [
     ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()] + [
     ('drafts', drafter, part) for part in ('draft', 'observe')
     for drafter in (batched.EachRow, batched.LastRows, batched.DraftModelRows)]
@@ -243,6 +244,8 @@ def bench_batched(args, model, ckpt, device):
     sizes = [int(b) for b in args.batch_sizes.split(',')]
     if min(sizes) < 1:
         raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
+    if args.peers and device != 'cpu':
+        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
     prompts = val_prompts(ckpt, args.data, max(args.num_prompts, *sizes), args.prompt_len)
     # the one-prompt modes (their checks) name the models: self, self:<dir> and draft batched
     singles = decode_modes(model, ckpt, replace(args, peers=False), prompts, device)

@@ -183,5 +183,6 @@ class Decoding:
 
     def result(self, draft_forwards=0):
         self.stats.new_tokens = len(self.seq) - self.n_prompt
-        self.stats.time_s, self.stats.draft_forwards = time.perf_counter() - self.t0, draft_forwards
+        self.stats.time_s = time.perf_counter() - self.t0
+        self.stats.draft_forwards += draft_forwards
         return Generation(self.seq[self.n_prompt:], self.stats)

@@ -151,7 +151,7 @@ def row_weights(model, max_table_vocab=4096):
         return ln.normalized_shape, ln.weight, ln.bias
     C, wte = model.config.n_embd, model.transformer.wte.weight
     small = model.config.vocab_size <= max_table_vocab
-    heads = [(h.token_table(wte) if small else lambda x, h=h: h.token_table(wte[x]),
+    heads = [(h.token_table(wte).__getitem__ if small else lambda x, h=h: h.token_table(wte[x]),
               norm(h.norm_state), h.combine.weight[:, :C].t(), norm(h.block.ln), h.block.mlp)
              for h in model.heads]
     return [(table, ln_s, w_s, ln, mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(),
@@ -160,12 +160,11 @@ def row_weights(model, max_table_vocab=4096):
 
 def row_chain(heads, state, token, propose):
     """SequentialHeads.chain with MLP bodies, as raw ops, on B rows: state (B, C), token (B,);
-    for k = 2..n, z = M_k[:, :C] norm(s) + table_k[x], s_k = z + MLP(LN(z)), and head k's
+    for k = 2..n, z = M_k[:, :C] norm(s) + table_k(x), s_k = z + MLP(LN(z)), and head k's
     draft from s_k (propose). Returns drafts (B, n-1) and q (B, n-1, V)."""
     drafts, q = [], []
     for table, ln_s, w_s, ln, w_fc, b_fc, w_proj, b_proj, gelu in heads:
-        token_half = table[token] if torch.is_tensor(table) else table(token)
-        z = torch.addmm(token_half, F.layer_norm(state, *ln_s), w_s)
+        z = torch.addmm(table(token), F.layer_norm(state, *ln_s), w_s)
         h = F.layer_norm(z, *ln) @ w_fc
         state = torch.addmm(z, F.gelu(h if b_fc is None else h + b_fc, approximate=gelu), w_proj)
         state = state if b_proj is None else state + b_proj

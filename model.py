@@ -81,7 +81,7 @@ def rotate(q, k, pos, n_rot, base):
     rotated by (m - n) only: attention sees relative positions, and a cached key never changes.
     Pythia rotates a quarter of each head (rotary_pct 0.25); the rest carries no position."""
     inv_freq = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float, device=q.device) / n_rot)
-    angles = pos.to(q.device).float()[..., None] * inv_freq.repeat(2)  # (T, n_rot): pair i twice
+    angles = pos.to(q.device).float()[..., None] * inv_freq.repeat(2)  # (.., T, n_rot): i twice
     angles = angles[:, None] if pos.dim() == 2 else angles  # per-row pos (B, T): (B, 1, T, n_rot)
     cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
 
@@ -114,8 +114,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.n_rot:  # GPT-NeoX: rotate q and k by their positions (keys are cached rotated)
-            start = cache.length if cache is not None else 0
-            pos = torch.arange(start, start + T, device=x.device) if pos is None else pos
+            if pos is None:  # after the cached tokens
+                start = cache.length if cache is not None else 0
+                pos = torch.arange(start, start + T, device=x.device)
             q, k = rotate(q, k, pos, self.n_rot, self.rotary_base)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -230,11 +231,12 @@ class GPT(nn.Module):
 
     def embed(self, idx, cache=None, pos=None):
         """Token + position embeddings (h_0; rotary models: token embeddings only)."""
-        T, start = idx.size(1), cache.length if cache is not None else 0
-        if pos is None and start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
-                             f"{self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device) if pos is None else pos
+        if pos is None:  # after the cached tokens
+            T, start = idx.size(1), cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                                 f"{self.config.block_size}")
+            pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx)
         if 'wpe' in self.transformer:
             x = x + self.transformer.wpe(pos)
@@ -247,7 +249,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None, return_hidden=False):
         """Logits (B, T, V) and, given targets (B, T), the mean next-token cross-entropy.
         cache:     a KVCache; the T tokens are appended after its contents (prefill when empty).
-        pos:       position ids (T,), by default continuing after the cache.
+        pos:       position ids (T,) or per row (B, T), by default continuing after the cache.
         attn_mask: bool (T, cached + T) or broadcastable to (B, H, T, cached + T), True = attend;
                    default causal.
         return_hidden: also return [h_0, .., h_L], h_0 = embeddings, h_L = last block output."""

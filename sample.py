@@ -9,12 +9,11 @@ heads draft) or two-model speculative decoding (a separate, smaller checkpoint d
 
 Speculative decoding, exactly (Leviathan et al. 2023, Chen et al. 2023): a step feeds the last
 emitted token and k drafts through the target in ONE forward, `verify` (decoding.py) decides
-which drafts stand
-against the target's p at the k+1 positions, and the KV cache is rolled back to the accepted
-length. The output is vanilla greedy decoding token for token, or distributed exactly as vanilla
-sampling (tested in fp32; under bfloat16 near-ties may differ). Who drafts is a drafter
-(drafters.py): the model's own heads, or a separate draft model. batched.generate_batch runs the
-same loop over many prompts at once.
+which drafts stand against the target's p at the k+1 positions, and the KV cache is rolled back
+to the accepted length. The output is vanilla greedy decoding token for token, or distributed
+exactly as vanilla sampling (tested in fp32; under bfloat16 near-ties may differ). Who drafts is
+a drafter (drafters.py): the model's own heads, or a separate draft model.
+batched.generate_batch runs the same loop over many prompts at once.
 
 Long sequences: a model sees at most block_size positions. A sequence that outgrows the window
 jumps to its last `keep` tokens (default 3/4 of block_size), prefilled again; the jumps depend
@@ -168,6 +167,10 @@ def main(argv):
     if args.draft and args.speculative:
         raise UserError("--speculative (the model's own heads) and --draft (a draft model) are "
                         "exclusive: pick one")
+    if args.draft_vocab and not args.speculative:
+        raise UserError("--draft_vocab trims the drafts of the heads: give --speculative=true")
+    if args.prompts and args.num_samples > 1:
+        raise UserError("--num_samples repeats --prompt; with --prompts, repeat lines of the file")
     mode, decode, drafting = 'vanilla', partial(generate, model), {}
     if args.speculative:
         vocab = frequent_tokens(ckpt, args.draft_vocab) if args.draft_vocab else None

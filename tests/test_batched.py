@@ -30,8 +30,7 @@ def models_for(mode, arch='gpt2', seed=1):
     head_type, _, attention = mode.partition('+')
     if mode in ('vanilla', 'two-model'):
         head_type = 'resblock'
-    target = random_mtp(seed=seed, arch=arch, head_type=head_type,
-                        **(dict(head_attention=True) if attention else {}))
+    target = random_mtp(seed=seed, arch=arch, head_type=head_type, head_attention=bool(attention))
     return target, (random_mtp(seed=seed + 1, n_layer=1, n_future=1, arch=arch)
                     if mode == 'two-model' else None)
 
@@ -66,10 +65,10 @@ def assert_rows_equal_or_near_ties(target, prompts, rows, alone):
     near_ties = 0
     for prompt, row, one in zip(prompts, rows, alone):
         if row.tokens == one.tokens:
-            for key in ('tau', 'acceptance', 'new_tokens', 'target_forwards'):
+            for key in ('tau', 'acceptance', 'new_tokens', 'target_forwards', 'draft_forwards'):
                 assert row.stats.summary()[key] == one.stats.summary()[key], key
             continue
-        first = next(i for i, (a, b) in enumerate(zip(row.tokens + [None], one.tokens))
+        first = next(i for i, (a, b) in enumerate(zip(row.tokens + [None], one.tokens + [None]))
                      if a != b)
         with torch.no_grad():
             logits, _ = target(torch.tensor([prompt + one.tokens[:first]]), n_heads=1)
@@ -160,22 +159,19 @@ def test_ragged_feeds_give_each_rows_full_forward_logits(arch):
     runs = [Decoding(s, 0, 0.0, 0, 1.0, (), None) for s in seqs]
     batch, held = Batch(model, runs, n_drafts=8), [0] * len(seqs)
     g = torch.Generator().manual_seed(0)
-    while min(h < len(s) for h, s in zip(held, seqs)) or max(h < len(s) for h, s in
-                                                                    zip(held, seqs)):
+    while any(h < len(s) for h, s in zip(held, seqs)):
         feeds = [s[h:h + int(torch.randint(0, 6, (), generator=g)) + 1] for s, h in
-                 zip(seqs, held)]
+                 zip(seqs, held)]  # (empty for a row that is done)
         logits, _ = batch.forward(feeds)
         for b, (s, h, feed) in enumerate(zip(seqs, held, feeds)):
             if feed:
                 with torch.no_grad():
                     full, _ = model(torch.tensor([s[:h + len(feed)]]), n_heads=1)
                 torch.testing.assert_close(logits[b, :len(feed)], full[0, h:, 0])
-        # keep a random part of what was fed (a rejected draft), at least one token
+        # keep a random part of what was fed (the rest: rejected drafts), at least one token
         held = [h + max(1, int(torch.randint(0, len(feed) + 1, (), generator=g)))
                 if feed else h for h, feed in zip(held, feeds)]
-        batch.rollback(held, list(range(len(seqs))))
-        if all(h >= len(s) for h, s in zip(held, seqs)):
-            break
+        batch.rollback(held)
 
 
 def test_a_request_that_does_not_fit_the_window_is_refused():
@@ -262,6 +258,8 @@ def test_cli_decodes_a_prompts_file_in_batches_in_the_files_order(counting_ckpt,
     ('', [], 'no prompts'),
     ('abc\n', ['--batch_size=0'], 'batch_size'),
     ('abc\n', ['--max_new_tokens=62'], 'block_size 64'),  # 3 + 62 > 64
+    ('abc\n', ['--num_samples=2'], 'repeat lines'),
+    ('abc\n', ['--draft_vocab=5'], '--speculative=true'),
 ])
 def test_cli_prompts_file_errors(counting_ckpt, tmp_path, lines, flags, fragment):
     (tmp_path / 'prompts.txt').write_text(lines)

@@ -8,16 +8,18 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import drafters
 import sample
 from decoding import Decoding
 from batched import generate_batch, self_drafter
 from conftest import (N_RUNS, TV_BOUND, exact_vanilla_distribution, one_line_error, random_mtp,
                       tiny_vocab_model, total_variation)
 from data.text import frequent_tokens
-from drafters import DraftVocab
+from drafters import DraftVocab, heads_drafter
 from sample import generate, generate_self_speculative
 
-DESIGNS = [dict(head_type='block'), dict(head_type='resblock'), dict(head_type='sequential'),
+DESIGNS = [dict(head_type='block'), dict(head_type='resblock'),
+           dict(head_type='sequential', head_attention=False),
            dict(head_type='sequential', head_attention=True)]
 
 
@@ -32,6 +34,23 @@ def test_greedy_with_a_draft_vocabulary_equals_vanilla_alone_and_batched(design)
         alone = generate_self_speculative(model, prompt, 30, temperature=0, draft_vocab=subset)
         assert alone.tokens == row.tokens == generate(model, prompt, 30, temperature=0).tokens
         assert alone.stats.summary()['tau'] == row.stats.summary()['tau']
+
+
+def test_mlp_sequential_heads_past_the_table_vocabulary_draft_the_same():
+    """Past 4096 tokens row_chain computes M_k's token half per row instead of a V x C table:
+    the drafts (and so the output and tau) are those of the table, alone and batched."""
+    model = random_mtp(vocab=5000, seed=6, head_type='sequential', head_attention=False)
+    prompts = [[1, 2, 3], [4999, 7], [0, 4, 4, 9, 11]]
+    rows = generate_batch(model, prompts, 20, temperature=0, n_drafts=3,
+                          make_drafter=self_drafter(model, [0, 1, 2, 3, 4, 7, 4999]))
+    for prompt, row in zip(prompts, rows):
+        assert row.tokens == generate(model, prompt, 20, temperature=0).tokens
+    drafter = heads_drafter(model, DraftVocab(model, lambda logits: (logits.argmax(-1), logits)))
+    small = drafters.row_weights(model, max_table_vocab=10 ** 6)  # the table, for comparison
+    h, token = torch.randn(4, model.config.n_embd), torch.tensor([3, 4999, 0, 12])
+    with torch.no_grad():
+        torch.testing.assert_close(drafters.row_chain(drafter.rows, h, token, drafter.propose),
+                                   drafters.row_chain(small, h, token, drafter.propose))
 
 
 def test_drafts_stay_in_the_subset_and_q_is_zero_outside_it():
