@@ -240,8 +240,8 @@ class DraftModelRows:
     def draft(self, runs, ks):
         """Every row drafts max(ks) tokens, one forward each, and keeps its first k_b."""
         B, V, device = len(runs), self.batch.model.config.vocab_size, self.batch.device
-        tokens, q = [torch.empty(B, 0, dtype=torch.long, device=device)], [torch.empty(B, 0, V,
-                                                                                  device=device)]
+        tokens = [torch.empty(B, 0, dtype=torch.long, device=device)]
+        q = [torch.empty(B, 0, V, device=device)]
         feeds = [run.seq[n:] for run, n in zip(runs, self.batch.lengths())]  # what caches lack
         for _ in range(max(ks) if self.verified else 0):
             logits, _ = self.batch.forward(feeds)
