@@ -202,8 +202,10 @@ def first_three_tokens_batched(model, prompts, draft=None, **sampling):
             for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize('head_type', ['block', pytest.param('resblock', marks=pytest.mark.slow),
-                                       pytest.param('sequential', marks=pytest.mark.slow)])
+# (slow: 2,000 rows a test; the fast subset keeps the two-model test below and the draft
+# vocabulary's batched test and control, tests/test_draft_vocab.py)
+@pytest.mark.slow
+@pytest.mark.parametrize('head_type', ['block', 'resblock', 'sequential'])
 def test_sampled_rows_match_vanilla_distribution(head_type):
     model, _ = tiny_vocab_model(head_type)
     g = torch.Generator().manual_seed(0)
@@ -215,8 +217,8 @@ def test_sampled_rows_match_vanilla_distribution(head_type):
         assert total_variation(samples, exact) < TV_BOUND, prompt
 
 
-@pytest.mark.parametrize('wrong_rule', [pytest.param(accept_every_draft, marks=pytest.mark.slow),
-                                        resample_rejected_from_p])
+@pytest.mark.slow
+@pytest.mark.parametrize('wrong_rule', [accept_every_draft, resample_rejected_from_p])
 def test_wrong_acceptance_rules_fail_the_batched_distribution_test(monkeypatch, wrong_rule):
     model, _ = tiny_vocab_model('block')
     monkeypatch.setattr(batched, 'verify', wrong_rule)
