@@ -252,6 +252,8 @@ def bench_batched(args, model, ckpt, device):
     modes = {'vanilla': partial(generate_batch, model)}
     for name, single in list(singles.items())[1:]:
         target, *draft = single.args
+        if draft:
+            sample.check_two_model(target, draft[0], args.gamma)
         modes[name] = partial(generate_batch, target, **(dict(
             make_drafter=batched.model_drafter(draft[0], args.gamma), n_drafts=args.gamma)
             if draft else dict(make_drafter=batched.self_drafter(
