@@ -57,7 +57,8 @@ def read_preset(path):
 
 def parse_flags(argv, defaults, presets=False, fixed=()):
     """`defaults` (a config dataclass) updated from preset files (when `presets`), then from
-    `--name=value` flags (a bare `--name` sets a bool); `fixed` names are not flags."""
+    `--name=value` flags (a bare `--name` sets a bool); `fixed` names are not flags. The
+    result's `given` names what was set (train.py: a resumed run takes the rest from its run)."""
     values = {k: v for k, v in dataclasses.asdict(defaults).items() if k not in fixed}
     if '--help' in argv or '-h' in argv:
         print(help_text(defaults, values))
@@ -77,7 +78,10 @@ def parse_flags(argv, defaults, presets=False, fixed=()):
         if name not in values:
             raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(values)}")
         values[name] = _convert(name, value, values[name])
-    return dataclasses.replace(defaults, **values)
+    config = dataclasses.replace(defaults, **values)
+    # what a flag or preset set, even to its default (a resumed run takes the rest from its run)
+    config.given = frozenset(name for name, _, _ in preset_items + flag_items)
+    return config
 
 
 def flag(default, description):
@@ -129,6 +133,7 @@ class MarginalizeFlags:
 class TrainConfig:
     """python train.py [preset.py ...] [--name=value ...]
 Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume a run."""
+    given = frozenset()  # (not a flag) what parse_flags was given; a config built in code: none
     # I/O
     out_dir: str = flag('out', "checkpoints go to out_dir/ckpt.pt")
     dataset: str = flag('shakespeare_char', "reads data/<dataset>/{train,val}.bin and meta.json")

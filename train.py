@@ -33,6 +33,10 @@ def parse_config(argv, base=None):
     return parse_flags(argv, base or TrainConfig(), presets=True)
 
 
+SHAPE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a source checkpoint decides
+MODEL = SHAPE + ('n_future', 'attach_layer', 'head_type', 'whs', 'head_attention')
+
+
 # -----------------------------------------------------------------------------
 # the checks: of the flags before any work is done, of the checkpoint a run starts from
 
@@ -83,8 +87,8 @@ def check_config(cfg):
 
 
 def check_data_tokenizer(ckpt, cfg, meta):
-    """Resuming or adapting a checkpoint on a dataset: the same vocab_size is not enough, every
-    token id must mean the same token. (A meta without a tokenizer kind: vocab_size only.)"""
+    """The same vocab_size is not enough: every token id must mean the same token (a meta
+    without a tokenizer kind: vocab_size only)."""
     known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
     why = tokenizer_difference(ckpt['meta'], meta) if known else ''
     if why:
@@ -93,32 +97,38 @@ def check_data_tokenizer(ckpt, cfg, meta):
                         f"prepared with the checkpoint's tokenizer")
 
 
+def resumed_config(cfg, ckpt):
+    """A resume continues its run: a flag not given takes the run's value, not today's default;
+    one given another value is applied and said (check_resume refuses a change of model)."""
+    saved, names = ckpt.get('config') or {}, {f.name for f in fields(cfg)} - {'init_from'}
+    changed = [k for k in sorted(cfg.given & names & saved.keys() - {'max_iters', 'out_dir'})
+               if saved[k] != getattr(cfg, k)]
+    if changed and not cfg.quiet and int(os.environ.get('RANK', 0)) == 0:
+        print("note: resuming with " + ', '.join(f"--{k}={getattr(cfg, k)} (the run had "
+                                                 f"{saved[k]})" for k in changed))
+    for name in (names - cfg.given - {'out_dir'}) & saved.keys():
+        setattr(cfg, name, saved[name])
+    return cfg
+
+
 def check_resume(ckpt, cfg, meta):
     """A resume continues the checkpoint's run: its resume state, its tokenizer, its model (a shape
-    flag set to another value is an error; cfg takes the checkpoint's values, so the new config
-    agrees with model_args), iterations left. Another data dir, same tokenizer: allowed, said."""
+    flag given another value is an error; cfg takes the checkpoint's values, so the new config
+    agrees with model_args), iterations left. Another data dir, same tokenizer: allowed."""
     missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
     if missing:
         raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
                         f"be resumed; start from it with --init_from=PATH and another --out_dir")
     check_data_tokenizer(ckpt, cfg, meta)
-    args, defaults = ckpt['model_args'], {f.name: f.default for f in fields(cfg)}
-    keys = [k for k in args if k not in ('vocab_size', 'block_size') and hasattr(cfg, k)]
-    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != defaults[k]}
+    args = ckpt['model_args']
+    given = {k: getattr(cfg, k) for k in MODEL + ('dropout',) if k in cfg.given}
     wanted = asdict(MTPConfig(**{**args, **given}))  # (attach_layer -1 resolved)
     for key in (k for k in given if wanted[k] != args[k]):
         raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
                         f"a resumed run keeps its model; pass the original value")
-    for key in keys:
-        setattr(cfg, key, args[key])
     if ckpt['iter_num'] >= cfg.max_iters:
         raise UserError(f"nothing to do: the checkpoint is at iteration {ckpt['iter_num']} and "
                         f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
-    config, data_dir = ckpt.get('config') or {}, data_dir_of(cfg.dataset, cfg.data_dir)
-    old = data_dir_of(config['dataset'], config.get('data_dir', '')) if 'dataset' in config else ''
-    if old and os.path.realpath(old) != os.path.realpath(data_dir) and not cfg.quiet and \
-            int(os.environ.get('RANK', 0)) == 0:
-        print(f"note: resuming on {data_dir}, the checkpoint was trained on {old} (same tokenizer)")
 
 
 def restore(ckpt, optimizer, batches, rank):
@@ -150,11 +160,10 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def build_model(cfg, meta):
-    """(model, checkpoint to resume or None). Scratch, resume, or adapt a trained NTP model."""
-    ckpt = None
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+def build_model(cfg, meta, ckpt=None):
+    """The model: scratch, resume (ckpt) or adapt a trained model. Afterwards cfg holds the
+    model's values (the saved config records what the run used, not a flag it overrode)."""
+    if ckpt is not None:
         model = model_from_checkpoint(ckpt)
         check_resume(ckpt, cfg, meta)  # its tokenizer, shape, resume state, iterations left
     elif cfg.init_from == 'scratch':  # the model: the flags named like MTPConfig's fields
@@ -163,6 +172,7 @@ def build_model(cfg, meta):
     else:
         source, source_ckpt = load_model(cfg.init_from)
         check_data_tokenizer(source_ckpt, cfg, meta)
+        adapt_flags(cfg, source.config)
         same_heads = cfg.head_type == source.config.head_type and (
             cfg.head_type != 'sequential' or cfg.head_attention == source.config.head_attention)
         if source.config.n_future > 1 and same_heads:
@@ -185,7 +195,20 @@ def build_model(cfg, meta):
     if cfg.block_size <= model.config.n_future:  # (the model's heads, not the flag's)
         raise UserError(f"block_size {cfg.block_size} leaves head {model.config.n_future} no "
                         f"target: use block_size > n_future")
-    return model, ckpt
+    for name in MODEL:
+        setattr(cfg, name, getattr(model.config, name))
+    return model
+
+
+def adapt_flags(cfg, source):
+    """Adapting a trained model: its shape is the source's (a shape flag given another value is
+    an error); an MTP source keeps its heads unless --head_type is given."""
+    for name in (n for n in SHAPE if n in cfg.given and getattr(cfg, n) != getattr(source, n)):
+        raise UserError(f"--{name}={getattr(cfg, name)}: the model adapted from {cfg.init_from} "
+                        f"has its {name}={getattr(source, name)}; drop the flag")
+    if source.n_future > 1 and 'head_type' not in cfg.given:  # its heads, fine-tuned whole
+        for name in MODEL[len(SHAPE):]:
+            setattr(cfg, name, getattr(source, name))
 
 
 def set_trunk_trainable(model, trainable):
@@ -258,12 +281,16 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
 
 def train(cfg):
     """Run a training job; returns the summary dict (also printed as the last JSON line)."""
+    ckpt = None
+    if cfg.init_from == 'resume':  # the run's own flags first: they decide data and batches
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+        cfg = resumed_config(cfg, ckpt)
     check_config(cfg)
     dist = Distributed(cfg.device)
     autocast = autocast_for(cfg.dtype, dist.device)
     torch.manual_seed(cfg.seed + dist.rank)
     meta, train_batches, val_batches, eval_train = load_data(cfg, dist.device, dist.rank)
-    raw_model, ckpt = build_model(cfg, meta)
+    raw_model = build_model(cfg, meta, ckpt)
     raw_model.to(dist.device)
     strategy = training_strategy(raw_model, cfg, dist.device.split(':')[0])
     iter_num, best_val = (0, float('inf')) if ckpt is None else restore(

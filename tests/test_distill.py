@@ -30,7 +30,7 @@ def mtp_ckpt(corpus, tmp_path_factory):
 def test_init_from_an_mtp_checkpoint_fine_tunes_it_whole(corpus, mtp_ckpt, tmp_path):
     """A checkpoint with heads is loaded as it is (every head included), not re-adapted."""
     cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--n_future=2')
-    model, _ = T.build_model(cfg, {'vocab_size': 32})
+    model = T.build_model(cfg, {"vocab_size": 32})
     source = load_checkpoint(mtp_ckpt)['model']
     state = model.state_dict()
     assert model.config.n_future == 3 and state.keys() == source.keys()
@@ -49,7 +49,7 @@ def test_another_head_type_adapts_the_next_token_path_of_an_mtp_checkpoint(corpu
     source = model_from_checkpoint(load_checkpoint(mtp_ckpt)).eval()
     cfg = train_config(corpus, tmp_path, f'--init_from={mtp_ckpt}', '--head_type=sequential',
                        '--head_attention=true', '--n_future=4')
-    model, _ = T.build_model(cfg, {'vocab_size': 32})
+    model = T.build_model(cfg, {"vocab_size": 32})
     assert (model.config.head_type, model.config.n_future) == ('sequential', 4)
     x = torch.randint(0, 32, (2, 16))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_another_head_type_adapts_the_next_token_path_of_an_mtp_checkpoint(corpu
     for attention, kept in ((True, True), (False, False)):
         cfg = train_config(corpus, tmp_path, f'--init_from={seq_ckpt}', '--head_type=sequential',
                            f'--head_attention={attention}', '--n_future=4')
-        again, _ = T.build_model(cfg, {'vocab_size': 32})
+        again = T.build_model(cfg, {"vocab_size": 32})
         assert again.config.head_attention == attention
         assert all(torch.equal(again.state_dict()[k], v)
                    for k, v in model.state_dict().items()) == kept

@@ -63,21 +63,45 @@ def test_resume_on_another_copy_of_the_data_says_so(corpus, tmp_path, capsys):
                   '--eval_interval=3', '--quiet=false')
     assert s['iters'] == 3
     assert load_checkpoint(s['ckpt'])['config']['data_dir'] == str(tmp_path / 'copy')
-    assert f"note: resuming on {tmp_path / 'copy'}, the checkpoint was trained on {corpus}" in \
+    assert f"note: resuming with --data_dir={tmp_path / 'copy'} (the run had {corpus})" in \
         capsys.readouterr().out
 
 
-def test_a_resumed_runs_config_records_the_checkpoints_shape(corpus, tmp_path):
-    """Shape flags left at their defaults on resume take the checkpoint's values, so the new
-    checkpoint's config agrees with its model_args (a changed one is an error: TRAIN_ERRORS)."""
-    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2')
-    cfg = train_config(corpus, tmp_path, '--init_from=resume', '--max_iters=3')
-    for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type'):  # back to defaults
-        setattr(cfg, name, getattr(TrainConfig(), name))
-    ckpt = load_checkpoint(T.train(cfg)['ckpt'])
+def test_a_resume_takes_every_flag_not_given_from_its_run(corpus, tmp_path, capsys):
+    """A resume continues its run: the flags not given (shape, LR, warmup, batch size, data)
+    come from the run's config, not today's defaults, so the new config agrees with model_args;
+    a flag given with another value is applied and said in one line."""
+    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--learning_rate=1e-5',
+              '--warmup_iters=0', '--batch_size=4')
+    ckpt = load_checkpoint(T.train(T.parse_config(
+        ['--init_from=resume', f'--out_dir={tmp_path}', '--max_iters=3']))['ckpt'])
     for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type', 'attach_layer'):
         assert ckpt['config'][name] == ckpt['model_args'][name], name
     assert ckpt['iter_num'] == 3 and ckpt['model_args']['n_layer'] == 2
+    assert [ckpt['config'][k] for k in ('learning_rate', 'warmup_iters', 'batch_size',
+                                        'data_dir')] == [1e-5, 0, 4, str(corpus)]
+    capsys.readouterr()
+    ckpt = load_checkpoint(T.train(T.parse_config(
+        ['--init_from=resume', f'--out_dir={tmp_path}', '--max_iters=4', '--quiet=false',
+         '--learning_rate=2e-5', '--n_layer=2']))['ckpt'])  # (n_layer: given, the same)
+    assert "note: resuming with --learning_rate=2e-05 (the run had 1e-05)" in \
+        capsys.readouterr().out
+    assert ckpt['config']['learning_rate'] == 2e-5 and ckpt['config']['batch_size'] == 4
+
+
+def test_an_mtp_checkpoint_adapted_without_head_type_keeps_its_heads(corpus, tmp_path):
+    """No --head_type: a ResBlock checkpoint is fine-tuned whole with its own heads (not re-adapted
+    to the default sequential heads, which its head 1 cannot be), and the new checkpoint's config
+    records the model it trained, not the flags' defaults."""
+    run_train(corpus, tmp_path / 'rb', '--head_type=resblock', '--n_future=3', '--max_iters=2',
+              '--eval_interval=2')
+    ckpt = load_checkpoint(T.train(T.parse_config(
+        [f"--init_from={tmp_path / 'rb' / 'ckpt.pt'}", f'--data_dir={corpus}', '--max_iters=2',
+         f"--out_dir={tmp_path / 'ft'}", '--block_size=16', '--batch_size=4', '--quiet=true',
+         '--device=cpu', '--eval_iters=1']))['ckpt'])
+    assert ckpt['model_args']['head_type'] == ckpt['config']['head_type'] == 'resblock'
+    for name in ('n_future', 'n_layer', 'n_embd', 'attach_layer'):
+        assert ckpt['config'][name] == ckpt['model_args'][name], name
 
 
 @pytest.mark.parametrize('arch', ['gpt2', pytest.param('neox', marks=pytest.mark.slow)])
@@ -345,6 +369,7 @@ TRAIN_ERRORS = [
     (['--init_from=resume', '--out_dir={garbage}'], 'corrupt'),
     (['--init_from=resume'], 'not found'),
     (['--init_from={ntp}', '--block_size=32'], 'block_size 32'),    # it was trained with 16
+    (['--init_from={ntp}', '--n_layer=3'], ('--n_layer=3', 'n_layer=2', 'drop the flag')),
     # options that cannot go together
     (['--init_from={ntp}', '--freeze_trunk=true', '--trunk_lr_scale=0.5'], 'freeze_trunk'),
     (['--whs=true', '--n_future=1'], 'whs'),
@@ -379,6 +404,8 @@ TRAIN_ERRORS = [
      "--n_future=2 differs from the checkpoint's n_future=1"),
     (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1', '--n_layer=3',
       '--max_iters=20'], "--n_layer=3 differs from the checkpoint's n_layer=2"),
+    (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=4', '--max_iters=20'],
+     "--n_future=4 differs from the checkpoint's n_future=1"),     # (given, though the default)
     (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1'],
      ('nothing to do', 'iteration 10', 'max_iters is 1')),
     (['--init_from=resume', '--out_dir={ntpdir}', '--n_future=1', '--data_dir={other}',
