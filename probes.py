@@ -17,7 +17,6 @@ last layers turn the state towards the next token only.
     python probes.py --ckpt=out-ntp/ckpt.pt        # a table per readout, then a JSON line
 """
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 
 from model import run_blocks
 from common import UserError, flag, parse_flags, check_ranges, pick_device, load_model, cli
-from data.text import data_dir_of, token_file
+from data.text import data_dir_of, tokens_for
 from metrics import eval_windows, window_batch, count_topk
 
 K_AHEAD = 2  # x_{t+1} and x_{t+2}
@@ -115,12 +114,10 @@ def main(argv):
                                  if config.get('dataset') or config.get('data_dir') else '')
     if not data_dir:
         raise UserError("the checkpoint names no dataset: pass --data_dir=DIR")
-    paths = [f"{data_dir}/{split}.bin" for split in ('train', 'val')]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"token file not found: {path}")
-    result = layer_probes(model, *map(token_file, paths), args.train_positions,
-                          args.val_positions, args.steps, args.lr, args.seed)
+    tokens = [tokens_for(ckpt, f"{data_dir}/{split}.bin", "pass --data_dir=DIR")
+              for split in ('train', 'val')]
+    result = layer_probes(model, *tokens, args.train_positions, args.val_positions, args.steps,
+                          args.lr, args.seed)
     for readout in ('lens', 'probe'):
         print(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  {'t+2 top-1':>9} "
               f"{'top-5':>6}")

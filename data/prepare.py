@@ -160,8 +160,14 @@ def load_data(cfg, device, rank):
     docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
     split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
     recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
-    return (load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs),
-            Batches(split('val'), *args, 0, **docs), Batches(split('train'), *args, 0, **docs))
+    meta, train = load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs)
+    val = Batches(split('val'), *args, 0, **docs)
+    for name, batches in (('train', train), ('val', val)):  # ids its tokenizer cannot have
+        if int(batches.data.max()) >= meta['vocab_size']:
+            raise UserError(f"{split(name)} holds token ids up to {int(batches.data.max())}, "
+                            f"beyond its meta.json's vocab_size {meta['vocab_size']}: re-run "
+                            f"data/prepare.py for {data_dir}")
+    return meta, train, val, Batches(split('train'), *args, 0, **docs)
 
 
 @dataclass

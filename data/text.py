@@ -60,9 +60,24 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
 
+KINDS = ('char', 'bpe', 'hf', 'synthetic')  # tokenizers (synthetic: bench.py's random ids)
+
+
 def load_meta(data_dir):
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        return json.load(f)
+    """A dataset's meta.json, checked when read: JSON naming a tokenizer kind and an integer
+    vocab_size (a char tokenizer's characters are exactly its vocabulary)."""
+    path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): re-run data/prepare.py")
+    size = meta.get('vocab_size') if isinstance(meta, dict) else None
+    if not (type(size) is int and size > 0 and meta.get('kind') in KINDS and (
+            meta['kind'] != 'char' or len(str(meta.get('chars', ''))) == size)):
+        raise UserError(f"{path} is not a dataset's meta.json (a tokenizer kind of "
+                        f"{', '.join(KINDS)} and its vocab_size): re-run data/prepare.py")
+    return meta
 
 
 def data_dir_of(dataset, data_dir=''):
@@ -83,13 +98,16 @@ def val_path(ckpt, data_dir=''):
 def tokenizer_for(ckpt):
     if not ckpt.get('meta'):
         raise UserError("the checkpoint has no tokenizer metadata (meta): cannot encode text")
+    kind = ckpt['meta'].get('kind')
+    if kind not in KINDS[:3]:
+        raise UserError(f"the checkpoint's tokenizer kind {kind!r} is not one of char, bpe, hf")
     try:
         return Tokenizer(ckpt['meta'])
     except Exception as e:
         hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
-                if ckpt['meta'].get('kind') == 'hf' else
-                "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-        raise UserError(f"cannot load the tokenizer ({type(e).__name__}); offline? {hint}")
+                if kind == 'hf' else "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}: {str(e)[:120]}); "
+                        f"offline? {hint}")
 
 
 def tokenizer_difference(meta, other):
@@ -117,11 +135,29 @@ def frequent_tokens(ckpt, n):
     """The n most frequent token ids of the checkpoint's training data (train.bin beside its
     val.bin; ties: the smaller id first), sorted: a draft vocabulary (drafters.DraftVocab)."""
     path = os.path.join(os.path.dirname(val_path(ckpt)), 'train.bin')
-    if not os.path.isfile(path):
-        raise UserError(f"--draft_vocab counts the training data's tokens, but {path} is not "
-                        f"there: run data/prepare.py for the checkpoint's dataset")
-    counts = np.bincount(token_file(path), minlength=ckpt['model_args']['vocab_size'])
+    tokens = tokens_for(ckpt, path, "--draft_vocab counts the checkpoint's training data: run "
+                                    "data/prepare.py for its dataset")
+    counts = np.bincount(tokens, minlength=ckpt['model_args']['vocab_size'])
     return np.sort(np.argsort(-counts, kind='stable')[:n])
+
+
+def tokens_for(ckpt, path, hint):
+    """The token ids of a .bin file read beside a checkpoint, checked to be its tokenizer's (one
+    check for every script): the meta.json beside the file, if any, names the checkpoint's
+    tokenizer, and every id is below the model's vocab_size. Failures: one line, with hint."""
+    if not os.path.isfile(path):
+        raise UserError(f"token file not found: {path}; {hint}")
+    folder = os.path.dirname(path) or '.'
+    if ckpt.get('meta') and os.path.isfile(os.path.join(folder, 'meta.json')):
+        why = tokenizer_difference(ckpt['meta'], load_meta(folder))
+        if why:
+            raise UserError(f"{path} was prepared with another tokenizer than the checkpoint's "
+                            f"({why}); {hint}")
+    tokens, vocab_size = token_file(path), (ckpt.get('model_args') or {}).get('vocab_size')
+    if vocab_size and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path} holds token ids up to {int(tokens.max())}, beyond the model's "
+                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
+    return tokens
 
 
 def read_text(path, what='input file'):
@@ -157,10 +193,7 @@ def load_tokens(ckpt, vocab_size, input_path='', data_dir=''):
         tokens = np.array(encode(tokenizer_for(ckpt), read_text(input_path),
                                  f"cannot tokenize {input_path}"), dtype=np.int64)
     else:
-        if not os.path.isfile(source):
-            raise UserError(f"no validation data ({source or 'the checkpoint names no dataset'}); "
-                            f"pass --input=FILE or --data_dir=DIR")
-        tokens = token_file(source)
+        tokens = tokens_for(ckpt, source, "pass --input=FILE or --data_dir=DIR")
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise UserError(f"{source} holds token ids >= the model's vocab_size {vocab_size}")
     return tokens, source
@@ -171,12 +204,7 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
     """num_prompts windows of prompt_len tokens of a token file (default: the checkpoint's
     val.bin), evenly spaced, or at random starts drawn from generator."""
     data_path = data_path or val_path(ckpt)
-    if not os.path.isfile(data_path):
-        raise UserError(f"token file not found: {data_path}; {hint}")
-    data, vocab_size = token_file(data_path), (ckpt.get('model_args') or {}).get('vocab_size')
-    if vocab_size and len(data) and int(data.max()) >= vocab_size:  # another tokenizer's file
-        raise UserError(f"{data_path} holds token ids up to {int(data.max())}, beyond the model's "
-                        f"vocab_size {vocab_size}: not a token file of its tokenizer; {hint}")
+    data = tokens_for(ckpt, data_path, hint)
     if len(data) < prompt_len or num_prompts < 1 or prompt_len < 1:
         raise UserError(f"cannot cut {num_prompts} prompts of {prompt_len} tokens from "
                         f"{data_path} ({len(data)} tokens)")

@@ -10,6 +10,7 @@ import pytest
 
 import data.prepare as P
 from data.prepare import prepare
+from common import load_checkpoint
 from data.text import Tokenizer, load_meta
 from conftest import SHARED, one_line_error, run_cli
 
@@ -256,3 +257,65 @@ def test_a_dataset_without_text_names_input_in_one_line():
     import data.prepare as P
     with pytest.raises(FileNotFoundError, match='pass --input=FILE'):
         P.read_corpus('', 'no_such_dataset')
+
+
+# -----------------------------------------------------------------------------
+# one data check for every script that reads data beside a checkpoint
+
+def other_dataset(folder, chars='nopqrstuvwxyz', ids_up_to=13):
+    """A dataset directory of 13 characters (not the counting checkpoint's a..m)."""
+    folder.mkdir()
+    for split in ('train', 'val'):
+        (np.arange(300) % ids_up_to).astype(np.uint16).tofile(folder / f'{split}.bin')
+    (folder / 'meta.json').write_text(json.dumps(dict(kind='char', chars=chars,
+                                                      vocab_size=len(chars))))
+    return folder
+
+
+def test_every_reader_refuses_data_of_another_tokenizer(counting_ckpt, tmp_path):
+    """marginalize.py, bench.py decode, probes.py, --draft_vocab and the prompts of distill.py all
+    read data through data.text.tokens_for: another tokenizer's data, or ids beyond the model's
+    vocabulary, is a one-line error naming the file, never a result on mis-tokenized data."""
+    import bench
+    import marginalize
+    import probes
+    from data.text import frequent_tokens, val_prompts
+    ckpt_path, other = str(counting_ckpt / 'ckpt.pt'), other_dataset(tmp_path / 'other')
+    for run, args in ((marginalize.main, [f'--ckpt={ckpt_path}', f'--data_dir={other}']),
+                      (bench.main, ['decode', f'--ckpt={ckpt_path}', f"--data={other}/val.bin"]),
+                      (probes.main, [f'--ckpt={ckpt_path}', f'--data_dir={other}'])):
+        one_line_error(run, args, match=('val.bin' if run is not probes.main else 'train.bin',
+                                         'another tokenizer', "chars 'abcdefghijklm'"))
+    ckpt = dict(load_checkpoint(ckpt_path), config=dict(data_dir=str(other)))
+    one_line_error(frequent_tokens, ckpt, 5, match=('train.bin', 'another tokenizer'))
+    one_line_error(val_prompts, ckpt, '', 4, 8, match='another tokenizer')  # (distill's prompts)
+    wide = other_dataset(tmp_path / 'wide', chars='abcdefghijklm', ids_up_to=40)
+    one_line_error(val_prompts, ckpt, f'{wide}/val.bin', 4, 8, match=('up to 39', 'vocab_size 13'))
+
+
+@pytest.mark.parametrize('meta,fragment', [
+    ('{"kind": "char", "chars": "ab"', 'cannot read'),                      # not JSON
+    ('{"kind": "char", "chars": "ab"}', 'vocab_size'),                      # missing
+    ('{"kind": "char", "chars": "ab", "vocab_size": "2"}', 'vocab_size'),   # a string
+    ('{"kind": "char", "chars": "ab", "vocab_size": [2]}', 'vocab_size'),   # a list
+    ('{"kind": "wordpiece", "vocab_size": 2}', 'tokenizer kind'),           # an unknown kind
+    ('{"kind": "char", "chars": "ab", "vocab_size": 40}', 'vocab_size'),    # fewer characters
+    ('[1, 2]', 'meta.json'),
+])
+def test_a_bad_meta_json_is_a_one_line_error_when_read(tmp_path, meta, fragment):
+    (tmp_path / 'meta.json').write_text(meta)
+    one_line_error(load_meta, str(tmp_path), match=(str(tmp_path / 'meta.json'), fragment))
+
+
+def test_training_on_ids_beyond_the_datasets_vocabulary_is_refused(corpus, tmp_path):
+    """A train.bin whose ids its meta.json cannot have (another dataset's files) is a one-line
+    error before training, not an index error deep in the embedding."""
+    import train as T
+    from conftest import train_config
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'meta.json').write_text(json.dumps(dict(kind='char', chars='ab', vocab_size=2)))
+    for split in ('train', 'val'):
+        (np.arange(400) % 5).astype(np.uint16).tofile(data / f'{split}.bin')
+    one_line_error(T.train, train_config(str(data), str(tmp_path / 'out')),
+                   match=('train.bin', 'up to 4', 'vocab_size 2'))
