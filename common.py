@@ -13,7 +13,7 @@ import tempfile
 import re
 import sys
 import time
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 
@@ -337,15 +337,47 @@ def save_checkpoint(obj, path):
                         f"disk): {path} is unchanged") from e
 
 
-def check_out_dir(out_dir):
-    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
+def check_out_dir(out_dir, replacing=False):
+    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line.
+    replacing (a run that does not resume it): another run's ckpt.pt there is never destroyed;
+    it is moved aside, and said."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
         raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
-    remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
+    path = os.path.join(out_dir, 'ckpt.pt')
+    remove_stale_temps(path)
+    if replacing and os.path.exists(path) and int(os.environ.get('RANK', 0)) == 0:
+        aside = os.path.join(out_dir, time.strftime('ckpt.replaced-%Y%m%d-%H%M%S.pt'))
+        os.replace(path, aside)
+        print(f"note: {path}, another run's checkpoint, moved to {aside}")
+
+
+@contextmanager
+def writing(folder, what):
+    """Own folder while this process writes it (an out_dir, a dataset): the mark writer.<pid>
+    in it. Another live writer's mark is a one-line error naming its process; a dead one's
+    (dead_writer) is taken over."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    mine = os.path.join(folder, f'writer.{os.getpid()}')
+    open(mine, 'w').close()  # (first: of two writers starting together, both see the other)
+    try:
+        for mark in glob.glob(os.path.join(glob.escape(folder), 'writer.*')):
+            if mark != mine and dead_writer(mark):
+                with suppress(OSError):
+                    os.remove(mark)
+            elif mark != mine:
+                raise UserError(f"{what} {folder} is being written by process "
+                                f"{mark.rsplit('.', 1)[1]}: wait for it, or pick another {what}")
+        yield
+    finally:
+        with suppress(OSError):
+            os.remove(mine)
+            if created:
+                os.rmdir(folder)  # (only if still empty: a failed run leaves nothing behind)
 
 
 def load_checkpoint(path):

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from heads import loss_weights_for
 from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
-                    autocast_for, load_model, cli)
-from data.text import val_path, val_prompts
+                    autocast_for, load_model, writing, cli)
+from data.text import data_dir_of, val_path, val_prompts
 from batched import generate_batch, self_drafter
 from train import train, check_config
 from report import printable
@@ -79,6 +79,24 @@ def write_corpus(model, prompts, path, args, generator):
     os.replace(path + '.tmp', path)  # a half-written corpus never looks finished
 
 
+def write_corpora(model, ckpt, source_val, args, cfg, device):
+    """The train and val corpora, prompts cut from the checkpoint's own data, and a meta.json
+    naming the tokenizer and where the real text is: prompts and evaluations of the distilled
+    model (bench.py, marginalize.py) use that, not this corpus (data.text.val_path). Seconds."""
+    generator, t0 = torch.Generator(device).manual_seed(cfg.seed), time.time()
+    with autocast_for(cfg.dtype, device):
+        for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
+            source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
+            starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
+            prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
+                "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
+            write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
+                         generator)
+    with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
+        json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
+    return time.time() - t0
+
+
 def fine_tuning_config(args, model_config):
     """train.py's config for the fine-tuning: each document (prompt + continuation) is one
     training window whose prompt is not learned; heads 2..n only (lambda_1 = 0, frozen trunk)."""
@@ -119,24 +137,16 @@ def main(argv):
     source_val = val_path(ckpt)
     if not source_val:
         raise UserError("the checkpoint names no dataset to cut prompts from")
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    os.makedirs(cfg.data_dir, exist_ok=True)
-    t0 = time.time()
-    with autocast_for(cfg.dtype, device):
-        for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
-            source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
-            starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
-            prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
-                "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
-            write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
-                         generator)
-    # the tokenizer, and where the real text is: prompts and evaluations of the distilled model
-    # (bench.py, marginalize.py) use that, not this model-written corpus (data.text.val_path)
-    with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
-        json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
-    corpus_s = time.time() - t0
-    del model, ckpt  # train() loads the checkpoint again
-    summary = printable(train(cfg))
+    config = ckpt.get('config') or {}
+    read = {os.path.dirname(os.path.realpath(source_val)), os.path.realpath(
+        data_dir_of(config.get('dataset', ''), config.get('data_dir', '')))}
+    if os.path.realpath(cfg.data_dir) in read:
+        raise UserError(f"--out_dir={args.out_dir} would write the corpus over {cfg.data_dir}, "
+                        f"data the checkpoint was trained on: pick another --out_dir")
+    with writing(args.out_dir, 'out_dir'), writing(cfg.data_dir, 'dataset'):
+        corpus_s = write_corpora(model, ckpt, source_val, args, cfg, device)
+        del model, ckpt  # train() loads the checkpoint again
+        summary = printable(train(cfg))
     print(json.dumps(dict(corpus_dir=cfg.data_dir, corpus_s=corpus_s,
                           corpus_tokens=args.num_sequences * args.seq_len,
                           temperature=args.temperature, loss_weights=cfg.loss_weights, **summary)))

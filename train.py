@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from heads import MTPGPT, MTPConfig, loss_weights_for
 from common import (UserError, TrainConfig, parse_flags, check_ranges, autocast_for, Distributed,
-                    check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint,
+                    check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint, writing,
                     load_model, cli)
 from data.text import data_dir_of, tokenizer_difference
 from data.prepare import load_data
@@ -83,7 +83,7 @@ def check_config(cfg):
     if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
         raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
                         f"training would overwrite it; pick another --out_dir")
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, replacing=cfg.init_from != 'resume')
 
 
 def check_data_tokenizer(ckpt, cfg, meta):
@@ -339,8 +339,10 @@ def train(cfg):
 
 
 def main(argv):
-    summary = train(parse_config(argv))
-    if int(os.environ.get('RANK', 0)) == 0:
+    cfg, rank = parse_config(argv), int(os.environ.get('RANK', 0))
+    with writing(cfg.out_dir, 'out_dir') if rank == 0 else nullcontext():  # (rank 0 writes)
+        summary = train(cfg)
+    if rank == 0:
         print(json.dumps(printable(summary)))
 
 

@@ -22,7 +22,8 @@ import torch
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, flag, parse_flags, dead_writer, remove_stale_temps, cli  # noqa: E402
+from common import (UserError, flag, parse_flags, dead_writer, remove_stale_temps,  # noqa: E402
+                    writing, cli)
 from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -200,7 +201,8 @@ def main(argv):
                                 f"transformers (pip install transformers); or use char or bpe")
             raise UserError(f"cannot load the tokenizer {tokenizer!r} ({type(e).__name__}): "
                             f"not char, bpe, nor a Hugging Face tokenizer found (offline?)")
-        summary = prepare(text, out_dir, tokenizer, args.val_fraction)
+        with writing(out_dir, 'dataset'):  # (a second prepare of it: a one-line error)
+            summary = prepare(text, out_dir, tokenizer, args.val_fraction)
     except (ValueError, OSError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     print(f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "

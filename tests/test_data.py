@@ -4,6 +4,8 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -319,3 +321,19 @@ def test_training_on_ids_beyond_the_datasets_vocabulary_is_refused(corpus, tmp_p
         (np.arange(400) % 5).astype(np.uint16).tofile(data / f'{split}.bin')
     one_line_error(T.train, train_config(str(data), str(tmp_path / 'out')),
                    match=('train.bin', 'up to 4', 'vocab_size 2'))
+
+
+def test_a_second_prepare_of_a_dataset_is_refused_naming_the_first(tmp_path):
+    """prepare.py owns the dataset directory while it writes it: another live writer's mark is a
+    one-line error (two prepares could otherwise leave train.bin of one, val.bin of the other)."""
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / 'ds').mkdir()
+        (tmp_path / 'ds' / f'writer.{holder.pid}').touch()
+        (tmp_path / 'in.txt').write_text(TEXT)
+        one_line_error(P.main, [f"--input={tmp_path / 'in.txt'}", f"--out_dir={tmp_path / 'ds'}",
+                                '--dataset=x'], match=(f'process {holder.pid}', 'dataset'))
+        assert sorted(p.name for p in (tmp_path / 'ds').iterdir()) == [f'writer.{holder.pid}']
+    finally:
+        holder.kill()
+        holder.wait()

@@ -186,3 +186,17 @@ def test_distill_user_errors(mtp_ckpt, ntp_ckpt, tmp_path, args, fragment):
     for out in ('out', 'copy'):  # refused before generating
         assert not (tmp_path / out / 'data' / 'train.bin').exists()
     assert open(tmp_path / 'copy' / 'ckpt.pt', 'rb').read() == open(mtp_ckpt, 'rb').read()
+
+
+def test_distill_never_writes_over_the_data_its_checkpoint_reads(corpus, tmp_path):
+    """A model trained on ws/data, distilled with --out_dir=ws, would write its corpus over the
+    user's dataset (ws/data): a one-line error, and the dataset is untouched."""
+    shutil.copytree(corpus, tmp_path / 'ws' / 'data')
+    run_train(str(tmp_path / 'ws' / 'data'), tmp_path / 'run', '--n_future=3', '--max_iters=2',
+              '--eval_interval=2')
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'ws' / 'data').iterdir()}
+    one_line_error(distill.main, [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}",
+                                  f"--out_dir={tmp_path / 'ws'}", '--seq_len=16',
+                                  '--prompt_len=4', '--device=cpu'],
+                   match=('would write the corpus over', 'pick another --out_dir'))
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'ws' / 'data').iterdir()} == before

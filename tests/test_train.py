@@ -7,6 +7,8 @@ import hashlib
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -580,3 +582,38 @@ def test_divergence_right_before_an_eval_keeps_the_good_checkpoint(corpus, tmp_p
     assert sha(out / 'ckpt.pt') == before
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+# -----------------------------------------------------------------------------
+# nobody's work is lost: an out_dir has one writer, and a run never destroys another's checkpoint
+
+def test_a_second_writer_of_an_out_dir_is_refused_and_a_dead_ones_mark_taken_over(corpus,
+                                                                                  tmp_path):
+    """train.py owns its out_dir while it runs (writer.<pid>): a second run into it is a
+    one-line error naming the first's process; the mark of a process that died is taken over."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (out / f'writer.{holder.pid}').touch()
+        argv = [f'--data_dir={corpus}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+                '--quiet=true', '--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32',
+                '--block_size=16', '--n_future=2', '--head_type=block', '--eval_iters=1']
+        one_line_error(T.main, argv, match=(str(out), f'process {holder.pid}'))
+        assert not (out / 'ckpt.pt').exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    T.main(argv)  # the holder is dead: its mark is taken over, and the run ends with no mark
+    assert (out / 'ckpt.pt').exists() and not list(out.glob('writer.*'))
+
+
+def test_a_run_that_does_not_resume_moves_another_runs_checkpoint_aside(corpus, tmp_path,
+                                                                         capsys):
+    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--seed=1')
+    first = (tmp_path / 'ckpt.pt').read_bytes()
+    capsys.readouterr()
+    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--seed=2')
+    [aside] = tmp_path.glob('ckpt.replaced-*.pt')
+    assert aside.read_bytes() == first and (tmp_path / 'ckpt.pt').read_bytes() != first
+    assert f"moved to {aside}" in capsys.readouterr().out
