@@ -423,6 +423,10 @@ def model_from_checkpoint(ckpt):
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not match its model_args "
                         f"({str(e).splitlines()[0]})")
+    bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:  # (it would decode token 0, or crash, and train on nan)
+        raise UserError(f"the checkpoint has non-finite weights (nan/inf) in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: not usable")
     return model
 
 

@@ -155,12 +155,14 @@ def main(argv):
     autocast = autocast_for(args.dtype, device)  # (checks --dtype before any loading)
     model, ckpt = load_model(args.ckpt, device)
     tokenizer = tokenizer_for(ckpt)  # (a checkpoint without one is a one-line error)
-    texts = [line.replace('\\n', '\n') for line in read_text(args.prompts, 'prompts file')
-             .splitlines()] if args.prompts else [args.prompt] * args.num_samples
+    texts = read_text(args.prompts, 'prompts file').splitlines() if args.prompts else \
+        [args.prompt] * args.num_samples
     prompts = [encode_prompt(text, tokenizer) for text in texts]
     if not prompts:
         raise UserError(f"no prompts in {args.prompts}: give one per line")
     check_ranges(args, positive=('num_samples', 'batch_size'), non_negative=('draft_vocab',))
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"seed must be in 0 .. 2**63 - 1, got {args.seed}")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))

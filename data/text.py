@@ -47,8 +47,10 @@ class Tokenizer:
     def encode(self, text):
         if self.meta['kind'] == 'char':
             unknown = sorted(set(text) - self.stoi.keys())
-            if unknown:
-                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+            if unknown:  # (the first 20: a binary file's list would run to pages)
+                more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ''
+                raise ValueError(f"characters not in the vocabulary: {''.join(unknown[:20])!r}"
+                                 f"{more}")
             return [self.stoi[c] for c in text]
         if self.meta['kind'] == 'hf':
             return self.enc.encode(text, add_special_tokens=False)
@@ -215,9 +217,12 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
 
 
 def encode_prompt(text, tokenizer):
-    """Token ids of a prompt string or FILE:path; empty: <|endoftext|> (BPE) or an error (char)."""
+    """Token ids of a prompt string (\\n, \\t: a newline, a tab, as in --stop) or FILE:path (as
+    it is); empty: <|endoftext|> (BPE) or an error (char)."""
     if text.startswith('FILE:'):
         text = read_text(text[len('FILE:'):], 'prompt file')
+    else:
+        text = text.replace('\\n', '\n').replace('\\t', '\t')
     if not text:
         if tokenizer.eot is None:
             raise UserError("empty prompt: a char model has no start token; give at least one "

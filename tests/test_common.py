@@ -16,6 +16,7 @@ import model as M
 from common import (UserError, cli, flag, help_text, load_checkpoint, load_model,
                     model_from_checkpoint, save_checkpoint, check_out_dir)
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
+from data.text import Tokenizer
 
 
 def max_diff(a, b):
@@ -306,3 +307,20 @@ def test_an_old_checkpoint_loads_as_the_same_model(tmp_path, kw, rename, args):
     broken = {k.replace('heads.2.', 'heads.2.proj.'): v for k, v in old_state.items()}
     one_line_error(model_from_checkpoint, dict(old, model=broken))
     assert M.UserError is UserError  # model.py's UserError is the one common.py raises
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tmp_path):
+    """nan or inf weights would decode token 0 (or crash) and train on nan: one line at load."""
+    model = tiny_mtp()
+    state = model.state_dict()
+    state['transformer.h.0.mlp.c_fc.weight'][0, 0] = float('nan')
+    save_checkpoint(dict(model=state, model_args=asdict(model.config)), str(tmp_path / 'c.pt'))
+    one_line_error(load_model, str(tmp_path / 'c.pt'),
+                   match=('non-finite', 'transformer.h.0.mlp.c_fc.weight'))
+
+
+def test_an_error_about_unknown_characters_stays_short():
+    tokenizer = Tokenizer(dict(kind='char', chars='ab'))
+    with pytest.raises(ValueError) as e:
+        tokenizer.encode(''.join(map(chr, range(200, 400))))
+    assert len(str(e.value)) < 120 and 'and 180 more' in str(e.value)

@@ -518,6 +518,8 @@ SAMPLE_ERRORS = [
     (['--prompt=a', '--gamma=two'], 'expects int'),
     (['--prompt=a', '--speculative=true', '--draft={ckpt}'], 'exclusive'),
     (['--prompt=a', '--threads=-1'], 'threads'),
+    (['--prompt=ab\\ncd'], r"'\n'"),          # \n in --prompt is a newline, as in --stop
+    (['--prompt=a', '--seed=99999999999999999999999'], 'seed must be in 0 .. 2**63 - 1'),
 ]
 
 
