@@ -5,8 +5,7 @@ Train a GPT with multi-token prediction heads (n_future = 1 is plain next-token 
     python train.py config/ntp_shakespeare_char.py --max_iters=500   # a preset, then flags
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (nccl on CUDA, gloo on CPU)
 
-init_from=<checkpoint, gpt2* or EleutherAI/pythia-*> adapts a trained model (build_model) with
-the paper's strategies, all of them in training_strategy().
+init_from=<checkpoint | gpt2* | EleutherAI/pythia-*> adapts a trained model: training_strategy().
 """
 import json
 import math
@@ -77,6 +76,8 @@ def check_config(cfg):
             raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
     if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
         check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
+        if cfg.block_size <= cfg.n_future:  # (before building n_future heads)
+            raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target")
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     target = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -112,9 +113,8 @@ def resumed_config(cfg, ckpt):
 
 
 def check_resume(ckpt, cfg, meta):
-    """A resume continues the checkpoint's run: its resume state, its tokenizer, its model (a shape
-    flag given another value is an error; cfg takes the checkpoint's values, so the new config
-    agrees with model_args), iterations left. Another data dir, same tokenizer: allowed."""
+    """A resume continues the checkpoint's run: its resume state, its tokenizer (another data dir
+    of it: allowed), its model (a shape flag given another value: an error), iterations left."""
     missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in ckpt]
     if missing:
         raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "

@@ -385,6 +385,7 @@ TRAIN_ERRORS = [
     (['--compile=true', '--memory_efficient=true'], 'memory_efficient'),
     (['--log_interval=0'], 'log_interval'),
     (['--block_size=2'], 'block_size'),                             # 2 heads need > 2 positions
+    (['--n_future=1000000'], 'leaves head 1000000 no target'),      # said before it is built
     (['--device=tpu'], 'unknown device'),
     (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
     # numbers that failed deep inside, or silently
