@@ -82,7 +82,8 @@ def decode_modes(model, ckpt, args, prompts, device):
     each --heads checkpoint, which must decode the same next-token model (else their speedups
     would not compare); draft, --draft's; --peers: transformers on the same weights (hf: its
     generate(), hf-lookup: prompt lookup, hf-assist: assisted by --assistant)."""
-    n_new, x = args.max_new_tokens, torch.tensor(prompts[:1], device=device)
+    block = model.config.block_size  # (a longer prompt slides: compare its last window)
+    n_new, x = args.max_new_tokens, torch.tensor([prompts[0][-block:]], device=device)
     modes = {'vanilla': partial(generate, model, max_new_tokens=n_new)}
     for path in [args.ckpt] + [p for p in args.heads.split(',') if p]:
         other = model if path == args.ckpt else load_model(path, device)[0]
@@ -103,6 +104,8 @@ def decode_modes(model, ckpt, args, prompts, device):
         check_draft(ckpt, draft_ckpt)  # the same tokenizer, as sample.py requires
         modes['draft'] = partial(generate_two_model, model, draft, max_new_tokens=n_new,
                                  gamma=args.gamma)
+    if args.assistant and not args.peers:
+        raise UserError("--assistant is transformers' assisted generation: add --peers=true")
     if not args.peers:
         return modes
     if device != 'cpu':
@@ -115,7 +118,9 @@ def decode_modes(model, ckpt, args, prompts, device):
     modes['hf'] = transformers_decoder(hf, n_new)
     modes['hf-lookup'] = transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)
     if args.assistant:
-        assistant = to_hf(load_model(args.assistant, device)[0])
+        assistant, assistant_ckpt = load_model(args.assistant, device)
+        check_draft(ckpt, assistant_ckpt)  # (the same tokenizer, as --draft)
+        assistant = to_hf(assistant)
         modes['hf-assist'] = transformers_decoder(hf, n_new, assistant)
     return modes
 

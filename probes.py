@@ -17,6 +17,7 @@ last layers turn the state towards the next token only.
     python probes.py --ckpt=out-ntp/ckpt.pt        # a table per readout, then a JSON line
 """
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,12 @@ Logit lens and linear probes of every layer of a next-token model, for x_{t+1} a
 def main(argv):
     args = parse_flags(argv, ProbeConfig())
     check_ranges(args, positive=('train_positions', 'val_positions', 'steps'))
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a number > 0, got {args.lr}")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
+    if model.heads.head1_blocks() is None:
+        raise UserError("probes.py reads every block of the next-token path, but this "
+                        "checkpoint's head 1 is a WHS or ResBlock head: probe an NTP checkpoint")
     config = ckpt.get('config') or {}
     data_dir = args.data_dir or (config.get('data_dir') or data_dir_of(config['dataset'])
                                  if config.get('dataset') or config.get('data_dir') else '')

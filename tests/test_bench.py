@@ -175,6 +175,9 @@ BENCH_ERRORS = [
     ([], 'usage'),
     (['decode', '--ckpt={ckpt}', '--nope=1'], 'unknown option'),
     (['decode', '--ckpt={ckpt}', '--repeats=0'], 'repeats'),
+    (['decode', '--ckpt={ckpt}', '--assistant={ckpt}'], 'add --peers=true'),
+    (['decode', '--ckpt={ckpt}', '--assistant={other}', '--peers=true', '--prompt_len=8',
+      '--max_new_tokens=8'], 'tokenizer differs'),
     (['train', '--iters=two'], 'expects int'),
     (['train', '--compare=n_future=2;nope=1'], 'unknown option'),  # before any variant runs
     (['marginalize', '--ckpt={ckpt}', '--positions=0'], 'positions'),
@@ -192,3 +195,10 @@ def test_bad_section_or_flags_are_one_line_user_errors(counting_ckpt, tmp_path, 
     paths = dict(ckpt=counting_ckpt / 'ckpt.pt', other=counting_ckpt / 'other.pt',
                  bpe=tmp_path / 'bpe.bin', txt=tmp_path / 'text.txt', empty=tmp_path / 'empty.bin')
     one_line_error(bench.main, [a.format(**paths) for a in args], match=fragment)
+
+
+def test_bench_decode_takes_prompts_longer_than_the_window(counting_ckpt):
+    """A prompt over block_size slides (as in sample.py); the bench compares its last window."""
+    summary = bench.main(['decode', f"--ckpt={counting_ckpt / 'ckpt.pt'}", '--prompt_len=70',
+                          '--num_prompts=1', '--max_new_tokens=3', '--repeats=1'])
+    assert summary['greedy']['self']['identical'] is True and summary['prompt_len'] == 70

@@ -1,13 +1,14 @@
 """Specification of the layer probes (probes.py): the logit lens and linear probes of every layer
 of a next-token model, for x_{t+1} and x_{t+2}."""
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 import probes
-from common import load_model
+from common import load_model, save_checkpoint
 from marginalize import evaluate_table
 from conftest import tiny_mtp, pattern_text, make_corpus, one_line_error
 
@@ -86,6 +87,8 @@ PROBE_ERRORS = [
     (['--steps=0'], 'steps must be >= 1'),
     (['--ckpt=missing.pt'], 'checkpoint not found'),
     (['--nope=1'], 'unknown option'),
+    (['--lr=nan'], '--lr must be a number > 0, got nan'),
+    (['--lr=-1'], '--lr must be a number > 0'),
 ]
 
 
@@ -97,3 +100,11 @@ def test_bad_flags_are_one_line_user_errors(args, fragment):
 def test_data_dir_without_token_files_is_a_one_line_error(ntp_ckpt, tmp_path):
     one_line_error(probes.main, [f'--ckpt={ntp_ckpt}', f'--data_dir={tmp_path}'],
                    match='token file not found')
+
+
+def test_a_resblock_checkpoint_is_named_as_what_probes_cannot_read(counting_ckpt, tmp_path):
+    """Probes read the next-token path's blocks; a ResBlock checkpoint has none to read."""
+    model = tiny_mtp(n_future=2, head_type='resblock')
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config)),
+                    str(tmp_path / 'rb.pt'))
+    one_line_error(probes.main, [f"--ckpt={tmp_path / 'rb.pt'}"], match=('ResBlock', 'NTP'))
