@@ -337,7 +337,7 @@ def save_checkpoint(obj, path):
                         f"disk): {path} is unchanged") from e
 
 
-def check_out_dir(out_dir, replacing=False):
+def check_out_dir(out_dir, replacing=False, what='out_dir'):
     """Write a file in out_dir now: an unwritable out_dir fails before training, in one line.
     replacing (a run that does not resume it): another run's ckpt.pt there is never destroyed;
     it is moved aside, and said."""
@@ -346,7 +346,7 @@ def check_out_dir(out_dir, replacing=False):
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+        raise UserError(f"cannot write to {what} {out_dir}: {e.strerror or e}")
     path = os.path.join(out_dir, 'ckpt.pt')
     remove_stale_temps(path)
     if replacing and os.path.exists(path) and int(os.environ.get('RANK', 0)) == 0:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, asdict, replace
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    load_checkpoint, set_cpu_threads)
+                    load_checkpoint, set_cpu_threads, check_out_dir)
 from convert import GPT2_SIZES, PYTHIA
 from data.text import val_prompts, read_text, token_file
 from data.prepare import SHAKESPEARE, prepare
@@ -144,8 +144,9 @@ def prepare_corpus(name, cfg):
             raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
                             f"Face one (a char vocabulary is fixed by its own corpus)")
         tokenizer = meta.get('name', 'bpe')
-    data_dir = os.path.join(cfg.out_dir, 'data', os.path.basename(name).split('.')[0] + (
-        '' if tokenizer == 'char' else '-' + slug(tokenizer)))
+    stem = name if name in ('shakespeare_char', 'counting') else slug(os.path.abspath(name))
+    data_dir = os.path.join(cfg.out_dir, 'data', stem + (
+        '' if tokenizer == 'char' else '-' + slug(tokenizer)))  # (two a.txt: two datasets)
     if os.path.isfile(os.path.join(data_dir, 'meta.json')):
         return data_dir
     path = (cfg.shakespeare or SHAKESPEARE) if name == 'shakespeare_char' else name
@@ -153,8 +154,12 @@ def prepare_corpus(name, cfg):
         raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
     if name != 'counting' and not os.path.isfile(path):
         raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
-    prepare(counting_text() if name == 'counting' else read_text(path, 'corpus'), data_dir,
-            tokenizer)
+    text = counting_text() if name == 'counting' else read_text(path, 'corpus')
+    try:
+        prepare(text, data_dir, tokenizer)
+    except (ValueError, OSError) as e:  # an empty text; a tokenizer that cannot load (offline)
+        raise UserError(f"cannot prepare corpus {name} with the {tokenizer} tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     return data_dir
 
 
@@ -559,6 +564,9 @@ def check_study_config(cfg):
     if cfg.init_from and (cfg.curve_sizes or cfg.sweep or cfg.convergence or ',' in cfg.sizes):
         raise UserError("init_from adapts one pretrained model: use one --sizes entry (a label "
                         "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
+    for folder, what in ((cfg.out_dir, 'out_dir'), (cfg.results_dir or cfg.out_dir,
+                                                    'results_dir')):
+        check_out_dir(folder, what=what)  # (before the compute, not after it)
     if cfg.preset == 'paper' and not cfg.init_from:
         raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
                         "pythia-410m (or another) and --corpora=<text file>")

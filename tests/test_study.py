@@ -168,6 +168,7 @@ STUDY_ERRORS = [
     (['--corpora=shakespeare_char', '--shakespeare=missing.txt'], 'not found at missing.txt'),
     (['--preset=paper', '--corpora=x.txt'], 'add --init_from=EleutherAI/pythia-410m'),
     (['--init_from=gpt2', '--sweep=false'], 'init_from adapts one pretrained model'),
+    (['--results_dir=/proc/nope'], 'cannot write to results_dir /proc/nope'),  # before compute
 ]
 
 
@@ -224,3 +225,19 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypa
     for key, value in MTPGPT.from_gpt(C.from_hf(hf)).state_dict().items():  # LR 1e-30
         assert (base['model'][key] - value).abs().max() <= 1e-29, key
     assert '## Strategies' in text
+
+
+def test_corpora_are_prepared_apart_and_an_empty_one_is_a_one_line_error(tmp_path):
+    """Two corpora named a.txt in different folders are two datasets (not one reused); an empty
+    text is a one-line error, not a traceback."""
+    for folder in ('x', 'y'):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'a.txt').write_text(folder * 3000)
+    cfg = study.StudyConfig(out_dir=str(tmp_path / 'out'))
+    dirs = [study.prepare_corpus(str(tmp_path / f / 'a.txt'), cfg) for f in ('x', 'y')]
+    assert dirs[0] != dirs[1]
+    assert [open(os.path.join(d, 'meta.json')).read().count(f) for d, f in zip(dirs, 'xy')] == \
+        [1, 1]
+    (tmp_path / 'empty.txt').write_text('')
+    one_line_error(study.prepare_corpus, str(tmp_path / 'empty.txt'), cfg,
+                   match=('cannot prepare corpus', 'empty'))
