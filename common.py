@@ -337,22 +337,25 @@ def save_checkpoint(obj, path):
                         f"disk): {path} is unchanged") from e
 
 
-def check_out_dir(out_dir, replacing=False, what='out_dir'):
-    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line.
-    replacing (a run that does not resume it): another run's ckpt.pt there is never destroyed;
-    it is moved aside, and said."""
+def check_out_dir(out_dir, what='out_dir'):
+    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
         raise UserError(f"cannot write to {what} {out_dir}: {e.strerror or e}")
-    path = os.path.join(out_dir, 'ckpt.pt')
-    remove_stale_temps(path)
-    if replacing and os.path.exists(path) and int(os.environ.get('RANK', 0)) == 0:
-        aside = os.path.join(out_dir, time.strftime('ckpt.replaced-%Y%m%d-%H%M%S.pt'))
+    remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
+
+
+def set_aside(path):
+    """A run that does not resume the checkpoint at path never destroys it: it moves aside."""
+    if os.path.exists(path):
+        stem = os.path.join(os.path.dirname(path), time.strftime('ckpt.replaced-%Y%m%d-%H%M%S'))
+        aside = next(f"{stem}{f'.{n}' if n else ''}.pt" for n in range(10 ** 6)
+                     if not os.path.exists(f"{stem}{f'.{n}' if n else ''}.pt"))
         os.replace(path, aside)
-        print(f"note: {path}, another run's checkpoint, moved to {aside}")
+        print(f"note: the checkpoint {path} was not resumed: it is moved to {aside}")
 
 
 @contextmanager
@@ -360,10 +363,12 @@ def writing(folder, what):
     """Own folder while this process writes it (an out_dir, a dataset): the mark writer.<pid>
     in it. Another live writer's mark is a one-line error naming its process; a dead one's
     (dead_writer) is taken over."""
-    created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    mine = os.path.join(folder, f'writer.{os.getpid()}')
-    open(mine, 'w').close()  # (first: of two writers starting together, both see the other)
+    created, mine = not os.path.isdir(folder), os.path.join(folder, f'writer.{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(mine, 'w').close()  # (first: of two writers starting together, both see the other)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}")
     try:
         for mark in glob.glob(os.path.join(glob.escape(folder), 'writer.*')):
             if mark != mine and dead_writer(mark):
@@ -371,7 +376,8 @@ def writing(folder, what):
                     os.remove(mark)
             elif mark != mine:
                 raise UserError(f"{what} {folder} is being written by process "
-                                f"{mark.rsplit('.', 1)[1]}: wait for it, or pick another {what}")
+                                f"{mark.rsplit('.', 1)[1]} ({mark}): wait for it, or pick "
+                                f"another {what}")
         yield
     finally:
         with suppress(OSError):

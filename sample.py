@@ -150,6 +150,8 @@ Generate text from a checkpoint: vanilla, self-speculative (--speculative) or wi
 
 def main(argv):
     args = parse_flags(argv, SampleConfig())
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # (what torch's generators take)
+        raise UserError(f"seed must be in -2**63 .. 2**64 - 1, got {args.seed}")
     set_cpu_threads(args.threads)
     device = pick_device(args.device)
     autocast = autocast_for(args.dtype, device)  # (checks --dtype before any loading)
@@ -161,8 +163,6 @@ def main(argv):
     if not prompts:
         raise UserError(f"no prompts in {args.prompts}: give one per line")
     check_ranges(args, positive=('num_samples', 'batch_size'), non_negative=('draft_vocab',))
-    if not 0 <= args.seed < 2 ** 63:
-        raise UserError(f"seed must be in 0 .. 2**63 - 1, got {args.seed}")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop=stop_tokens(args.stop, tokenizer),
                     generator=torch.Generator(device).manual_seed(args.seed))

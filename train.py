@@ -21,8 +21,8 @@ from tqdm import tqdm
 from heads import MTPGPT, MTPConfig, loss_weights_for
 from common import (UserError, TrainConfig, parse_flags, check_ranges, autocast_for, Distributed,
                     check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint, writing,
-                    load_model, cli)
-from data.text import data_dir_of, tokenizer_difference
+                    set_aside, load_model, cli)
+from data.text import data_dir_of, check_data_tokenizer
 from data.prepare import load_data
 from report import evaluate_splits, diverged, eval_line, summarize, printable
 
@@ -84,30 +84,20 @@ def check_config(cfg):
     if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
         raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
                         f"training would overwrite it; pick another --out_dir")
-    check_out_dir(cfg.out_dir, replacing=cfg.init_from != 'resume')
-
-
-def check_data_tokenizer(ckpt, cfg, meta):
-    """The same vocab_size is not enough: every token id must mean the same token (a meta
-    without a tokenizer kind: vocab_size only)."""
-    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
-    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
-    if why:
-        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in "
-                        f"{data_dir_of(cfg.dataset, cfg.data_dir)} ({why}): train on data "
-                        f"prepared with the checkpoint's tokenizer")
+    check_out_dir(cfg.out_dir)
 
 
 def resumed_config(cfg, ckpt):
     """A resume continues its run: a flag not given takes the run's value, not today's default;
     one given another value is applied and said (check_resume refuses a change of model)."""
-    saved, names = ckpt.get('config') or {}, {f.name for f in fields(cfg)} - {'init_from'}
-    changed = [k for k in sorted(cfg.given & names & saved.keys() - {'max_iters', 'out_dir'})
+    saved = ckpt.get('config') or {}  # (device, compile, quiet: this session's, not the run's)
+    names = {f.name for f in fields(cfg)} - {'init_from', 'out_dir', 'device', 'compile', 'quiet'}
+    changed = [k for k in sorted(cfg.given & names & saved.keys() - {'max_iters', *MODEL})
                if saved[k] != getattr(cfg, k)]
     if changed and not cfg.quiet and int(os.environ.get('RANK', 0)) == 0:
         print("note: resuming with " + ', '.join(f"--{k}={getattr(cfg, k)} (the run had "
                                                  f"{saved[k]})" for k in changed))
-    for name in (names - cfg.given - {'out_dir'}) & saved.keys():
+    for name in (names - cfg.given) & saved.keys():
         setattr(cfg, name, saved[name])
     return cfg
 
@@ -119,7 +109,7 @@ def check_resume(ckpt, cfg, meta):
     if missing:
         raise UserError(f"the checkpoint in {cfg.out_dir} has no {', '.join(missing)}: it cannot "
                         f"be resumed; start from it with --init_from=PATH and another --out_dir")
-    check_data_tokenizer(ckpt, cfg, meta)
+    check_data_tokenizer(ckpt, meta, data_dir_of(cfg.dataset, cfg.data_dir))
     args = ckpt['model_args']
     given = {k: getattr(cfg, k) for k in MODEL + ('dropout',) if k in cfg.given}
     wanted = asdict(MTPConfig(**{**args, **given}))  # (attach_layer -1 resolved)
@@ -171,7 +161,7 @@ def build_model(cfg, meta, ckpt=None):
             f.name: getattr(cfg, f.name) for f in fields(MTPConfig) if hasattr(cfg, f.name)}))
     else:
         source, source_ckpt = load_model(cfg.init_from)
-        check_data_tokenizer(source_ckpt, cfg, meta)
+        check_data_tokenizer(source_ckpt, meta, data_dir_of(cfg.dataset, cfg.data_dir))
         adapt_flags(cfg, source.config)
         same_heads = cfg.head_type == source.config.head_type and (
             cfg.head_type != 'sequential' or cfg.head_attention == source.config.head_attention)
@@ -181,6 +171,8 @@ def build_model(cfg, meta, ckpt=None):
             model = model_from_checkpoint({**source_ckpt, 'model_args': {
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:
+            if cfg.block_size <= cfg.n_future:  # (before building n_future heads)
+                raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target")
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
             model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs,
                                     cfg.head_attention)
@@ -208,6 +200,10 @@ def adapt_flags(cfg, source):
                         f"has its {name}={getattr(source, name)}; drop the flag")
     if source.n_future > 1 and 'head_type' not in cfg.given:  # its heads, fine-tuned whole
         for name in MODEL[len(SHAPE):]:
+            if name in cfg.given and getattr(cfg, name) != getattr(source, name):
+                raise UserError(f"--{name}={getattr(cfg, name)}: {cfg.init_from} is fine-tuned "
+                                f"with its own heads ({name}={getattr(source, name)}); drop the "
+                                f"flag, or give --head_type for new heads on its next-token path")
             setattr(cfg, name, getattr(source, name))
 
 
@@ -291,6 +287,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed + dist.rank)
     meta, train_batches, val_batches, eval_train = load_data(cfg, dist.device, dist.rank)
     raw_model = build_model(cfg, meta, ckpt)
+    if ckpt is None and dist.master:  # (only now: a run that failed to start has moved nothing)
+        set_aside(os.path.join(cfg.out_dir, 'ckpt.pt'))
     raw_model.to(dist.device)
     strategy = training_strategy(raw_model, cfg, dist.device.split(':')[0])
     iter_num, best_val = (0, float('inf')) if ckpt is None else restore(

@@ -108,8 +108,8 @@ def tokenizer_for(ckpt):
     except Exception as e:
         hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
                 if kind == 'hf' else "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
-        raise UserError(f"cannot load the tokenizer ({type(e).__name__}: {str(e)[:120]}); "
-                        f"offline? {hint}")
+        first = (str(e).splitlines() or [''])[0][:120]
+        raise UserError(f"cannot load the tokenizer ({type(e).__name__}: {first}); offline? {hint}")
 
 
 def tokenizer_difference(meta, other):
@@ -124,6 +124,16 @@ def tokenizer_difference(meta, other):
                      for v in (a, b)]
             return f"{key} {shown[0]} vs {shown[1]}"
     return ''
+
+
+def check_data_tokenizer(ckpt, meta, data_dir):
+    """Resuming or adapting a checkpoint on data_dir (meta: its meta.json): the same vocab_size
+    is not enough, every id must mean the same token (a meta without a kind: vocab_size only)."""
+    known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
+    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
+    if why:
+        raise UserError(f"the checkpoint's tokenizer differs from the dataset's in {data_dir} "
+                        f"({why}): train on data prepared with the checkpoint's tokenizer")
 
 
 def check_draft(ckpt, draft_ckpt):

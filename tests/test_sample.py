@@ -519,7 +519,7 @@ SAMPLE_ERRORS = [
     (['--prompt=a', '--speculative=true', '--draft={ckpt}'], 'exclusive'),
     (['--prompt=a', '--threads=-1'], 'threads'),
     (['--prompt=ab\\ncd'], r"'\n'"),          # \n in --prompt is a newline, as in --stop
-    (['--prompt=a', '--seed=99999999999999999999999'], 'seed must be in 0 .. 2**63 - 1'),
+    (['--prompt=a', '--seed=99999999999999999999999'], 'seed must be in -2**63 .. 2**64 - 1'),
 ]
 
 

@@ -372,6 +372,8 @@ TRAIN_ERRORS = [
     (['--init_from=resume'], 'not found'),
     (['--init_from={ntp}', '--block_size=32'], 'block_size 32'),    # it was trained with 16
     (['--init_from={ntp}', '--n_layer=3'], ('--n_layer=3', 'n_layer=2', 'drop the flag')),
+    (['--init_from={ntp}', '--n_future=1000000'], 'leaves head 1000000 no target'),
+    (['--out_dir={blocker}'], ('cannot write to out_dir', 'blocker')),   # a file, not a folder
     # options that cannot go together
     (['--init_from={ntp}', '--freeze_trunk=true', '--trunk_lr_scale=0.5'], 'freeze_trunk'),
     (['--whs=true', '--n_future=1'], 'whs'),
@@ -617,4 +619,29 @@ def test_a_run_that_does_not_resume_moves_another_runs_checkpoint_aside(corpus, 
     run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--seed=2')
     [aside] = tmp_path.glob('ckpt.replaced-*.pt')
     assert aside.read_bytes() == first and (tmp_path / 'ckpt.pt').read_bytes() != first
-    assert f"moved to {aside}" in capsys.readouterr().out
+    assert f"was not resumed: it is moved to {aside}" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_to_start_moves_nothing_and_an_unwritable_out_dir_is_one_line(
+        corpus, tmp_path):
+    """The checkpoint is moved aside only once the new run has its model: a typo in init_from
+    leaves it where it was. On the command line, an out_dir that is a file is one line."""
+    run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2')
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    one_line_error(lambda: T.train(train_config(corpus, tmp_path, '--init_from=resum')),
+                   match='checkpoint not found')
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before and not list(tmp_path.glob('*.replaced*'))
+    (tmp_path / 'afile').write_text('x')
+    one_line_error(T.main, [f"--out_dir={tmp_path / 'afile'}", '--quiet=true'],
+                   match=('cannot write to out_dir', 'afile'))
+
+
+def test_an_mtp_checkpoint_kept_whole_refuses_head_flags_it_would_drop(corpus, tmp_path):
+    """Without --head_type an MTP source keeps its heads: a --n_future that disagrees is refused
+    in one line, not silently dropped."""
+    run_train(corpus, tmp_path / 'rb', '--head_type=resblock', '--n_future=3', '--max_iters=2',
+              '--eval_interval=2')
+    one_line_error(lambda: T.train(T.parse_config(
+        [f"--init_from={tmp_path / 'rb' / 'ckpt.pt'}", f'--data_dir={corpus}', '--n_future=2',
+         f"--out_dir={tmp_path / 'ft'}", '--block_size=16', '--quiet=true', '--device=cpu'])),
+        match=('--n_future=2', 'n_future=3', '--head_type'))
