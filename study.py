@@ -19,6 +19,7 @@ Results: study_<preset>.md / .json and PNGs (matplotlib optional) in results_dir
 and evaluations are reused, so a killed study resumes, and corpora can run in parallel processes
 (--corpora=counting & --corpora=shakespeare_char), a last run assembling the report.
 """
+import hashlib
 import json
 import os
 import statistics
@@ -144,7 +145,8 @@ def prepare_corpus(name, cfg):
             raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
                             f"Face one (a char vocabulary is fixed by its own corpus)")
         tokenizer = meta.get('name', 'bpe')
-    stem = name if name in ('shakespeare_char', 'counting') else slug(os.path.abspath(name))
+    stem = name if name in ('shakespeare_char', 'counting') else os.path.basename(name).split(
+        '.')[0] + '-' + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:6]  # (its path)
     data_dir = os.path.join(cfg.out_dir, 'data', stem + (
         '' if tokenizer == 'char' else '-' + slug(tokenizer)))  # (two a.txt: two datasets)
     if os.path.isfile(os.path.join(data_dir, 'meta.json')):

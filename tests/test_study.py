@@ -219,8 +219,8 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_random_pythia(tmp_path, monkeypa
         'FT NTP + marginalization (top_k=1)'] + list(study.STRATEGIES)
     assert all(row['identical'] for row in cell['table'][3:])
     assert summary['results']['probes'] == {} and summary['results']['curve'] == {}
-    base = load_checkpoint(str(out / 'runs' / f'text-{study.slug(name)}-{study.slug(name)}-s0' /
-                               'base' / 'ckpt.pt'))
+    [base] = (out / 'runs').glob(f'text-*-{study.slug(name)}-{study.slug(name)}-s0/base/ckpt.pt')
+    base = load_checkpoint(str(base))  # (the corpus's data dir: text-<a hash of its path>)
     assert base['meta']['kind'] == 'hf' and base['model_args']['rotary_pct'] == 0.25
     for key, value in MTPGPT.from_gpt(C.from_hf(hf)).state_dict().items():  # LR 1e-30
         assert (base['model'][key] - value).abs().max() <= 1e-29, key
