@@ -561,8 +561,9 @@ def check_study_config(cfg):
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
     if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
-        raise UserError("no corpora or no sizes given: --corpora=shakespeare_char,counting "
-                        "--sizes=S,M")
+        raise UserError("no corpora or no sizes given: " + (
+            "--corpora=<a text file> (the paper adapts a pretrained model on real text)"
+            if cfg.preset == 'paper' else "--corpora=shakespeare_char,counting --sizes=S,M"))
     if cfg.init_from and (cfg.curve_sizes or cfg.sweep or cfg.convergence or ',' in cfg.sizes):
         raise UserError("init_from adapts one pretrained model: use one --sizes entry (a label "
                         "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
