@@ -29,7 +29,7 @@ from dataclasses import dataclass, asdict, replace
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    load_checkpoint, set_cpu_threads, check_out_dir)
+                    load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
 from data.text import val_prompts, read_text, token_file
 from data.prepare import SHAKESPEARE, prepare
@@ -569,10 +569,20 @@ def check_study_config(cfg):
                         "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
     for folder, what in ((cfg.out_dir, 'out_dir'), (cfg.results_dir or cfg.out_dir,
                                                     'results_dir')):
-        check_out_dir(folder, what=what)  # (before the compute, not after it)
+        check_writable(folder, what)  # (before the compute, not after it)
     if cfg.preset == 'paper' and not cfg.init_from:
         raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
                         "pythia-410m (or another) and --corpora=<text file>")
+
+
+def check_writable(folder, what):
+    """folder could be made and written (its nearest existing ancestor is a writable folder),
+    checked without creating anything."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot write to {what} {folder}: {existing} is not a writable folder")
 
 
 def run_corpus(cfg, corpus, results, log):

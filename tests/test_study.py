@@ -168,7 +168,7 @@ STUDY_ERRORS = [
     (['--corpora=shakespeare_char', '--shakespeare=missing.txt'], 'not found at missing.txt'),
     (['--preset=paper', '--corpora=x.txt'], 'add --init_from=EleutherAI/pythia-410m'),
     (['--init_from=gpt2', '--sweep=false'], 'init_from adapts one pretrained model'),
-    (['--out_dir=/proc/nope'], 'cannot write to out_dir /proc/nope'),  # before any compute
+    ([f'--out_dir={__file__}/x'], 'cannot write to out_dir'),    # under a file: before compute
     (['--preset=paper', '--init_from=gpt2'], '--corpora=<a text file>'),  # not the CPU corpora
 ]
 
@@ -245,6 +245,7 @@ def test_corpora_are_prepared_apart_and_an_empty_one_is_a_one_line_error(tmp_pat
 
 
 def test_an_unwritable_results_dir_is_said_before_any_compute(tmp_path):
-    one_line_error(study.main, [f"--out_dir={tmp_path / 'o'}", '--results_dir=/proc/nope'],
-                   match='cannot write to results_dir /proc/nope')
+    (tmp_path / 'afile').write_text('x')
+    one_line_error(study.main, [f"--out_dir={tmp_path / 'o'}", f"--results_dir={tmp_path}/afile/r"],
+                   match=('cannot write to results_dir', 'afile'))
     assert not list((tmp_path / 'o').rglob('*.pt'))
