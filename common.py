@@ -337,14 +337,14 @@ def save_checkpoint(obj, path):
                         f"disk): {path} is unchanged") from e
 
 
-def check_out_dir(out_dir, what='out_dir'):
+def check_out_dir(out_dir):
     """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {what} {out_dir}: {e.strerror or e}")
+        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
