@@ -125,6 +125,7 @@ class MarginalizeFlags:
     window: int = flag(0, "tokens per window (0 = block_size)")
     max_forward_tokens: int = flag(100_000_000, "refuse a setting whose paths need more (all of a "
                                                 "BPE vocabulary at k_ahead=3: ~1e10 per position)")
+    max_seconds: float = flag(3600.0, "refuse a setting that a timed probe says takes longer")
     seed: int = flag(0, "which windows")
     device: str = flag('auto', "auto (cuda > mps > cpu) | cpu | cuda | ...")
 

@@ -204,4 +204,18 @@ class ModelDrafter:
         return torch.tensor(drafts, dtype=torch.long, device=window.device), q.to(window.device)
 
 
+def head_scores(model, seq, n):
+    """Logits (n, n_future, V): head k's prediction of x_{t+k} at positions t < n of seq (1-D),
+    from x<=t alone, as the heads draft (their drafter, a position at a time): sequential heads
+    read the chain's own greedy guesses, never the true x_{t+1}..x_{t+k-1}."""
+    logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
+    drafter = heads_drafter(model, DraftVocab(model, lambda scores: (scores.argmax(-1), scores)))
+    rows, tokens = [], seq.tolist()
+    for t in range(n):
+        guess = int(logits[0, t, 0].argmax())
+        drafter.observe(tokens[:t + 1] + [guess], [h[:, t:t + 1] for h in trunk_hidden], 0)
+        rows.append(torch.cat([logits[0, t, :1], drafter.draft(tokens, model.config.n_future)[1]]))
+    return torch.stack(rows)
+
+
 DRAFTERS = {BlockHeads: BlockDrafter, ResBlockHeads: ResBlockDrafter, SequentialHeads: ChainDrafter}

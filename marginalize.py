@@ -27,8 +27,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from heads import MTPGPT
-from drafters import DraftVocab, heads_drafter
+from heads import next_token_logits
+from drafters import head_scores
 from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
 from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch,
                      format_table, Tally)
@@ -37,13 +37,6 @@ from metrics import (marginalize_inputs, check_positions, eval_windows, window_b
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
 # mass (P, k_ahead): the captured mass (1 at k = 1); forward_tokens / forwards: the cost.
 Estimate = namedtuple('Estimate', 'probs mass forward_tokens forwards')
-
-
-def next_token_logits(model, idx, **kwargs):
-    """Next-token logits (B, T, V) of a GPT, or of an MTPGPT's NTP path (trunk + head 1)."""
-    if isinstance(model, MTPGPT):
-        return model(idx, n_heads=1, **kwargs)[0][:, :, 0]
-    return model(idx, **kwargs)[0]
 
 
 def candidate_mask(dist, top_k=0, top_p=1.0):
@@ -226,20 +219,45 @@ def tree_cost(n, k_ahead, top_k, max_paths, vocab_size, chunk_size=512):
     return tokens, chunks
 
 
-def check_cost(args, top_ks, vocab_size):
-    """Refuse, before any work, a row whose paths are too many to evaluate (hours, or more memory
-    than there is); returns the forward tokens of all rows, at most."""
-    total = 0
-    for top_k in top_ks:
-        tokens = tree_cost(args.positions, args.k_ahead, top_k, args.max_paths, vocab_size)[0]
-        if tokens > args.max_forward_tokens:
+def check_cost(args, top_ks, model, tokens):
+    """Before any work: say when --positions exceeds the data, and refuse a table over
+    --max_forward_tokens or --max_seconds (probe_seconds). Returns its forward tokens, at most."""
+    n = len(tokens) - args.k_ahead  # the positions with targets
+    if 0 < n < args.positions:
+        print(f"note: --positions={args.positions}, but only {n} positions have k_ahead="
+              f"{args.k_ahead} targets in the data: all {n} are evaluated")
+    n, V = max(1, min(n, args.positions)), model.config.vocab_size
+    cost = {k: tree_cost(n, args.k_ahead, k, args.max_paths, V, args.chunk_size) for k in top_ks}
+    for top_k, (forward_tokens, _) in cost.items():
+        if forward_tokens > args.max_forward_tokens:
             raise UserError(f"{row_name(top_k, args.top_p, args.max_paths)} with k_ahead="
-                            f"{args.k_ahead} on {args.positions} positions needs up to "
-                            f"{min(tokens, 10 ** 300):.1e} forward tokens, over "
+                            f"{args.k_ahead} on {n} positions needs up to "
+                            f"{min(forward_tokens, 10 ** 300):.1e} forward tokens, over "
                             f"--max_forward_tokens={args.max_forward_tokens:.0e}: lower top_k or "
                             f"k_ahead, set --max_paths, or raise --max_forward_tokens")
-        total += tokens
-    return total
+    seconds = probe_seconds(model, tokens, args.chunk_size, sum(c for _, c in cost.values()), n)
+    if seconds > args.max_seconds:
+        raise UserError(f"this table would take about {seconds:,.0f} s here (from a timed probe), "
+                        f"over --max_seconds={args.max_seconds:g}: lower --positions, top_k or "
+                        f"k_ahead, set --max_paths, or raise --max_seconds")
+    return sum(forward_tokens for forward_tokens, _ in cost.values())
+
+
+@torch.no_grad()
+def probe_seconds(model, tokens, chunk_size, chunks, n):
+    """Seconds the table should take: `chunks` forwards of chunk_size tokens, one of them timed,
+    and the MTP heads' row (head_scores, a loop over the n positions) timed on a few."""
+    device = next(model.parameters()).device
+    size = min(chunk_size, model.config.block_size, len(tokens))
+    seq = torch.tensor([int(t) for t in tokens[:size]], device=device)
+    elapsed = clock(device)
+    next_token_logits(model, seq[None])
+    seconds = elapsed() * chunks * chunk_size / size
+    if getattr(model.config, 'n_future', 1) > 1:
+        elapsed, few = clock(device), min(8, size - 1)
+        head_scores(model, seq[:few + 1], few)
+        seconds += elapsed() / few * n
+    return seconds
 
 
 # -----------------------------------------------------------------------------
@@ -297,20 +315,6 @@ def evaluate_table(model, tokens, positions=256, k_ahead=3, top_ks=None, top_p=1
     return rows
 
 
-def head_scores(model, seq, n):
-    """Logits (n, n_future, V): head k's prediction of x_{t+k} at positions t < n of seq (1-D),
-    from x<=t alone, as the heads draft (their drafter, a position at a time): sequential heads
-    read the chain's own greedy guesses, never the true x_{t+1}..x_{t+k-1}."""
-    logits, _, trunk_hidden = model(seq[None], n_heads=1, return_hidden=True)
-    drafter = heads_drafter(model, DraftVocab(model, lambda scores: (scores.argmax(-1), scores)))
-    rows, tokens = [], seq.tolist()
-    for t in range(n):
-        guess = int(logits[0, t, 0].argmax())
-        drafter.observe(tokens[:t + 1] + [guess], [h[:, t:t + 1] for h in trunk_hidden], 0)
-        rows.append(torch.cat([logits[0, t, :1], drafter.draft(tokens, model.config.n_future)[1]]))
-    return torch.stack(rows)
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -328,7 +332,7 @@ def main(argv):
         raise UserError("--ckpt=PATH is required")
     top_ks, model, tokens, source = marginalize_inputs(args)
     top_ks = top_ks or default_top_ks(model.config.vocab_size)
-    cost = check_cost(args, top_ks, model.config.vocab_size)
+    cost = check_cost(args, top_ks, model, tokens)
     if not args.quiet:
         print(f"{len(top_ks)} marginalization rows: up to {cost:,} forward tokens on paths")
     rows = evaluate_table(model, tokens, args.positions, args.k_ahead, top_ks, args.top_p,

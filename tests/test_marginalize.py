@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from common import UserError, save_checkpoint
 from metrics import eval_windows
+from drafters import head_scores
 from heads import MTPGPT, MTPConfig
 import marginalize as M
 from conftest import one_line_error, random_mtp, run_cli, tiny_gpt, tiny_mtp
@@ -261,6 +262,22 @@ def test_cli_reads_the_val_split_of_the_checkpoints_data(tmp_path):
     assert [r['method'] for r in result['rows']] == ['marginal']  # n_future=1: no heads row
 
 
+def test_positions_beyond_the_data_are_said_not_silently_capped(tmp_path, capsys):
+    ckpt, _ = write_checkpoint(tmp_path, 'abcd', n_future=1)
+    np.array([0, 1, 2, 3] * 5, dtype=np.uint16).tofile(tmp_path / 'val.bin')  # 20 tokens
+    result = M.main([f'--ckpt={ckpt}', '--positions=500', '--k_ahead=2', '--top_k=1', '--quiet=1'])
+    assert "note: --positions=500, but only 18 positions" in capsys.readouterr().out
+    assert result['positions'] == 18
+
+
+def test_the_time_estimate_prices_the_heads_row_by_position():
+    """The MTP heads' row is a loop over positions: it costs time even where no path does."""
+    tokens = random_tokens(BLOCK).tolist()
+    mtp, gpt = random_mtp(vocab=V, n_future=3, block_size=BLOCK), tiny_gpt(vocab_size=V)
+    assert M.probe_seconds(gpt, tokens, chunk_size=512, chunks=0, n=10_000) == 0
+    assert M.probe_seconds(mtp, tokens, chunk_size=512, chunks=0, n=10_000) > 0
+
+
 # (marginalize.py's arguments after --ckpt=<a checkpoint>, a fragment of the message);
 # {tmp}: the test's directory: the checkpoint's val.bin, latin1.txt (not UTF-8), empty/val.bin
 MARGINALIZE_ERRORS = [
@@ -269,6 +286,8 @@ MARGINALIZE_ERRORS = [
     # all of V at k_ahead=3: refused up front, naming the cost and the flag to override
     (['--top_k=all', '--k_ahead=3', '--max_forward_tokens=1000'],
      ('needs up to', 'forward tokens', 'raise --max_forward_tokens')),
+    # a timed probe prices the table (paths, and the heads' row: a loop over positions)
+    (['--top_k=1', '--max_seconds=1e-9'], ('about', 'timed probe', 'raise --max_seconds')),
     (['--nope=1'], 'unknown option'),
     (['--top_k=x'], 'top_k'),
     (['--ckpt='], '--ckpt=PATH is required'),
@@ -304,7 +323,7 @@ def test_the_sequential_heads_row_reads_greedy_guesses_not_the_true_tokens():
     the sequence x<=t followed by head 1's argmax at t, not what it gives on the true x_{t+1}."""
     model = tiny_mtp(n_future=3, head_type='sequential')
     seq = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(0))
-    scores = M.head_scores(model, seq, 10)
+    scores = head_scores(model, seq, 10)
     with torch.no_grad():
         forced = model(seq[None])[0][0]
         for t in (0, 4, 9):
