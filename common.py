@@ -238,6 +238,13 @@ def autocast_for(dtype, device):
     return nullcontext()
 
 
+def device_memory(device):
+    """Bytes of memory of a device: a GPU's own, else the machine's."""
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 def set_cpu_threads(n):
     if n < 0:
         raise UserError(f"threads must be >= 0, got {n}")

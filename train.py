@@ -21,7 +21,7 @@ from tqdm import tqdm
 from heads import MTPGPT, MTPConfig, loss_weights_for
 from common import (UserError, TrainConfig, parse_flags, check_ranges, autocast_for, Distributed,
                     check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint, writing,
-                    set_aside, load_model, cli)
+                    set_aside, load_model, device_memory, cli)
 from data.text import data_dir_of, check_data_tokenizer
 from data.prepare import load_data
 from report import evaluate_splits, diverged, eval_line, summarize, printable
@@ -53,7 +53,11 @@ def check_config(cfg):
         raise UserError("memory_efficient runs the heads one by one outside the compiled "
                         "forward: drop compile or memory_efficient")
     check_ranges(cfg, positive=('batch_size', 'block_size', 'grad_accum', 'max_iters',
-                                'eval_interval', 'eval_iters', 'log_interval', 'n_future'))
+                                'eval_interval', 'eval_iters', 'log_interval', 'n_future'),
+                 non_negative=('warmup_iters', 'head_warmup_iters'))
+    if 'head_attention' in cfg.given and cfg.head_attention and cfg.head_type != 'sequential':
+        raise UserError(f"head_attention gives sequential heads a transformer block; "
+                        f"{cfg.head_type} heads have theirs by design: drop --head_attention")
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
     if ranks and cfg.grad_accum % ranks:
         raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
@@ -71,13 +75,16 @@ def check_config(cfg):
         for name in names:  # (nan fails every comparison)
             if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
                 raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
+    if cfg.min_lr > cfg.learning_rate and 'min_lr' not in cfg.given:
+        cfg.min_lr = cfg.learning_rate / 10  # (the default is for the default LR)
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr {cfg.min_lr} is above learning_rate {cfg.learning_rate}: the "
+                        f"cosine schedule would raise the LR")
     with suppress(ValueError):  # (unparsable weights: training_strategy says so)
         if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
             raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
     if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
         check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
-        if cfg.block_size <= cfg.n_future:  # (before building n_future heads)
-            raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target")
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     target = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -112,7 +119,10 @@ def check_resume(ckpt, cfg, meta):
     check_data_tokenizer(ckpt, meta, data_dir_of(cfg.dataset, cfg.data_dir))
     args = ckpt['model_args']
     given = {k: getattr(cfg, k) for k in MODEL + ('dropout',) if k in cfg.given}
-    wanted = asdict(MTPConfig(**{**args, **given}))  # (attach_layer -1 resolved)
+    try:
+        wanted = asdict(MTPConfig(**{**args, **given}))  # (attach_layer -1 resolved)
+    except UserError:  # (a shape its heads cannot take: the loop names the shape flag)
+        wanted = {**args, **given}
     for key in (k for k in given if wanted[k] != args[k]):
         raise UserError(f"--{key}={given[key]} differs from the checkpoint's {key}={args[key]}: "
                         f"a resumed run keeps its model; pass the original value")
@@ -150,15 +160,40 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def build_model(cfg, meta, ckpt=None):
-    """The model: scratch, resume (ckpt) or adapt a trained model. Afterwards cfg holds the
-    model's values (the saved config records what the run used, not a flag it overrode)."""
+def check_fits(cfg, c, device):
+    """Before the model of MTPConfig c is built (and once built): block_size leaves every head a
+    target within the model's positions, and the run fits the device's memory: at least 16 bytes
+    a parameter (fp32 weights, gradients, AdamW's moments), 34 per token, channel and layer of
+    activations (Korthikanti et al. 2022, 16-bit), and 8 per token and vocabulary entry for each
+    head's logits and their gradient (memory_efficient: one head's at a time)."""
+    if cfg.block_size <= c.n_future:
+        raise UserError(f"block_size {cfg.block_size} leaves head {c.n_future} no target: use "
+                        f"block_size > n_future")
+    if cfg.block_size > c.block_size:
+        raise UserError(f"block_size {cfg.block_size} is larger than the model supports "
+                        f"({c.block_size})")
+    C, tokens, heads = c.n_embd, cfg.batch_size * cfg.block_size, c.n_future
+    params = (12 * c.n_layer + 8 * (heads - 1)) * C ** 2 + (c.vocab_size + c.block_size) * C
+    need = 16 * params + tokens * (34 * C * c.n_layer + 8 * c.vocab_size * (
+        1 if cfg.memory_efficient else heads))
+    if need > device_memory(device):
+        raise UserError(f"this run needs about {need / 2 ** 30:,.0f} GiB ({params / 1e6:,.0f}M "
+                        f"parameters, {tokens:,} tokens a micro-batch), more than the "
+                        f"{device_memory(device) / 2 ** 30:.0f} GiB of {device}: shrink the model, "
+                        f"batch_size or block_size")
+
+
+def build_model(cfg, meta, ckpt=None, device='cpu'):
+    """The model: scratch, resume (ckpt) or adapt a trained model, checked to fit (check_fits).
+    Afterwards cfg holds the model's values (the saved config records what the run used)."""
     if ckpt is not None:
         model = model_from_checkpoint(ckpt)
         check_resume(ckpt, cfg, meta)  # its tokenizer, shape, resume state, iterations left
     elif cfg.init_from == 'scratch':  # the model: the flags named like MTPConfig's fields
-        model = MTPGPT(MTPConfig(vocab_size=meta['vocab_size'], **{
-            f.name: getattr(cfg, f.name) for f in fields(MTPConfig) if hasattr(cfg, f.name)}))
+        config = MTPConfig(vocab_size=meta['vocab_size'], **{
+            f.name: getattr(cfg, f.name) for f in fields(MTPConfig) if hasattr(cfg, f.name)})
+        check_fits(cfg, config, device)
+        model = MTPGPT(config)
     else:
         source, source_ckpt = load_model(cfg.init_from)
         check_data_tokenizer(source_ckpt, meta, data_dir_of(cfg.dataset, cfg.data_dir))
@@ -171,8 +206,8 @@ def build_model(cfg, meta, ckpt=None):
             model = model_from_checkpoint({**source_ckpt, 'model_args': {
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:
-            if cfg.block_size <= cfg.n_future:  # (before building n_future heads)
-                raise UserError(f"block_size {cfg.block_size} leaves head {cfg.n_future} no target")
+            check_fits(cfg, MTPConfig(**{**asdict(source.config), 'n_future': cfg.n_future}),
+                       device)
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
             model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs,
                                     cfg.head_attention)
@@ -181,12 +216,7 @@ def build_model(cfg, meta, ckpt=None):
     if model.config.vocab_size != meta['vocab_size'] and not padded:
         raise UserError(f"model vocab_size {model.config.vocab_size} does not match the dataset's "
                         f"{meta['vocab_size']}")
-    if cfg.block_size > model.config.block_size:
-        raise UserError(f"block_size {cfg.block_size} is larger than the model supports "
-                        f"({model.config.block_size})")
-    if cfg.block_size <= model.config.n_future:  # (the model's heads, not the flag's)
-        raise UserError(f"block_size {cfg.block_size} leaves head {model.config.n_future} no "
-                        f"target: use block_size > n_future")
+    check_fits(cfg, model.config, device)  # (the model's heads and positions, not the flags')
     for name in MODEL:
         setattr(cfg, name, getattr(model.config, name))
     return model
@@ -286,7 +316,7 @@ def train(cfg):
     autocast = autocast_for(cfg.dtype, dist.device)
     torch.manual_seed(cfg.seed + dist.rank)
     meta, train_batches, val_batches, eval_train = load_data(cfg, dist.device, dist.rank)
-    raw_model = build_model(cfg, meta, ckpt)
+    raw_model = build_model(cfg, meta, ckpt, dist.device)
     if ckpt is None and dist.master:  # (only now: a run that failed to start has moved nothing)
         set_aside(os.path.join(cfg.out_dir, 'ckpt.pt'))
     raw_model.to(dist.device)

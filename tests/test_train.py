@@ -16,8 +16,8 @@ import torch
 import heads
 import train as T
 from common import TrainConfig, load_checkpoint, model_from_checkpoint
-from conftest import (one_line_error, run_cli, run_train, tiny_mtp, train_config, make_corpus,
-                      pattern_text)
+from conftest import (TINY_FLAGS, one_line_error, run_cli, run_train, tiny_mtp, train_config,
+                      make_corpus, pattern_text)
 
 
 def sha(path):
@@ -74,7 +74,7 @@ def test_a_resume_takes_every_flag_not_given_from_its_run(corpus, tmp_path, caps
     come from the run's config, not today's defaults, so the new config agrees with model_args;
     a flag given with another value is applied and said in one line."""
     run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--learning_rate=1e-5',
-              '--warmup_iters=0', '--batch_size=4')
+              '--min_lr=1e-6', '--warmup_iters=0', '--batch_size=4')
     ckpt = load_checkpoint(T.train(T.parse_config(
         ['--init_from=resume', f'--out_dir={tmp_path}', '--max_iters=3']))['ckpt'])
     for name in ('n_layer', 'n_head', 'n_embd', 'n_future', 'head_type', 'attach_layer'):
@@ -388,6 +388,11 @@ TRAIN_ERRORS = [
     (['--log_interval=0'], 'log_interval'),
     (['--block_size=2'], 'block_size'),                             # 2 heads need > 2 positions
     (['--n_future=1000000'], 'leaves head 1000000 no target'),      # said before it is built
+    # sizes past the machine's memory: refused before building, with the estimate
+    (['--n_layer=100000000'], ('needs about', 'GiB', 'parameters', 'more than the')),
+    (['--n_embd=10000000'], ('needs about', 'GiB', 'more than the')),
+    (['--batch_size=10000000000'], ('needs about', 'tokens a micro-batch', 'more than the')),
+    (['--init_from={ntp}', '--batch_size=100000000'], ('needs about', 'more than the')),
     (['--device=tpu'], 'unknown device'),
     (['--loss_weights=1,0.5,0.25'], 'loss_weights'),                # 3 weights for 2 heads
     # numbers that failed deep inside, or silently
@@ -399,6 +404,9 @@ TRAIN_ERRORS = [
     (['--n_embd=31'], 'n_embd (31) must be divisible by n_head (2)'),
     (['--n_embd=0'], 'n_embd must be >= 1'),
     (['--loss_weights=1,nan'], 'loss_weights must be finite'),
+    (['--warmup_iters=-100'], '--warmup_iters must be >= 0, got -100'),
+    (['--min_lr=1', '--learning_rate=0.1'], 'min_lr 1.0 is above learning_rate 0.1'),
+    (['--head_attention=true'], ('head_attention', 'block heads', 'drop --head_attention')),
     (['--data_dir={emptybins}'], ('train.bin', 'is empty')),
     (['--out_dir={blocker}/out'], ('cannot write to out_dir', 'blocker')),
     # the source checkpoint is never overwritten
@@ -421,6 +429,21 @@ TRAIN_ERRORS = [
     (['--init_from=resume', '--out_dir={badargs}', '--n_future=1', '--max_iters=20'],
      ('unknown keys', 'n_lyr')),
 ]
+
+
+def test_a_resume_names_the_shape_flag_its_sequential_heads_cannot_take(corpus, tmp_path):
+    run_train(corpus, tmp_path, '--head_type=sequential', '--max_iters=2')
+    one_line_error(lambda: run_train(corpus, tmp_path, '--init_from=resume', '--n_layer=3',
+                                     '--head_type=sequential', '--max_iters=4'),
+                   match="--n_layer=3 differs from the checkpoint's n_layer=2")
+
+
+def test_an_lr_below_the_default_min_lr_still_decays(corpus, tmp_path):
+    """min_lr not given: a tenth of a learning_rate below its default (the LR never rises)."""
+    flags = [f for f in TINY_FLAGS if not f.startswith('--min_lr')]
+    T.train(T.parse_config(flags + [f'--data_dir={corpus}', f'--out_dir={tmp_path}',
+                                    '--learning_rate=1e-4', '--max_iters=1']))
+    assert load_checkpoint(tmp_path / 'ckpt.pt')['config']['min_lr'] == pytest.approx(1e-5)
 
 
 def damaged_copy(ntp_ckpt, out, damage=None):
