@@ -163,7 +163,10 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     head_attention: bool = flag(False, "sequential heads: an MLP (Hydra), or a transformer block")
     loss_weights: str = flag('', "explicit lambda_1..lambda_n, comma separated")
     mtp_weight: float = flag(1.0, "else lambda_1 = 1, lambda_k = mtp_weight * mtp_decay^(k-2)")
-    mtp_decay: float = flag(1.0, "(see mtp_weight)")
+    mtp_decay: float = flag(1.0, "(see mtp_weight; 0.5: the geometric 1, 1/2, 1/4, ...)")
+    loss_schedule: str = flag('constant', "the weights over training: constant | curriculum "
+                                          "(NTP first) | shrink (heads out at the end)")
+    schedule_frac: float = flag(0.25, "the fraction of max_iters a schedule's ramp takes")
     memory_efficient: bool = flag(False, "heads' forward+backward one at a time")
     # training strategies of the paper (for adapted models), see training_strategy()
     freeze_trunk: bool = flag(False, "heads only")

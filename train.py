@@ -54,15 +54,20 @@ def check_config(cfg):
                         "forward: drop compile or memory_efficient")
     check_ranges(cfg, positive=('batch_size', 'block_size', 'grad_accum', 'max_iters',
                                 'eval_interval', 'eval_iters', 'log_interval', 'n_future'),
-                 non_negative=('warmup_iters', 'head_warmup_iters'))
+                 non_negative=('warmup_iters', 'head_warmup_iters'), fractions=('schedule_frac',))
     if 'head_attention' in cfg.given and cfg.head_attention and cfg.head_type != 'sequential':
         raise UserError(f"head_attention gives sequential heads a transformer block; "
                         f"{cfg.head_type} heads have theirs by design: drop --head_attention")
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
     if ranks and cfg.grad_accum % ranks:
         raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
-    if ranks and (cfg.memory_efficient or cfg.head_warmup_iters):
-        raise UserError("memory_efficient and head_warmup_iters are not supported with DDP")
+    if ranks and (cfg.memory_efficient or cfg.head_warmup_iters or
+                  cfg.loss_schedule != 'constant'):
+        raise UserError("memory_efficient, head_warmup_iters and loss_schedule are not "
+                        "supported with DDP")
+    if cfg.loss_schedule not in ('constant', 'curriculum', 'shrink'):
+        raise UserError(f"loss_schedule must be constant, curriculum or shrink, not "
+                        f"{cfg.loss_schedule!r}")
     if cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len:
         raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
                         f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
@@ -248,7 +253,8 @@ Strategy = namedtuple('Strategy', 'loss_weights optimizer trunk_trainable')
 def training_strategy(model, cfg, device_type):
     """The paper's training strategies (Mehra et al. 2025), all of them here:
 
-    loss weights       L = sum_k lambda_k CE_k (--loss_weights, or --mtp_weight, --mtp_decay)
+    loss weights       L = sum_k lambda_k CE_k (--loss_weights, or --mtp_weight, --mtp_decay),
+                       over training as --loss_schedule says (scheduled_weights)
     zero-weight heads  frozen: out of the loss and the optimizer (distill.py: lambda_1 = 0)
     frozen trunk       --freeze_trunk: only the heads learn ("MTP heads on a frozen NTP model")
     differential LR    the trunk's LR = trunk_lr_scale x the heads': new heads move fast, the
@@ -279,6 +285,22 @@ def training_strategy(model, cfg, device_type):
     return Strategy(loss_weights, optimizer, trunk_trainable)
 
 
+def scheduled_weights(weights, it, cfg):
+    """The loss weights at iteration it: lambda_k x clamp(h - k + 1, 0, 1), for a horizon h that
+    --loss_schedule moves between 1 (NTP) and n (every head), over the iterations of the LR
+    schedule (lr_decay_iters, or max_iters: so a resume continues it); f = --schedule_frac:
+        constant    h = n: the weights as given (--mtp_decay=0.5: the geometric 1, 1/2, 1/4)
+        curriculum  h = 1 for the first f of training, then grows to n by 2f: NTP first, the
+                    heads ramped in one after another (a forward curriculum)
+        shrink      h = n until the last f of training, then shrinks to 1: the farthest head
+                    ramps out first (the shrinking horizon of modded-nanogpt's speedrun)"""
+    span = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else cfg.max_iters
+    n, t, f = len(weights), it / span, cfg.schedule_frac
+    h = {'constant': n, 'curriculum': 1 + (n - 1) * min(1, max(0, t / f - 1)),
+         'shrink': 1 + (n - 1) * min(1, (1 - t) / f)}[cfg.loss_schedule]
+    return [w * min(1, max(0, h - k)) for k, w in enumerate(weights)]  # (k from 0 here)
+
+
 # -----------------------------------------------------------------------------
 # the training run: a step, the loop
 
@@ -292,8 +314,9 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
         with autocast:
             if cfg.memory_efficient:  # heads' forward + backward one at a time
                 loss = raw_model.backward_head_by_head(x, y, loss_weights, 1 / micro_steps)
-            else:
-                _, loss = model(x, y, loss_weights=loss_weights)
+            else:  # (heads after the last weighted one are not computed)
+                n = max(k for k, w in enumerate(loss_weights, start=1) if w)
+                _, loss = model(x, y, loss_weights=loss_weights[:n], n_heads=n)
         if not torch.isfinite(loss):
             raise diverged(loss.item(), where, os.path.join(cfg.out_dir, 'ckpt.pt'))
         if not cfg.memory_efficient:
@@ -339,9 +362,10 @@ def train(cfg):
             lr = get_lr(iter_num, cfg)
             for group in strategy.optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
-            losses[iter_num + 1] = train_step(model, raw_model, train_batches,
-                                              strategy.loss_weights, cfg, autocast,
-                                              cfg.grad_accum // dist.world, f"iter {iter_num}")
+            weights = scheduled_weights(strategy.loss_weights, iter_num, cfg)
+            losses[iter_num + 1] = train_step(model, raw_model, train_batches, weights, cfg,
+                                              autocast, cfg.grad_accum // dist.world,
+                                              f"iter {iter_num}")
             strategy.optimizer.step()
             strategy.optimizer.zero_grad(set_to_none=True)
             iter_num += 1
@@ -351,7 +375,7 @@ def train(cfg):
                 bar.set_postfix(objective=f"{losses[iter_num]:.4f}", lr=f"{lr:.2e}")
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 last_eval = evaluate_splits(raw_model, eval_train, val_batches, cfg, autocast,
-                                            strategy.loss_weights, iter_num)
+                                            weights, iter_num)
                 best_val = min(best_val, last_eval['val']['loss'])
                 log(eval_line(last_eval))
                 states = dist.gather(dict(torch=torch.get_rng_state(),

@@ -39,11 +39,13 @@ def test_tiny_run_lowers_val_loss(corpus, tmp_path):
     assert os.path.isfile(s['ckpt'])
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
+@pytest.mark.parametrize('schedule', ['constant', 'curriculum', 'shrink'])
+def test_resume_continues_exactly(corpus, tmp_path, schedule):
     """Stopping at iter 10 and resuming (init_from=resume) gives the same losses at iters
-    11..20 as an uninterrupted run (model, optimizer, LR schedule, batch and dropout RNG all
-    restored), and the iteration count continues to 20."""
-    common = ['--eval_interval=10', '--lr_decay_iters=20', '--dropout=0.1', '--warmup_iters=3']
+    11..20 as an uninterrupted run (model, optimizer, LR and loss-weight schedules, batch and
+    dropout RNG all restored), and the iteration count continues to 20."""
+    common = ['--eval_interval=10', '--lr_decay_iters=20', '--dropout=0.1', '--warmup_iters=3',
+              f'--loss_schedule={schedule}', '--schedule_frac=0.5', '--n_future=3']
     a = run_train(corpus, tmp_path / 'a', '--max_iters=20', *common)
     b1 = run_train(corpus, tmp_path / 'b', '--max_iters=10', *common)
     assert b1['iters'] == 10
@@ -170,6 +172,32 @@ def test_training_strategy_puts_trunk_and_heads_in_named_groups(arch):
     assert len(everything) == len(set(everything)) == len(list(model.parameters()))
     assert strategy.loss_weights == [1.0, 1.0, 1.0]
     assert all(strategy.trunk_trainable(it) for it in (0, 1, 10 ** 6))
+
+
+def test_loss_schedules_move_the_horizon_one_head_at_a_time():
+    """scheduled_weights: lambda_k x clamp(h - k + 1, 0, 1), the horizon h between 1 and n."""
+    weights = [1.0, 0.5, 0.25, 0.125]  # (--mtp_weight=0.5 --mtp_decay=0.5)
+
+    def at(schedule, *its):
+        cfg = TrainConfig(loss_schedule=schedule, schedule_frac=0.25, max_iters=1000)
+        return [T.scheduled_weights(weights, it, cfg) for it in its]
+    assert at('constant', 0, 500, 999) == [weights] * 3
+    # curriculum: NTP for the first quarter, the heads ramped in over the second (h = 2.5 at 3/8)
+    assert at('curriculum', 0, 250, 375, 500, 999) == [
+        [1, 0, 0, 0], [1, 0, 0, 0], [1, 0.5, 0.125, 0], weights, weights]
+    # shrink: every head until the last quarter, then the farthest one out first
+    assert at('shrink', 0, 750, 875, 1000) == [weights, weights, [1, 0.5, 0.125, 0], [1, 0, 0, 0]]
+
+
+def test_the_curriculums_ntp_phase_is_plain_next_token_training(corpus, tmp_path):
+    """Heads with weight 0 are not computed: until the ramp, a curriculum run trains exactly as a
+    run whose extra heads are frozen (--loss_weights=1,0), and leaves the heads untouched."""
+    a = run_train(corpus, tmp_path / 'a', '--max_iters=3', '--loss_schedule=curriculum',
+                  '--schedule_frac=1')
+    b = run_train(corpus, tmp_path / 'b', '--max_iters=3', '--loss_weights=1,0')
+    a, b = (load_checkpoint(s['ckpt'])['model'] for s in (a, b))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_training_strategy_leaves_a_frozen_trunk_out_of_the_optimizer():
@@ -405,6 +433,8 @@ TRAIN_ERRORS = [
     (['--n_embd=0'], 'n_embd must be >= 1'),
     (['--loss_weights=1,nan'], 'loss_weights must be finite'),
     (['--warmup_iters=-100'], '--warmup_iters must be >= 0, got -100'),
+    (['--loss_schedule=warp'], 'loss_schedule must be constant, curriculum or shrink'),
+    (['--schedule_frac=0'], '--schedule_frac must be in (0, 1]'),
     (['--min_lr=1', '--learning_rate=0.1'], 'min_lr 1.0 is above learning_rate 0.1'),
     (['--head_attention=true'], ('head_attention', 'block heads', 'drop --head_attention')),
     (['--data_dir={emptybins}'], ('train.bin', 'is empty')),
