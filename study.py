@@ -507,9 +507,9 @@ def plots(results, stem):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    figures = []
+    figures = {}  # path -> (figure, axes)
     for corpus, points in results['curve'].items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = figures[f"{stem}_size_curve_{corpus}.png"] = plt.subplots(figsize=(6, 4))
         points = sorted(points.values(), key=lambda p: p['params'])  # smallest model first
         for label, method, k in (
                 ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
@@ -519,9 +519,8 @@ def plots(results, stem):
                     marker='o', label=label)
         ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
         ax.legend(fontsize=8)
-        figures.append((fig, f"{stem}_size_curve_{corpus}.png"))
     for corpus in sorted({key.split(' / ')[0] for key in results['probes']}):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = figures[f"{stem}_probes_{corpus}.png"] = plt.subplots(1, 2, figsize=(10, 4))
         for key, p in results['probes'].items():
             if key.startswith(corpus + ' / '):
                 depth = [layer / p['layers'][-1] for layer in p['layers']]
@@ -533,11 +532,10 @@ def plots(results, stem):
             ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
                    title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
             ax.legend(fontsize=7)
-        figures.append((fig, f"{stem}_probes_{corpus}.png"))
-    for fig, path in figures:
+    for path, (fig, _) in figures.items():
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-    return [path for _, path in figures]
+    return list(figures)
 
 
 # -----------------------------------------------------------------------------
@@ -555,9 +553,8 @@ def check_study_config(cfg):
     if cfg.init_from and (cfg.curve_sizes or cfg.sweep or cfg.convergence or ',' in cfg.sizes):
         raise UserError("init_from adapts one pretrained model: use one --sizes entry (a label "
                         "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
-    for folder, what in ((cfg.out_dir, 'out_dir'), (cfg.results_dir or cfg.out_dir,
-                                                    'results_dir')):
-        check_writable(folder, what)  # (before the compute, not after it)
+    check_writable(cfg.out_dir, 'out_dir')  # (before the compute, not after it)
+    check_writable(cfg.results_dir or cfg.out_dir, 'results_dir')
     if cfg.preset == 'paper' and not cfg.init_from:
         raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
                         "pythia-410m (or another) and --corpora=<text file>")
@@ -591,11 +588,10 @@ def run_corpus(cfg, corpus, results, log):
         results['convergence'][key] = dict({k: [c[k + '_loss'] for c in cells] for k in (
             'base', 'base_train', 'ft')}, **extras.pop('convergence', {}))
         if in_table:  # paired_next's reference: FT NTP at its largest top_k (all V, or 50)
-            n_layer, _, n_embd = SIZES[size]
             rows, many = [c['rows'] for c in cells], cfg.seeds > 1
             results['cells'][key] = dict(
-                params=f"{n_layer} layers, {n_embd} dim" if not cfg.init_from else
-                f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
+                params=f"{SIZES[size][0]} layers, {SIZES[size][2]} dim" if not cfg.init_from
+                else f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
                 paired=paired(rows) if many else [],
                 paired_next=paired(rows, rows[0][0]['strategy'], ('next_top1', 'next_top5'))
                 if many else [], per_seed=rows, **extras)
