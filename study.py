@@ -175,9 +175,8 @@ def slug(name):
 # runs and evaluations, each done once
 
 def run_training(cfg, cell, name, **flags):
-    """train.train into the cell's folder `name`, with the study's shared settings, n_future
-    included; returns (checkpoint path, its summary). A run from a checkpoint (init_from) is an
-    adaptation: adapt_iters at adapt_lr unless flags say otherwise."""
+    """(checkpoint, summary) of train.train in the cell's folder `name`, with the study's settings.
+    From a checkpoint (init_from) it is an adaptation: adapt_iters at adapt_lr unless flags say."""
     if 'init_from' in flags:
         flags = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr,
                      min_lr=cfg.adapt_lr / 10) | flags
@@ -280,9 +279,9 @@ def decode_speed(model, data_dir, cfg):
 # one cell of the strategies table: a corpus, a model size, a seed
 
 def run_cell(cfg, data_dir, size, seed, log, strategies=True):
-    """dict(rows=[strategy rows], base_loss, ft_loss, base=path, dir, ...) of one seed; without
-    strategies, only the base and FT NTP runs (the size curve's other sizes)."""
-    cell = dict(data_dir=data_dir, size=size, seed=seed, rows=[], dir=os.path.join(
+    """One seed's runs and losses, and (strategies) its table rows: dict(rows, base_loss, ft_loss,
+    base, ft, dir, ...). Without strategies only the base and FT NTP (the curve's other sizes)."""
+    cell = dict(data_dir=data_dir, size=size, seed=seed, dir=os.path.join(
         cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-"
         f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}"))
     train = partial(run_training, cfg, cell)
