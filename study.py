@@ -1,5 +1,4 @@
-"""
-The paper's study at small scale, one command from corpus to results:
+"""The paper's study at small scale, one command from corpus to results:
 
     python study.py --preset=quick --results_dir=results   # the CI-sized smoke, ~12 min on 2 cores
     python study.py --preset=cpu --results_dir=results     # converged models, 3 seeds: ~2 h here
@@ -25,6 +24,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, asdict, replace
+from functools import partial
 
 import torch
 
@@ -134,12 +134,10 @@ def counting_text(n=60000):
 def prepare_corpus(name, cfg):
     """data dir of a corpus (shakespeare_char, counting or a text file), prepared once:
     char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
-    tokenizer = 'char'
-    if cfg.init_from in GPT2_SIZES:
-        tokenizer = 'bpe'
-    elif cfg.init_from.startswith(PYTHIA):
+    tokenizer = 'bpe' if cfg.init_from in GPT2_SIZES else 'char'
+    if cfg.init_from.startswith(PYTHIA):
         tokenizer = cfg.init_from
-    elif cfg.init_from:
+    elif cfg.init_from and tokenizer == 'char':  # a checkpoint: its own tokenizer
         meta = load_checkpoint(cfg.init_from).get('meta') or {}
         if meta.get('kind') not in ('hf', 'bpe'):
             raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
@@ -156,9 +154,9 @@ def prepare_corpus(name, cfg):
         raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
     if name != 'counting' and not os.path.isfile(path):
         raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
-    text = counting_text() if name == 'counting' else read_text(path, 'corpus')
     try:
-        prepare(text, data_dir, tokenizer)
+        prepare(counting_text() if name == 'counting' else read_text(path, 'corpus'), data_dir,
+                tokenizer)
     except (ValueError, OSError) as e:  # an empty text; a tokenizer that cannot load (offline)
         raise UserError(f"cannot prepare corpus {name} with the {tokenizer} tokenizer "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
@@ -176,29 +174,28 @@ def slug(name):
 # -----------------------------------------------------------------------------
 # runs and evaluations, each done once
 
-def run_training(cfg, run_dir, data_dir, size, seed, **flags):
-    """train.train with the study's shared settings, n_future included; returns (checkpoint
-    path, its summary). A run from a checkpoint (init_from) is an adaptation: adapt_iters at
-    adapt_lr unless flags say otherwise."""
+def run_training(cfg, cell, name, **flags):
+    """(checkpoint, summary) of train.train in the cell's folder `name`, with the study's settings.
+    From a checkpoint (init_from) it is an adaptation: adapt_iters at adapt_lr unless flags say."""
     if 'init_from' in flags:
         flags = dict(max_iters=cfg.adapt_iters, learning_rate=cfg.adapt_lr,
                      min_lr=cfg.adapt_lr / 10) | flags
-    n_layer, n_head, n_embd = SIZES[size]
+    n_layer, n_head, n_embd = SIZES[cell['size']]
     max_iters = flags.get('max_iters', cfg.base_iters)
+    run_dir = os.path.join(cell['dir'], name)
     tc = TrainConfig(**dict(
-        out_dir=run_dir, data_dir=data_dir, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        out_dir=run_dir, data_dir=cell['data_dir'], n_layer=n_layer, n_head=n_head, n_embd=n_embd,
         batch_size=cfg.batch_size, block_size=cfg.block_size, eval_iters=cfg.eval_iters,
-        device=cfg.device, seed=seed, quiet=True, head_type='block', n_future=cfg.n_future,
+        device=cfg.device, seed=cell['seed'], quiet=True, head_type='block', n_future=cfg.n_future,
         learning_rate=cfg.base_lr, min_lr=cfg.base_lr / 10, max_iters=max_iters,
         warmup_iters=min(100, max_iters // 10), eval_interval=max_iters) | flags)
     run = dict(config=asdict(tc), parent=None if tc.init_from == 'scratch' else
                lineage(tc.init_from))
     record = read_json(os.path.join(run_dir, 'done.json'))
-    if record and record.get('lineage') == run:  # finished earlier, from the same sources: reuse
-        return os.path.join(run_dir, 'ckpt.pt'), record['summary']
-    summary = printable(trainer.train(tc))
-    write_json(os.path.join(run_dir, 'done.json'), dict(lineage=run, summary=summary))
-    return summary['ckpt'], summary
+    if not record or record.get('lineage') != run:  # else: finished earlier, from the same sources
+        record = dict(lineage=run, summary=printable(trainer.train(tc)))
+        write_json(os.path.join(run_dir, 'done.json'), record)
+    return os.path.join(run_dir, 'ckpt.pt'), record['summary']
 
 
 def lineage(ckpt):
@@ -223,23 +220,20 @@ def write_json(path, obj):
     os.replace(f"{path}.tmp.{os.getpid()}", path)
 
 
-def cached(path, key, compute):
-    """compute()'s JSON-able result, stored at path with key; recomputed when the key differs."""
-    record = read_json(path)
-    if record and record['key'] == key:
-        return record['value']
-    t0 = time.time()
-    value = compute()
-    write_json(path, dict(key=key, value=value, seconds=time.time() - t0))
-    return value
-
-
-def eval_key(cfg, *ckpts):
-    """An evaluation's cache key: the study's settings, the runs' lineages, the code's version."""
-    return dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
+def cached(cfg, cell, name, ckpts, compute):
+    """compute()'s JSON-able result, stored as <name>.json in the cell's folder; recomputed when
+    its key differs: the study's settings, the lineages of the runs ckpts, the code's version."""
+    path = os.path.join(cell['dir'], name + '.json')
+    key = dict(version=EVAL_VERSION, runs=[lineage(c) for c in ckpts], study={
         k: v for k, v in asdict(cfg).items() if k not in (
             'preset', 'out_dir', 'results_dir', 'corpora', 'sizes', 'curve_sizes', 'seeds',
             'shakespeare', 'threads', 'device')})
+    record = read_json(path)
+    if not record or record['key'] != key:
+        t0 = time.time()
+        record = dict(key=key, value=compute())
+        write_json(path, dict(record, seconds=time.time() - t0))
+    return record['value']
 
 
 def model_at(ckpt, cfg):
@@ -285,35 +279,33 @@ def decode_speed(model, data_dir, cfg):
 # one cell of the strategies table: a corpus, a model size, a seed
 
 def run_cell(cfg, data_dir, size, seed, log, strategies=True):
-    """dict(rows=[strategy rows], base_loss, ft_loss, base=path, cell_dir) of one seed; without
-    strategies, only the base and FT NTP runs (the size curve's other sizes)."""
-    cell_dir = os.path.join(cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-"
-                            f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}")
-
-    def train(name, **flags):
-        return run_training(cfg, os.path.join(cell_dir, name), data_dir, size, seed, **flags)
+    """One seed's runs and losses, and (strategies) its table rows: dict(rows, base_loss, ft_loss,
+    base, ft, dir, ...). Without strategies only the base and FT NTP (the curve's other sizes)."""
+    cell = dict(data_dir=data_dir, size=size, seed=seed, dir=os.path.join(
+        cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-"
+        f"{slug(cfg.init_from) if cfg.init_from else size}-s{seed}"))
+    train = partial(run_training, cfg, cell)
     # the base: trained here, or (init_from) the pretrained model, saved by one step at LR 1e-30
     # (train.py refuses LR 0): no weight moves by more than 1e-30
-    base, base_summary = train('base', n_future=1, **(dict(
+    cell['base'], base = train('base', n_future=1, **(dict(
         init_from=cfg.init_from, max_iters=1, learning_rate=1e-30, min_lr=1e-30)
         if cfg.init_from else {}))
-    ft, ft_summary = train('ft', n_future=1, init_from=base)
-    cell = dict(base_loss=base_summary['val_loss'], base_train_loss=base_summary['train_loss'],
-                ft_loss=ft_summary['val_loss'], base=base, ft=ft, cell_dir=cell_dir, rows=[])
+    cell['ft'], ft = train('ft', n_future=1, init_from=cell['base'])
+    cell.update(base_loss=base['val_loss'], base_train_loss=base['train_loss'],
+                ft_loss=ft['val_loss'])
     if not strategies:
         return cell
-    runs = {name: train(slug(name), init_from=base, **{
+    runs = {name: train(slug(name), init_from=cell['base'], **{
         k: getattr(cfg, k) if v is None else v for k, v in flags.items()})[0]
         for name, flags in STRATEGIES.items()}
     if not cfg.init_from:  # (from scratch at a pretrained model's size: not here)
         runs[SCRATCH] = train('scratch', max_iters=cfg.base_iters + cfg.adapt_iters)[0]
 
     def evaluate_cell():
-        rows = []
-        for row in accuracy_rows(model_at(ft, cfg), data_dir, cfg.positions, cfg.n_future,
-                                 ['exact', 5, 1]):
-            name = 'exact, all V' if row['top_k'] == 0 else f"top_k={row['top_k']}"
-            rows.append(dict(strategy=f"FT NTP + marginalization ({name})", **scores(row)))
+        rows = [dict(strategy="FT NTP + marginalization ({})".format(
+            'exact, all V' if row['top_k'] == 0 else f"top_k={row['top_k']}"), **scores(row))
+            for row in accuracy_rows(model_at(cell['ft'], cfg), data_dir, cfg.positions,
+                                     cfg.n_future, ['exact', 5, 1])]
         for name, ckpt in runs.items():
             model = model_at(ckpt, cfg)
             whs = model.whs_weights()
@@ -321,12 +313,11 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
             rows.append(dict(strategy=name, **scores(heads), **decode_speed(model, data_dir, cfg),
                              whs=None if whs is None else whs.tolist()))
         return rows
-    cell['rows'] = cached(os.path.join(cell_dir, 'eval.json'), eval_key(cfg, ft, *runs.values()),
-                          evaluate_cell)
+    cell['rows'] = cached(cfg, cell, 'eval', [cell['ft'], *runs.values()], evaluate_cell)
     for row in cell['rows']:
         if row.get('whs'):
             row['whs_share'] = whs_share(model_at(runs[row['strategy']], cfg), data_dir, cfg)
-    log(f"{os.path.basename(cell_dir)}: done")
+    log(f"{os.path.basename(cell['dir'])}: done")
     return cell
 
 
@@ -342,39 +333,35 @@ def whs_share(model, data_dir, cfg):
     return (share / share.sum(dim=1, keepdim=True)).tolist()
 
 
-def run_extras(cfg, data_dir, size, cell, curve, in_table, log):
+def run_extras(cfg, cell, curve, in_table, log):
     """Seed 0 of a size: the convergence check and the attach_layer sweep (table sizes), the
     probes, a size curve point."""
-    path = lambda name: os.path.join(cell['cell_dir'], name)  # noqa: E731
-
-    def train(name, **flags):
-        return run_training(cfg, path(name), data_dir, size, 0, **flags)
-    extras = {}
-    if in_table and (cfg.convergence == '*' or size in cfg.convergence.split(',')):
+    train, base, extras = partial(run_training, cfg, cell), cell['base'], {}
+    data_dir = cell['data_dir']
+    if in_table and (cfg.convergence == '*' or cell['size'] in cfg.convergence.split(',')):
         loss = train('base_2x', n_future=1, max_iters=2 * cfg.base_iters)[1]['val_loss']
         extras['convergence'] = dict(base_2x_loss=loss, gain_2x=cell['base_loss'] - loss)
     if cfg.probes:
-        extras['probes'] = cached(path('probes.json'), eval_key(cfg, cell['base']), lambda: (
-            layer_probes(model_at(cell['base'], cfg), tokens_of(data_dir, 'train'),
-                         tokens_of(data_dir, 'val'), cfg.probe_positions, cfg.positions)))
+        extras['probes'] = cached(cfg, cell, 'probes', [base], lambda: layer_probes(
+            model_at(base, cfg), tokens_of(data_dir, 'train'), tokens_of(data_dir, 'val'),
+            cfg.probe_positions, cfg.positions))
     if curve:
-        joint3 = train('joint3', n_future=3, init_from=cell['base'])[0]
+        joint3 = train('joint3', n_future=3, init_from=base)[0]
 
         def curve_point():
             ft_model = model_at(cell['ft'], cfg)
             marginal = accuracy_rows(ft_model, data_dir, cfg.curve_positions, 3, ['exact'])[0]
             heads = accuracy_rows(model_at(joint3, cfg), data_dir, cfg.curve_positions, 3)[-1]
             return dict(params=ft_model.num_params(), marginal=marginal, heads=heads)
-        extras['curve'] = cached(path('curve.json'), eval_key(cfg, cell['ft'], joint3), curve_point)
+        extras['curve'] = cached(cfg, cell, 'curve', [cell['ft'], joint3], curve_point)
     if cfg.sweep and in_table:
         extras['sweep'] = []
-        for layer in range(SIZES[size][0]):
-            ckpt = train(f'attach{layer}', init_from=cell['base'], attach_layer=layer,
-                         freeze_trunk=True)[0]
-            row = cached(path(f'attach{layer}.json'), eval_key(cfg, ckpt), lambda: accuracy_rows(
+        for layer in range(SIZES[cell['size']][0]):
+            ckpt = train(f'attach{layer}', init_from=base, attach_layer=layer, freeze_trunk=True)[0]
+            row = cached(cfg, cell, f'attach{layer}', [ckpt], lambda: accuracy_rows(
                 model_at(ckpt, cfg), data_dir, cfg.positions, cfg.n_future)[-1])
             extras['sweep'].append(dict(attach_layer=layer, **scores(row)))
-    log(f"{os.path.basename(cell['cell_dir'])}: extras done")
+    log(f"{os.path.basename(cell['dir'])}: extras done")
     return extras
 
 
@@ -519,9 +506,9 @@ def plots(results, stem):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    figures = []
+    figures = {}  # path -> (figure, axes)
     for corpus, points in results['curve'].items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = figures[f"{stem}_size_curve_{corpus}.png"] = plt.subplots(figsize=(6, 4))
         points = sorted(points.values(), key=lambda p: p['params'])  # smallest model first
         for label, method, k in (
                 ('next token', 'marginal', 0), ('2nd, marginalization', 'marginal', 1),
@@ -531,9 +518,8 @@ def plots(results, stem):
                     marker='o', label=label)
         ax.set(xscale='log', xlabel='parameters', ylabel='top-1 accuracy', title=corpus)
         ax.legend(fontsize=8)
-        figures.append((fig, f"{stem}_size_curve_{corpus}.png"))
     for corpus in sorted({key.split(' / ')[0] for key in results['probes']}):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = figures[f"{stem}_probes_{corpus}.png"] = plt.subplots(1, 2, figsize=(10, 4))
         for key, p in results['probes'].items():
             if key.startswith(corpus + ' / '):
                 depth = [layer / p['layers'][-1] for layer in p['layers']]
@@ -545,11 +531,10 @@ def plots(results, stem):
             ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
                    title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
             ax.legend(fontsize=7)
-        figures.append((fig, f"{stem}_probes_{corpus}.png"))
-    for fig, path in figures:
+    for path, (fig, _) in figures.items():
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-    return [path for _, path in figures]
+    return list(figures)
 
 
 # -----------------------------------------------------------------------------
@@ -567,9 +552,8 @@ def check_study_config(cfg):
     if cfg.init_from and (cfg.curve_sizes or cfg.sweep or cfg.convergence or ',' in cfg.sizes):
         raise UserError("init_from adapts one pretrained model: use one --sizes entry (a label "
                         "only), --curve_sizes= --sweep=false --convergence= (as --preset=paper)")
-    for folder, what in ((cfg.out_dir, 'out_dir'), (cfg.results_dir or cfg.out_dir,
-                                                    'results_dir')):
-        check_writable(folder, what)  # (before the compute, not after it)
+    check_writable(cfg.out_dir, 'out_dir')  # (before the compute, not after it)
+    check_writable(cfg.results_dir or cfg.out_dir, 'results_dir')
     if cfg.preset == 'paper' and not cfg.init_from:
         raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
                         "pythia-410m (or another) and --corpora=<text file>")
@@ -594,7 +578,7 @@ def run_corpus(cfg, corpus, results, log):
         in_table = size in sizes
         cells = [run_cell(cfg, data_dir, size, seed, log, in_table)
                  for seed in range(cfg.seeds if in_table else 1)]
-        extras = run_extras(cfg, data_dir, size, cells[0], size in curve_sizes, in_table, log)
+        extras = run_extras(cfg, cells[0], size in curve_sizes, in_table, log)
         key = f"{name} / {cfg.init_from or size}"
         if 'curve' in extras:
             results['curve'].setdefault(name, {})[size] = extras.pop('curve')
@@ -603,11 +587,10 @@ def run_corpus(cfg, corpus, results, log):
         results['convergence'][key] = dict({k: [c[k + '_loss'] for c in cells] for k in (
             'base', 'base_train', 'ft')}, **extras.pop('convergence', {}))
         if in_table:  # paired_next's reference: FT NTP at its largest top_k (all V, or 50)
-            n_layer, _, n_embd = SIZES[size]
             rows, many = [c['rows'] for c in cells], cfg.seeds > 1
             results['cells'][key] = dict(
-                params=f"{n_layer} layers, {n_embd} dim" if not cfg.init_from else
-                f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
+                params=f"{SIZES[size][0]} layers, {SIZES[size][2]} dim" if not cfg.init_from
+                else f"pretrained {cfg.init_from}", seeds=cfg.seeds, table=aggregate(rows),
                 paired=paired(rows) if many else [],
                 paired_next=paired(rows, rows[0][0]['strategy'], ('next_top1', 'next_top5'))
                 if many else [], per_seed=rows, **extras)
