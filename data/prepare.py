@@ -79,27 +79,22 @@ def switch_in(files, out_dir):
             with open(os.path.join(out_dir, f'{name}.tmp.{pid}'), 'wb') as f:
                 f.write(data)
         open(os.path.join(out_dir, f'switch.{pid}'), 'x').close()  # from here on: the new data
-    except BaseException:
-        recover(out_dir)  # (this pid counts as dead: its files go, the old dataset stays)
-        raise
-    finish_switch(out_dir, pid)
-
-
-def finish_switch(out_dir, pid):
-    """Rename the marked temporary files into place (the ones still there), then drop the mark."""
-    with suppress(FileNotFoundError):  # (another process may be finishing the same switch)
-        for name in DATASET_FILES:
-            if os.path.exists(os.path.join(out_dir, f'{name}.tmp.{pid}')):
-                os.replace(os.path.join(out_dir, f'{name}.tmp.{pid}'), os.path.join(out_dir, name))
-        os.remove(os.path.join(out_dir, f'switch.{pid}'))
+    finally:  # (our pid counts as a dead writer's: its switch is finished, or its files dropped)
+        recover(out_dir)
 
 
 def recover(out_dir):
-    """Finish the switches of dead writers that got as far as their mark, delete the temporary
-    files of those that did not (a kill -9 runs no clean-up). Our pid counts as a dead one's."""
+    """Finish the switches of dead writers that got as far as their mark (rename the files still
+    there into place, then drop the mark), delete the temporary files of those that did not (a
+    kill -9 runs no clean-up). Our own pid counts as a dead writer's."""
     for mark in glob.glob(os.path.join(glob.escape(out_dir), 'switch.*')):
         if dead_writer(mark, mine=True):
-            finish_switch(out_dir, mark.rsplit('.', 1)[1])
+            with suppress(FileNotFoundError):  # (another process may be finishing it too)
+                for name in DATASET_FILES:
+                    tmp = os.path.join(out_dir, f"{name}.tmp.{mark.rsplit('.', 1)[1]}")
+                    if os.path.exists(tmp):
+                        os.replace(tmp, os.path.join(out_dir, name))
+                os.remove(mark)
     for name in DATASET_FILES:
         remove_stale_temps(os.path.join(out_dir, name), mine=True)
 
