@@ -56,9 +56,9 @@ def read_preset(path):
 
 
 def parse_flags(argv, defaults, presets=False, fixed=()):
-    """`defaults` (a config dataclass) updated from preset files (when `presets`), then from
-    `--name=value` flags (a bare `--name` sets a bool); `fixed` names are not flags. The
-    result's `given` names what was set (train.py: a resumed run takes the rest from its run)."""
+    """`defaults` (a config dataclass) updated from preset files (if `presets`), then from
+    `--name=value` flags (a bare --name sets a bool; `fixed` names are not flags). .given: what
+    was set (train.py: a resumed run takes the rest from its run)."""
     values = {k: v for k, v in dataclasses.asdict(defaults).items() if k not in fixed}
     if '--help' in argv or '-h' in argv:
         print(help_text(defaults, values))
@@ -304,8 +304,7 @@ def dead_writer(path, mine=False):
 
 
 def remove_stale_temps(path, mine=False):
-    """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
-    a checkpoint, and on a nearly full disk it would make the next save fail too."""
+    """Delete the path.tmp.<pid> files of writers killed mid-save (each as big as a checkpoint)."""
     for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
         if dead_writer(tmp, mine):
             with suppress(OSError):
@@ -321,8 +320,7 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        with suppress(OSError):
-            os.remove(tmp)
+        remove_stale_temps(path, mine=True)  # (this process's tmp)
         if not isinstance(e, (OSError, RuntimeError)):  # (torch reports a full disk as either)
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20

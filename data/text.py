@@ -107,9 +107,8 @@ def tokenizer_for(ckpt):
 
 
 def tokenizer_difference(meta, other):
-    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
-    keys (a distilled model's source_data: where its text is) do not change what an id means,
-    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
+    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size (not of Hugging
+    Face models: Pythia's embedding is padded to 50304 rows), characters; other keys don't count."""
     hf = (meta or {}).get('kind') == 'hf'
     for key in ('kind', 'encoding') + (() if hf else ('vocab_size',)) + ('chars',):
         a, b = ((m or {}).get(key) for m in (meta, other))
@@ -146,9 +145,8 @@ def frequent_tokens(ckpt, n):
 
 
 def tokens_for(ckpt, path, hint):
-    """The token ids of a .bin file read beside a checkpoint, checked to be its tokenizer's (one
-    check for every script): the meta.json beside the file, if any, names the checkpoint's
-    tokenizer, and every id is below the model's vocab_size. Failures: one line, with hint."""
+    """The ids of a .bin file, checked to be the checkpoint's tokenizer's (every script's check):
+    the meta.json beside it, if any, names that tokenizer; every id is below the vocab_size."""
     if not os.path.isfile(path):
         raise UserError(f"token file not found: {path}; {hint}")
     folder = os.path.dirname(path) or '.'
