@@ -1,8 +1,6 @@
-"""
-The plumbing every nanoMTP script shares: flags (and --help; the flag sets of training, decoding
-and marginalization), devices, checkpoints and cli() (a UserError ends a script with one line).
-Imports: model <- heads <- common <- data/ <- metrics, report <- scripts.
-"""
+"""The plumbing every nanoMTP script shares: flags (and --help; the flag sets of training,
+decoding and marginalization), devices, checkpoints and cli() (a UserError ends a script with one
+line). Imports: model <- heads <- common <- data/ <- metrics, report <- scripts."""
 import ast
 import dataclasses
 import glob
@@ -16,6 +14,8 @@ import time
 from contextlib import contextmanager, nullcontext, suppress
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import UserError
 from convert import GPT2_SIZES, PYTHIA, from_pretrained
@@ -56,9 +56,9 @@ def read_preset(path):
 
 
 def parse_flags(argv, defaults, presets=False, fixed=()):
-    """`defaults` (a config dataclass) updated from preset files (when `presets`), then from
-    `--name=value` flags (a bare `--name` sets a bool); `fixed` names are not flags. The
-    result's `given` names what was set (train.py: a resumed run takes the rest from its run)."""
+    """`defaults` (a config dataclass) updated from preset files (if `presets`), then from
+    `--name=value` flags (a bare --name sets a bool; `fixed` names are not flags). .given: what
+    was set (train.py: a resumed run takes the rest from its run)."""
     values = {k: v for k, v in dataclasses.asdict(defaults).items() if k not in fixed}
     if '--help' in argv or '-h' in argv:
         print(help_text(defaults, values))
@@ -79,7 +79,6 @@ def parse_flags(argv, defaults, presets=False, fixed=()):
             raise UserError(f"unknown option {name!r} ({where}); valid: {', '.join(values)}")
         values[name] = _convert(name, value, values[name])
     config = dataclasses.replace(defaults, **values)
-    # what a flag or preset set, even to its default (a resumed run takes the rest from its run)
     config.given = frozenset(name for name, _, _ in preset_items + flag_items)
     return config
 
@@ -221,14 +220,14 @@ def cli(main, errors=(UserError,)):
 def pick_device(name='auto'):
     """'auto' -> the best device here: cuda > mps > cpu; anything else is used as given."""
     mps = getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()
-    if name != 'auto':
-        kind = name.split(':')[0]
-        if kind not in ('cpu', 'cuda', 'mps'):
-            raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not mps:
-            raise UserError(f"device {name!r} is not available on this machine")
-        return name
-    return 'cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'
+    available = {'cuda': torch.cuda.is_available(), 'mps': mps, 'cpu': True}  # the best first
+    if name == 'auto':
+        return next(kind for kind, ok in available.items() if ok)
+    if name.split(':')[0] not in available:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if not available[name.split(':')[0]]:
+        raise UserError(f"device {name!r} is not available on this machine")
+    return name
 
 
 def autocast_for(dtype, device):
@@ -263,8 +262,6 @@ class Distributed:
         self.rank, self.world, self.local = 0, 1, None
         self.device = pick_device(device_flag)
         if self.ddp:
-            import torch.distributed as dist
-            self.dist = dist
             cuda = torch.cuda.is_available() and device_flag != 'cpu'
             dist.init_process_group(backend='nccl' if cuda else 'gloo')
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -277,19 +274,18 @@ class Distributed:
         torch.backends.cudnn.allow_tf32 = True
 
     def wrap(self, model):
-        from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=self.local) if self.ddp else model
 
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...]; every rank must call this."""
         objs = [obj] * self.world
         if self.ddp:
-            self.dist.all_gather_object(objs, obj)
+            dist.all_gather_object(objs, obj)
         return objs
 
     def close(self):
         if self.ddp:
-            self.dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def clock(device):
@@ -312,17 +308,14 @@ def dead_writer(path, mine=False):
     if os.name != 'posix':
         return False  # no cheap check elsewhere: never touch another writer's files
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
+        os.kill(int(pid), 0)  # (signal 0: only asks whether the process exists)
+    except OSError as e:  # (a PermissionError: alive, another user's)
+        return isinstance(e, ProcessLookupError)
     return False
 
 
 def remove_stale_temps(path, mine=False):
-    """Delete path.tmp.<pid> files of writers that died mid-save (a kill): each can be as big as
-    a checkpoint, and on a nearly full disk it would make the next save fail too."""
+    """Delete the path.tmp.<pid> files of writers killed mid-save (each as big as a checkpoint)."""
     for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
         if dead_writer(tmp, mine):
             with suppress(OSError):
@@ -338,8 +331,7 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        with suppress(OSError):
-            os.remove(tmp)
+        remove_stale_temps(path, mine=True)  # (this process's tmp)
         if not isinstance(e, (OSError, RuntimeError)):  # (torch reports a full disk as either)
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
@@ -363,17 +355,16 @@ def set_aside(path):
     """A run that does not resume the checkpoint at path never destroys it: it moves aside."""
     if os.path.exists(path):
         stem = os.path.join(os.path.dirname(path), time.strftime('ckpt.replaced-%Y%m%d-%H%M%S'))
-        aside = next(f"{stem}{f'.{n}' if n else ''}.pt" for n in range(10 ** 6)
-                     if not os.path.exists(f"{stem}{f'.{n}' if n else ''}.pt"))
+        names = (f"{stem}{f'.{n}' if n else ''}.pt" for n in range(10 ** 6))
+        aside = next(name for name in names if not os.path.exists(name))
         os.replace(path, aside)
         print(f"note: the checkpoint {path} was not resumed: it is moved to {aside}")
 
 
 @contextmanager
 def writing(folder, what):
-    """Own folder while this process writes it (an out_dir, a dataset): the mark writer.<pid>
-    in it. Another live writer's mark is a one-line error naming its process; a dead one's
-    (dead_writer) is taken over."""
+    """Own folder (an out_dir, a dataset) while this process writes it: the mark writer.<pid> in
+    it. Another live writer's mark is a one-line error naming its process; a dead one's is taken."""
     created, mine = not os.path.isdir(folder), os.path.join(folder, f'writer.{os.getpid()}')
     try:
         os.makedirs(folder, exist_ok=True)
@@ -381,14 +372,13 @@ def writing(folder, what):
     except OSError as e:
         raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}")
     try:
-        for mark in glob.glob(os.path.join(glob.escape(folder), 'writer.*')):
-            if mark != mine and dead_writer(mark):
-                with suppress(OSError):
-                    os.remove(mark)
-            elif mark != mine:
-                raise UserError(f"{what} {folder} is being written by process "
-                                f"{mark.rsplit('.', 1)[1]} ({mark}): wait for it, or pick "
-                                f"another {what}")
+        for mark in set(glob.glob(os.path.join(glob.escape(folder), 'writer.*'))) - {mine}:
+            if not dead_writer(mark):
+                pid = mark.rsplit('.', 1)[1]
+                raise UserError(f"{what} {folder} is being written by process {pid} ({mark}): "
+                                f"wait for it, or pick another {what}")
+            with suppress(OSError):
+                os.remove(mark)
         yield
     finally:
         with suppress(OSError):

@@ -1,9 +1,7 @@
-"""
-Weights from and to Hugging Face transformers (optional: imported when a conversion runs, its
+"""Weights from and to Hugging Face transformers (optional: imported when a conversion runs, its
 absence a one-line error): GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia (GPTNeoXForCausalLM),
 both options of model.GPT. from_pretrained('gpt2' or 'EleutherAI/pythia-70m': a download),
-from_hf(a transformers model in memory), to_hf(model: its next-token path, exported).
-"""
+from_hf(a transformers model in memory), to_hf(model: its next-token path, exported)."""
 import torch
 
 from model import GPT, GPTConfig, UserError
@@ -16,8 +14,7 @@ def from_pretrained(name, dropout=0.0):
     """GPT-2 or Pythia weights from Hugging Face `transformers` (optional, needs a download)."""
     transformers = import_transformers()
     if name not in GPT2_SIZES and not name.startswith(PYTHIA):
-        raise UserError(f"unknown pretrained model {name!r}; choose from {GPT2_SIZES} or "
-                        f"{PYTHIA}*")
+        raise UserError(f"unknown pretrained model {name!r}; choose from {GPT2_SIZES} or {PYTHIA}*")
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(name)
     except Exception as e:  # network, disk, hub errors: one line, with the cause
@@ -118,6 +115,5 @@ def copy_weights(model, hf, to_hf):
                 src = src.t()
             elif '.attention.query_key_value.' in name:  # (GPT-NeoX)
                 heads_first = (3, c.n_head) if to_hf else (c.n_head, 3)
-                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1)
-                src = src.reshape(w.shape)
+                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1).reshape(w.shape)
             dst.copy_(src)

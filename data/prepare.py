@@ -1,5 +1,4 @@
-"""
-Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (the tokenizer).
+"""Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (the tokenizer).
 
     python data/prepare.py                                  # shakespeare_char
     python data/prepare.py --dataset=shakespeare            # GPT-2 BPE (tiktoken r50k_base)
@@ -8,8 +7,7 @@ Turn a text corpus into train.bin / val.bin (uint16 token ids) and meta.json (th
 
 (*) any Hugging Face tokenizer, by name or local directory (the optional transformers; needs the
 network or a local copy). Offline, tiktoken's BPE needs TIKTOKEN_CACHE_DIR set to a cache.
-train.py reads a prepared dataset with load_data: Batches of random windows of its token files.
-"""
+train.py reads a prepared dataset with load_data: Batches of random windows of its token files."""
 import glob
 import json
 import os
@@ -64,50 +62,39 @@ def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
             'train_tokens': counts['train'], 'val_tokens': counts['val']}
 
 
-# Switching a dataset in. Its three files are replaced one by one, so a plain write could leave a
-# new train.bin beside an old val.bin (a kill), truncate the old data (a full disk) or a training
-# run's memory-mapped file under it (SIGBUS). Instead: write every file as NAME.tmp.<pid>, create
-# the commit mark switch.<pid>, rename the files over the old ones (a renamed-over file lives on
-# for whoever has it open or mapped), delete the mark. recover() finishes a switch whose writer
-# died after its mark and deletes the temporary files of one that died before.
 DATASET_FILES = ('train.bin', 'val.bin', 'meta.json')
 
 
 def switch_in(files, out_dir):
-    """Write {name: bytes} into out_dir as one change (see above)."""
+    """Write {name: bytes} of DATASET_FILES into out_dir as one change. Written one by one in
+    place, they could leave a new train.bin beside an old val.bin (a kill), truncate the old data
+    (a full disk) or a training run's memory-mapped file under it (SIGBUS). Instead: write each
+    as NAME.tmp.<pid>, create the commit mark switch.<pid>, rename the files over the old ones
+    (a renamed-over file lives on for whoever has it open or mapped), delete the mark."""
     os.makedirs(out_dir, exist_ok=True)
     recover(out_dir)
-    pid, written = os.getpid(), []
+    pid = os.getpid()
     try:
         for name, data in files.items():
-            written.append(os.path.join(out_dir, f'{name}.tmp.{pid}'))
-            with open(written[-1], 'wb') as f:
+            with open(os.path.join(out_dir, f'{name}.tmp.{pid}'), 'wb') as f:
                 f.write(data)
         open(os.path.join(out_dir, f'switch.{pid}'), 'x').close()  # from here on: the new data
-    except BaseException:
-        for path in written:  # the old dataset is untouched: just drop the new files
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    finish_switch(out_dir, pid)
-
-
-def finish_switch(out_dir, pid):
-    """Rename the marked temporary files into place (the ones still there), then drop the mark."""
-    with suppress(FileNotFoundError):  # (another process may be finishing the same switch)
-        for name in DATASET_FILES:
-            if os.path.exists(os.path.join(out_dir, f'{name}.tmp.{pid}')):
-                os.replace(os.path.join(out_dir, f'{name}.tmp.{pid}'), os.path.join(out_dir, name))
-        os.remove(os.path.join(out_dir, f'switch.{pid}'))
+    finally:  # (our pid counts as a dead writer's: its switch is finished, or its files dropped)
+        recover(out_dir)
 
 
 def recover(out_dir):
-    """Complete the switches of dead writers that got as far as their mark, and delete the
-    temporary files of those that did not (a kill -9 runs no clean-up). Our own pid here is an
-    earlier process's: this one is not switching."""
+    """Finish the switches of dead writers that got as far as their mark (rename the files still
+    there into place, then drop the mark), delete the temporary files of those that did not (a
+    kill -9 runs no clean-up). Our own pid counts as a dead writer's."""
     for mark in glob.glob(os.path.join(glob.escape(out_dir), 'switch.*')):
         if dead_writer(mark, mine=True):
-            finish_switch(out_dir, mark.rsplit('.', 1)[1])
+            with suppress(FileNotFoundError):  # (another process may be finishing it too)
+                for name in DATASET_FILES:
+                    tmp = os.path.join(out_dir, f"{name}.tmp.{mark.rsplit('.', 1)[1]}")
+                    if os.path.exists(tmp):
+                        os.replace(tmp, os.path.join(out_dir, name))
+                os.remove(mark)
     for name in DATASET_FILES:
         remove_stale_temps(os.path.join(out_dir, name), mine=True)
 
@@ -130,8 +117,8 @@ class Batches:
         if doc_len and len(self.data) % doc_len:
             raise UserError(f"{path} ({len(self.data)} tokens) is not a run of documents of "
                             f"doc_len={doc_len} tokens")
-        self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.doc_len, self.doc_prompt = doc_len, doc_prompt
+        self.path, self.block_size, self.batch_size = path, block_size, batch_size
+        self.device, self.doc_len, self.doc_prompt = device, doc_len, doc_prompt
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self):
@@ -157,18 +144,18 @@ def load_data(cfg, device, rank):
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
         raise UserError(f"no prepared data in {data_dir}: run `python data/prepare.py "
                         f"--dataset={cfg.dataset}` (add --input=FILE to use a local text file)")
-    args = (cfg.block_size, cfg.batch_size, device)
-    docs = dict(doc_len=cfg.doc_len, doc_prompt=cfg.doc_prompt)
-    split = lambda name: os.path.join(data_dir, f'{name}.bin')  # noqa: E731
     recover(data_dir)  # a prepare.py killed while swapping the dataset in: finish it first
-    meta, train = load_meta(data_dir), Batches(split('train'), *args, cfg.seed + rank, **docs)
-    val = Batches(split('val'), *args, 0, **docs)
-    for name, batches in (('train', train), ('val', val)):  # ids its tokenizer cannot have
+    meta = load_meta(data_dir)
+    train, val, eval_train = (
+        Batches(os.path.join(data_dir, f'{split}.bin'), cfg.block_size, cfg.batch_size, device,
+                seed, cfg.doc_len, cfg.doc_prompt)
+        for split, seed in (('train', cfg.seed + rank), ('val', 0), ('train', 0)))
+    for batches in (train, val):  # ids its tokenizer cannot have
         if int(batches.data.max()) >= meta['vocab_size']:
-            raise UserError(f"{split(name)} holds token ids up to {int(batches.data.max())}, "
+            raise UserError(f"{batches.path} holds token ids up to {int(batches.data.max())}, "
                             f"beyond its meta.json's vocab_size {meta['vocab_size']}: re-run "
                             f"data/prepare.py for {data_dir}")
-    return meta, train, val, Batches(split('train'), *args, 0, **docs)
+    return meta, train, val, eval_train
 
 
 @dataclass
@@ -178,8 +165,7 @@ Turn a text into data/<dataset>/{train.bin, val.bin, meta.json} (uint16 token id
     dataset: str = flag('shakespeare_char',
                         "shakespeare_char | shakespeare (BPE) | any name with --input")
     input: str = flag('', "a text file (default: the dataset's own, data/tinyshakespeare.txt)")
-    tokenizer: str = flag('',
-                          "char | bpe | a Hugging Face name (default: the dataset's, else char)")
+    tokenizer: str = flag('', "char | bpe | a Hugging Face name (default: dataset's, else char)")
     out_dir: str = flag('', "where to write (default: data/<dataset>)")
     val_fraction: float = flag(0.1, "the last part of the text that is the val split")
 

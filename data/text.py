@@ -1,8 +1,6 @@
-"""
-Text and tokens: the tokenizers (described by a dataset's meta.json), text files, token files
+"""Text and tokens: the tokenizers (described by a dataset's meta.json), text files, token files
 (data/prepare.py's uint16 .bin), the data a checkpoint was trained on, prompts and stop
-sequences. Imports: model <- data.text <- data.prepare, metrics, scripts.
-"""
+sequences. Imports: model <- data.text <- data.prepare, metrics, scripts."""
 import json
 import os
 
@@ -13,6 +11,7 @@ from model import UserError
 
 DATA = os.path.dirname(os.path.abspath(__file__))  # data/: a dataset's files are data/<dataset>
 BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
+KINDS = ('char', 'bpe', 'hf', 'synthetic')  # tokenizers (synthetic: bench.py's random ids)
 
 
 class Tokenizer:
@@ -22,9 +21,8 @@ class Tokenizer:
     def __init__(self, meta):
         self.meta = meta
         if meta['kind'] == 'char':
-            self.itos, self.eot = meta['chars'], None
+            self.itos, self.eot, self.vocab_size = meta['chars'], None, len(meta['chars'])
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-            self.vocab_size = len(self.itos)
         elif meta['kind'] == 'bpe':
             import tiktoken
             self.enc = tiktoken.get_encoding(meta['encoding'])
@@ -62,9 +60,6 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
 
-KINDS = ('char', 'bpe', 'hf', 'synthetic')  # tokenizers (synthetic: bench.py's random ids)
-
-
 def load_meta(data_dir):
     """A dataset's meta.json, checked when read: JSON naming a tokenizer kind and an integer
     vocab_size (a char tokenizer's characters are exactly its vocabulary)."""
@@ -88,9 +83,8 @@ def data_dir_of(dataset, data_dir=''):
 
 
 def val_path(ckpt, data_dir=''):
-    """The val.bin of data_dir, else of the checkpoint's text: for heads distilled on a
-    model-written corpus, the real text it came from (meta's source_data), else its config's
-    data_dir or data/<dataset>; '' when the checkpoint names none."""
+    """The val.bin of data_dir, else of the checkpoint's text (meta's source_data: the real text of
+    a model-written corpus), its config's data_dir or data/<dataset>; '' when it names none."""
     config, meta = ckpt.get('config') or {}, ckpt.get('meta') or {}
     data_dir = data_dir or meta.get('source_data') or config.get('data_dir') or (
         data_dir_of(config['dataset']) if config.get('dataset') else '')
@@ -113,9 +107,8 @@ def tokenizer_for(ckpt):
 
 
 def tokenizer_difference(meta, other):
-    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size, characters. Other
-    keys (a distilled model's source_data: where its text is) do not change what an id means,
-    nor does a Hugging Face model's embedding padded past its tokenizer (Pythia: 50304 rows)."""
+    """How two metas' tokenizers differ ('' if not): kind, encoding, vocab_size (not of Hugging
+    Face models: Pythia's embedding is padded to 50304 rows), characters; other keys don't count."""
     hf = (meta or {}).get('kind') == 'hf'
     for key in ('kind', 'encoding') + (() if hf else ('vocab_size',)) + ('chars',):
         a, b = ((m or {}).get(key) for m in (meta, other))
@@ -130,16 +123,14 @@ def check_data_tokenizer(ckpt, meta, data_dir):
     """Resuming or adapting a checkpoint on data_dir (meta: its meta.json): the same vocab_size
     is not enough, every id must mean the same token (a meta without a kind: vocab_size only)."""
     known = (ckpt.get('meta') or {}).get('kind') and meta.get('kind')
-    why = tokenizer_difference(ckpt['meta'], meta) if known else ''
-    if why:
+    if known and (why := tokenizer_difference(ckpt['meta'], meta)):
         raise UserError(f"the checkpoint's tokenizer differs from the dataset's in {data_dir} "
                         f"({why}): train on data prepared with the checkpoint's tokenizer")
 
 
 def check_draft(ckpt, draft_ckpt):
     """A draft model must share the target's tokenizer, not just its vocabulary size."""
-    why = tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta'))
-    if why:
+    if why := tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta')):
         raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
 
 
@@ -154,15 +145,13 @@ def frequent_tokens(ckpt, n):
 
 
 def tokens_for(ckpt, path, hint):
-    """The token ids of a .bin file read beside a checkpoint, checked to be its tokenizer's (one
-    check for every script): the meta.json beside the file, if any, names the checkpoint's
-    tokenizer, and every id is below the model's vocab_size. Failures: one line, with hint."""
+    """The ids of a .bin file, checked to be the checkpoint's tokenizer's (every script's check):
+    the meta.json beside it, if any, names that tokenizer; every id is below the vocab_size."""
     if not os.path.isfile(path):
         raise UserError(f"token file not found: {path}; {hint}")
     folder = os.path.dirname(path) or '.'
     if ckpt.get('meta') and os.path.isfile(os.path.join(folder, 'meta.json')):
-        why = tokenizer_difference(ckpt['meta'], load_meta(folder))
-        if why:
+        if why := tokenizer_difference(ckpt['meta'], load_meta(folder)):
             raise UserError(f"{path} was prepared with another tokenizer than the checkpoint's "
                             f"({why}); {hint}")
     tokens, vocab_size = token_file(path), (ckpt.get('model_args') or {}).get('vocab_size')
@@ -229,10 +218,8 @@ def val_prompts(ckpt, data_path, num_prompts, prompt_len, generator=None,
 def encode_prompt(text, tokenizer):
     """Token ids of a prompt string (\\n, \\t: a newline, a tab, as in --stop) or FILE:path (as
     it is); empty: <|endoftext|> (BPE) or an error (char)."""
-    if text.startswith('FILE:'):
-        text = read_text(text[len('FILE:'):], 'prompt file')
-    else:
-        text = text.replace('\\n', '\n').replace('\\t', '\t')
+    text = (read_text(text.removeprefix('FILE:'), 'prompt file') if text.startswith('FILE:')
+            else text.replace('\\n', '\n').replace('\\t', '\t'))
     if not text:
         if tokenizer.eot is None:
             raise UserError("empty prompt: a char model has no start token; give at least one "
