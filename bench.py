@@ -376,9 +376,8 @@ def bench_train_one(argv):
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split in ('train', 'val'):
-            rng.integers(0, args.vocab_size, 200_000, dtype=np.uint16).tofile(
-                os.path.join(tmp, f'{split}.bin'))
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            rng.integers(0, args.vocab_size, 200_000, dtype=np.uint16).tofile(f'{tmp}/{split}.bin')
+        with open(f'{tmp}/meta.json', 'w') as f:
             json.dump({'kind': 'synthetic', 'vocab_size': args.vocab_size}, f)
         cfg = replace(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
                       data_dir=tmp, out_dir=os.path.join(tmp, 'out'), eval_interval=10 ** 9,
@@ -409,11 +408,10 @@ def bench_train(argv):
     """The base and every --compare variant, each in a fresh process (its own peak memory)."""
     args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
-    variants = [('base', base)]
-    for variant in filter(None, args.compare.split(';')):
-        extra = [f'--{item.strip()}' for item in variant.split(',')]
-        train_bench_flags(base + extra)  # fail early on a bad variant
-        variants.append((variant, base + extra))
+    variants = [('base', base)] + [(v, base + [f'--{item.strip()}' for item in v.split(',')])
+                                   for v in filter(None, args.compare.split(';'))]
+    for _, flags in variants:
+        train_bench_flags(flags)  # fail early on a bad variant
     rows = []
     for name, flags in variants:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), 'train_one', *flags],
