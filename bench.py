@@ -37,7 +37,6 @@ from marginalize import marginalize, marginalize_naive, check_cost, next_token_l
 import batched
 import drafters
 import sample
-from batched import generate_batch
 from decoding import Stats, Generation
 from sample import generate, generate_self_speculative, generate_two_model
 from train import train
@@ -240,7 +239,7 @@ def batched_modes(model, ckpt, args, prompts, device):
                 target, single.keywords.get('draft_vocab')), n_drafts=target.config.n_future - 1)
         else:
             drafting = {}  # vanilla
-        modes[name] = partial(decode_rows, partial(generate_batch, target,
+        modes[name] = partial(decode_rows, partial(batched.generate_batch, target,
                                                    max_new_tokens=args.max_new_tokens, **drafting))
     if args.peers:
         modes['hf'] = transformers_decoder(to_hf(model), args.max_new_tokens, batched=True)
@@ -292,14 +291,13 @@ def bench_decode(argv):
         raise UserError("--peers runs transformers on the CPU: use --device=cpu")
     model, ckpt = load_model(args.ckpt, device)
     prompts = val_prompts(ckpt, args.data, max([args.num_prompts] + sizes), args.prompt_len)
-    greedy = dict(temperature=0.0)
-    if sizes:  # {batch size: (batches, sampling)}
+    if sizes:  # {batch size: (the prompts in batches of that size, greedy)}
         modes = batched_modes(model, ckpt, args, prompts, device)
-        runs = {size: ([prompts[i:i + size] for i in range(0, len(prompts), size)], greedy)
-                for size in sizes}
+        runs = {size: ([prompts[i:i + size] for i in range(0, len(prompts), size)],
+                       dict(temperature=0.0)) for size in sizes}
     else:
         modes = decode_modes(model, ckpt, args, prompts, device)
-        runs = {'greedy': (prompts, greedy), 'sampling': (prompts, dict(
+        runs = {'greedy': (prompts, dict(temperature=0.0)), 'sampling': (prompts, dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))}
         print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
               f"prompts x {args.prompt_len} tokens -> {args.max_new_tokens} new tokens, "

@@ -42,9 +42,8 @@ class Tally:
                 self.mass[k] += float(mass[:, k].sum())
 
     def result(self):
-        def mean(counts):
-            return None if counts is None else [c / n if n else None
-                                                for c, n in zip(counts, self.n)]
+        def mean(sums):
+            return None if sums is None else [s / n if n else None for s, n in zip(sums, self.n)]
         return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))
 
 
@@ -80,12 +79,11 @@ def marginalize_inputs(args, single_top_k=False):
         if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
             raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
         top_ks.append(0 if item == 'all' else int(item))
-    top_ks = top_ks or None
-    if single_top_k and len(top_ks or []) != 1:
+    if single_top_k and len(top_ks) != 1:
         raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
     tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
-    return top_ks, model.float(), tokens, source
+    return top_ks or None, model.float(), tokens, source
 
 
 def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
