@@ -258,12 +258,11 @@ def decode_rows(decode_batch, prompts, generator=None, **sampling):
 
 def plot_batched(results, modes, path):
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        from matplotlib import pyplot as plt
     except ImportError:
         print("--plot: matplotlib is not installed; no PNG written")
         return
+    plt.switch_backend('Agg')
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = list(results)
     for mode in modes:
@@ -277,8 +276,7 @@ def plot_batched(results, modes, path):
 
 
 def bench_decode(argv):
-    """Every mode on the same prompts, greedy then sampling; --batch_sizes: batched, greedy, at
-    each batch size (the prompts decoded B at a time)."""
+    """Every mode on the same prompts, greedy then sampling; --batch_sizes: batched and greedy."""
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
     check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'),
