@@ -87,16 +87,14 @@ def marginalize_inputs(args, single_top_k=False):
 
 
 def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
-    block_size = model.config.block_size
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if k_ahead < 1:
-        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
-    if not 1 <= n_tokens <= block_size:
-        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
-    positions = torch.as_tensor(positions)
-    if len(positions) == 0:
-        raise UserError("no positions to evaluate")
+    block_size, positions = model.config.block_size, torch.as_tensor(positions)
+    for ok, error in ((0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+                      (k_ahead >= 1, f"k_ahead must be >= 1, got {k_ahead}"),
+                      (1 <= n_tokens <= block_size,
+                       f"a sequence of {n_tokens} tokens does not fit block_size {block_size}"),
+                      (len(positions) > 0, "no positions to evaluate")):
+        if not ok:
+            raise UserError(error)
     first, last = int(positions.min()), int(positions.max())
     if first < 0 or last >= n_tokens:
         raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")
