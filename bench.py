@@ -8,8 +8,7 @@ Benchmarks of nanoMTP, one section per question (--help lists every section's fl
 
 decode also reports ms/fwd, the wall time per target forward: speedup ~ tau x ms/fwd of vanilla
 / ms/fwd of the mode. One CPU thread by default: small-model decoding is latency bound (2 threads
-made a verify forward 1.7x a single-token one, against 1.35x with 1). To add a section, write
-bench_<name>(argv) and register it in SECTIONS.
+made a verify forward 1.7x a single-token one, against 1.35x with 1). New sections go in SECTIONS.
 """
 import json
 import os
