@@ -90,8 +90,7 @@ def write_corpora(model, ckpt, source_val, args, cfg, device):
             starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
             prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
                 "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
-            write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
-                         generator)
+            write_corpus(model, prompts, f'{cfg.data_dir}/{split}.bin', args, generator)
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
         json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
     return time.time() - t0
