@@ -8,8 +8,7 @@ Benchmarks of nanoMTP, one section per question (--help lists every section's fl
 
 decode also reports ms/fwd, the wall time per target forward: speedup ~ tau x ms/fwd of vanilla
 / ms/fwd of the mode. One CPU thread by default: small-model decoding is latency bound (2 threads
-made a verify forward 1.7x a single-token one, against 1.35x with 1). To add a section, write
-bench_<name>(argv) and register it in SECTIONS.
+made a verify forward 1.7x a single-token one, against 1.35x with 1). New sections go in SECTIONS.
 """
 import json
 import os
@@ -19,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, asdict, fields, replace
 from functools import partial
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -36,7 +37,6 @@ from heads import next_token_logits
 import batched
 import drafters
 import sample
-from batched import generate_batch
 from decoding import Stats, Generation
 from sample import generate, generate_self_speculative, generate_two_model
 from train import train
@@ -109,33 +109,30 @@ def decode_modes(model, ckpt, args, prompts, device):
         raise UserError("--assistant is transformers' assisted generation: add --peers=true")
     if not args.peers:
         return modes
-    if device != 'cpu':
-        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
-    if args.prompt_len + n_new + args.lookup > model.config.block_size:
+    if args.prompt_len + n_new + args.lookup > block:
         raise UserError(f"--peers: transformers has no sliding window (and prompt lookup may "
                         f"feed --lookup drafts past the end), so prompt_len + max_new_tokens + "
-                        f"lookup must be <= block_size {model.config.block_size}")
+                        f"lookup must be <= block_size {block}")
     hf = to_hf(model)
     modes['hf'] = transformers_decoder(hf, n_new)
     modes['hf-lookup'] = transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)
     if args.assistant:
         assistant, assistant_ckpt = load_model(args.assistant, device)
         check_draft(ckpt, assistant_ckpt)  # (the same tokenizer, as --draft)
-        assistant = to_hf(assistant)
-        modes['hf-assist'] = transformers_decoder(hf, n_new, assistant)
+        modes['hf-assist'] = transformers_decoder(hf, n_new, to_hf(assistant))
     return modes
 
 
 def transformers_decoder(hf, n_new, assistant=None, batched=False, **options):
     """A decode(prompt, generator, temperature, ...) that runs transformers' generate() and
-    counts like ours: forward hooks count the target's forwards and the assistant's."""
+    counts like ours: forward hooks count the target's forwards and the assistant's.
+    prompt: a token list, or with batched a list of them (of one length)."""
     counts = dict(target=0, draft=0)
     for module, key in ((hf, 'target'), (assistant, 'draft')):
         if module is not None:
             module.register_forward_hook(lambda *_, key=key: counts.update({key: counts[key] + 1}))
 
     def decode(prompt, generator=None, temperature=0.0, top_k=0, top_p=1.0, stop=()):
-        """prompt: a token list, or with batched a list of them (of one length)."""
         counts.update(target=0, draft=0)
         sampling = dict(do_sample=False) if temperature == 0 else dict(
             do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -158,16 +155,16 @@ def transformers_decoder(hf, n_new, assistant=None, batched=False, **options):
 # (part of a step, where it runs) for --breakdown: every drafter's work is 'drafts'
 TIMED = [('forward', sample.Window, 'forward'), ('forward', batched.Batch, 'forward'),
          ('verify', sample, 'verify'), ('verify', batched, 'verify'),
-         ('drafts', drafters.ModelDrafter, 'draft')] + [
-    ('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()] + [
-    ('drafts', drafter, part) for part in ('draft', 'observe')
-    for drafter in (batched.EachRow, batched.LastRows, batched.DraftModelRows)]
+         ('drafts', drafters.ModelDrafter, 'draft')]
+TIMED += [('drafts', drafter, 'observe') for drafter in drafters.DRAFTERS.values()]
+TIMED += [('drafts', drafter, part) for part in ('draft', 'observe')
+          for drafter in (batched.EachRow, batched.LastRows, batched.DraftModelRows)]
 
 
 def step_breakdown(modes, prompts, **sampling):
-    """Per mode, from one more pass over the prompts: ms per new token in each part of TIMED, a
-    timer wrapped around its functions (a part inside another counts for the outer one), and
-    the 'rest' (the loop's bookkeeping)."""
+    """Per mode of ours (not transformers'), from one more pass over the prompts, printed: ms per
+    new token in each part of TIMED, a timer wrapped around its functions (a part inside another
+    counts for the outer one), and the 'rest' (the loop's bookkeeping)."""
     spent, rows, running = {}, {}, []
 
     def timed(part, fn):
@@ -180,127 +177,98 @@ def step_breakdown(modes, prompts, **sampling):
                 if not running:
                     spent[part] += time.perf_counter() - t0
         return wrapper
-    originals = [getattr(owner, attr) for _, owner, attr in TIMED]
-    for (part, owner, attr), fn in zip(TIMED, originals):
-        setattr(owner, attr, timed(part, fn))
-    try:
-        for mode, decode in modes.items():
+    with ExitStack() as wrapped:  # every TIMED function wrapped until the end of the block
+        for part, owner, attr in TIMED:
+            wrapped.enter_context(patch.object(owner, attr, timed(part, getattr(owner, attr))))
+        for mode in [m for m in modes if not m.startswith('hf')]:
             spent.update(forward=0.0, drafts=0.0, verify=0.0)
             t0, n = time.perf_counter(), 0
             for prompt in prompts:
-                n += decode(prompt, generator=torch.Generator().manual_seed(0),
-                            **sampling).stats.new_tokens
+                n += modes[mode](prompt, generator=torch.Generator().manual_seed(0),
+                                 **sampling).stats.new_tokens
             row = {part: 1000 * t / n for part, t in spent.items()}
             total = 1000 * (time.perf_counter() - t0) / n
             rows[mode] = dict(row, rest=total - sum(row.values()), total=total)
-    finally:
-        for (_, owner, attr), fn in zip(TIMED, originals):
-            setattr(owner, attr, fn)
+    print('  ms per new token: ' + '; '.join(f"{m} " + ' '.join(
+        f"{k} {v:.3f}" for k, v in row.items()) for m, row in rows.items()))
     return rows
-
-
-def interleaved(modes, prompts, device, seed, **sampling):
-    """Decode every prompt in every mode, modes interleaved prompt by prompt (so a slow patch of
-    a shared machine hits all modes alike); per mode: (tokens/s, summed Stats, outputs)."""
-    generators = {mode: torch.Generator(device).manual_seed(seed) for mode in modes}
-    seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
-    for prompt in prompts:
-        for mode, decode in modes.items():
-            elapsed = clock(device)
-            result = decode(prompt, generator=generators[mode], **sampling)
-            seconds[mode] += elapsed()
-            stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
-            outputs[mode].append(result.tokens)
-    return {mode: (stats[mode].new_tokens / seconds[mode], stats[mode], outputs[mode])
-            for mode in modes}
 
 
 def measure(modes, prompts, device, repeats, seed, greedy, **sampling):
-    """Per mode: median tokens/s and ms per target forward over repeats, speedup, tau, ..."""
-    runs = [interleaved(modes, prompts, device, seed + r, **sampling) for r in range(repeats)]
-    speed = {mode: statistics.median(run[mode][0] for run in runs) for mode in modes}
-    rows = {}
-    for mode, (_, stats, outputs) in runs[-1].items():
-        s = stats.summary()
-        ms = statistics.median(1000 * st.new_tokens / tokens_per_s / st.target_forwards
-                               for tokens_per_s, st, _ in (run[mode] for run in runs))
-        rows[mode] = dict(tokens_per_s=speed[mode], speedup=speed[mode] / speed['vanilla'],
-                          tau=s['tau'], acceptance=s['acceptance'], ms_per_forward=ms,
+    """Per mode: median tokens/s and ms per target forward over the repeats, speedup, tau, ...
+    Each repeat decodes every prompt in every mode, the modes interleaved prompt by prompt (so a
+    slow patch of a shared machine hits all modes alike); the counts are the last repeat's."""
+    speeds, ms = {mode: [] for mode in modes}, {mode: [] for mode in modes}
+    for r in range(repeats):
+        generators = {mode: torch.Generator(device).manual_seed(seed + r) for mode in modes}
+        seconds, stats, outputs = dict.fromkeys(modes, 0.0), {}, {mode: [] for mode in modes}
+        for prompt in prompts:
+            for mode, decode in modes.items():
+                elapsed = clock(device)
+                result = decode(prompt, generator=generators[mode], **sampling)
+                seconds[mode] += elapsed()
+                stats[mode] = result.stats if mode not in stats else stats[mode].add(result.stats)
+                outputs[mode].append(result.tokens)
+        for mode in modes:
+            speeds[mode].append(stats[mode].new_tokens / seconds[mode])
+            ms[mode].append(1000 * seconds[mode] / stats[mode].target_forwards)
+    rows, vanilla = {}, statistics.median(speeds['vanilla'])
+    for mode in modes:
+        s, speed = stats[mode].summary(), statistics.median(speeds[mode])
+        rows[mode] = dict(tokens_per_s=speed, speedup=speed / vanilla, tau=s['tau'],
+                          acceptance=s['acceptance'], ms_per_forward=statistics.median(ms[mode]),
                           target_forwards=s['target_forwards'], draft_forwards=s['draft_forwards'],
-                          identical=outputs == runs[-1]['vanilla'][2] if greedy else None)
+                          identical=outputs[mode] == outputs['vanilla'] if greedy else None)
     return rows
 
 
-def batch_of(decode_batch):
-    """A decode(prompts, ...) of rows decoded at once, counted as one Generation: tokens per row,
-    Stats summed over the rows (per-row tau), target_forwards = the batch's forwards."""
-    def decode(prompts, generator=None, **sampling):
-        rows = decode_batch(prompts, generator=generator, **sampling)
-        stats = Stats(len(rows[0].stats.drafted))
-        for row in rows:
-            stats.add(row.stats)
-        stats.target_forwards = max(row.stats.target_forwards for row in rows)
-        return Generation([row.tokens for row in rows], stats)
-    return decode
-
-
-def bench_batched(args, model, ckpt, device):
-    """Batched vanilla vs batched speculative decoding (and transformers' batched generate) at
-    each of --batch_sizes, greedy, the same prompts decoded B at a time, modes interleaved."""
-    sizes = [int(b) for b in args.batch_sizes.split(',')]
-    if min(sizes) < 1:
-        raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
-    if args.peers and device != 'cpu':
-        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
-    prompts = val_prompts(ckpt, args.data, max(args.num_prompts, *sizes), args.prompt_len)
-    # the one-prompt modes (their checks) name the models: self, self:<dir> and draft batched
-    singles = decode_modes(model, ckpt, replace(args, peers=False), prompts, device)
-    modes = {'vanilla': partial(generate_batch, model)}
-    for name, single in list(singles.items())[1:]:
+def batched_modes(model, ckpt, args, prompts, device):
+    """decode_modes' modes (their checks and names), each decoding B prompts at once: a
+    Generation of tokens per row, Stats summed over the rows (per-row tau) and target_forwards
+    the batch's forwards; --peers: hf, transformers' batched generate."""
+    modes = {}
+    for name, single in decode_modes(model, ckpt, replace(args, peers=False), prompts,
+                                     device).items():
         target, *draft = single.args
         if draft:
             sample.check_two_model(target, draft[0], args.gamma)
-        modes[name] = partial(generate_batch, target, **(dict(
-            make_drafter=batched.model_drafter(draft[0], args.gamma), n_drafts=args.gamma)
-            if draft else dict(make_drafter=batched.self_drafter(
-                target, single.keywords.get('draft_vocab')), n_drafts=target.config.n_future - 1)))
-    modes = {name: batch_of(partial(decode, max_new_tokens=args.max_new_tokens))
-             for name, decode in modes.items()}
+            drafting = dict(make_drafter=batched.model_drafter(draft[0], args.gamma),
+                            n_drafts=args.gamma)
+        elif single.func is generate_self_speculative:
+            drafting = dict(make_drafter=batched.self_drafter(
+                target, single.keywords.get('draft_vocab')), n_drafts=target.config.n_future - 1)
+        else:
+            drafting = {}  # vanilla
+        modes[name] = partial(decode_rows, partial(batched.generate_batch, target,
+                                                   max_new_tokens=args.max_new_tokens, **drafting))
     if args.peers:
         modes['hf'] = transformers_decoder(to_hf(model), args.max_new_tokens, batched=True)
-    results = {}
-    for size in sizes:
-        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        for decode in modes.values():  # warm-up
-            decode(chunks[0], temperature=0.0)
-        results[size] = measure(modes, chunks, device, args.repeats, args.seed, True,
-                                temperature=0.0)
-        print_rows(f"batch size {size}", 0.0, results[size])
-        if args.breakdown:
-            ours = {m: d for m, d in modes.items() if m != 'hf'}
-            results[size]['ms_per_token'] = step_breakdown(ours, chunks, temperature=0.0)
-            print('  ms per new token: ' + '; '.join(f"{m} " + ' '.join(
-                f"{k} {v:.3f}" for k, v in row.items()) for m, row in
-                results[size]['ms_per_token'].items()))
-    if args.plot:
-        plot_batched(results, modes, args.plot)
-    return prompts, results
+    return modes
+
+
+def decode_rows(decode_batch, prompts, generator=None, **sampling):
+    """The rows of decode_batch(prompts, ...) as one Generation (see batched_modes)."""
+    rows = decode_batch(prompts, generator=generator, **sampling)
+    stats = Stats(len(rows[0].stats.drafted))
+    for row in rows:
+        stats.add(row.stats)
+    stats.target_forwards = max(row.stats.target_forwards for row in rows)
+    return Generation([row.tokens for row in rows], stats)
 
 
 def plot_batched(results, modes, path):
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        from matplotlib import pyplot as plt
     except ImportError:
         print("--plot: matplotlib is not installed; no PNG written")
         return
+    plt.switch_backend('Agg')
     fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = list(results)
     for mode in modes:
-        ax.plot(list(results), [row[mode]['tokens_per_s'] for row in results.values()], 'o-',
-                label=mode)
+        ax.plot(sizes, [results[b][mode]['tokens_per_s'] for b in sizes], 'o-', label=mode)
     ax.set(xscale='log', yscale='log', xlabel='batch size', ylabel='tokens/s (greedy)')
-    ax.set_xticks(list(results), [str(b) for b in results])
+    ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + '.tmp.png', dpi=110)
@@ -308,49 +276,51 @@ def plot_batched(results, modes, path):
 
 
 def bench_decode(argv):
+    """Every mode on the same prompts, greedy then sampling; --batch_sizes: batched and greedy."""
     args = parse_flags(argv, DecodeBench())
     set_cpu_threads(args.threads)
     check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'),
                  non_negative=('draft_vocab',))
+    sizes = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else []
+    if min(sizes, default=1) < 1:
+        raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
     device = pick_device(args.device)
+    if args.peers and device != 'cpu':
+        raise UserError("--peers runs transformers on the CPU: use --device=cpu")
     model, ckpt = load_model(args.ckpt, device)
-    if args.batch_sizes:
-        with autocast_for(args.dtype, device):
-            prompts, results = bench_batched(args, model, ckpt, device)
-        return decode_summary(args, model, prompts, device, dict(batched=results))
-    prompts = val_prompts(ckpt, args.data, args.num_prompts, args.prompt_len)
-    modes = decode_modes(model, ckpt, args, prompts, device)
-    settings = {'greedy': dict(temperature=0.0),
-                'sampling': dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)}
-    print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
-          f"prompts x {args.prompt_len} tokens -> {args.max_new_tokens} new tokens, "
-          f"{args.repeats} repeats, device {device}, dtype {args.dtype}")
+    prompts = val_prompts(ckpt, args.data, max([args.num_prompts] + sizes), args.prompt_len)
+    if sizes:  # {batch size: (the prompts in batches of that size, greedy)}
+        modes = batched_modes(model, ckpt, args, prompts, device)
+        runs = {size: ([prompts[i:i + size] for i in range(0, len(prompts), size)],
+                       dict(temperature=0.0)) for size in sizes}
+    else:
+        modes = decode_modes(model, ckpt, args, prompts, device)
+        runs = {'greedy': (prompts, dict(temperature=0.0)), 'sampling': (prompts, dict(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))}
+        print(f"decode benchmark: {args.ckpt} ({model.config.n_future} heads), {len(prompts)} "
+              f"prompts x {args.prompt_len} tokens -> {args.max_new_tokens} new tokens, "
+              f"{args.repeats} repeats, device {device}, dtype {args.dtype}")
     results = {}
     with autocast_for(args.dtype, device):
-        for decode in modes.values():  # warm-up: allocator, kernels, caches
-            decode(prompts[0], temperature=0.0)
-            decode(prompts[0], generator=torch.Generator(device), **settings['sampling'])
-        for setting, sampling in settings.items():
-            results[setting] = measure(modes, prompts, device, args.repeats, args.seed,
-                                       setting == 'greedy', **sampling)
-            print_rows(setting, sampling['temperature'], results[setting])
-            if args.breakdown:
-                ours = {m: d for m, d in modes.items() if not m.startswith('hf')}
-                results[setting + '_ms_per_token'] = parts = step_breakdown(ours, prompts,
-                                                                            **sampling)
-                print('  ms per new token: ' + '; '.join(
-                    f"{m} " + ' '.join(f"{k} {v:.3f}" for k, v in row.items())
-                    for m, row in parts.items()))
-    return decode_summary(args, model, prompts, device, results)
-
-
-def decode_summary(args, model, prompts, device, results):
+        for run, (inputs, sampling) in runs.items():
+            for decode in modes.values():  # warm-up: allocator, kernels, caches
+                decode(inputs[0], generator=torch.Generator(device), **sampling)
+            results[run] = measure(modes, inputs, device, args.repeats, args.seed,
+                                   run != 'sampling', **sampling)
+            print_rows(f"batch size {run}" if sizes else run, sampling['temperature'],
+                       results[run])
+            if args.breakdown and sizes:
+                results[run]['ms_per_token'] = step_breakdown(modes, inputs, **sampling)
+            elif args.breakdown:
+                results[f'{run}_ms_per_token'] = step_breakdown(modes, inputs, **sampling)
+    if sizes and args.plot:
+        plot_batched(results, modes, args.plot)
     summary = dict(section='decode', ckpt=args.ckpt, draft=args.draft or None,
                    heads=args.heads or None, assistant=args.assistant or None,
                    n_future=model.config.n_future, num_prompts=len(prompts),
                    prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
                    repeats=args.repeats, device=device, dtype=args.dtype, threads=args.threads,
-                   plot=args.plot or None, **results)
+                   plot=args.plot or None, **(dict(batched=results) if sizes else results))
     print(json.dumps(summary))
     return summary
 
@@ -402,9 +372,8 @@ def bench_train_one(argv):
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split in ('train', 'val'):
-            rng.integers(0, args.vocab_size, 200_000, dtype=np.uint16).tofile(
-                os.path.join(tmp, f'{split}.bin'))
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            rng.integers(0, args.vocab_size, 200_000, dtype=np.uint16).tofile(f'{tmp}/{split}.bin')
+        with open(f'{tmp}/meta.json', 'w') as f:
             json.dump({'kind': 'synthetic', 'vocab_size': args.vocab_size}, f)
         cfg = replace(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
                       data_dir=tmp, out_dir=os.path.join(tmp, 'out'), eval_interval=10 ** 9,
@@ -435,11 +404,10 @@ def bench_train(argv):
     """The base and every --compare variant, each in a fresh process (its own peak memory)."""
     args = train_bench_flags(argv)
     base = [a for a in argv if not a.startswith('--compare=')]
-    variants = [('base', base)]
-    for variant in filter(None, args.compare.split(';')):
-        extra = [f'--{item.strip()}' for item in variant.split(',')]
-        train_bench_flags(base + extra)  # fail early on a bad variant
-        variants.append((variant, base + extra))
+    variants = [('base', base)] + [(v, base + [f'--{item.strip()}' for item in v.split(',')])
+                                   for v in filter(None, args.compare.split(';'))]
+    for _, flags in variants:
+        train_bench_flags(flags)  # fail early on a bad variant
     rows = []
     for name, flags in variants:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), 'train_one', *flags],

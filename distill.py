@@ -66,14 +66,14 @@ def write_corpus(model, prompts, path, args, generator):
     """Continue every prompt to seq_len tokens and write them, one after another, as uint16.
     Batched self-speculative decoding (batched.generate_batch): each row distributed exactly as
     vanilla sampling (greedy: vanilla's tokens), the heads drafting as they will when decoding."""
-    new_tokens = args.seq_len - args.prompt_len
+    new_tokens, n_drafts = args.seq_len - args.prompt_len, model.config.n_future - 1
     with open(path + '.tmp', 'wb') as f:
         for i in tqdm(range(0, len(prompts), args.gen_batch), desc=os.path.basename(path),
                       dynamic_ncols=True, disable=args.quiet):
             batch = prompts[i:i + args.gen_batch]
             rows = generate_batch(model, batch, new_tokens, args.temperature, args.top_k,
-                                  args.top_p, generator=generator, make_drafter=self_drafter(
-                                      model), n_drafts=model.config.n_future - 1)
+                                  args.top_p, generator=generator, n_drafts=n_drafts,
+                                  make_drafter=self_drafter(model))
             seqs = [prompt + row.tokens for prompt, row in zip(batch, rows)]
             f.write(np.array(seqs, dtype=np.uint16).tobytes())
     os.replace(path + '.tmp', path)  # a half-written corpus never looks finished
@@ -90,8 +90,7 @@ def write_corpora(model, ckpt, source_val, args, cfg, device):
             starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
             prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
                 "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
-            write_corpus(model, prompts, os.path.join(cfg.data_dir, f'{split}.bin'), args,
-                         generator)
+            write_corpus(model, prompts, f'{cfg.data_dir}/{split}.bin', args, generator)
     with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
         json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
     return time.time() - t0

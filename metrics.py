@@ -42,9 +42,8 @@ class Tally:
                 self.mass[k] += float(mass[:, k].sum())
 
     def result(self):
-        def mean(counts):
-            return None if counts is None else [c / n if n else None
-                                                for c, n in zip(counts, self.n)]
+        def mean(sums):
+            return None if sums is None else [s / n if n else None for s, n in zip(sums, self.n)]
         return dict(n=self.n, top1=mean(self.top1), top5=mean(self.top5), mass=mean(self.mass))
 
 
@@ -80,25 +79,22 @@ def marginalize_inputs(args, single_top_k=False):
         if item not in ('all', '0') and not (item.isdigit() and int(item) > 0):
             raise UserError(f"--top_k takes positive integers or 'all', got {item!r}")
         top_ks.append(0 if item == 'all' else int(item))
-    top_ks = top_ks or None
-    if single_top_k and len(top_ks or []) != 1:
+    if single_top_k and len(top_ks) != 1:
         raise UserError(f"bench.py marginalize takes a single --top_k, got {args.top_k!r}")
     model, ckpt = load_model(args.ckpt, pick_device(args.device))
     tokens, source = load_tokens(ckpt, model.config.vocab_size, args.input, args.data_dir)
-    return top_ks, model.float(), tokens, source
+    return top_ks or None, model.float(), tokens, source
 
 
 def check_positions(model, n_tokens, positions, k_ahead, top_p=1.0):
-    block_size = model.config.block_size
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if k_ahead < 1:
-        raise UserError(f"k_ahead must be >= 1, got {k_ahead}")
-    if not 1 <= n_tokens <= block_size:
-        raise UserError(f"a sequence of {n_tokens} tokens does not fit block_size {block_size}")
-    positions = torch.as_tensor(positions)
-    if len(positions) == 0:
-        raise UserError("no positions to evaluate")
+    block_size, positions = model.config.block_size, torch.as_tensor(positions)
+    for ok, error in ((0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+                      (k_ahead >= 1, f"k_ahead must be >= 1, got {k_ahead}"),
+                      (1 <= n_tokens <= block_size,
+                       f"a sequence of {n_tokens} tokens does not fit block_size {block_size}"),
+                      (len(positions) > 0, "no positions to evaluate")):
+        if not ok:
+            raise UserError(error)
     first, last = int(positions.min()), int(positions.max())
     if first < 0 or last >= n_tokens:
         raise UserError(f"positions must lie in 0..{n_tokens - 1}, got {first}..{last}")

@@ -1,18 +1,15 @@
 """
-Layer probes: where in a next-token model does the token after next live?
-
-The paper explains why MTP heads on a frozen next-token (NTP) model do poorly: its hidden layers
-specialize for NTP (Mehra et al. 2025). This measures it: for every layer l = 0..L of an NTP
-model (h_0 = the embeddings, h_L = the last block's output), how well does h_l at position t
-predict x_{t+1}, and x_{t+2}?
+Layer probes: where in a next-token model does the token after next live? MTP heads on a frozen
+next-token (NTP) model do poorly as its hidden layers specialize for NTP (Mehra et al. 2025).
+This measures it: for every layer l = 0..L of an NTP model (h_0 = the embeddings, h_L = the last
+block's output), how well does h_l at position t predict x_{t+1}, and x_{t+2}?
 
   logit lens    unembed(ln_f(h_l)): the model's own readout on an inner layer (nostalgebraist
                 2020); nothing is trained. At l = L it is the model's next-token prediction.
   linear probe  W_l LayerNorm(h_l) + b_l, fit by cross-entropy on train positions with the
                 model frozen (Alain & Bengio 2016): what a linear head can read from h_l.
 
-If the claim holds, x_{t+1} is read best at the last layer, x_{t+2} at a layer below it: the
-last layers turn the state towards the next token only.
+If the claim holds, x_{t+1} is read best at the last layer, x_{t+2} at a layer below it.
 
     python probes.py --ckpt=out-ntp/ckpt.pt        # a table per readout, then a JSON line
 """
@@ -116,8 +113,8 @@ def main(argv):
         raise UserError("probes.py reads every block of the next-token path, but this "
                         "checkpoint's head 1 is a WHS or ResBlock head: probe an NTP checkpoint")
     config = ckpt.get('config') or {}
-    data_dir = args.data_dir or (config.get('data_dir') or data_dir_of(config['dataset'])
-                                 if config.get('dataset') or config.get('data_dir') else '')
+    data_dir = args.data_dir or config.get('data_dir') or (
+        data_dir_of(config['dataset']) if config.get('dataset') else '')
     if not data_dir:
         raise UserError("the checkpoint names no dataset: pass --data_dir=DIR")
     tokens = [tokens_for(ckpt, f"{data_dir}/{split}.bin", "pass --data_dir=DIR")
@@ -128,9 +125,9 @@ def main(argv):
         print(f"{readout:5}  {'layer':>5}  {'t+1 top-1':>9} {'top-5':>6}  {'t+2 top-1':>9} "
               f"{'top-5':>6}")
         for layer in result['layers']:
-            cells = [result[readout][m][k][layer] for k in range(K_AHEAD) for m in ('top1', 'top5')]
-            print(f"{'':5}  {layer:5d}  {cells[0]:9.3f} {cells[1]:6.3f}  {cells[2]:9.3f} "
-                  f"{cells[3]:6.3f}")
+            top1_1, top5_1, top1_2, top5_2 = (result[readout][m][k][layer]
+                                              for k in range(K_AHEAD) for m in ('top1', 'top5'))
+            print(f"{'':5}  {layer:5d}  {top1_1:9.3f} {top5_1:6.3f}  {top1_2:9.3f} {top5_2:6.3f}")
     print(json.dumps(dict(ckpt=args.ckpt, data_dir=data_dir, **result)))
     return result
 

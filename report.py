@@ -28,9 +28,8 @@ def evaluate(model, batches, n_batches, autocast, loss_weights=None, seed=0):
             for (k, state), s in zip(model.head_states(x, model.trunk(x)), sums):
                 scores = model.unembed(state).float()
                 targets = head_targets(y, k)
-                s['loss'] += F.cross_entropy(scores.reshape(-1, scores.size(-1)),
-                                             targets.reshape(-1), ignore_index=-1,
-                                             reduction='sum').item()
+                s['loss'] += F.cross_entropy(scores.flatten(0, -2), targets.flatten(),
+                                             ignore_index=-1, reduction='sum').item()
                 n, hits = count_topk(scores, targets)
                 s.update(n=s['n'] + n, top1=s['top1'] + hits[1], top5=s['top5'] + hits[5])
     model.train()
