@@ -301,7 +301,9 @@ def clock(device):
 
 def dead_writer(path, mine=False):
     """Whether the writer of temp file `path` (NAME.<pid>) is surely dead: only a dead writer's
-    files are cleaned up. mine: this process's pid counts as dead (an earlier process's)."""
+    files are cleaned up. mine: this process's pid counts as dead (an earlier process's). A mark
+    (leave_mark) also names its writer's start time: a live process that reused the id is not
+    the writer."""
     pid = path.rsplit('.', 1)[1]
     if not pid.isdigit() or int(pid) == os.getpid():
         return pid.isdigit() and mine
@@ -311,7 +313,27 @@ def dead_writer(path, mine=False):
         os.kill(int(pid), 0)  # (signal 0: only asks whether the process exists)
     except OSError as e:  # (a PermissionError: alive, another user's)
         return isinstance(e, ProcessLookupError)
+    if os.path.basename(path).split('.')[0] not in ('writer', 'switch'):
+        return False
+    with suppress(OSError), open(path) as f:
+        started = f.read(64)
+        return bool(started and start_time(pid)) and started != start_time(pid)
     return False
+
+
+def start_time(pid):
+    """When process pid started (Linux: field 22 of /proc/<pid>/stat), '' where unknown."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ''
+
+
+def leave_mark(path):
+    """Create the mark path (NAME.<our pid>) holding our start time, for dead_writer."""
+    with open(path, 'w') as f:
+        f.write(start_time(os.getpid()))
 
 
 def remove_stale_temps(path, mine=False):
@@ -368,7 +390,7 @@ def writing(folder, what):
     created, mine = not os.path.isdir(folder), os.path.join(folder, f'writer.{os.getpid()}')
     try:
         os.makedirs(folder, exist_ok=True)
-        open(mine, 'w').close()  # (first: of two writers starting together, both see the other)
+        leave_mark(mine)  # (first: of two writers starting together, both see the other)
     except OSError as e:
         raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}")
     try:

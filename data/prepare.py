@@ -21,7 +21,7 @@ import torch
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, flag, parse_flags, dead_writer, remove_stale_temps,  # noqa: E402
-                    writing, cli)
+                    leave_mark, writing, cli)
 from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -78,7 +78,7 @@ def switch_in(files, out_dir):
         for name, data in files.items():
             with open(os.path.join(out_dir, f'{name}.tmp.{pid}'), 'wb') as f:
                 f.write(data)
-        open(os.path.join(out_dir, f'switch.{pid}'), 'x').close()  # from here on: the new data
+        leave_mark(os.path.join(out_dir, f'switch.{pid}'))  # from here on: the new data
     finally:  # (our pid counts as a dead writer's: its switch is finished, or its files dropped)
         recover(out_dir)
 

@@ -214,6 +214,26 @@ def test_dead_writers_temp_files_are_removed_and_live_ones_kept(tmp_path):
         assert not (tmp_path / f'ckpt.pt.tmp.{dead.pid}').exists() and live.exists()
 
 
+def test_a_mark_names_its_writer_even_after_its_process_id_is_reused(tmp_path):
+    """writer.<pid> and switch.<pid> hold their writer's start time: a live process that reused
+    a dead writer's id is not taken for it; the writer itself, or an unmarked file, still is."""
+    from common import dead_writer, leave_mark, start_time
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        for name in ('writer', 'switch'):
+            (tmp_path / f'{name}.{live.pid}').write_text('1')  # the dead writer's start time
+            assert dead_writer(str(tmp_path / f'{name}.{live.pid}'))
+        (tmp_path / f'writer.{live.pid}').write_text(start_time(live.pid))  # its own
+        assert not dead_writer(str(tmp_path / f'writer.{live.pid}'))
+        (tmp_path / f'ckpt.pt.tmp.{live.pid}').write_bytes(b'1')  # data, not a mark: the id
+        assert not dead_writer(str(tmp_path / f'ckpt.pt.tmp.{live.pid}'))
+    finally:
+        live.kill()
+        live.wait()
+    leave_mark(str(tmp_path / f'writer.{os.getpid()}'))
+    assert (tmp_path / f'writer.{os.getpid()}').read_text() == start_time(os.getpid()) != ''
+
+
 def test_load_checkpoint_errors_are_one_line(tmp_path):
     """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
     good = tmp_path / 'good.pt'

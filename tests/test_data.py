@@ -171,6 +171,24 @@ def deadly(function, point, calls):
     return call
 
 
+def test_a_switch_whose_writers_id_was_reused_is_still_finished(tmp_path):
+    """A prepare killed after its commit mark, its process id since taken by a live process:
+    recover() still renames the whole new dataset in (the mark's start time is not the live
+    process's), so a reader never sees half of each."""
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        for name in P.DATASET_FILES:
+            (tmp_path / name).write_text('old')
+            (tmp_path / f'{name}.tmp.{live.pid}').write_text('new')
+        (tmp_path / f'switch.{live.pid}').write_text('1')  # the dead prepare's start time
+        P.recover(str(tmp_path))
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(os.listdir(tmp_path)) == sorted(P.DATASET_FILES)
+    assert all((tmp_path / name).read_text() == 'new' for name in P.DATASET_FILES)
+
+
 def test_a_killed_prepare_leaves_the_whole_old_or_the_whole_new_dataset(tmp_path):
     """prepare.py killed before each of its file operations in turn (open, rename, remove;
     in a forked child): after recover() (which prepare and train.py's data loading run first)
