@@ -177,12 +177,17 @@ def test_load_model_of_a_pythia_name_offline_is_a_one_line_error(offline):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('script,flag', [('sample.py', '--ckpt'), ('train.py', '--init_from')])
+@pytest.mark.parametrize('script,flag', [('sample.py', '--ckpt'), ('train.py', '--init_from'),
+                                         ('study.py', '--init_from')])
 def test_pythia_names_offline_are_one_line_errors_on_the_command_line(tmp_path, corpus, script,
                                                                       flag):
-    """The same from sample.py --ckpt=... and train.py --init_from=...: exit 1, one line."""
-    extra = ['--prompt=a'] if script == 'sample.py' else [
-        f'--data_dir={corpus}', f'--out_dir={tmp_path}/out', '--device=cpu']
+    """The same from sample.py --ckpt=..., train.py and study.py --preset=paper --init_from=...:
+    exit 1, one line."""
+    (tmp_path / 'text.txt').write_text('some text to read. ' * 200)
+    extra = {'sample.py': ['--prompt=a'],
+             'train.py': [f'--data_dir={corpus}', f'--out_dir={tmp_path}/out', '--device=cpu'],
+             'study.py': ['--preset=paper', f'--corpora={tmp_path}/text.txt',
+                          f'--out_dir={tmp_path}/study']}[script]
     r = run_cli(script, f'{flag}=EleutherAI/pythia-70m', *extra,
                 env_extra={'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
     one_line_error(r, match='EleutherAI/pythia-70m')
