@@ -1,17 +1,15 @@
 """The plumbing every nanoMTP script shares: flags (and --help; the flag sets of training,
 decoding and marginalization), devices, checkpoints and cli() (a UserError ends a script with one
-line). Imports: model <- heads <- common <- data/ <- metrics, report <- scripts."""
+line). Imports: model <- heads, writers <- common <- data/ <- metrics, report <- scripts."""
 import ast
 import dataclasses
-import glob
 import inspect
 import os
 import shutil
-import tempfile
 import re
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import UserError
 from convert import GPT2_SIZES, PYTHIA, from_pretrained
 from heads import MTPGPT, MTPConfig
+from writers import remove_stale_temps
 
 
 # -----------------------------------------------------------------------------
@@ -189,6 +188,16 @@ Train a GPT with MTP heads from scratch, adapt a trained model to MTP, or resume
     quiet: bool = flag(False, "no progress bar / log lines (the JSON line still prints)")
 
 
+def parse_config(argv, base=None):
+    """TrainConfig from ['preset.py', '--max_iters=100']: defaults < presets < flags."""
+    return parse_flags(argv, base or TrainConfig(), presets=True)
+
+
+# TrainConfig's flags that are the model's (a resumed or adapted run's model decides them)
+SHAPE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a source checkpoint decides
+MODEL = SHAPE + ('n_future', 'attach_layer', 'head_type', 'whs', 'head_attention')
+
+
 @dataclasses.dataclass
 class DecodeFlags:
     """The flags of decoding (sample.py, bench.py decode)."""
@@ -299,51 +308,6 @@ def clock(device):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def dead_writer(path, mine=False):
-    """Whether the writer of temp file `path` (NAME.<pid>) is surely dead: only a dead writer's
-    files are cleaned up. mine: this process's pid counts as dead (an earlier process's). A mark
-    (leave_mark) also names its writer's start time: a live process that reused the id is not
-    the writer."""
-    pid = path.rsplit('.', 1)[1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return pid.isdigit() and mine
-    if os.name != 'posix':
-        return False  # no cheap check elsewhere: never touch another writer's files
-    try:
-        os.kill(int(pid), 0)  # (signal 0: only asks whether the process exists)
-    except OSError as e:  # (a PermissionError: alive, another user's)
-        return isinstance(e, ProcessLookupError)
-    if os.path.basename(path).split('.')[0] not in ('writer', 'switch'):
-        return False
-    with suppress(OSError), open(path) as f:
-        started = f.read(64)
-        return bool(started and start_time(pid)) and started != start_time(pid)
-    return False
-
-
-def start_time(pid):
-    """When process pid started (Linux: field 22 of /proc/<pid>/stat), '' where unknown."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ''
-
-
-def leave_mark(path):
-    """Create the mark path (NAME.<our pid>) holding our start time, for dead_writer."""
-    with open(path, 'w') as f:
-        f.write(start_time(os.getpid()))
-
-
-def remove_stale_temps(path, mine=False):
-    """Delete the path.tmp.<pid> files of writers killed mid-save (each as big as a checkpoint)."""
-    for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
-        if dead_writer(tmp, mine):
-            with suppress(OSError):
-                os.remove(tmp)
-
-
 def save_checkpoint(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -360,53 +324,6 @@ def save_checkpoint(obj, path):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot write checkpoint {path} ({reason}; {free:.0f} MB free on its "
                         f"disk): {path} is unchanged") from e
-
-
-def check_out_dir(out_dir):
-    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
-    remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
-
-
-def set_aside(path):
-    """A run that does not resume the checkpoint at path never destroys it: it moves aside."""
-    if os.path.exists(path):
-        stem = os.path.join(os.path.dirname(path), time.strftime('ckpt.replaced-%Y%m%d-%H%M%S'))
-        names = (f"{stem}{f'.{n}' if n else ''}.pt" for n in range(10 ** 6))
-        aside = next(name for name in names if not os.path.exists(name))
-        os.replace(path, aside)
-        print(f"note: the checkpoint {path} was not resumed: it is moved to {aside}")
-
-
-@contextmanager
-def writing(folder, what):
-    """Own folder (an out_dir, a dataset) while this process writes it: the mark writer.<pid> in
-    it. Another live writer's mark is a one-line error naming its process; a dead one's is taken."""
-    created, mine = not os.path.isdir(folder), os.path.join(folder, f'writer.{os.getpid()}')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        leave_mark(mine)  # (first: of two writers starting together, both see the other)
-    except OSError as e:
-        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}")
-    try:
-        for mark in set(glob.glob(os.path.join(glob.escape(folder), 'writer.*'))) - {mine}:
-            if not dead_writer(mark):
-                pid = mark.rsplit('.', 1)[1]
-                raise UserError(f"{what} {folder} is being written by process {pid} ({mark}): "
-                                f"wait for it, or pick another {what}")
-            with suppress(OSError):
-                os.remove(mark)
-        yield
-    finally:
-        with suppress(OSError):
-            os.remove(mine)
-            if created:
-                os.rmdir(folder)  # (only if still empty: a failed run leaves nothing behind)
 
 
 def load_checkpoint(path):
@@ -471,3 +388,37 @@ def load_model(path, device='cpu'):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
     return model.to(device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------
+# resuming a training run
+
+def resumed_config(cfg, ckpt):
+    """A resume continues its run: a flag not given takes the run's value, not today's default;
+    one given another value is applied and said (check_resume refuses a change of model)."""
+    saved = ckpt.get('config') or {}  # (device, compile, quiet: this session's, not the run's)
+    names = {f.name for f in dataclasses.fields(cfg)} - {
+        'init_from', 'out_dir', 'device', 'compile', 'quiet'}
+    changed = [k for k in sorted(cfg.given & names & saved.keys() - {'max_iters', *MODEL})
+               if saved[k] != getattr(cfg, k)]
+    if changed and not cfg.quiet and int(os.environ.get('RANK', 0)) == 0:
+        print("note: resuming with " + ', '.join(f"--{k}={getattr(cfg, k)} (the run had "
+                                                 f"{saved[k]})" for k in changed))
+    for name in (names - cfg.given) & saved.keys():
+        setattr(cfg, name, saved[name])
+    return cfg
+
+
+def restore(ckpt, optimizer, batches, rank):
+    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
+    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError):
+        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
+                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
+    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
+    if rank < len(saved):
+        torch.set_rng_state(saved[rank]['torch'])
+        batches.gen.set_state(saved[rank]['batches'])
+    return ckpt['iter_num'], ckpt['best_val_loss']

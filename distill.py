@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from heads import loss_weights_for
 from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
-                    autocast_for, load_model, writing, cli)
+                    autocast_for, load_model, cli)
+from writers import writing
 from data.text import data_dir_of, val_path, val_prompts
 from batched import generate_batch, self_drafter
 from train import train, check_config

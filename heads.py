@@ -87,6 +87,10 @@ class MTPGPT(GPT):
         head_ids = {id(p) for p in self.heads.parameters()}
         return [p for p in self.parameters() if id(p) not in head_ids]
 
+    def set_trunk_trainable(self, trainable):
+        for p in self.trunk_parameters():
+            p.requires_grad_(trainable)
+
     def forward(self, idx, targets=None, cache=None, pos=None, attn_mask=None,
                 return_hidden=False, n_heads=None, loss_weights=None):
         """Logits (B, T, n_heads, V) of heads 1..n_heads (default all; head k at index k-1) and,

@@ -19,21 +19,13 @@ import torch
 from tqdm import tqdm
 
 from heads import MTPGPT, MTPConfig, loss_weights_for
-from common import (UserError, TrainConfig, parse_flags, check_ranges, autocast_for, Distributed,
-                    check_out_dir, save_checkpoint, load_checkpoint, model_from_checkpoint, writing,
-                    set_aside, load_model, device_memory, cli)
+from common import (UserError, SHAPE, MODEL, parse_config, check_ranges, autocast_for, Distributed,
+                    save_checkpoint, load_checkpoint, model_from_checkpoint, load_model,
+                    device_memory, resumed_config, restore, cli)
+from writers import check_out_dir, writing, set_aside
 from data.text import data_dir_of, check_data_tokenizer
 from data.prepare import load_data
 from report import evaluate_splits, diverged, eval_line, summarize, printable
-
-
-def parse_config(argv, base=None):
-    """TrainConfig from ['preset.py', '--max_iters=100']: defaults < presets < flags."""
-    return parse_flags(argv, base or TrainConfig(), presets=True)
-
-
-SHAPE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a source checkpoint decides
-MODEL = SHAPE + ('n_future', 'attach_layer', 'head_type', 'whs', 'head_attention')
 
 
 # -----------------------------------------------------------------------------
@@ -41,36 +33,33 @@ MODEL = SHAPE + ('n_future', 'attach_layer', 'head_type', 'whs', 'head_attention
 
 def check_config(cfg):
     """Before any work: flags that cannot go together, numbers that would fail deep inside or
-    silently (nan, a shape that cannot be built), an out_dir that holds the source or is not
-    writable."""
-    for name in ('freeze_trunk', 'head_warmup_iters'):
-        if getattr(cfg, name) and cfg.init_from == 'scratch':
-            raise UserError(f"{name} needs a trained trunk: use init_from=<ckpt> or gpt2")
-    if cfg.freeze_trunk and (cfg.head_warmup_iters or cfg.trunk_lr_scale != 1.0):
-        raise UserError("freeze_trunk never trains the trunk: drop head_warmup_iters / "
-                        "trunk_lr_scale")
-    if cfg.compile and cfg.memory_efficient:
-        raise UserError("memory_efficient runs the heads one by one outside the compiled "
-                        "forward: drop compile or memory_efficient")
+    silently (nan), an out_dir that holds the source checkpoint or is not writable."""
     check_ranges(cfg, positive=('batch_size', 'block_size', 'grad_accum', 'max_iters',
                                 'eval_interval', 'eval_iters', 'log_interval', 'n_future'),
                  non_negative=('warmup_iters', 'head_warmup_iters'), fractions=('schedule_frac',))
-    if 'head_attention' in cfg.given and cfg.head_attention and cfg.head_type != 'sequential':
-        raise UserError(f"head_attention gives sequential heads a transformer block; "
-                        f"{cfg.head_type} heads have theirs by design: drop --head_attention")
     ranks = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 0  # torchrun's
-    if ranks and cfg.grad_accum % ranks:
-        raise UserError(f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks")
-    if ranks and (cfg.memory_efficient or cfg.head_warmup_iters or
-                  cfg.loss_schedule != 'constant'):
-        raise UserError("memory_efficient, head_warmup_iters and loss_schedule are not "
-                        "supported with DDP")
-    if cfg.loss_schedule not in ('constant', 'curriculum', 'shrink'):
-        raise UserError(f"loss_schedule must be constant, curriculum or shrink, not "
-                        f"{cfg.loss_schedule!r}")
-    if cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len:
-        raise UserError(f"documents need doc_prompt ({cfg.doc_prompt}) < block_size "
-                        f"({cfg.block_size}) <= doc_len ({cfg.doc_len})")
+    for wrong, error in (  # flags that cannot go together
+            (cfg.init_from == 'scratch' and (cfg.freeze_trunk or cfg.head_warmup_iters),
+             "freeze_trunk and head_warmup_iters need a trained trunk: use init_from=<ckpt>"),
+            (cfg.freeze_trunk and (cfg.head_warmup_iters or cfg.trunk_lr_scale != 1.0),
+             "freeze_trunk never trains the trunk: drop head_warmup_iters / trunk_lr_scale"),
+            (cfg.compile and cfg.memory_efficient, "memory_efficient runs the heads one by one "
+             "outside the compiled forward: drop compile or memory_efficient"),
+            ('head_attention' in cfg.given and cfg.head_attention and
+             cfg.head_type != 'sequential', f"head_attention gives sequential heads a "
+             f"transformer block; {cfg.head_type} heads have theirs: drop --head_attention"),
+            (ranks and cfg.grad_accum % ranks,
+             f"grad_accum={cfg.grad_accum} must be divisible by the {ranks} ranks"),
+            (ranks and (cfg.memory_efficient or cfg.head_warmup_iters or cfg.loss_schedule !=
+                        'constant'), "memory_efficient, head_warmup_iters and loss_schedule are "
+             "not supported with DDP"),
+            (cfg.loss_schedule not in ('constant', 'curriculum', 'shrink'), f"loss_schedule "
+             f"must be constant, curriculum or shrink, not {cfg.loss_schedule!r}"),
+            (cfg.doc_len and not cfg.doc_prompt < cfg.block_size <= cfg.doc_len,
+             f"documents need doc_prompt ({cfg.doc_prompt}) < block_size ({cfg.block_size}) "
+             f"<= doc_len ({cfg.doc_len})")):
+        if wrong:
+            raise UserError(error)
     autocast_for(cfg.dtype, 'cpu')  # validates dtype
     for rule, ok, names in (('> 0', lambda v: v > 0, ('learning_rate',)),
                             ('in [0, 1)', lambda v: 0 <= v < 1, ('beta1', 'beta2', 'dropout')),
@@ -80,11 +69,9 @@ def check_config(cfg):
         for name in names:  # (nan fails every comparison)
             if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
                 raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
-    if cfg.min_lr > cfg.learning_rate and 'min_lr' not in cfg.given:
-        cfg.min_lr = cfg.learning_rate / 10  # (the default is for the default LR)
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr {cfg.min_lr} is above learning_rate {cfg.learning_rate}: the "
-                        f"cosine schedule would raise the LR")
+                        f"cosine schedule would raise the LR; give a lower --min_lr")
     with suppress(ValueError):  # (unparsable weights: training_strategy says so)
         if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
             raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
@@ -92,26 +79,11 @@ def check_config(cfg):
         check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-    target = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == os.path.realpath(target):
+    target = os.path.realpath(os.path.join(cfg.out_dir, 'ckpt.pt'))
+    if cfg.init_from != 'resume' and os.path.realpath(cfg.init_from) == target:
         raise UserError(f"out_dir {cfg.out_dir} holds the source checkpoint {cfg.init_from}: "
                         f"training would overwrite it; pick another --out_dir")
     check_out_dir(cfg.out_dir)
-
-
-def resumed_config(cfg, ckpt):
-    """A resume continues its run: a flag not given takes the run's value, not today's default;
-    one given another value is applied and said (check_resume refuses a change of model)."""
-    saved = ckpt.get('config') or {}  # (device, compile, quiet: this session's, not the run's)
-    names = {f.name for f in fields(cfg)} - {'init_from', 'out_dir', 'device', 'compile', 'quiet'}
-    changed = [k for k in sorted(cfg.given & names & saved.keys() - {'max_iters', *MODEL})
-               if saved[k] != getattr(cfg, k)]
-    if changed and not cfg.quiet and int(os.environ.get('RANK', 0)) == 0:
-        print("note: resuming with " + ', '.join(f"--{k}={getattr(cfg, k)} (the run had "
-                                                 f"{saved[k]})" for k in changed))
-    for name in (names - cfg.given) & saved.keys():
-        setattr(cfg, name, saved[name])
-    return cfg
 
 
 def check_resume(ckpt, cfg, meta):
@@ -136,21 +108,6 @@ def check_resume(ckpt, cfg, meta):
                         f"max_iters is {cfg.max_iters}; raise --max_iters to train on")
 
 
-def restore(ckpt, optimizer, batches, rank):
-    """Continue a checkpoint: optimizer, iteration, best val loss, and this rank's RNG states
-    (exact when resumed with as many ranks as were saved). Returns (iter_num, best_val)."""
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError):
-        raise UserError("the checkpoint's optimizer does not match these flags: resume with the "
-                        "strategy flags of the original run (freeze_trunk, trunk_lr_scale, ...)")
-    saved = ckpt['rng'].get('ranks', [ckpt['rng']])
-    if rank < len(saved):
-        torch.set_rng_state(saved[rank]['torch'])
-        batches.gen.set_state(saved[rank]['batches'])
-    return ckpt['iter_num'], ckpt['best_val_loss']
-
-
 # -----------------------------------------------------------------------------
 # the model and the paper's training strategies
 
@@ -168,9 +125,8 @@ def get_lr(it, cfg):
 def check_fits(cfg, c, device):
     """Before the model of MTPConfig c is built (and once built): block_size leaves every head a
     target within the model's positions, and the run fits the device's memory: at least 16 bytes
-    a parameter (fp32 weights, gradients, AdamW's moments), 34 per token, channel and layer of
-    activations (Korthikanti et al. 2022, 16-bit), and 8 per token and vocabulary entry for each
-    head's logits and their gradient (memory_efficient: one head's at a time)."""
+    a parameter (weights, gradients, AdamW's moments), 34 per token, channel and layer (Korthikanti
+    et al. 2022), 8 per token and vocabulary entry of each head (memory_efficient: one head)."""
     if cfg.block_size <= c.n_future:
         raise UserError(f"block_size {cfg.block_size} leaves head {c.n_future} no target: use "
                         f"block_size > n_future")
@@ -183,9 +139,8 @@ def check_fits(cfg, c, device):
         1 if cfg.memory_efficient else heads))
     if need > device_memory(device):
         raise UserError(f"this run needs about {need / 2 ** 30:,.0f} GiB ({params / 1e6:,.0f}M "
-                        f"parameters, {tokens:,} tokens a micro-batch), more than the "
-                        f"{device_memory(device) / 2 ** 30:.0f} GiB of {device}: shrink the model, "
-                        f"batch_size or block_size")
+                        f"parameters, {tokens:,} tokens a micro-batch), more than the {device}'s "
+                        f"{device_memory(device) / 2 ** 30:.0f} GiB: shrink the model or the batch")
 
 
 def build_model(cfg, meta, ckpt=None, device='cpu'):
@@ -242,11 +197,6 @@ def adapt_flags(cfg, source):
             setattr(cfg, name, getattr(source, name))
 
 
-def set_trunk_trainable(model, trainable):
-    for p in model.trunk_parameters():
-        p.requires_grad_(trainable)
-
-
 Strategy = namedtuple('Strategy', 'loss_weights optimizer trunk_trainable')
 
 
@@ -260,8 +210,7 @@ def training_strategy(model, cfg, device_type):
     differential LR    the trunk's LR = trunk_lr_scale x the heads': new heads move fast, the
                        trunk keeps its NTP skills
     WHS                each head's mix of h_0..h_attach (whs_coef): head parameters, no decay
-    head warmup        heads only for head_warmup_iters iterations, then all: trunk_trainable(it)
-                       says which, train() applies it every step
+    head warmup        heads only for head_warmup_iters iterations: trunk_trainable(it), each step
     """
     try:
         explicit = [float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights else None
@@ -272,9 +221,8 @@ def training_strategy(model, cfg, device_type):
         if weight == 0:  # untrained: out of the optimizer, and DDP must not wait for its gradient
             for p in model.head_parameters(k):
                 p.requires_grad_(False)
-    # a frozen trunk is left out of the optimizer; head warmup's trunk is in it, without
-    # gradients (so untouched by AdamW) until the warmup ends
-    set_trunk_trainable(model, not cfg.freeze_trunk)
+    # a frozen trunk is out of the optimizer; head warmup's is in it, without gradients till then
+    model.set_trunk_trainable(not cfg.freeze_trunk)
     groups = [dict(name='trunk', params=model.trunk_parameters(), lr_scale=cfg.trunk_lr_scale),
               dict(name='heads', params=list(model.heads.parameters()), lr_scale=1.0)]
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
@@ -358,7 +306,7 @@ def train(cfg):
         while iter_num < cfg.max_iters:
             t_step = time.time()
             if cfg.head_warmup_iters:  # (otherwise trunk_trainable never changes)
-                set_trunk_trainable(raw_model, strategy.trunk_trainable(iter_num))
+                raw_model.set_trunk_trainable(strategy.trunk_trainable(iter_num))
             lr = get_lr(iter_num, cfg)
             for group in strategy.optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']

@@ -20,8 +20,8 @@ import torch
 
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (UserError, flag, parse_flags, dead_writer, remove_stale_temps,  # noqa: E402
-                    leave_mark, writing, cli)
+from common import UserError, flag, parse_flags, cli  # noqa: E402
+from writers import dead_writer, remove_stale_temps, leave_mark, writing  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')

@@ -14,7 +14,8 @@ import torch
 
 import model as M
 from common import (UserError, cli, flag, help_text, load_checkpoint, load_model,
-                    model_from_checkpoint, save_checkpoint, check_out_dir)
+                    model_from_checkpoint, save_checkpoint)
+from writers import check_out_dir, dead_writer, leave_mark, start_time
 from conftest import one_line_error, run_cli, tiny_config, tiny_gpt, tiny_mtp
 from data.text import Tokenizer
 
@@ -44,6 +45,12 @@ HELP_PAGES = [('train', [], 'TrainConfig'),
 CONFIGS = [(module, config) for module, _, config in HELP_PAGES]
 
 
+def config_class(module, config):
+    """A script's config dataclass (train.py's, TrainConfig, is common.py's)."""
+    return getattr(importlib.import_module(module), config, None) or \
+        getattr(importlib.import_module('common'), config)
+
+
 def help_page(module, argv, capsys):
     """What main(argv) prints before it exits; asserts it exits with status 0."""
     with pytest.raises(SystemExit) as e:
@@ -67,8 +74,7 @@ def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
     exits with status 0 before doing anything else. The page lists exactly the flags the
     script takes: a field it leaves out (a config that extends another script's, e.g.
     distill.py's of train.py's, decides some fields itself) is refused as an unknown option."""
-    script = importlib.import_module(module)
-    cls = getattr(script, config)
+    cls = config_class(module, config)
     out = help_page(module, [*section, flag], capsys)
     assert out.startswith(inspect.getdoc(cls))
     lines = out.split('flags (--name=value):\n', 1)[1].rstrip('\n').splitlines()
@@ -81,7 +87,7 @@ def test_help_lists_every_flag_with_its_default_and_description_then_exits_0(
         assert line.startswith(prefix), (line, prefix)
         assert line[len(prefix):].strip() == docs[name], line
     for name in set(names) - set(listed):
-        one_line_error(script.main, [*section, f'--{name}=1'], match='unknown option')
+        one_line_error(importlib.import_module(module).main, [*section, f'--{name}=1'], match='unknown option')
 
 
 def test_bench_help_lists_every_section(capsys):
@@ -103,7 +109,7 @@ def descriptions(cls):
 def test_every_config_field_has_a_description(module, config):
     """Every field of every script's config dataclass is a flag(default, description) with a
     non-empty description, so no flag is undocumented in --help."""
-    cls = getattr(importlib.import_module(module), config)
+    cls = config_class(module, config)
     for name, description in descriptions(cls).items():
         assert description.strip(), f"{config}.{name} has no description"
 
@@ -217,7 +223,6 @@ def test_dead_writers_temp_files_are_removed_and_live_ones_kept(tmp_path):
 def test_a_mark_names_its_writer_even_after_its_process_id_is_reused(tmp_path):
     """writer.<pid> and switch.<pid> hold their writer's start time: a live process that reused
     a dead writer's id is not taken for it; the writer itself, or an unmarked file, still is."""
-    from common import dead_writer, leave_mark, start_time
     live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
         for name in ('writer', 'switch'):

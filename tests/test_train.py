@@ -16,7 +16,7 @@ import torch
 import heads
 import train as T
 from common import TrainConfig, load_checkpoint, model_from_checkpoint
-from conftest import (TINY_FLAGS, one_line_error, run_cli, run_train, tiny_mtp, train_config,
+from conftest import (one_line_error, run_cli, run_train, tiny_mtp, train_config,
                       make_corpus, pattern_text)
 
 
@@ -466,14 +466,6 @@ def test_a_resume_names_the_shape_flag_its_sequential_heads_cannot_take(corpus, 
     one_line_error(lambda: run_train(corpus, tmp_path, '--init_from=resume', '--n_layer=3',
                                      '--head_type=sequential', '--max_iters=4'),
                    match="--n_layer=3 differs from the checkpoint's n_layer=2")
-
-
-def test_an_lr_below_the_default_min_lr_still_decays(corpus, tmp_path):
-    """min_lr not given: a tenth of a learning_rate below its default (the LR never rises)."""
-    flags = [f for f in TINY_FLAGS if not f.startswith('--min_lr')]
-    T.train(T.parse_config(flags + [f'--data_dir={corpus}', f'--out_dir={tmp_path}',
-                                    '--learning_rate=1e-4', '--max_iters=1']))
-    assert load_checkpoint(tmp_path / 'ckpt.pt')['config']['min_lr'] == pytest.approx(1e-5)
 
 
 def damaged_copy(ntp_ckpt, out, damage=None):
