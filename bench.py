@@ -382,11 +382,7 @@ def bench_train_one(argv):
             rss_before = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
         summary = train(cfg)
     step_ms, model = statistics.median(summary['step_ms'][args.warmup:]), summary['model']
-    # FLOPs per token: 6 per parameter (forward + backward; the tied unembedding runs once per
-    # head) + attention scores (PaLM appendix B)
-    c = model.config
-    flops = (6 * (model.num_params() + (c.n_future - 1) * c.vocab_size * c.n_embd)
-             + 12 * model.num_cache_layers() * c.n_embd * cfg.block_size)
+    flops = model.flops_per_token(cfg.block_size)
     result = dict(ms_per_iter=step_ms,
                   tokens_per_s=cfg.batch_size * cfg.block_size / step_ms * 1000,
                   params=model.num_params())

@@ -64,6 +64,13 @@ class MTPGPT(GPT):
     def num_cache_layers(self):
         return self.config.attach_layer + self.heads.cache_layers
 
+    def flops_per_token(self, block_size):
+        """Training FLOPs per token: 6 per parameter (forward + backward; the tied unembedding
+        runs once per head) + the attention scores (PaLM, appendix B)."""
+        c = self.config
+        return (6 * (self.num_params() + (c.n_future - 1) * c.vocab_size * c.n_embd)
+                + 12 * self.num_cache_layers() * c.n_embd * block_size)
+
     def whs_weights(self):
         """The WHS mixes: (heads that have one, attach_layer + 1), each row the coefficients c_l
         of h_0 .. h_attach, head 1 first (sequential heads: one row, the chain's entry z_2)."""

@@ -67,14 +67,16 @@ def eval_line(last_eval):
             f"{last_eval['val']['loss']:.4f} | val loss/top1/top5 per head: {heads}{whs}")
 
 
-def summarize(iter_num, losses, last_eval, step_ms, seconds, ckpt_path, model):
-    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT);
-    last_objective: the weighted MTP loss of the last step (what was minimized)."""
-    evaluated = lambda split, key: last_eval[split][key] if last_eval else None  # noqa: E731
+def summarize(iter_num, losses, evals, step_ms, seconds, ckpt_path, model):
+    """val_loss / train_loss: head 1's next-token loss (comparable with any GPT) at the last
+    evaluation; last_objective: the weighted MTP loss of the last step (what was minimized);
+    evals: every evaluation of this session (evaluate_splits)."""
+    last = evals[-1] if evals else None
+    evaluated = lambda split, key: last[split][key] if last else None  # noqa: E731
     return dict(iters=iter_num, last_objective=losses[max(losses)] if losses else None,
                 train_loss=evaluated('train', 'loss'), val_loss=evaluated('val', 'loss'),
-                val_heads=evaluated('val', 'heads'), whs=last_eval['whs'] if last_eval else None,
-                ms_per_iter=statistics.median(step_ms) if step_ms else None,
+                val_heads=evaluated('val', 'heads'), whs=last['whs'] if last else None,
+                ms_per_iter=statistics.median(step_ms) if step_ms else None, evals=evals,
                 time_s=seconds, ckpt=ckpt_path, losses=losses, step_ms=step_ms, model=model)
 
 

@@ -4,6 +4,7 @@
     python study.py --preset=cpu --results_dir=results     # converged models, 3 seeds: ~2 h here
     python study.py                                        # the full setting (bigger: a GPU)
     python study.py --preset=paper --init_from=EleutherAI/pythia-410m --corpora=text.txt  # GPU
+    python study.py --preset=pretrain --results_dir=results  # NTP or MTP from scratch? 3 seeds
 
 For every corpus (tiny Shakespeare, open-ended; `counting`, the numbers 1.. in words, nearly
 deterministic), size in `sizes` and seed: an NTP base model; FT NTP, the base fine-tuned for as
@@ -14,14 +15,20 @@ layer probes (probes.py), the size curve over `curve_sizes` (2nd and 3rd token b
 marginalization vs 3 heads: the paper's Figure 1) and the attach_layer sweep (frozen trunk).
 With init_from (--preset=paper) the base is that pretrained model, whose tokenizer reads the
 corpus: the paper's Table 1, without runs from scratch, probes, convergence, curve or sweep.
+--preset=pretrain (table=pretrain) is the pretraining lab instead: per corpus (tiny Shakespeare;
+`python`, the standard library's source), size and seed, NTP and MTP with 4 heads trained from
+scratch at the same FLOPs (PRETRAIN: each loss schedule, and block heads), with the NTP runs'
+layer probes (run_pretrain_cell).
 Results: study_<preset>.md / .json and PNGs (matplotlib optional) in results_dir. Finished runs
 and evaluations are reused, so a killed study resumes, and corpora can run in parallel processes
 (--corpora=counting & --corpora=shakespeare_char), a last run assembling the report.
 """
+import glob
 import hashlib
 import json
 import os
 import statistics
+import sysconfig
 import time
 from dataclasses import dataclass, asdict, replace
 from functools import partial
@@ -31,7 +38,8 @@ import torch
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
                     load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
-from data.text import val_prompts, read_text, token_file
+from data.text import val_prompts, read_text, token_file, load_meta
+from heads import MTPGPT, MTPConfig
 from data.prepare import SHAKESPEARE, prepare
 import train as trainer
 from report import printable
@@ -45,11 +53,13 @@ from bench import measure
 class StudyConfig:
     """python study.py [--preset=quick|cpu] [--name=value ...]
 The paper's study at small scale: strategies, marginalization, probes and a size curve."""
-    preset: str = flag('', "quick | cpu | paper: its defaults (PRESETS), then the flags")
+    preset: str = flag('', "quick | cpu | paper | pretrain: its defaults (PRESETS), then flags")
+    table: str = flag('strategies', "strategies: adapt NTP bases (the paper) | pretrain: MTP "
+                                    "from scratch against NTP at matched compute")
     out_dir: str = flag('out-study', "data, runs and checkpoints")
     results_dir: str = flag('', "study_<preset>.md / .json / *.png (default out_dir)")
     corpora: str = flag('shakespeare_char,counting',
-                        "names, or paths to text files (char tokenizer)")
+                        "names (shakespeare_char, counting, python) or text files")
     shakespeare: str = flag('', "tiny Shakespeare's text (default: the shipped data/ copy)")
     sizes: str = flag('M,L', "model sizes of the strategies table, see SIZES")
     curve_sizes: str = flag('M,L,XL,XXL', "model sizes of the size curve ('' = none)")
@@ -96,6 +106,11 @@ PRESETS = {
                   head_warmup_iters=250, adapt_lr=1.5e-4, batch_size=16, block_size=512,
                   eval_iters=20, positions=2048, decode_prompts=10, decode_tokens=128,
                   sweep=False, convergence='', probes=False),
+    # the pretraining lab: NTP and MTP from scratch at matched compute, 3 seeds, 2 genres
+    'pretrain': dict(table='pretrain', corpora='shakespeare_char,python', sizes='S,M',
+                     curve_sizes='', seeds=3, base_iters=2000, batch_size=16, block_size=64,
+                     eval_iters=50, positions=4096, probe_positions=8192, decode_prompts=20,
+                     decode_tokens=32, sweep=False, convergence=''),
 }
 STRATEGIES = {  # name -> train.py flags for the adaptation (None: the study's value)
     'heads only (frozen trunk)': dict(freeze_trunk=True),
@@ -131,8 +146,24 @@ def counting_text(n=60000):
     return ',\n'.join(words(i) for i in range(1, n + 1)) + '\n'
 
 
+def python_text(n_chars=1_000_000):
+    """Real code, a genre apart from prose: the Python standard library's own source (this
+    interpreter's Lib/*.py by file name, printable ASCII), its first n_chars characters."""
+    parts, size = [], 0
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()['stdlib'], '*.py'))):
+        with open(path, encoding='utf-8', errors='ignore') as f:
+            parts.append(''.join(c for c in f.read() if c == '\n' or ' ' <= c <= '~'))
+        size += len(parts[-1])
+        if size >= n_chars:
+            break
+    return ''.join(parts)[:n_chars]
+
+
+GENERATED = {'counting': counting_text, 'python': python_text}  # corpora written here
+
+
 def prepare_corpus(name, cfg):
-    """data dir of a corpus (shakespeare_char, counting or a text file), prepared once:
+    """data dir of a corpus (shakespeare_char, counting, python or a text file), prepared once:
     char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
     tokenizer = 'bpe' if cfg.init_from in GPT2_SIZES else 'char'
     if cfg.init_from.startswith(PYTHIA):
@@ -143,8 +174,8 @@ def prepare_corpus(name, cfg):
             raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
                             f"Face one (a char vocabulary is fixed by its own corpus)")
         tokenizer = meta.get('name', 'bpe')
-    stem = name if name in ('shakespeare_char', 'counting') else os.path.basename(name).split(
-        '.')[0] + '-' + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:6]  # (its path)
+    stem = name if name == 'shakespeare_char' or name in GENERATED else os.path.basename(
+        name).split('.')[0] + '-' + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:6]
     data_dir = os.path.join(cfg.out_dir, 'data', stem + (
         '' if tokenizer == 'char' else '-' + slug(tokenizer)))  # (two a.txt: two datasets)
     if os.path.isfile(os.path.join(data_dir, 'meta.json')):
@@ -152,10 +183,11 @@ def prepare_corpus(name, cfg):
     path = (cfg.shakespeare or SHAKESPEARE) if name == 'shakespeare_char' else name
     if name == 'shakespeare_char' and not os.path.isfile(path):
         raise UserError(f"tiny Shakespeare not found at {path}: pass --shakespeare=PATH")
-    if name != 'counting' and not os.path.isfile(path):
-        raise UserError(f"corpus not found: {name} (use shakespeare_char, counting or a text file)")
+    if name not in GENERATED and not os.path.isfile(path):
+        raise UserError(f"corpus not found: {name} (use shakespeare_char, counting, python or a "
+                        f"text file)")
     try:
-        prepare(counting_text() if name == 'counting' else read_text(path, 'corpus'), data_dir,
+        prepare(GENERATED[name]() if name in GENERATED else read_text(path, 'corpus'), data_dir,
                 tokenizer)
     except (ValueError, OSError) as e:  # an empty text; a tokenizer that cannot load (offline)
         raise UserError(f"cannot prepare corpus {name} with the {tokenizer} tokenizer "
@@ -255,9 +287,10 @@ def scores(row):
                 second_top5=row['top5'][-1], second_top1=row['top1'][-1])
 
 
-def decode_speed(model, data_dir, cfg):
-    """Greedy self-speculative vs vanilla decoding of fixed val prompts as bench.py decode measures
-    it (one thread: small models decode latency bound): tau, speedup, identical (it must be)."""
+def decode_speed(model, data_dir, cfg, temperature=0.0):
+    """Self-speculative vs vanilla decoding of fixed val prompts as bench.py decode measures it
+    (one thread: small models decode latency bound): tau, speedup, identical (greedy: it must
+    be; None when sampling)."""
     prompt_len = cfg.block_size // 2
     prompts = val_prompts({}, os.path.join(data_dir, 'val.bin'), cfg.decode_prompts, prompt_len)
     new = min(cfg.decode_tokens, model.config.block_size - prompt_len)
@@ -268,8 +301,8 @@ def decode_speed(model, data_dir, cfg):
     try:
         for decode in modes.values():  # warm-up
             decode(prompts[0], temperature=0.0)
-        row = measure(modes, prompts, str(next(model.parameters()).device), 1, 0, True,
-                      temperature=0.0)['self']
+        row = measure(modes, prompts, str(next(model.parameters()).device), 1, 0,
+                      temperature == 0, temperature=temperature)['self']
     finally:
         torch.set_num_threads(threads)
     return {k: row[k] for k in ('tau', 'speedup', 'identical')}
@@ -366,6 +399,121 @@ def run_extras(cfg, cell, curve, in_table, log):
 
 
 # -----------------------------------------------------------------------------
+# the pretraining lab (table=pretrain): MTP from scratch against NTP, at matched compute
+
+PRETRAIN = {  # name -> train.py flags of a run from scratch
+    'NTP': dict(n_future=1),
+    'MTP 4 sequential, constant': dict(n_future=4, head_type='sequential'),
+    'MTP 4 sequential, geometric': dict(n_future=4, head_type='sequential', mtp_decay=0.5),
+    'MTP 4 sequential, curriculum': dict(n_future=4, head_type='sequential',
+                                         loss_schedule='curriculum'),
+    'MTP 4 sequential, shrinking': dict(n_future=4, head_type='sequential',
+                                        loss_schedule='shrink'),
+    'MTP 4 block, constant': dict(n_future=4, head_type='block'),
+}
+LAB_COLUMNS = ('val_loss', 'top1', 'tau', 'speedup', 'tau_sampled', 'speedup_sampled',
+               'ms_per_iter', 'iters')
+
+
+def run_pretrain_cell(cfg, data_dir, size, seed, log):
+    """One seed's runs from scratch, each for the iterations that spend the FLOPs of base_iters
+    NTP iterations (MTPGPT.flops_per_token at every head: a schedule's skipped heads are not
+    refunded), and per run: head 1's val loss and top-1, tau and speedup of greedy and T = 0.8
+    self-speculative decoding, ms per iteration, and its val loss at each evaluation against the
+    FLOPs spent. Then the NTP run's layer probes. Returns (rows, probes)."""
+    cell = dict(data_dir=data_dir, size=size, seed=seed, dir=os.path.join(
+        cfg.out_dir, 'runs', f"{os.path.basename(data_dir)}-pretrain-{size}-s{seed}"))
+    shape = dict(zip(('n_layer', 'n_head', 'n_embd'), SIZES[size]))
+    flops = {name: MTPGPT(MTPConfig(  # per iteration
+        vocab_size=load_meta(data_dir)['vocab_size'], block_size=cfg.block_size, **shape,
+        n_future=flags['n_future'], head_type=flags.get('head_type', 'block'))
+    ).flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
+        for name, flags in PRETRAIN.items()}
+    rows, ckpts = [], {}
+    for name, flags in PRETRAIN.items():
+        iters = round(cfg.base_iters * flops['NTP'] / flops[name])
+        ckpts[name], run = run_training(cfg, cell, slug(name), max_iters=iters,
+                                        eval_interval=max(1, iters // 10), **flags)
+        head1 = run['val_heads'][0]
+        row = dict(strategy=name, iters=iters, ms_per_iter=run['ms_per_iter'],
+                   val_loss=head1['loss'], top1=head1['top1'],
+                   curve=[(e['iter'] * flops[name], e['val']['heads'][0]['loss'])
+                          for e in run['evals']])
+        if flags['n_future'] > 1:
+            row.update(cached(cfg, cell, slug(name) + '-decode', [ckpts[name]], lambda: dict(
+                decode_speed(model_at(ckpts[name], cfg), data_dir, cfg), **{
+                    f"{k}_sampled": v for k, v in decode_speed(
+                        model_at(ckpts[name], cfg), data_dir, cfg, 0.8).items()})))
+        rows.append(row)
+    probes = cached(cfg, cell, 'probes', [ckpts['NTP']], lambda: layer_probes(
+        model_at(ckpts['NTP'], cfg), tokens_of(data_dir, 'train'), tokens_of(data_dir, 'val'),
+        cfg.probe_positions, cfg.positions))
+    log(f"{os.path.basename(cell['dir'])}: done")
+    return rows, probes
+
+
+def peaks(probes):
+    """Per seed, for x_{t+1} and x_{t+2}: the layer where the probe's top-1 peaks, and top-1 at
+    the last layer minus the best below it (< 0: the token is read better below the top)."""
+    result = []
+    for p in probes:
+        top1 = p['probe']['top1']
+        result.append(dict(best=[max(p['layers'], key=lambda layer: top1[k][layer])
+                                 for k in (0, 1)],
+                           last_minus_below=[top1[k][-1] - max(top1[k][:-1]) for k in (0, 1)]))
+    return result
+
+
+def markdown_pretrain(results, cfg):
+    lines = ['## MTP from scratch against NTP, at matched compute', '',
+             f"Every run spends the FLOPs of {cfg.base_iters} NTP iterations (an MTP run gets "
+             f"fewer iterations), batch {cfg.batch_size} x {cfg.block_size} tokens. Head 1's val "
+             f"loss and top-1 on {cfg.eval_iters} fixed val batches; Δ: minus NTP of the same "
+             f"seed, mean [95% t interval]; τ and speedup of self-speculative decoding (greedy "
+             f"and T = 0.8), one thread. Mean ± half-range over seeds.", '']
+    cols = ('iters', 'ms_per_iter', 'val_loss', 'top1', 'tau', 'speedup', 'tau_sampled',
+            'speedup_sampled')
+    for key, cell in results['pretrain'].items():
+        deltas = {row['strategy']: row for row in cell['paired']}
+        lines += [f"**{key}** ({cell['params']}, {cell['seeds']} seeds)", '',
+                  '| run | iters | ms/iter | head-1 val loss | Δ loss | top-1 | Δ top-1 | τ | '
+                  'speedup | τ T=0.8 | speedup T=0.8 |', '|---|' + '---|' * 10]
+        for row in cell['table']:
+            d = deltas.get(row['strategy'])
+            cells = [fmt(row[c], row[c + '_spread'], 0 if c in ('iters', 'ms_per_iter') else 3)
+                     if c in row else '-' for c in cols]
+            for i, col in ((3, 'val_loss'), (5, 'top1')):
+                cells.insert(i, '-' if d is None else interval(d[col]['mean'], d[col]['ci95']))
+            lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
+        lines += ['', "Greedy self-speculative output identical to vanilla: " + (
+            'yes, every run and seed' if all(r['identical'] for r in cell['table']) else 'NO'), '']
+    lines += ['## Where the layers read the next tokens', '',
+              'Linear probes of every layer of the NTP runs (layer 0: the embeddings), every '
+              'seed: the layer where top-1 peaks for x_{t+1} and x_{t+2}, and top-1 at the last '
+              'layer minus the best layer below it (mean [95% t interval]; < 0: read better '
+              'below the top).', '',
+              '| corpus / size | layers | x_{t+1} peaks at | x_{t+2} peaks at | last minus below, '
+              'x_{t+1} | last minus below, x_{t+2} |', '|---|---|---|---|---|---|']
+    for key, cell in results['pretrain'].items():
+        found = peaks(cell['probes'])
+        diffs = [[f['last_minus_below'][k] for f in found] for k in (0, 1)]
+        lines.append(f"| {key} | 0..{cell['probes'][0]['layers'][-1]} | " + ' | '.join(
+            ', '.join(str(f['best'][k]) for f in found) for k in (0, 1)) + ' | ' + ' | '.join(
+            interval(statistics.fmean(d), ci95(d)) for d in diffs) + ' |')
+    return lines + ['']
+
+
+def ci95(values):
+    """Half-width of the 95% t interval of the mean of values (Student's t, n - 1 dof)."""
+    n = len(values)
+    return T95.get(n - 1, 1.96) * statistics.stdev(values) / n ** 0.5 if n > 1 else 0.0
+
+
+def interval(mean, half):
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+
+
+# -----------------------------------------------------------------------------
 # statistics over seeds, and the report
 
 def spread(values):
@@ -373,12 +521,12 @@ def spread(values):
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
-def aggregate(rows_per_seed):
+def aggregate(rows_per_seed, columns=COLUMNS):
     """Mean and spread over seeds, row by row; the WHS mix's mean."""
     table = []
     for rows in zip(*rows_per_seed):
         entry = dict(strategy=rows[0]['strategy'])
-        for col in COLUMNS:
+        for col in columns:
             values = [r[col] for r in rows if r.get(col) is not None]
             if values:
                 entry[col], entry[col + '_spread'] = spread(values)
@@ -401,8 +549,7 @@ def paired(rows_per_seed, reference='joint fine-tuning', cols=('second_top1', 's
         for col in cols:
             diffs = [row[col] - ref[col] for row, ref in zip(rows, refs)]
             sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs), sd=sd,
-                              ci95=T95.get(len(diffs) - 1, 1.96) * sd / len(diffs) ** 0.5)
+            entry[col] = dict(diffs=diffs, mean=statistics.fmean(diffs), sd=sd, ci95=ci95(diffs))
         result.append(entry)
     return result
 
@@ -441,10 +588,11 @@ def markdown_strategies(key, cell):
                       f"per seed:", '', f"| row | Δ {label} top-1 | per seed | Δ {label} top-5 | "
                       f"per seed |", '|---|---|---|---|---|']
             for row in table:
-                lines.append(f"| {row['strategy']} | " + ' | '.join(
-                    f"{d['mean']:+.3f} [{d['mean'] - d['ci95']:+.3f}, "
-                    f"{d['mean'] + d['ci95']:+.3f}] | " + ' '.join(f"{x:+.3f}" for x in d['diffs'])
-                    for d in (row[f'{col}_top1'], row[f'{col}_top5'])) + ' |')
+                cells = []
+                for d in (row[f'{col}_top1'], row[f'{col}_top5']):
+                    cells += [interval(d['mean'], d['ci95']),
+                              ' '.join(f"{x:+.3f}" for x in d['diffs'])]
+                lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
     if cell.get('sweep'):
         lines += ['', "attach_layer sweep (frozen trunk, seed 0), 2nd-token top-5: " + ', '.join(
             f"layer {s['attach_layer']}: {s['second_top5']:.3f}" for s in cell['sweep'])]
@@ -452,6 +600,10 @@ def markdown_strategies(key, cell):
 
 
 def markdown(results, cfg, command, seconds):
+    if cfg.table == 'pretrain':
+        return '\n'.join([f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute "
+                          f"{seconds / 60:.1f} min (training and evaluation, summed over "
+                          f"processes).", ''] + markdown_pretrain(results, cfg))
     new = min(cfg.decode_tokens, cfg.block_size - cfg.block_size // 2)
     lines = [f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute {seconds / 60:.1f} "
              f"min (training and evaluation, summed over processes). Base models "
@@ -499,7 +651,7 @@ def markdown(results, cfg, command, seconds):
 
 
 def plots(results, stem):
-    """PNG paths: the size curve and the probes per corpus."""
+    """PNG paths: the size curve, the probes and the pretraining lab's val loss per corpus."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -531,6 +683,18 @@ def plots(results, stem):
             ax.set(xlabel='layer / L (0 = embeddings)', ylabel='top-1',
                    title=f"{corpus}: x_{{t+{k + 1}}} from each layer")
             ax.legend(fontsize=7)
+    for corpus in sorted({key.split(' / ')[0] for key in results['pretrain']}):
+        keys = [key for key in results['pretrain'] if key.startswith(corpus + ' / ')]
+        fig, axes = figures[f"{stem}_{corpus}.png"] = plt.subplots(
+            1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for runs in zip(*results['pretrain'][key]['per_seed']):  # one run, every seed
+                flops = [point[0] for point in runs[0]['curve']]
+                ax.plot(flops, [statistics.fmean(r['curve'][i][1] for r in runs)
+                                for i in range(len(flops))], marker='.', label=runs[0]['strategy'])
+            ax.set(xscale='log', xlabel='training FLOPs', ylabel='head-1 val loss, seed mean',
+                   title=key)
+            ax.legend(fontsize=7)
     for path, (fig, _) in figures.items():
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -543,6 +707,10 @@ def check_study_config(cfg):
     unknown = [s for s in f"{cfg.sizes},{cfg.curve_sizes}".split(',') if s and s not in SIZES]
     if unknown:
         raise UserError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+    if cfg.table not in ('strategies', 'pretrain'):
+        raise UserError(f"table must be strategies or pretrain, not {cfg.table!r}")
+    if cfg.table == 'pretrain' and cfg.init_from:
+        raise UserError("--table=pretrain trains every model from scratch: drop --init_from")
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
     if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
@@ -573,6 +741,15 @@ def run_corpus(cfg, corpus, results, log):
     data_dir = prepare_corpus(corpus, cfg)
     name = os.path.basename(corpus).split('.')[0]
     sizes = [s for s in cfg.sizes.split(',') if s]
+    for size in sizes if cfg.table == 'pretrain' else ():
+        cells = [run_pretrain_cell(cfg, data_dir, size, seed, log) for seed in range(cfg.seeds)]
+        rows = [rows for rows, _ in cells]
+        results['pretrain'][f"{name} / {size}"] = dict(
+            params=f"{SIZES[size][0]} layers, {SIZES[size][2]} dim", seeds=cfg.seeds,
+            table=aggregate(rows, LAB_COLUMNS), per_seed=rows, probes=[p for _, p in cells],
+            paired=paired(rows, 'NTP', ('val_loss', 'top1')) if cfg.seeds > 1 else [])
+    if cfg.table == 'pretrain':
+        return
     curve_sizes = [s for s in cfg.curve_sizes.split(',') if s]
     for size in sizes + [s for s in curve_sizes if s not in sizes]:
         in_table = size in sizes
@@ -600,7 +777,7 @@ def run_study(cfg, log=print, command='python study.py'):
     check_study_config(cfg)
     set_cpu_threads(cfg.threads)
     t0 = time.time()
-    results = dict(cells={}, curve={}, probes={}, convergence={})
+    results = dict(cells={}, curve={}, probes={}, convergence={}, pretrain={})
     for corpus in [c for c in cfg.corpora.split(',') if c]:
         run_corpus(cfg, corpus, results, log)
     results_dir = cfg.results_dir or cfg.out_dir

@@ -300,7 +300,7 @@ def train(cfg):
     dtype = 'float32' if isinstance(autocast, nullcontext) else 'bfloat16'
     log(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config.n_future} heads, "
         f"{dist.device}, {dtype}, {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens/iter")
-    losses, step_ms, last_eval, t0 = {}, [], None, time.time()
+    losses, step_ms, evals, t0 = {}, [], [], time.time()
     with tqdm(total=cfg.max_iters, initial=iter_num, disable=cfg.quiet or not dist.master,
               dynamic_ncols=True) as bar:
         while iter_num < cfg.max_iters:
@@ -322,20 +322,20 @@ def train(cfg):
             if iter_num % cfg.log_interval == 0:
                 bar.set_postfix(objective=f"{losses[iter_num]:.4f}", lr=f"{lr:.2e}")
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                last_eval = evaluate_splits(raw_model, eval_train, val_batches, cfg, autocast,
-                                            weights, iter_num)
-                best_val = min(best_val, last_eval['val']['loss'])
-                log(eval_line(last_eval))
+                evals.append(evaluate_splits(raw_model, eval_train, val_batches, cfg, autocast,
+                                             weights, iter_num))
+                best_val = min(best_val, evals[-1]['val']['loss'])
+                log(eval_line(evals[-1]))
                 states = dist.gather(dict(torch=torch.get_rng_state(),
                                           batches=train_batches.gen.get_state()))
                 if dist.master:  # everything a resume needs, every rank's RNG states included
                     save_checkpoint(dict(
                         model=raw_model.state_dict(), model_args=asdict(raw_model.config),
                         optimizer=strategy.optimizer.state_dict(), iter_num=iter_num,
-                        best_val_loss=best_val, config=asdict(cfg), meta=meta, eval=last_eval,
+                        best_val_loss=best_val, config=asdict(cfg), meta=meta, eval=evals[-1],
                         rng=dict(**states[0], ranks=states)), ckpt_path)
     dist.close()
-    return summarize(iter_num, losses, last_eval, step_ms, time.time() - t0, ckpt_path, raw_model)
+    return summarize(iter_num, losses, evals, step_ms, time.time() - t0, ckpt_path, raw_model)
 
 
 def main(argv):

@@ -157,6 +157,51 @@ def test_paired_next_token_differences_work_with_a_bpe_vocabulary(monkeypatch):
         study.markdown_strategies('text', cell))
 
 
+# -----------------------------------------------------------------------------
+# the pretraining lab: NTP and MTP from scratch at matched compute
+
+@pytest.fixture(scope='module')
+def tiny_lab(tmp_path_factory):
+    """The lab (table=pretrain) on a small counting corpus: one size, 2 seeds."""
+    tmp = tmp_path_factory.mktemp('lab')
+    corpus = tmp / 'tiny.txt'
+    corpus.write_text(study.counting_text(1500))
+    cfg = study.StudyConfig(table='pretrain', out_dir=str(tmp / 'lab'), corpora=str(corpus),
+                            sizes='qS', curve_sizes='', seeds=2, base_iters=30, batch_size=4,
+                            block_size=32, eval_iters=2, positions=40, probe_positions=200,
+                            decode_prompts=2, decode_tokens=8, device='cpu')
+    return cfg, *study.run_study(cfg, log=lambda message: None)
+
+
+@pytest.mark.slow
+def test_the_lab_trains_every_run_from_scratch_at_ntps_compute(tiny_lab):
+    """Every run of PRETRAIN, each for the iterations that spend base_iters NTP iterations'
+    FLOPs (so MTP runs get fewer), its val loss recorded at every evaluation; paired
+    differences to NTP; every MTP run decodes greedy speculative == vanilla."""
+    cfg, text, summary = tiny_lab
+    cell = summary['results']['pretrain']['tiny / qS']
+    assert [row['strategy'] for row in cell['table']] == list(study.PRETRAIN)
+    for rows in cell['per_seed']:
+        flops = {row['strategy']: row['curve'][-1][0] for row in rows}  # at the last iteration
+        per_iter = {row['strategy']: row['curve'][-1][0] / row['iters'] for row in rows}
+        for name, spent in flops.items():
+            assert abs(spent - flops['NTP']) <= per_iter[name] / 2, name  # the same, +- half a step
+        assert rows[0]['iters'] == cfg.base_iters and all(r['iters'] < cfg.base_iters
+                                                          for r in rows[1:])
+    assert [row['strategy'] for row in cell['paired']] == list(study.PRETRAIN)[1:]
+    for row in cell['table'][1:]:
+        assert 1.0 <= row['tau'] <= 4 and row['identical'] and row['tau_sampled'] >= 1.0
+    assert len(cell['probes']) == cfg.seeds and '## Where the layers read the next tokens' in text
+    assert all(len(line.split('|')) == 13 for line in text.splitlines()
+               if line.startswith('| MTP 4 '))
+
+
+def test_the_python_corpus_is_the_standard_librarys_source_in_printable_ascii():
+    text = study.python_text(20_000)
+    assert len(text) == 20_000 and text == study.python_text(20_000)  # the same every time
+    assert 'def ' in text and set(text) <= {'\n', *map(chr, range(32, 127))}
+
+
 # (study.py's arguments, a fragment of the one-line message)
 STUDY_ERRORS = [
     (['--nope=1'], 'unknown option'),
@@ -170,6 +215,8 @@ STUDY_ERRORS = [
     (['--init_from=gpt2', '--sweep=false'], 'init_from adapts one pretrained model'),
     ([f'--out_dir={__file__}/x'], 'cannot write to out_dir'),    # under a file: before compute
     (['--preset=paper', '--init_from=gpt2'], '--corpora=<a text file>'),  # not the CPU corpora
+    (['--table=both'], 'table must be strategies or pretrain'),
+    (['--preset=pretrain', '--init_from=gpt2'], 'trains every model from scratch'),
 ]
 
 
