@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import UserError
 from convert import GPT2_SIZES, PYTHIA, from_pretrained
 from heads import MTPGPT, MTPConfig
-from writers import remove_stale_temps
+from writers import remove_stale_temps, check_file
 
 
 # -----------------------------------------------------------------------------
@@ -40,8 +40,7 @@ def _convert(name, value, default):
 
 def read_preset(path):
     """[(name, value, where)] from a preset file of `name = value` lines (Python literals)."""
-    if not os.path.isfile(path):
-        raise UserError(f"preset file not found: {path}")
+    check_file(path, 'preset file')
     try:
         nodes = ast.parse(open(path).read(), path).body
         for node in nodes:
@@ -327,8 +326,7 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+    check_file(path, 'checkpoint')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:

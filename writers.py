@@ -3,6 +3,7 @@ Who writes a folder, so that nothing is lost (plumbing): an out_dir or a dataset
 at a time (writing: the mark writer.<pid>, a lock), files are written as NAME.tmp.<pid> and
 renamed into place, and what writers killed mid-write left behind is cleaned up or finished
 (dead_writer). A checkpoint that is not resumed is moved aside (set_aside), never destroyed.
+And a path given as a file to read is one (check_file).
 Imports: model <- writers <- common, data/prepare.py, train.py, distill.py.
 """
 import glob
@@ -12,6 +13,15 @@ import time
 from contextlib import contextmanager, suppress
 
 from model import UserError
+
+
+def check_file(path, what, hint=''):
+    """A one-line error unless path is a file to read: not found, a folder, a link to nowhere."""
+    if not os.path.isfile(path):
+        why = (f" {path} is a directory, not a file" if os.path.isdir(path) else
+               f" {path} is a link that leads nowhere (broken, or a loop)" if os.path.islink(path)
+               else f" not found: {path}")
+        raise UserError(what + why + (f"; {hint}" if hint else ''))
 
 
 def dead_writer(path, mine=False):

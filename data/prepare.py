@@ -21,7 +21,7 @@ import torch
 if __name__ == '__main__':  # a script in data/: the project's modules are one directory up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import UserError, flag, parse_flags, cli  # noqa: E402
-from writers import dead_writer, remove_stale_temps, leave_mark, writing  # noqa: E402
+from writers import dead_writer, remove_stale_temps, leave_mark, writing, check_file  # noqa: E402
 from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_file  # noqa: E402
 
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
@@ -107,9 +107,8 @@ class Batches:
     generated token: k - 1 targets per document, about 1% at distill.py's defaults."""
 
     def __init__(self, path, block_size, batch_size, device, seed, doc_len=0, doc_prompt=0):
-        if not os.path.isfile(path):
-            raise UserError(f"data file not found: {path}; run `python data/prepare.py` first "
-                            f"(or --input=FILE for a local text)")
+        check_file(path, 'data file', "run `python data/prepare.py` first (or --input=FILE for "
+                                      "a local text)")
         self.data = token_file(path)
         if len(self.data) < (doc_len or block_size + 2):
             raise UserError(f"{path} has {len(self.data)} tokens: too few for block_size "

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model import UserError
+from writers import check_file
 
 DATA = os.path.dirname(os.path.abspath(__file__))  # data/: a dataset's files are data/<dataset>
 BPE_ENCODING = 'r50k_base'  # GPT-2's BPE (identical to tiktoken's "gpt2")
@@ -147,8 +148,7 @@ def frequent_tokens(ckpt, n):
 def tokens_for(ckpt, path, hint):
     """The ids of a .bin file, checked to be the checkpoint's tokenizer's (every script's check):
     the meta.json beside it, if any, names that tokenizer; every id is below the vocab_size."""
-    if not os.path.isfile(path):
-        raise UserError(f"token file not found: {path}; {hint}")
+    check_file(path, 'token file', hint)
     folder = os.path.dirname(path) or '.'
     if ckpt.get('meta') and os.path.isfile(os.path.join(folder, 'meta.json')):
         if why := tokenizer_difference(ckpt['meta'], load_meta(folder)):
@@ -162,8 +162,7 @@ def tokens_for(ckpt, path, hint):
 
 
 def read_text(path, what='input file'):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
+    check_file(path, what)
     try:
         with open(path, encoding='utf-8') as f:
             return f.read()

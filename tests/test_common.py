@@ -239,6 +239,17 @@ def test_a_mark_names_its_writer_even_after_its_process_id_is_reused(tmp_path):
     assert (tmp_path / f'writer.{os.getpid()}').read_text() == start_time(os.getpid()) != ''
 
 
+def test_a_folder_or_a_link_to_nowhere_given_as_a_file_is_named_as_what_it_is(tmp_path):
+    """Not 'not found' for a folder, nor '[Errno 17] File exists' for a link in a loop."""
+    from data.text import read_text
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    assert one_line_error(load_checkpoint, str(tmp_path)) == \
+        f"checkpoint {tmp_path} is a directory, not a file"
+    assert 'is a link that leads nowhere' in one_line_error(load_checkpoint,
+                                                            str(tmp_path / 'loop'))
+    assert 'prompt file' in one_line_error(read_text, str(tmp_path), 'prompt file')
+
+
 def test_load_checkpoint_errors_are_one_line(tmp_path):
     """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
     good = tmp_path / 'good.pt'
