@@ -28,6 +28,7 @@ from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pic
                     autocast_for, load_model, cli)
 from writers import writing
 from data.text import data_dir_of, val_path, val_prompts
+from data.prepare import switch_in
 from batched import generate_batch, self_drafter
 from train import train, check_config
 from report import printable
@@ -63,37 +64,42 @@ FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_promp
          'trunk_lr_scale')
 
 
-def write_corpus(model, prompts, path, args, generator):
-    """Continue every prompt to seq_len tokens and write them, one after another, as uint16.
+def write_corpus(model, prompts, args, generator, name):
+    """Continue every prompt to seq_len tokens: the documents one after another, uint16 bytes.
     Batched self-speculative decoding (batched.generate_batch): each row distributed exactly as
     vanilla sampling (greedy: vanilla's tokens), the heads drafting as they will when decoding."""
-    new_tokens, n_drafts = args.seq_len - args.prompt_len, model.config.n_future - 1
-    with open(path + '.tmp', 'wb') as f:
-        for i in tqdm(range(0, len(prompts), args.gen_batch), desc=os.path.basename(path),
-                      dynamic_ncols=True, disable=args.quiet):
-            batch = prompts[i:i + args.gen_batch]
-            rows = generate_batch(model, batch, new_tokens, args.temperature, args.top_k,
-                                  args.top_p, generator=generator, n_drafts=n_drafts,
-                                  make_drafter=self_drafter(model))
-            seqs = [prompt + row.tokens for prompt, row in zip(batch, rows)]
-            f.write(np.array(seqs, dtype=np.uint16).tobytes())
-    os.replace(path + '.tmp', path)  # a half-written corpus never looks finished
+    new_tokens, n_drafts, docs = args.seq_len - args.prompt_len, model.config.n_future - 1, []
+    for i in tqdm(range(0, len(prompts), args.gen_batch), desc=name, dynamic_ncols=True,
+                  disable=args.quiet):
+        batch = prompts[i:i + args.gen_batch]
+        rows = generate_batch(model, batch, new_tokens, args.temperature, args.top_k,
+                              args.top_p, generator=generator, n_drafts=n_drafts,
+                              make_drafter=self_drafter(model))
+        docs += [prompt + row.tokens for prompt, row in zip(batch, rows)]
+    return np.array(docs, dtype=np.uint16).tobytes()
 
 
 def write_corpora(model, ckpt, source_val, args, cfg, device):
     """The train and val corpora, prompts cut from the checkpoint's own data, and a meta.json
     naming the tokenizer and where the real text is: prompts and evaluations of the distilled
-    model (bench.py, marginalize.py) use that, not this corpus (data.text.val_path). Seconds."""
-    generator, t0 = torch.Generator(device).manual_seed(cfg.seed), time.time()
+    model (bench.py, marginalize.py) use that, not this corpus (data.text.val_path). The three
+    files are switched in at once (data.prepare.switch_in): a failed write leaves the old ones.
+    Seconds."""
+    generator, t0, files = torch.Generator(device).manual_seed(cfg.seed), time.time(), {}
     with autocast_for(cfg.dtype, device):
         for split, n in (('train', args.num_sequences), ('val', args.val_sequences)):
             source = os.path.join(os.path.dirname(source_val), f'{split}.bin')
             starts = torch.Generator().manual_seed(cfg.seed + (split == 'val'))
             prompts = val_prompts(ckpt, source, n, args.prompt_len, starts, hint=(
                 "prompts are cut from the checkpoint's data: run data/prepare.py for its dataset"))
-            write_corpus(model, prompts, f'{cfg.data_dir}/{split}.bin', args, generator)
-    with open(os.path.join(cfg.data_dir, 'meta.json'), 'w') as f:
-        json.dump({**ckpt['meta'], 'source_data': os.path.dirname(os.path.abspath(source_val))}, f)
+            files[f'{split}.bin'] = write_corpus(model, prompts, args, generator, split)
+    files['meta.json'] = json.dumps({**ckpt['meta'], 'source_data': os.path.dirname(
+        os.path.abspath(source_val))}).encode()
+    try:
+        switch_in(files, cfg.data_dir)
+    except OSError as e:  # (a full disk, a file-size limit)
+        raise UserError(f"cannot write the corpus into {cfg.data_dir} ({e.strerror or e}): the "
+                        f"files there are unchanged")
     return time.time() - t0
 
 

@@ -2,7 +2,9 @@
 uses: fine-tuning an MTP checkpoint whole, and lambda_1 = 0 leaving head 1 untouched."""
 import json
 import os
+import resource
 import shutil
+import signal
 from dataclasses import asdict
 
 import numpy as np
@@ -186,6 +188,28 @@ def test_distill_user_errors(mtp_ckpt, ntp_ckpt, tmp_path, args, fragment):
     for out in ('out', 'copy'):  # refused before generating
         assert not (tmp_path / out / 'data' / 'train.bin').exists()
     assert open(tmp_path / 'copy' / 'ckpt.pt', 'rb').read() == open(mtp_ckpt, 'rb').read()
+
+
+def test_a_corpus_that_cannot_be_written_is_one_line_and_leaves_no_files(mtp_ckpt, tmp_path):
+    """Under a file-size limit (a full disk, in a forked child: RLIMIT_FSIZE) writing the corpus
+    fails with a one-line error, and no temporary or partial file is left in its data dir."""
+    out = tmp_path / 'distilled'
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+            distill.main([f'--ckpt={mtp_ckpt}', f'--out_dir={out}', '--num_sequences=96',
+                          '--val_sequences=16', '--prompt_len=4', '--seq_len=16', '--quiet=true',
+                          '--device=cpu'])
+        except UserError as e:
+            code = 0 if 'cannot write the corpus' in str(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert [path for path in out.rglob('*') if path.is_file()] == []  # (out_dir: nothing)
 
 
 def test_distill_never_writes_over_the_data_its_checkpoint_reads(corpus, tmp_path):
