@@ -31,8 +31,8 @@ from common import (UserError, TrainConfig, flag, parse_flags, MarginalizeFlags,
                     clock, load_model)
 from convert import to_hf
 from data.text import val_prompts, check_draft, frequent_tokens
-from metrics import marginalize_inputs, eval_windows, window_batch
-from marginalize import marginalize, marginalize_naive, check_cost
+from metrics import marginalize_inputs, eval_windows, window_batch, check_cost
+from marginalize import marginalize, marginalize_naive
 from heads import next_token_logits
 import batched
 import drafters
@@ -461,7 +461,7 @@ def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0,
 def bench_marginalize(argv):
     args = parse_flags(argv, MarginalizeBench())
     top_ks, model, tokens, source = marginalize_inputs(args, single_top_k=True)
-    check_cost(args, top_ks, model, tokens)
+    check_cost(args, top_ks, model, tokens, heads=False)  # (bench runs no heads row)
     result = dict(section='marginalize', ckpt=args.ckpt, data=source, **naive_vs_batched(
         model, tokens, args.positions, args.k_ahead, top_ks[0], args.top_p, args.max_paths,
         args.chunk_size, args.window, args.seed))

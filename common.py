@@ -252,7 +252,10 @@ def device_memory(device):
     """Bytes of memory of a device: a GPU's own, else the machine's."""
     if device.startswith('cuda'):
         return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):  # (no sysconf, as on Windows: no check)
+        return float('inf')
 
 
 def set_cpu_threads(n):

@@ -61,7 +61,7 @@ Self-distillation: the model writes its own corpus, heads 2..n learn it (trunk, 
 FIXED = ('init_from', 'data_dir', 'dataset', 'block_size', 'doc_len', 'doc_prompt', 'n_layer',
          'n_head', 'n_embd', 'bias', 'n_future', 'attach_layer', 'head_type', 'whs',
          'head_attention', 'mtp_weight', 'mtp_decay', 'freeze_trunk', 'head_warmup_iters',
-         'trunk_lr_scale')
+         'trunk_lr_scale', 'loss_schedule', 'schedule_frac')
 
 
 def write_corpus(model, prompts, args, generator, name):

@@ -12,6 +12,7 @@ the chain's entries), with its invariant written beside it:
             distributions they were drawn from
     propose: head states (..., C) -> (draft tokens, their q (..., V)): DraftVocab, the shared
             unembedding over the draft vocabulary, then the decoding's sampling settings (pick)
+head_scores: what each head drafts at every position of a sequence (marginalize.py's heads row).
 """
 import torch
 from torch.nn import functional as F

@@ -170,15 +170,15 @@ class MTPGPT(GPT):
         return model
 
 
-# -----------------------------------------------------------------------------
-# the loss
-
 def next_token_logits(model, idx, **kwargs):
     """Next-token logits (B, T, V) of a GPT, or of an MTPGPT's NTP path (trunk + head 1)."""
     if isinstance(model, MTPGPT):
         return model(idx, n_heads=1, **kwargs)[0][:, :, 0]
     return model(idx, **kwargs)[0]
 
+
+# -----------------------------------------------------------------------------
+# the loss
 
 def loss_weights_for(n_future, loss_weights=None, mtp_weight=1.0, decay=1.0):
     """lambda_1..lambda_n: a list, or lambda_1 = 1, lambda_k = mtp_weight * decay^(k-2)."""

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from heads import next_token_logits
 from drafters import head_scores
 from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
-from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch,
+from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch, tree_cost,
+                     check_cost, row_name,
                      format_table, Tally)
 
 
@@ -206,75 +207,12 @@ def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_pat
     return Estimate(probs, mass, forward_tokens, forwards)
 
 
-def tree_cost(n, k_ahead, top_k, max_paths, vocab_size, chunk_size=512):
-    """Upper bounds of marginalize's work on n positions beyond the cached forward: (tokens in
-    tree chunks, chunk forwards). A position has min(top_k^d, max_paths) paths of d tokens
-    (top_k = 0: all of V, so V^(k_ahead-1) at the last level); top_p can only prune."""
-    tokens = chunks = 0
-    branching = min(top_k or vocab_size, vocab_size)
-    for depth in range(1, k_ahead):
-        paths = n * min(branching ** depth, max_paths or branching ** depth)
-        tokens += paths * depth  # a leaf and at most depth - 1 ancestors
-        chunks += -(-paths // max(1, chunk_size // depth))
-    return tokens, chunks
-
-
-def check_cost(args, top_ks, model, tokens):
-    """Before any work: say when --positions exceeds the data, and refuse a table over
-    --max_forward_tokens or --max_seconds (probe_seconds). Returns its forward tokens, at most."""
-    n = len(tokens) - args.k_ahead  # the positions with targets
-    if 0 < n < args.positions:
-        print(f"note: --positions={args.positions}, but only {n} positions have k_ahead="
-              f"{args.k_ahead} targets in the data: all {n} are evaluated")
-    n, V = max(1, min(n, args.positions)), model.config.vocab_size
-    cost = {k: tree_cost(n, args.k_ahead, k, args.max_paths, V, args.chunk_size) for k in top_ks}
-    for top_k, (forward_tokens, _) in cost.items():
-        if forward_tokens > args.max_forward_tokens:
-            raise UserError(f"{row_name(top_k, args.top_p, args.max_paths)} with k_ahead="
-                            f"{args.k_ahead} on {n} positions needs up to "
-                            f"{min(forward_tokens, 10 ** 300):.1e} forward tokens, over "
-                            f"--max_forward_tokens={args.max_forward_tokens:.0e}: lower top_k or "
-                            f"k_ahead, set --max_paths, or raise --max_forward_tokens")
-    seconds = probe_seconds(model, tokens, args.chunk_size, sum(c for _, c in cost.values()), n)
-    if seconds > args.max_seconds:
-        raise UserError(f"this table would take about {seconds:,.0f} s here (from a timed probe), "
-                        f"over --max_seconds={args.max_seconds:g}: lower --positions, top_k or "
-                        f"k_ahead, set --max_paths, or raise --max_seconds")
-    return sum(forward_tokens for forward_tokens, _ in cost.values())
-
-
-@torch.no_grad()
-def probe_seconds(model, tokens, chunk_size, chunks, n):
-    """Seconds the table should take: `chunks` forwards of chunk_size tokens, one of them timed,
-    and the MTP heads' row (head_scores, a loop over the n positions) timed on a few."""
-    device = next(model.parameters()).device
-    size = min(chunk_size, model.config.block_size, len(tokens))
-    seq = torch.tensor([int(t) for t in tokens[:size]], device=device)
-    elapsed = clock(device)
-    next_token_logits(model, seq[None])
-    seconds = elapsed() * chunks * chunk_size / size
-    if getattr(model.config, 'n_future', 1) > 1:
-        elapsed, few = clock(device), min(8, size - 1)
-        head_scores(model, seq[:few + 1], few)
-        seconds += elapsed() / few * n
-    return seconds
-
-
 # -----------------------------------------------------------------------------
 # evaluation: the accuracy table
 
 def default_top_ks(vocab_size, all_vocab_max=128):
     """top_k 1 (greedy chaining), 2, 5, 10, 50 where below V, then all of V (0) if V is small."""
     return [k for k in (1, 2, 5, 10, 50) if k < vocab_size] + [0] * (vocab_size <= all_vocab_max)
-
-
-def row_name(top_k, top_p, max_paths):
-    # top_k = 1 ranks x_{t+k} exactly like greedy chaining: its estimate is p(argmax path) *
-    # p(x_{t+k} | argmax path), a constant times the greedy chain's distribution
-    name = {0: 'all V', 1: 'greedy (top_k=1)'}.get(top_k, f"top_k={top_k}")
-    name += f" top_p={top_p:g}" if top_p < 1 else ''
-    name += f" max_paths={max_paths}" if max_paths else ''
-    return name + (' (exact)' if name == 'all V' else '')
 
 
 @torch.no_grad()

@@ -1,12 +1,16 @@
 """
-Accuracy bookkeeping (token-weighted top-k counts, Tally, the accuracy table) and the windows of
-a token file that an evaluation reads. Imports: common, data.text <- metrics <- scripts.
+Accuracy bookkeeping (token-weighted top-k counts, Tally, the accuracy table), the windows of a
+token file that an evaluation reads, and what a marginalization costs (tree_cost; check_cost,
+the guard that refuses too costly a table before any work). Imports: common, data.text, heads,
+drafters <- metrics <- scripts.
 """
 import numpy as np
 import torch
 
-from common import UserError, check_ranges, pick_device, load_model
+from common import UserError, check_ranges, pick_device, load_model, clock
 from data.text import load_tokens
+from heads import next_token_logits
+from drafters import head_scores
 
 
 # -----------------------------------------------------------------------------
@@ -130,3 +134,76 @@ def window_batch(tokens, start, n, k_ahead, device):
                           device=device)
     targets = torch.stack([seq[k:k + n] for k in range(1, k_ahead + 1)], dim=1)
     return seq, targets
+
+
+# -----------------------------------------------------------------------------
+# what a marginalization costs, and the guard that refuses too costly a table
+
+def row_name(top_k, top_p, max_paths):
+    # top_k = 1 ranks x_{t+k} exactly like greedy chaining: its estimate is p(argmax path) *
+    # p(x_{t+k} | argmax path), a constant times the greedy chain's distribution
+    name = {0: 'all V', 1: 'greedy (top_k=1)'}.get(top_k, f"top_k={top_k}")
+    name += f" top_p={top_p:g}" if top_p < 1 else ''
+    name += f" max_paths={max_paths}" if max_paths else ''
+    return name + (' (exact)' if name == 'all V' else '')
+
+
+def tree_cost(n, k_ahead, top_k, max_paths, vocab_size, chunk_size=512):
+    """Upper bounds of marginalize's work on n positions beyond the cached forward: (tokens in
+    tree chunks, chunk forwards). A position has min(top_k^d, max_paths) paths of d tokens
+    (top_k = 0: all of V, so V^(k_ahead-1) at the last level); top_p can only prune."""
+    tokens = chunks = 0
+    branching = min(top_k or vocab_size, vocab_size)
+    for depth in range(1, k_ahead):
+        paths = n * min(branching ** depth, max_paths or branching ** depth)
+        tokens += paths * depth  # a leaf and at most depth - 1 ancestors
+        chunks += -(-paths // max(1, chunk_size // depth))
+    return tokens, chunks
+
+
+def check_cost(args, top_ks, model, tokens, heads=True):
+    """Before any work: say when --positions exceeds the data, and refuse marginalization rows
+    over --max_forward_tokens or --max_seconds (probe_seconds; heads: and the MTP heads' row).
+    Returns their forward tokens, at most."""
+    n = len(tokens) - args.k_ahead  # the positions with targets
+    if n < 1:
+        raise UserError(f"need more than k_ahead={args.k_ahead} tokens, got {len(tokens)}")
+    if n < args.positions:
+        print(f"note: --positions={args.positions}, but only {n} positions have k_ahead="
+              f"{args.k_ahead} targets in the data: all {n} are evaluated")
+    n, V = min(n, args.positions), model.config.vocab_size
+    cost = {k: tree_cost(n, args.k_ahead, k, args.max_paths, V, args.chunk_size) for k in top_ks}
+    for top_k, (forward_tokens, _) in cost.items():
+        if forward_tokens > args.max_forward_tokens:
+            raise UserError(f"{row_name(top_k, args.top_p, args.max_paths)} with k_ahead="
+                            f"{args.k_ahead} on {n} positions needs up to "
+                            f"{min(forward_tokens, 10 ** 300):.1e} forward tokens, over "
+                            f"--max_forward_tokens={args.max_forward_tokens:.0e}: lower top_k or "
+                            f"k_ahead, set --max_paths, or raise --max_forward_tokens")
+    chunks = sum(c for _, c in cost.values())
+    seconds = probe_seconds(model, tokens, args.chunk_size, chunks, n if heads else 0)
+    if seconds > args.max_seconds:
+        raise UserError(f"this table would take about {seconds:,.0f} s here (from a timed probe), "
+                        f"over --max_seconds={args.max_seconds:g}: lower --positions, top_k or "
+                        f"k_ahead, set --max_paths, or raise --max_seconds")
+    return sum(forward_tokens for forward_tokens, _ in cost.values())
+
+
+@torch.no_grad()
+def probe_seconds(model, tokens, chunk_size, chunks, n):
+    """Seconds marginalize.evaluate_table should take: `chunks` forwards of chunk_size tokens, one
+    of them timed, and the MTP heads' row (head_scores, a loop over n positions) timed on a few."""
+    device = next(model.parameters()).device
+    size = min(chunk_size, model.config.block_size, len(tokens))
+    seq = torch.tensor([int(t) for t in tokens[:size]], device=device)
+    next_token_logits(model, seq[None])  # (warm-up: allocations, kernels)
+    elapsed = clock(device)
+    next_token_logits(model, seq[None])
+    seconds = elapsed() * chunks * chunk_size / size
+    if getattr(model.config, 'n_future', 1) > 1:
+        few = min(8, size - 1)
+        head_scores(model, seq[:few + 1], 1)  # (warm-up)
+        elapsed = clock(device)
+        head_scores(model, seq[:few + 1], few)
+        seconds += elapsed() / few * n
+    return seconds

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, asdict, replace
@@ -466,8 +467,11 @@ def peaks(probes):
 
 def markdown_pretrain(results, cfg):
     lines = ['## MTP from scratch against NTP, at matched compute', '',
-             f"Every run spends the FLOPs of {cfg.base_iters} NTP iterations (an MTP run gets "
-             f"fewer iterations), batch {cfg.batch_size} x {cfg.block_size} tokens. Head 1's val "
+             f"Every run is charged the FLOPs of {cfg.base_iters} NTP iterations at every head (an "
+             f"MTP run gets fewer iterations; a schedule's skipped heads are not refunded, so "
+             f"curriculum and shrinking runs spend less), batch {cfg.batch_size} x "
+             f"{cfg.block_size} tokens; the python corpus is Python {sys.version.split()[0]}'s "
+             f"standard library. Head 1's val "
              f"loss and top-1 on {cfg.eval_iters} fixed val batches; Δ: minus NTP of the same "
              f"seed, mean [95% t interval]; τ and speedup of self-speculative decoding (greedy "
              f"and T = 0.8), one thread. Mean ± half-range over seeds.", '']

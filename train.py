@@ -69,7 +69,7 @@ def check_config(cfg):
         for name in names:  # (nan fails every comparison)
             if not (math.isfinite(getattr(cfg, name)) and ok(getattr(cfg, name))):
                 raise UserError(f"{name} must be a number {rule}, got {getattr(cfg, name)}")
-    if cfg.min_lr > cfg.learning_rate:
+    if cfg.min_lr > cfg.learning_rate and cfg.init_from != 'resume':  # (a resume continues)
         raise UserError(f"min_lr {cfg.min_lr} is above learning_rate {cfg.learning_rate}: the "
                         f"cosine schedule would raise the LR; give a lower --min_lr")
     with suppress(ValueError):  # (unparsable weights: training_strategy says so)
@@ -128,11 +128,9 @@ def check_fits(cfg, c, device):
     a parameter (weights, gradients, AdamW's moments), 34 per token, channel and layer (Korthikanti
     et al. 2022), 8 per token and vocabulary entry of each head (memory_efficient: one head)."""
     if cfg.block_size <= c.n_future:
-        raise UserError(f"block_size {cfg.block_size} leaves head {c.n_future} no target: use "
-                        f"block_size > n_future")
+        raise UserError(f"block_size {cfg.block_size} leaves head {c.n_future} no target")
     if cfg.block_size > c.block_size:
-        raise UserError(f"block_size {cfg.block_size} is larger than the model supports "
-                        f"({c.block_size})")
+        raise UserError(f"block_size {cfg.block_size} is more than the model's {c.block_size}")
     C, tokens, heads = c.n_embd, cfg.batch_size * cfg.block_size, c.n_future
     params = (12 * c.n_layer + 8 * (heads - 1)) * C ** 2 + (c.vocab_size + c.block_size) * C
     need = 16 * params + tokens * (34 * C * c.n_layer + 8 * c.vocab_size * (
@@ -166,8 +164,8 @@ def build_model(cfg, meta, ckpt=None, device='cpu'):
             model = model_from_checkpoint({**source_ckpt, 'model_args': {
                 **source_ckpt['model_args'], 'dropout': cfg.dropout}})
         else:
-            check_fits(cfg, MTPConfig(**{**asdict(source.config), 'n_future': cfg.n_future}),
-                       device)
+            check_fits(cfg, MTPConfig(**{**asdict(source.config), **{  # (from_gpt's model)
+                k: getattr(cfg, k) for k in MODEL[len(SHAPE):]}}), device)
             source.config.dropout = cfg.dropout  # from_gpt builds the new model from this config
             model = MTPGPT.from_gpt(source, cfg.n_future, cfg.attach_layer, cfg.head_type, cfg.whs,
                                     cfg.head_attention)
@@ -217,6 +215,8 @@ def training_strategy(model, cfg, device_type):
     except ValueError:
         raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
     loss_weights = loss_weights_for(model.config.n_future, explicit, cfg.mtp_weight, cfg.mtp_decay)
+    if cfg.loss_schedule != 'constant' and loss_weights[0] == 0:
+        raise UserError("a loss schedule ramps heads 2..n in or out: lambda_1 = 0 leaves no weight")
     for k, weight in enumerate(loss_weights, start=1):
         if weight == 0:  # untrained: out of the optimizer, and DDP must not wait for its gradient
             for p in model.head_parameters(k):
@@ -243,7 +243,7 @@ def scheduled_weights(weights, it, cfg):
         shrink      h = n until the last f of training, then shrinks to 1: the farthest head
                     ramps out first (the shrinking horizon of modded-nanogpt's speedrun)"""
     span = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else cfg.max_iters
-    n, t, f = len(weights), it / span, cfg.schedule_frac
+    n, t, f = len(weights), min(1, it / span), cfg.schedule_frac
     h = {'constant': n, 'curriculum': 1 + (n - 1) * min(1, max(0, t / f - 1)),
          'shrink': 1 + (n - 1) * min(1, (1 - t) / f)}[cfg.loss_schedule]
     return [w * min(1, max(0, h - k)) for k, w in enumerate(weights)]  # (k from 0 here)
@@ -262,8 +262,9 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
         with autocast:
             if cfg.memory_efficient:  # heads' forward + backward one at a time
                 loss = raw_model.backward_head_by_head(x, y, loss_weights, 1 / micro_steps)
-            else:  # (heads after the last weighted one are not computed)
-                n = max(k for k, w in enumerate(loss_weights, start=1) if w)
+            else:  # (a schedule's heads after the last weighted one are not computed)
+                n = len(loss_weights) if cfg.loss_schedule == 'constant' else max(
+                    k for k, w in enumerate(loss_weights, start=1) if w)
                 _, loss = model(x, y, loss_weights=loss_weights[:n], n_heads=n)
         if not torch.isfinite(loss):
             raise diverged(loss.item(), where, os.path.join(cfg.out_dir, 'ckpt.pt'))
@@ -278,9 +279,9 @@ def train_step(model, raw_model, batches, loss_weights, cfg, autocast, micro_ste
 
 def train(cfg):
     """Run a training job; returns the summary dict (also printed as the last JSON line)."""
-    ckpt = None
+    ckpt, ckpt_path = None, os.path.join(cfg.out_dir, 'ckpt.pt')
     if cfg.init_from == 'resume':  # the run's own flags first: they decide data and batches
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+        ckpt = load_checkpoint(ckpt_path)
         cfg = resumed_config(cfg, ckpt)
     check_config(cfg)
     dist = Distributed(cfg.device)
@@ -289,13 +290,12 @@ def train(cfg):
     meta, train_batches, val_batches, eval_train = load_data(cfg, dist.device, dist.rank)
     raw_model = build_model(cfg, meta, ckpt, dist.device)
     if ckpt is None and dist.master:  # (only now: a run that failed to start has moved nothing)
-        set_aside(os.path.join(cfg.out_dir, 'ckpt.pt'))
+        set_aside(ckpt_path)
     raw_model.to(dist.device)
     strategy = training_strategy(raw_model, cfg, dist.device.split(':')[0])
     iter_num, best_val = (0, float('inf')) if ckpt is None else restore(
         ckpt, strategy.optimizer, train_batches, dist.rank)
     model = dist.wrap(torch.compile(raw_model) if cfg.compile else raw_model)
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     log = (lambda s: None) if (cfg.quiet or not dist.master) else tqdm.write
     dtype = 'float32' if isinstance(autocast, nullcontext) else 'bfloat16'
     log(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config.n_future} heads, "

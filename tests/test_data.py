@@ -171,6 +171,7 @@ def deadly(function, point, calls):
     return call
 
 
+@pytest.mark.skipif(not os.path.exists('/proc/self/stat'), reason='start times: Linux /proc')
 def test_a_switch_whose_writers_id_was_reused_is_still_finished(tmp_path):
     """A prepare killed after its commit mark, its process id since taken by a live process:
     recover() still renames the whole new dataset in (the mark's start time is not the live

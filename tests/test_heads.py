@@ -337,3 +337,14 @@ def test_one_head_is_the_plain_gpt_whatever_the_head_type():
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in M.GPT(M.GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16,
                                              block_size=8)).parameters())
+
+
+def test_flops_per_token_counts_parameters_every_heads_unembedding_and_attention():
+    """By hand, for 2 layers of 16 channels, vocab 10, 8 positions, 3 sequential MLP heads:
+    6 FLOPs per parameter, the tied unembedding once more for heads 2 and 3, and 12 L C T for
+    the attention scores (only the trunk's 2 layers attend)."""
+    model = MTPGPT(MTPConfig(vocab_size=10, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                             n_future=3, head_type='sequential'))
+    params = sum(p.numel() for p in model.parameters()) - 8 * 16  # (no position embeddings)
+    assert model.flops_per_token(8) == 6 * (params + 2 * 10 * 16) + 12 * 2 * 16 * 8
+

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from common import UserError, save_checkpoint
-from metrics import eval_windows
+from metrics import eval_windows, probe_seconds, tree_cost
 from drafters import head_scores
 from heads import MTPGPT, MTPConfig
 import marginalize as M
@@ -86,7 +86,7 @@ def test_tree_cost_bounds_the_work_and_is_exact_for_k_ahead_2(model, tokens, k_a
     positions = torch.arange(len(tokens) - k_ahead)
     est = M.marginalize(model, tokens, positions, k_ahead, top_k, max_paths=max_paths,
                         chunk_size=16)
-    bound = M.tree_cost(len(positions), k_ahead, top_k, max_paths, V, chunk_size=16)
+    bound = tree_cost(len(positions), k_ahead, top_k, max_paths, V, chunk_size=16)
     done = (est.forward_tokens - len(tokens), est.forwards - 1)
     assert done == bound if k_ahead == 2 else all(d <= b for d, b in zip(done, bound))
 
@@ -274,8 +274,8 @@ def test_the_time_estimate_prices_the_heads_row_by_position():
     """The MTP heads' row is a loop over positions: it costs time even where no path does."""
     tokens = random_tokens(BLOCK).tolist()
     mtp, gpt = random_mtp(vocab=V, n_future=3, block_size=BLOCK), tiny_gpt(vocab_size=V)
-    assert M.probe_seconds(gpt, tokens, chunk_size=512, chunks=0, n=10_000) == 0
-    assert M.probe_seconds(mtp, tokens, chunk_size=512, chunks=0, n=10_000) > 0
+    assert probe_seconds(gpt, tokens, chunk_size=512, chunks=0, n=10_000) == 0
+    assert probe_seconds(mtp, tokens, chunk_size=512, chunks=0, n=10_000) > 0
 
 
 # (marginalize.py's arguments after --ckpt=<a checkpoint>, a fragment of the message);
@@ -288,6 +288,7 @@ MARGINALIZE_ERRORS = [
      ('needs up to', 'forward tokens', 'raise --max_forward_tokens')),
     # a timed probe prices the table (paths, and the heads' row: a loop over positions)
     (['--top_k=1', '--max_seconds=1e-9'], ('about', 'timed probe', 'raise --max_seconds')),
+    (['--input={tmp}/short.txt'], 'need more than k_ahead=3 tokens, got 1'),
     (['--nope=1'], 'unknown option'),
     (['--top_k=x'], 'top_k'),
     (['--ckpt='], '--ckpt=PATH is required'),
@@ -303,6 +304,7 @@ def test_bad_flags_are_one_line_user_errors(tmp_path, args, fragment):
     ckpt, _ = write_checkpoint(tmp_path, 'abcabcabd', n_future=1)
     np.array([0, 1, 2, 0, 1, 3] * 8, dtype=np.uint16).tofile(tmp_path / 'val.bin')
     (tmp_path / 'latin1.txt').write_bytes('caf\xe9 abc'.encode('latin-1'))
+    (tmp_path / 'short.txt').write_text('a')
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'empty' / 'val.bin').write_bytes(b'')
     one_line_error(M.main, [f'--ckpt={ckpt}', *[a.format(tmp=tmp_path) for a in args]],

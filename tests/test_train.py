@@ -3,6 +3,7 @@ strategies for adapted models (training_strategy: frozen trunk, head warmup, dif
 WHS group, zero-weight heads), rejects bad input with one-line errors, applies presets, and
 never replaces a good checkpoint with a diverged one."""
 import copy
+from contextlib import nullcontext
 import hashlib
 import math
 import os
@@ -187,6 +188,36 @@ def test_loss_schedules_move_the_horizon_one_head_at_a_time():
         [1, 0, 0, 0], [1, 0, 0, 0], [1, 0.5, 0.125, 0], weights, weights]
     # shrink: every head until the last quarter, then the farthest one out first
     assert at('shrink', 0, 750, 875, 1000) == [weights, weights, [1, 0.5, 0.125, 0], [1, 0, 0, 0]]
+
+
+def test_a_schedule_past_its_span_stays_at_its_end_and_needs_lambda_1(corpus, tmp_path):
+    """Past lr_decay_iters the horizon stays where the schedule ends (head 1 keeps its weight);
+    a schedule with lambda_1 = 0 would leave no weight at all: refused in one line."""
+    cfg = TrainConfig(loss_schedule='shrink', schedule_frac=0.5, max_iters=10, lr_decay_iters=5)
+    assert T.scheduled_weights([1.0, 0.5], 9, cfg) == [1.0, 0.0]
+    one_line_error(lambda: run_train(corpus, tmp_path, '--loss_schedule=curriculum',
+                                     '--loss_weights=0,1', '--max_iters=2'),
+                   match='lambda_1 = 0 leaves no weight')
+
+
+def test_the_constant_schedule_steps_exactly_as_the_full_mtp_loss(corpus):
+    """train_step with constant weights (a trailing 0 included) computes every head, as
+    model(x, y) does: the same loss and the same dropout draws."""
+    cfg = train_config(corpus, '/unused', '--n_future=3', '--dropout=0.1')
+    model = heads.MTPGPT(heads.MTPConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=32,
+                                         block_size=16, n_future=3, head_type='block',
+                                         dropout=0.1))
+    x, y = torch.randint(0, 32, (2, 2, 16))
+
+    class Once:
+        def next(self):
+            return x, y
+    torch.manual_seed(5)
+    loss = T.train_step(model, model, Once(), [1.0, 0.5, 0.0], cfg, nullcontext(), 1, 'test')
+    after_step = torch.get_rng_state()
+    torch.manual_seed(5)
+    assert loss == model(x, y, loss_weights=[1.0, 0.5, 0.0])[1].item()
+    assert torch.equal(after_step, torch.get_rng_state())  # head 3's dropout drawn too
 
 
 def test_the_curriculums_ntp_phase_is_plain_next_token_training(corpus, tmp_path):
