@@ -28,6 +28,8 @@ torchrun, bench.py subprocesses); CI runs everything.
 """
 import os
 import random
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -347,3 +349,22 @@ def one_line_error(source, *args, match=()):
     for fragment in [match] if isinstance(match, str) else match:
         assert fragment in line, (fragment, line)
     return line
+
+
+def fails_on_a_full_disk(action, expected, limit=4000):
+    """Whether action() fails with an error that expected(error) accepts when no file may grow
+    past limit bytes: a full disk, in a forked child (RLIMIT_FSIZE; writes fail with EFBIG)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            action()
+        except BaseException as e:
+            code = 0 if expected(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+

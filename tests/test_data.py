@@ -2,8 +2,6 @@
 offline CLI and its one-line errors."""
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 
@@ -14,7 +12,7 @@ import data.prepare as P
 from data.prepare import prepare
 from common import load_checkpoint
 from data.text import Tokenizer, load_meta
-from conftest import SHARED, one_line_error, run_cli
+from conftest import SHARED, fails_on_a_full_disk, one_line_error, run_cli
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         "Résumé — naïve café, 3.14 µs; tabs\tand  double  spaces!\n") * 20
@@ -227,19 +225,8 @@ def test_a_full_disk_leaves_the_old_dataset_and_no_temp_files(tmp_path):
     and no temporary file is left."""
     prepare(TEXT, str(tmp_path))
     old = dataset(tmp_path)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4000, resource.RLIM_INFINITY))
-            prepare(TEXT.upper() * 2, str(tmp_path))
-        except OSError:
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status  # it failed, as it should
+    assert fails_on_a_full_disk(lambda: prepare(TEXT.upper() * 2, str(tmp_path)),
+                                lambda error: isinstance(error, OSError))
     assert dataset(tmp_path) == old
 
 
