@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass, asdict, replace
 from functools import partial
@@ -732,18 +733,23 @@ def check_study_config(cfg):
 
 
 def check_writable(folder, what):
-    """folder could be made and written (its nearest existing ancestor is a writable folder),
-    checked without creating anything."""
+    """folder could be made and written: a file can be made in its nearest existing ancestor
+    (made and removed at once: nothing is left behind)."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
         raise UserError(f"cannot write to {what} {folder}: {existing} is not a writable folder")
 
 
 def run_corpus(cfg, corpus, results, log):
     data_dir = prepare_corpus(corpus, cfg)
     name = os.path.basename(corpus).split('.')[0]
+    if name in {key.split(' / ')[0] for table in results.values() for key in table}:
+        name = os.path.basename(data_dir)  # (two a.txt: keyed by their data dirs, a-<hash>)
     sizes = [s for s in cfg.sizes.split(',') if s]
     for size in sizes if cfg.table == 'pretrain' else ():
         cells = [run_pretrain_cell(cfg, data_dir, size, seed, log) for seed in range(cfg.seeds)]

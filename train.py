@@ -130,7 +130,7 @@ def check_fits(cfg, c, device):
     if cfg.block_size <= c.n_future:
         raise UserError(f"block_size {cfg.block_size} leaves head {c.n_future} no target")
     if cfg.block_size > c.block_size:
-        raise UserError(f"block_size {cfg.block_size} is more than the model's {c.block_size}")
+        raise UserError(f"--block_size={cfg.block_size} > the model's {c.block_size}: lower it")
     C, tokens, heads = c.n_embd, cfg.batch_size * cfg.block_size, c.n_future
     params = (12 * c.n_layer + 8 * (heads - 1)) * C ** 2 + (c.vocab_size + c.block_size) * C
     need = 16 * params + tokens * (34 * C * c.n_layer + 8 * c.vocab_size * (

@@ -69,6 +69,15 @@ def remove_stale_temps(path, mine=False):
                 os.remove(tmp)
 
 
+def folder_error(folder, what, error):
+    """The one-line error of a folder that cannot be made or written: what stands there, else
+    the system's reason."""
+    why = ('a link that leads nowhere (broken, or a loop)' if os.path.islink(folder) and
+           not os.path.exists(folder) else 'a file, not a folder' if os.path.isfile(folder)
+           else error.strerror or error)
+    return UserError(f"cannot write to {what} {folder}: {why}")
+
+
 def check_out_dir(out_dir):
     """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
     try:
@@ -76,7 +85,7 @@ def check_out_dir(out_dir):
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+        raise folder_error(out_dir, 'out_dir', e)
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
@@ -99,7 +108,7 @@ def writing(folder, what):
         os.makedirs(folder, exist_ok=True)
         leave_mark(mine)  # (first: of two writers starting together, both see the other)
     except OSError as e:
-        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}")
+        raise folder_error(folder, what, e)
     try:
         for mark in set(glob.glob(os.path.join(glob.escape(folder), 'writer.*'))) - {mine}:
             if not dead_writer(mark):

@@ -63,7 +63,7 @@ class Tokenizer:
 
 def load_meta(data_dir):
     """A dataset's meta.json, checked when read: JSON naming a tokenizer kind and an integer
-    vocab_size (a char tokenizer's characters are exactly its vocabulary)."""
+    vocab_size (a char tokenizer's characters are exactly its vocabulary; BPE is GPT-2's)."""
     path = os.path.join(data_dir, 'meta.json')
     try:
         with open(path) as f:
@@ -72,7 +72,8 @@ def load_meta(data_dir):
         raise UserError(f"cannot read {path} ({type(e).__name__}): re-run data/prepare.py")
     size = meta.get('vocab_size') if isinstance(meta, dict) else None
     if not (type(size) is int and size > 0 and meta.get('kind') in KINDS and (
-            meta['kind'] != 'char' or len(str(meta.get('chars', ''))) == size)):
+            meta['kind'] != 'char' or len(str(meta.get('chars', ''))) == size) and (
+            meta['kind'] != 'bpe' or (meta.get('encoding'), size) == (BPE_ENCODING, 50257))):
         raise UserError(f"{path} is not a dataset's meta.json (a tokenizer kind of "
                         f"{', '.join(KINDS)} and its vocab_size): re-run data/prepare.py")
     return meta
@@ -80,6 +81,9 @@ def load_meta(data_dir):
 
 def data_dir_of(dataset, data_dir=''):
     """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
+    if not data_dir and (dataset in ('', '.', '..') or '/' in dataset or os.sep in dataset):
+        raise UserError(f"--dataset={dataset!r} must name a folder in data/ (or give --data_dir "
+                        f"or --out_dir)")
     return data_dir or os.path.join(DATA, dataset)
 
 
@@ -99,12 +103,17 @@ def tokenizer_for(ckpt):
     if kind not in KINDS[:3]:
         raise UserError(f"the checkpoint's tokenizer kind {kind!r} is not one of char, bpe, hf")
     try:
-        return Tokenizer(ckpt['meta'])
+        tokenizer = Tokenizer(ckpt['meta'])
     except Exception as e:
         hint = ("a Hugging Face tokenizer needs transformers and a download or local copy"
                 if kind == 'hf' else "set TIKTOKEN_CACHE_DIR to a tiktoken cache")
         first = (str(e).splitlines() or [''])[0][:120]
         raise UserError(f"cannot load the tokenizer ({type(e).__name__}: {first}); offline? {hint}")
+    model = (ckpt.get('model_args') or {}).get('vocab_size', tokenizer.vocab_size)
+    if tokenizer.vocab_size > model or (kind != 'hf' and tokenizer.vocab_size != model):
+        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens, its model "
+                        f"{model}: its meta names another tokenizer than the model's")
+    return tokenizer
 
 
 def tokenizer_difference(meta, other):

@@ -252,6 +252,17 @@ def test_a_folder_or_a_link_to_nowhere_given_as_a_file_is_named_as_what_it_is(tm
     assert 'prompt file' in one_line_error(read_text, str(tmp_path), 'prompt file')
 
 
+def test_an_out_dir_that_is_a_link_in_a_loop_or_a_file_is_named_as_what_it_is(tmp_path):
+    from writers import writing
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    (tmp_path / 'afile').write_text('x')
+    for name, what in (('loop', 'a link that leads nowhere (broken, or a loop)'),
+                       ('afile', 'a file, not a folder')):
+        for check in (lambda: check_out_dir(str(tmp_path / name)),
+                      lambda: writing(str(tmp_path / name), 'out_dir').__enter__()):
+            assert one_line_error(check) == f"cannot write to out_dir {tmp_path / name}: {what}"
+
+
 def test_load_checkpoint_errors_are_one_line(tmp_path):
     """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
     good = tmp_path / 'good.pt'

@@ -169,6 +169,23 @@ def deadly(function, point, calls):
     return call
 
 
+@pytest.mark.parametrize('dataset', ['', '.', '..', 'a/b'])
+def test_a_dataset_name_that_is_not_a_folder_in_data_is_refused(dataset, tmp_path):
+    """--dataset= (or ., .., a path) never writes into data/ itself or beside it."""
+    (tmp_path / 'a.txt').write_text('some text. ' * 100)
+    one_line_error(P.main, [f'--dataset={dataset}', f'--input={tmp_path / "a.txt"}'],
+                   match='must name a folder in data/')
+
+
+@pytest.mark.parametrize('meta', [
+    {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 58},     # GPT-2's BPE has 50257
+    {'kind': 'bpe', 'chars': 'abc', 'vocab_size': 50257},            # no encoding
+    {'kind': 'bpe', 'encoding': 'cl999k', 'vocab_size': 50257}])     # not one prepare writes
+def test_a_meta_whose_bpe_kind_lies_is_refused_when_read(meta, tmp_path):
+    (tmp_path / 'meta.json').write_text(json.dumps(meta))
+    one_line_error(load_meta, str(tmp_path), match="is not a dataset's meta.json")
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/self/stat'), reason='start times: Linux /proc')
 def test_a_switch_whose_writers_id_was_reused_is_still_finished(tmp_path):
     """A prepare killed after its commit mark, its process id since taken by a live process:

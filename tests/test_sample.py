@@ -18,7 +18,7 @@ import torch
 
 import drafters
 import sample
-from common import UserError
+from common import UserError, load_checkpoint, save_checkpoint
 from data.text import encode_prompt, stop_tokens
 from conftest import (REPO, N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
                       exact_vanilla_distribution, one_line_error, random_mtp,
@@ -532,6 +532,16 @@ def test_cli_user_errors(counting_ckpt, tmp_path, args, fragment):
     paths = dict(ckpt=ckpt, other=counting_ckpt / 'other.pt', latin1=tmp_path / 'latin1.txt')
     one_line_error(sample.main, [f'--ckpt={ckpt}', *[a.format(**paths) for a in args]],
                    match=fragment)
+
+
+def test_a_checkpoint_whose_meta_names_another_tokenizer_than_its_model_is_refused(
+        counting_ckpt, tmp_path):
+    """A meta that lies (GPT-2's BPE for a char model): one line, not an index error."""
+    ckpt = load_checkpoint(str(counting_ckpt / 'ckpt.pt'))
+    ckpt['meta'] = {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257}
+    save_checkpoint(ckpt, str(tmp_path / 'liar.pt'))
+    one_line_error(sample.main, [f"--ckpt={tmp_path / 'liar.pt'}", '--prompt=Hello'],
+                   match='its meta names another tokenizer than the model')
 
 
 def test_cli_two_model_decoding_with_a_draft_checkpoint(counting_ckpt, capsys):

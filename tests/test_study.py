@@ -291,8 +291,24 @@ def test_corpora_are_prepared_apart_and_an_empty_one_is_a_one_line_error(tmp_pat
                    match=('cannot prepare corpus', 'empty'))
 
 
-def test_an_unwritable_results_dir_is_said_before_any_compute(tmp_path):
+def test_two_corpora_of_one_file_name_keep_a_row_each_in_the_report(tmp_path, monkeypatch):
+    """x/a.txt and y/a.txt: not one key 'a' (the second's results silently replacing the
+    first's), but keyed by their data dirs, a-<hash of the path>."""
+    cfg = study.StudyConfig(table='pretrain', out_dir=str(tmp_path / 'out'), sizes='qS', seeds=1)
+    monkeypatch.setattr(study, 'run_pretrain_cell', lambda *args: ([dict(strategy='NTP')], {}))
+    results = dict(cells={}, curve={}, probes={}, convergence={}, pretrain={})
+    for folder in ('x', 'y'):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'a.txt').write_text(folder * 3000)
+        study.run_corpus(cfg, str(tmp_path / folder / 'a.txt'), results, log=print)
+    assert len(results['pretrain']) == 2 and 'a / qS' in results['pretrain']
+
+
+@pytest.mark.parametrize('results_dir', ['{tmp}/afile/r', '/proc/no-such-folder'])
+def test_an_unwritable_results_dir_is_said_before_any_compute(tmp_path, results_dir):
+    """Under a file, or where no file can be made (even by root): before the compute."""
     (tmp_path / 'afile').write_text('x')
-    one_line_error(study.main, [f"--out_dir={tmp_path / 'o'}", f"--results_dir={tmp_path}/afile/r"],
-                   match=('cannot write to results_dir', 'afile'))
+    one_line_error(study.main, [f"--out_dir={tmp_path / 'o'}",
+                                f"--results_dir={results_dir.format(tmp=tmp_path)}"],
+                   match=('cannot write to results_dir', 'is not a writable folder'))
     assert not list((tmp_path / 'o').rglob('*.pt'))

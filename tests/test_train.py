@@ -429,7 +429,7 @@ TRAIN_ERRORS = [
     (['--init_from=resume', '--out_dir={truncated}'], 'corrupt'),
     (['--init_from=resume', '--out_dir={garbage}'], 'corrupt'),
     (['--init_from=resume'], 'not found'),
-    (['--init_from={ntp}', '--block_size=32'], 'block_size 32'),    # it was trained with 16
+    (['--init_from={ntp}', '--block_size=32'], "--block_size=32 > the model's 16"),
     (['--init_from={ntp}', '--n_layer=3'], ('--n_layer=3', 'n_layer=2', 'drop the flag')),
     (['--init_from={ntp}', '--n_future=1000000'], 'leaves head 1000000 no target'),
     (['--out_dir={blocker}'], ('cannot write to out_dir', 'blocker')),   # a file, not a folder
