@@ -490,8 +490,13 @@ def markdown_pretrain(results, cfg):
             for i, col in ((3, 'val_loss'), (5, 'top1')):
                 cells.insert(i, '-' if d is None else interval(d[col]['mean'], d[col]['ci95']))
             lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
+        last = '; '.join(f"{runs[0]['strategy']} " + ', '.join(
+            f"{statistics.fmean(r['curve'][i][1] for r in runs):.3f}" for i in range(-3, 0))
+            for runs in zip(*cell['per_seed']))
         lines += ['', "Greedy self-speculative output identical to vanilla: " + (
-            'yes, every run and seed' if all(r['identical'] for r in cell['table']) else 'NO'), '']
+            'yes, every run and seed' if all(r['identical'] for r in cell['table']) else 'NO'), '',
+                  f"Converged? Head-1 val loss at the last three evaluations, seed mean: {last}.",
+                  '']
     lines += ['## Where the layers read the next tokens', '',
               'Linear probes of every layer of the NTP runs (layer 0: the embeddings), every '
               'seed: the layer where top-1 peaks for x_{t+1} and x_{t+2}, and top-1 at the last '
