@@ -118,7 +118,7 @@ def decode_modes(model, ckpt, args, prompts, device):
     modes['hf-lookup'] = transformers_decoder(hf, n_new, prompt_lookup_num_tokens=args.lookup)
     if args.assistant:
         assistant, assistant_ckpt = load_model(args.assistant, device)
-        check_draft(ckpt, assistant_ckpt)  # (the same tokenizer, as --draft)
+        check_draft(ckpt, assistant_ckpt, 'assistant')  # (the same tokenizer, as --draft)
         modes['hf-assist'] = transformers_decoder(hf, n_new, to_hf(assistant))
     return modes
 

@@ -30,13 +30,13 @@ import os
 import statistics
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass, asdict, replace
 from functools import partial
 
 import torch
 
+from writers import check_writable
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
                     load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
@@ -735,19 +735,6 @@ def check_study_config(cfg):
     if cfg.preset == 'paper' and not cfg.init_from:
         raise UserError("--preset=paper adapts a pretrained model: add --init_from=EleutherAI/"
                         "pythia-410m (or another) and --corpora=<text file>")
-
-
-def check_writable(folder, what):
-    """folder could be made and written: a file can be made in its nearest existing ancestor
-    (made and removed at once: nothing is left behind)."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError:
-        raise UserError(f"cannot write to {what} {folder}: {existing} is not a writable folder")
 
 
 def run_corpus(cfg, corpus, results, log):

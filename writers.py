@@ -78,14 +78,24 @@ def folder_error(folder, what, error):
     return UserError(f"cannot write to {what} {folder}: {why}")
 
 
-def check_out_dir(out_dir):
-    """Write a file in out_dir now: an unwritable out_dir fails before training, in one line."""
+def check_writable(folder, what):
+    """Before the work: a one-line error unless folder can be made and written. A file is made
+    and removed at once in it, or in its nearest existing ancestor: nothing is left behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise folder_error(out_dir, 'out_dir', e)
+        raise folder_error(folder, what, e) if existing == os.path.abspath(folder) else \
+            UserError(f"cannot write to {what} {folder}: {existing} is not a writable folder")
+
+
+def check_out_dir(out_dir):
+    """An out_dir that cannot be written fails before training (check_writable); the temporary
+    files of checkpoint writers that were killed are cleaned up."""
+    check_writable(out_dir, 'out_dir')
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 

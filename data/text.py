@@ -138,10 +138,11 @@ def check_data_tokenizer(ckpt, meta, data_dir):
                         f"({why}): train on data prepared with the checkpoint's tokenizer")
 
 
-def check_draft(ckpt, draft_ckpt):
-    """A draft model must share the target's tokenizer, not just its vocabulary size."""
+def check_draft(ckpt, draft_ckpt, what='draft'):
+    """A draft model (or transformers' assistant) shares the target's tokenizer, not just its
+    vocabulary size."""
     if why := tokenizer_difference(draft_ckpt.get('meta'), ckpt.get('meta')):
-        raise UserError(f"the draft checkpoint's tokenizer differs from the target's ({why})")
+        raise UserError(f"the {what} checkpoint's tokenizer differs from the target's ({why})")
 
 
 def frequent_tokens(ckpt, n):

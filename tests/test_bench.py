@@ -177,7 +177,7 @@ BENCH_ERRORS = [
     (['decode', '--ckpt={ckpt}', '--repeats=0'], 'repeats'),
     (['decode', '--ckpt={ckpt}', '--assistant={ckpt}'], 'add --peers=true'),
     (['decode', '--ckpt={ckpt}', '--assistant={other}', '--peers=true', '--prompt_len=8',
-      '--max_new_tokens=8'], 'tokenizer differs'),
+      '--max_new_tokens=8'], "the assistant checkpoint's tokenizer differs"),
     (['train', '--iters=two'], 'expects int'),
     (['train', '--compare=n_future=2;nope=1'], 'unknown option'),  # before any variant runs
     (['marginalize', '--ckpt={ckpt}', '--positions=0'], 'positions'),

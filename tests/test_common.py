@@ -263,6 +263,12 @@ def test_an_out_dir_that_is_a_link_in_a_loop_or_a_file_is_named_as_what_it_is(tm
             assert one_line_error(check) == f"cannot write to out_dir {tmp_path / name}: {what}"
 
 
+def test_checking_an_out_dir_creates_nothing(tmp_path):
+    """A run refused after the check (distill.py's data checks) leaves no empty folder."""
+    check_out_dir(str(tmp_path / 'a' / 'b'))
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_checkpoint_errors_are_one_line(tmp_path):
     """Missing, truncated, garbage and non-nanoMTP files raise UserError with one line."""
     good = tmp_path / 'good.pt'
