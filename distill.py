@@ -144,8 +144,9 @@ def main(argv):
     if not source_val:
         raise UserError("the checkpoint names no dataset to cut prompts from")
     config = ckpt.get('config') or {}
-    read = {os.path.dirname(os.path.realpath(source_val)), os.path.realpath(
-        data_dir_of(config.get('dataset', ''), config.get('data_dir', '')))}
+    read = {os.path.dirname(os.path.realpath(source_val))} | ({os.path.realpath(data_dir_of(
+        config.get('dataset', ''), config.get('data_dir', '')))} if config.get('dataset') or
+        config.get('data_dir') else set())
     if os.path.realpath(cfg.data_dir) in read:
         raise UserError(f"--out_dir={args.out_dir} would write the corpus over {cfg.data_dir}, "
                         f"data the checkpoint was trained on: pick another --out_dir")

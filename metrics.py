@@ -183,7 +183,8 @@ def check_cost(args, top_ks, model, tokens, heads=True):
     chunks = sum(c for _, c in cost.values())
     seconds = probe_seconds(model, tokens, args.chunk_size, chunks, n if heads else 0)
     if seconds > args.max_seconds:
-        raise UserError(f"this table would take about {seconds:.3g} s here (from a timed probe), "
+        raise UserError(f"this table would take about {seconds:,.{0 if seconds >= 10 else 2}f} s "
+                        f"here (from a timed probe), "
                         f"over --max_seconds={args.max_seconds:g}: lower --positions, top_k or "
                         f"k_ahead, set --max_paths, or raise --max_seconds")
     return sum(forward_tokens for forward_tokens, _ in cost.values())

@@ -36,10 +36,10 @@ from functools import partial
 
 import torch
 
-from writers import check_writable
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
                     load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
+from writers import check_writable
 from data.text import val_prompts, read_text, token_file, load_meta
 from heads import MTPGPT, MTPConfig
 from data.prepare import SHAKESPEARE, prepare
@@ -490,13 +490,13 @@ def markdown_pretrain(results, cfg):
             for i, col in ((3, 'val_loss'), (5, 'top1')):
                 cells.insert(i, '-' if d is None else interval(d[col]['mean'], d[col]['ci95']))
             lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
-        last = '; '.join(f"{runs[0]['strategy']} " + ', '.join(
-            f"{statistics.fmean(r['curve'][i][1] for r in runs):.3f}" for i in range(-3, 0))
-            for runs in zip(*cell['per_seed']))
+        late = '; '.join(f"{runs[0]['strategy']} " + ', '.join(
+            f"{statistics.fmean(at_fraction(r['curve'], f) for r in runs):.3f}"
+            for f in (0.6, 0.8, 1.0)) for runs in zip(*cell['per_seed']))
         lines += ['', "Greedy self-speculative output identical to vanilla: " + (
             'yes, every run and seed' if all(r['identical'] for r in cell['table']) else 'NO'), '',
-                  f"Converged? Head-1 val loss at the last three evaluations, seed mean: {last}.",
-                  '']
+                  f"Converged? Head-1 val loss at 60%, 80% and 100% of each run's FLOPs (the "
+                  f"nearest evaluation), seed mean: {late}.", '']
     lines += ['## Where the layers read the next tokens', '',
               'Linear probes of every layer of the NTP runs (layer 0: the embeddings), every '
               'seed: the layer where top-1 peaks for x_{t+1} and x_{t+2}, and top-1 at the last '
@@ -511,6 +511,12 @@ def markdown_pretrain(results, cfg):
             ', '.join(str(f['best'][k]) for f in found) for k in (0, 1)) + ' | ' + ' | '.join(
             interval(statistics.fmean(d), ci95(d)) for d in diffs) + ' |')
     return lines + ['']
+
+
+def at_fraction(curve, fraction):
+    """The val loss of the evaluation nearest to fraction of a run's FLOPs; curve: [(FLOPs,
+    loss)], the last at the run's end."""
+    return min(curve, key=lambda point: abs(point[0] - fraction * curve[-1][0]))[1]
 
 
 def ci95(values):
@@ -717,6 +723,9 @@ def check_study_config(cfg):
     unknown = [s for s in f"{cfg.sizes},{cfg.curve_sizes}".split(',') if s and s not in SIZES]
     if unknown:
         raise UserError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+    corpora = [c for c in cfg.corpora.split(',') if c]
+    if len(set(corpora)) < len(corpora):
+        raise UserError(f"a corpus is listed twice in --corpora={cfg.corpora}")
     if cfg.table not in ('strategies', 'pretrain'):
         raise UserError(f"table must be strategies or pretrain, not {cfg.table!r}")
     if cfg.table == 'pretrain' and cfg.init_from:

@@ -3,8 +3,9 @@ Who writes a folder, so that nothing is lost (plumbing): an out_dir or a dataset
 at a time (writing: the mark writer.<pid>, a lock), files are written as NAME.tmp.<pid> and
 renamed into place, and what writers killed mid-write left behind is cleaned up or finished
 (dead_writer). A checkpoint that is not resumed is moved aside (set_aside), never destroyed.
-And a path given as a file to read is one (check_file).
-Imports: model <- writers <- common, data/prepare.py, train.py, distill.py.
+Before the work: a folder can be made and written (check_writable; folder_error says why not),
+a path given as a file to read is one (check_file).
+Imports: model <- writers <- common, data/, train.py, distill.py, study.py.
 """
 import glob
 import os

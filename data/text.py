@@ -80,10 +80,11 @@ def load_meta(data_dir):
 
 
 def data_dir_of(dataset, data_dir=''):
-    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>."""
+    """Where a dataset's train.bin / val.bin / meta.json live: data_dir, or data/<dataset>, a
+    dataset being a folder's name (not '', '.', '..' or a path: those would write into data/)."""
     if not data_dir and (dataset in ('', '.', '..') or '/' in dataset or os.sep in dataset):
-        raise UserError(f"--dataset={dataset!r} must name a folder in data/ (or give --data_dir "
-                        f"or --out_dir)")
+        raise UserError(f"the dataset {dataset!r} must name a folder in data/: give another "
+                        f"--dataset, or --data_dir (prepare.py: --out_dir)")
     return data_dir or os.path.join(DATA, dataset)
 
 

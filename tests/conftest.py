@@ -367,4 +367,3 @@ def fails_on_a_full_disk(action, expected, limit=4000):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-

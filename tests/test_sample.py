@@ -536,11 +536,12 @@ def test_cli_user_errors(counting_ckpt, tmp_path, args, fragment):
 
 def test_a_checkpoint_whose_meta_names_another_tokenizer_than_its_model_is_refused(
         counting_ckpt, tmp_path):
-    """A meta that lies (GPT-2's BPE for a char model): one line, not an index error."""
+    """A meta that lies (a larger vocabulary than the model's): one line, not an index error."""
     ckpt = load_checkpoint(str(counting_ckpt / 'ckpt.pt'))
-    ckpt['meta'] = {'kind': 'bpe', 'encoding': 'r50k_base', 'vocab_size': 50257}
+    chars = ckpt['meta']['chars'] + 'XYZ'  # three characters more than the model has rows
+    ckpt['meta'] = {'kind': 'char', 'chars': chars, 'vocab_size': len(chars)}
     save_checkpoint(ckpt, str(tmp_path / 'liar.pt'))
-    one_line_error(sample.main, [f"--ckpt={tmp_path / 'liar.pt'}", '--prompt=Hello'],
+    one_line_error(sample.main, [f"--ckpt={tmp_path / 'liar.pt'}", '--prompt=XYZ'],
                    match='its meta names another tokenizer than the model')
 
 

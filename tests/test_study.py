@@ -196,6 +196,13 @@ def test_the_lab_trains_every_run_from_scratch_at_ntps_compute(tiny_lab):
                if line.startswith('| MTP 4 '))
 
 
+def test_convergence_is_read_at_fixed_fractions_of_each_runs_flops():
+    """Not at each run's last evaluations, which a short run packs into its last iterations."""
+    curve = [(100, 3.0), (470, 2.5), (650, 2.3), (790, 2.2), (800, 2.1)]
+    assert [study.at_fraction(curve, f) for f in (0.6, 0.8, 1.0)] == [2.5, 2.3, 2.1]
+    assert study.at_fraction([(10, 1.5)], 0.6) == 1.5  # one evaluation: no crash
+
+
 def test_the_python_corpus_is_the_standard_librarys_source_in_printable_ascii():
     text = study.python_text(20_000)
     assert len(text) == 20_000 and text == study.python_text(20_000)  # the same every time
@@ -216,6 +223,7 @@ STUDY_ERRORS = [
     ([f'--out_dir={__file__}/x'], 'cannot write to out_dir'),    # under a file: before compute
     (['--preset=paper', '--init_from=gpt2'], '--corpora=<a text file>'),  # not the CPU corpora
     (['--table=both'], 'table must be strategies or pretrain'),
+    (['--corpora=counting,counting'], 'listed twice'),
     (['--preset=pretrain', '--init_from=gpt2'], 'trains every model from scratch'),
 ]
 
@@ -304,7 +312,9 @@ def test_two_corpora_of_one_file_name_keep_a_row_each_in_the_report(tmp_path, mo
     assert len(results['pretrain']) == 2 and 'a / qS' in results['pretrain']
 
 
-@pytest.mark.parametrize('results_dir', ['{tmp}/afile/r', '/proc/no-such-folder'])
+@pytest.mark.parametrize('results_dir', ['{tmp}/afile/r', pytest.param(
+    '/proc/no-such-folder', marks=pytest.mark.skipif(not os.path.isdir('/proc/self'),
+                                                     reason='a folder no one can write: Linux'))])
 def test_an_unwritable_results_dir_is_said_before_any_compute(tmp_path, results_dir):
     """Under a file, or where no file can be made (even by root): before the compute."""
     (tmp_path / 'afile').write_text('x')
