@@ -647,7 +647,7 @@ def markdown(results, cfg, command, seconds):
             lines.append(f"| {layer} | " + ' | '.join(
                 f"{p[r]['top1'][k][layer]:.3f} / {p[r]['top5'][k][layer]:.3f}"
                 for r in ('lens', 'probe') for k in (0, 1)) + ' |')
-        best = [max(p['layers'], key=lambda layer: p['probe']['top1'][k][layer]) for k in (0, 1)]
+        best = peaks([p])[0]['best']
         lines += ['', f"Best layer by the linear probe (top-1): x_{{t+1}} at {best[0]}, "
                       f"x_{{t+2}} at {best[1]} (last layer: {p['layers'][-1]}).", '']
     if results['curve']:
