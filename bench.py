@@ -86,7 +86,7 @@ def decode_modes(model, ckpt, args, prompts, device):
     block = model.config.block_size  # (a longer prompt slides: compare its last window)
     n_new, x = args.max_new_tokens, torch.tensor([prompts[0][-block:]], device=device)
     modes = {'vanilla': partial(generate, model, max_new_tokens=n_new)}
-    for path in [args.ckpt] + [p for p in args.heads.split(',') if p]:
+    for path in [args.ckpt, *filter(None, args.heads.split(','))]:
         other = model if path == args.ckpt else load_model(path, device)[0]
         with torch.no_grad():
             if not torch.allclose(next_token_logits(other, x), next_token_logits(model, x),
@@ -182,10 +182,9 @@ def step_breakdown(modes, prompts, **sampling):
             wrapped.enter_context(patch.object(owner, attr, timed(part, getattr(owner, attr))))
         for mode in [m for m in modes if not m.startswith('hf')]:
             spent.update(forward=0.0, drafts=0.0, verify=0.0)
-            t0, n = time.perf_counter(), 0
-            for prompt in prompts:
-                n += modes[mode](prompt, generator=torch.Generator().manual_seed(0),
-                                 **sampling).stats.new_tokens
+            t0 = time.perf_counter()
+            n = sum(modes[mode](prompt, generator=torch.Generator().manual_seed(0),
+                                **sampling).stats.new_tokens for prompt in prompts)
             row = {part: 1000 * t / n for part, t in spent.items()}
             total = 1000 * (time.perf_counter() - t0) / n
             rows[mode] = dict(row, rest=total - sum(row.values()), total=total)
@@ -246,9 +245,9 @@ def batched_modes(model, ckpt, args, prompts, device):
     return modes
 
 
-def decode_rows(decode_batch, prompts, generator=None, **sampling):
+def decode_rows(decode_batch, prompts, **sampling):
     """The rows of decode_batch(prompts, ...) as one Generation (see batched_modes)."""
-    rows = decode_batch(prompts, generator=generator, **sampling)
+    rows = decode_batch(prompts, **sampling)
     stats = Stats(len(rows[0].stats.drafted))
     for row in rows:
         stats.add(row.stats)
@@ -347,15 +346,6 @@ TRAIN_FIXED = ('out_dir', 'dataset', 'data_dir', 'init_from', 'eval_interval', '
                'log_interval', 'max_iters', 'doc_len', 'doc_prompt', 'quiet')  # the benchmark's
 
 
-@dataclass
-class MarginalizeBench(MarginalizeFlags):
-    """python bench.py marginalize --ckpt=out/ckpt.pt [--name=value ...]
-Batched (KV cache + tree attention) vs naive marginalization on the same positions."""
-    ckpt: str = flag('out/ckpt.pt', "checkpoint path (or gpt2 / gpt2-medium / ...)")
-    k_ahead: int = flag(2, "estimate x_{t+1} .. x_{t+k_ahead}")
-    top_k: str = flag('8', "candidates per step: one number, or 'all'")
-
-
 def train_bench_flags(argv):
     args = parse_flags(argv, TrainBench(), fixed=TRAIN_FIXED)
     check_ranges(args, positive=('iters',), non_negative=('warmup',))
@@ -432,6 +422,15 @@ def bench_train(argv):
 
 # -----------------------------------------------------------------------------
 # marginalize
+
+@dataclass
+class MarginalizeBench(MarginalizeFlags):
+    """python bench.py marginalize --ckpt=out/ckpt.pt [--name=value ...]
+Batched (KV cache + tree attention) vs naive marginalization on the same positions."""
+    ckpt: str = flag('out/ckpt.pt', "checkpoint path (or gpt2 / gpt2-medium / ...)")
+    k_ahead: int = flag(2, "estimate x_{t+1} .. x_{t+k_ahead}")
+    top_k: str = flag('8', "candidates per step: one number, or 'all'")
+
 
 def naive_vs_batched(model, tokens, positions=64, k_ahead=2, top_k=8, top_p=1.0, max_paths=0,
                      chunk_size=512, window=0, seed=0):
