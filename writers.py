@@ -1,12 +1,10 @@
-"""
-Who writes a folder, so that nothing is lost (plumbing): an out_dir or a dataset has one writer
+"""Who writes a folder, so that nothing is lost (plumbing): an out_dir or a dataset has one writer
 at a time (writing: the mark writer.<pid>, a lock), files are written as NAME.tmp.<pid> and
 renamed into place, and what writers killed mid-write left behind is cleaned up or finished
 (dead_writer). A checkpoint that is not resumed is moved aside (set_aside), never destroyed.
 Before the work: a folder can be made and written (check_writable; folder_error says why not),
 a path given as a file to read is one (check_file).
-Imports: model <- writers <- common, data/, train.py, distill.py, study.py.
-"""
+Imports: model <- writers <- common, data/, train.py, distill.py, study.py."""
 import glob
 import os
 import tempfile
@@ -39,11 +37,10 @@ def dead_writer(path, mine=False):
         os.kill(int(pid), 0)  # (signal 0: only asks whether the process exists)
     except OSError as e:  # (a PermissionError: alive, another user's)
         return isinstance(e, ProcessLookupError)
-    if os.path.basename(path).split('.')[0] not in ('writer', 'switch'):
-        return False
-    with suppress(OSError), open(path) as f:
-        started = f.read(64)
-        return bool(started and start_time(pid)) and started != start_time(pid)
+    if os.path.basename(path).split('.')[0] in ('writer', 'switch'):  # a mark: is pid reused?
+        with suppress(OSError), open(path) as f:
+            started, now = f.read(64), start_time(pid)
+            return bool(started and now) and started != now
     return False
 
 
@@ -94,8 +91,7 @@ def check_writable(folder, what):
 
 
 def check_out_dir(out_dir):
-    """An out_dir that cannot be written fails before training (check_writable); the temporary
-    files of checkpoint writers that were killed are cleaned up."""
+    """Before training: out_dir can be written; dead checkpoint writers' temp files are removed."""
     check_writable(out_dir, 'out_dir')
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 

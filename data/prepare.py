@@ -27,6 +27,7 @@ from data.text import DATA, Tokenizer, data_dir_of, load_meta, read_text, token_
 SHAKESPEARE = os.path.join(DATA, 'tinyshakespeare.txt')
 # known datasets: name -> (their text, shipped in data/, tokenizer)
 DATASETS = {'shakespeare_char': (SHAKESPEARE, 'char'), 'shakespeare': (SHAKESPEARE, 'bpe')}
+DATASET_FILES = ('train.bin', 'val.bin', 'meta.json')  # a prepared dataset (switch_in)
 
 
 def read_corpus(input_path, dataset):
@@ -60,9 +61,6 @@ def prepare(text, out_dir, tokenizer='char', val_fraction=0.1):
     switch_in(files, out_dir)
     return {'out_dir': out_dir, 'tokenizer': tokenizer, 'vocab_size': tok.vocab_size,
             'train_tokens': counts['train'], 'val_tokens': counts['val']}
-
-
-DATASET_FILES = ('train.bin', 'val.bin', 'meta.json')
 
 
 def switch_in(files, out_dir):
