@@ -6,7 +6,7 @@ Vanilla, self-speculative (every head design) and two-model, in one loop.
 Rows go ragged: prompts differ in length, and each step every row accepts its own number of
 drafts. The bookkeeping, named:
     lengths[b]  how many of row b's tokens its cache holds; they sit at window positions
-                0 .. lengths[b] - 1, and a cache slot is its position (RaggedCache)
+                0 .. lengths[b] - 1, and a cache slot is its position (Batch)
     feeds[b]    what row b feeds a step: its tokens the cache lacks (the prompt, later the token
                 just emitted), then its drafts. Feeds are padded on the right to the longest, T.
     positions   row b's token t sits at lengths[b] + t and attends to slots <= lengths[b] + t:
@@ -26,53 +26,13 @@ from decoding import Decoding, probs_from_logits, verify
 from drafters import DraftVocab, heads_drafter
 
 
-class RaggedCache:
-    """The KV cache of a batch: rows hold different numbers of tokens, lengths (B,). Storage
-    (B, n_head, max_len, head_dim) per layer, allocated on first use. Invariant: row b's slots
-    0 .. lengths[b] - 1 hold its tokens at those positions; later slots are stale, and a forward
-    writes its T tokens at lengths[b] .. lengths[b] + T - 1 before anything reads them. It has
-    no single length: a forward on it is given its positions and mask (Batch.forward)."""
-
-    def __init__(self, n_layers, max_len, n_rows, device):
-        self.max_len, self.k, self.v = max_len, [None] * n_layers, [None] * n_layers
-        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
-
-    def prepare(self, T, n_head, head_dim):
-        """Where every row's next T tokens go: slots lengths[b] .. lengths[b] + T - 1."""
-        self.end = int(self.lengths.max()) + T
-        if self.end > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.end} positions > max_len {self.max_len}")
-        slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        self.slots = slots[:, None, :, None].expand(len(slots), n_head, T, head_dim)
-
-    def update(self, layer, k, v):
-        if self.k[layer] is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
-        self.k[layer].scatter_(2, self.slots, k)
-        self.v[layer].scatter_(2, self.slots, v)
-        return self.k[layer][:, :, :self.end], self.v[layer][:, :, :self.end]
-
-    def advance(self, T):  # (Batch.forward sets the lengths: each row's own feed, no padding)
-        pass
-
-    def rollback(self, lengths):
-        """Rows keep lengths (B,) tokens (at most what they hold)."""
-        if not bool(((0 <= lengths) & (lengths <= self.lengths)).all()):
-            raise ValueError(f"cannot roll back rows of lengths {self.lengths.tolist()} to "
-                             f"{lengths.tolist()}")
-        self.lengths = lengths
-
-    def keep(self, rows):
-        """Only the rows (B',) stay, in that order (the others finished)."""
-        self.k = [None if k is None else k[rows] for k in self.k]
-        self.v = [None if v is None else v[rows] for v in self.v]
-        self.lengths = self.lengths[rows]
-
-
 class Batch:
-    """A model's view of a batch of rows (decoding runs): its RaggedCache, the forward of ragged
-    feeds, and the per-row rollback."""
+    """A model's view of a batch of rows (decoding runs): the forward of ragged feeds, and their
+    KV cache, which the model writes through update(): (B, n_head, max_len, head_dim) per layer,
+    allocated on first use. Invariant: row b's slots 0 .. lengths[b] - 1 hold its tokens at
+    those positions; later slots are stale, and a forward writes its T tokens at lengths[b] ..
+    lengths[b] + T - 1 before anything reads them (it gives the model their positions and mask:
+    the cache has no single length)."""
 
     def __init__(self, model, runs, n_drafts, name='the model'):
         for run in runs:
@@ -82,39 +42,58 @@ class Batch:
                     f"does not fit {name}'s block_size {model.config.block_size}: batched rows "
                     f"do not slide their window; decode it alone, or ask for fewer tokens")
         self.model, self.device = model, model.lm_head.weight.device
-        max_len = model.config.block_size + n_drafts + 1  # a short row padded to the longest feed
-        self.cache = RaggedCache(model.num_cache_layers(), max_len, len(runs), self.device)
-
-    def lengths(self):
-        return self.cache.lengths.tolist()
+        self.max_len = model.config.block_size + n_drafts + 1  # (short rows padded to a long feed)
+        n_layers = model.num_cache_layers()
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.lengths = torch.zeros(len(runs), dtype=torch.long, device=self.device)
 
     def forward(self, feeds):
         """feeds: one token list per row, what follows its cached tokens -> next-token logits
         (B, T, V) and the trunk states [h_0 .. h_attach], each (B, T, C), padded to the longest
         feed T. Afterwards row b's cache holds its feed too (and no padding)."""
-        T, lengths = max(map(len, feeds)), self.cache.lengths
+        T, config = max(map(len, feeds)), self.model.config
         idx = torch.tensor([feed + [0] * (T - len(feed)) for feed in feeds], device=self.device)
-        pos = lengths[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        config = self.model.config
-        self.cache.prepare(T, config.n_head, config.n_embd // config.n_head)
-        slots = torch.arange(self.cache.end, device=self.device)
-        mask = slots[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, slots)
+        pos = self.lengths[:, None] + torch.arange(T, device=self.device)  # (B, T): also slots
+        self.end = int(self.lengths.max()) + T
+        if self.end > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.end} positions > max_len {self.max_len}")
+        self.slots = pos[:, None, :, None].expand(len(pos), config.n_head, T,
+                                                  config.n_embd // config.n_head)
+        mask = torch.arange(self.end, device=self.device) <= pos[:, None, :, None]  # (B,1,T,end)
         # positions past the window (padding; a draft model's drafts a row will not keep) are
         # clamped: computed, never used
         logits, _, trunk_hidden = self.model(
-            idx, cache=self.cache, pos=pos.clamp(max=config.block_size - 1),
+            idx, cache=self, pos=pos.clamp(max=config.block_size - 1),
             attn_mask=mask, n_heads=1, return_hidden=True)
-        self.cache.lengths = lengths + torch.tensor(list(map(len, feeds)), device=self.device)
+        self.lengths = self.lengths + torch.tensor(list(map(len, feeds)), device=self.device)
         return logits[:, :, 0], trunk_hidden
 
+    def update(self, layer, k, v):  # (the model's cache interface)
+        if self.k[layer] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer].scatter_(2, self.slots, k)
+        self.v[layer].scatter_(2, self.slots, v)
+        return self.k[layer][:, :, :self.end], self.v[layer][:, :, :self.end]
+
+    def advance(self, T):  # (forward() sets the lengths: each row's own feed, no padding)
+        pass
+
     def rollback(self, lengths):
-        """Row b keeps its first lengths[b] tokens (the verified ones)."""
-        self.cache.rollback(torch.tensor(lengths, device=self.device))
+        """Row b keeps its first lengths[b] tokens (the verified ones; at most what it holds)."""
+        lengths = torch.as_tensor(lengths, device=self.device)
+        if not bool(((0 <= lengths) & (lengths <= self.lengths)).all()):
+            raise ValueError(f"cannot roll back rows of lengths {self.lengths.tolist()} to "
+                             f"{lengths.tolist()}")
+        self.lengths = lengths
 
     def keep(self, rows):
         """Only the rows (indices) stay, in that order: the others finished."""
-        if len(rows) < len(self.cache.lengths):
-            self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.device))
+        if len(rows) < len(self.lengths):
+            rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+            self.k = [None if k is None else k[rows] for k in self.k]
+            self.v = [None if v is None else v[rows] for v in self.v]
+            self.lengths = self.lengths[rows]
 
 
 @torch.inference_mode()
@@ -133,7 +112,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top
     drafter = make_drafter(live, runs[0].pick) if make_drafter and live else NoDrafts(model)
     while live:
         drafts = drafter.draft(live, [min(n_drafts, run.budget() - 1) for run in live])
-        lengths = batch.lengths()
+        lengths = batch.lengths.tolist()
         feeds = [run.seq[n:] + d.tolist() for run, n, (d, _) in zip(live, lengths, drafts)]
         logits, trunk_hidden = batch.forward(feeds)  # (B, T, V): each row's feed, padded
         p_all = probs_from_logits(logits, **runs[0].sampling)  # (every row's settings)
@@ -242,7 +221,7 @@ class DraftModelRows:
         B, V, device = len(runs), self.batch.model.config.vocab_size, self.batch.device
         tokens = [torch.empty(B, 0, dtype=torch.long, device=device)]
         q = [torch.empty(B, 0, V, device=device)]
-        feeds = [run.seq[n:] for run, n in zip(runs, self.batch.lengths())]  # what caches lack
+        feeds = [run.seq[n:] for run, n in zip(runs, self.batch.lengths.tolist())]  # uncached
         for _ in range(max(ks) if self.verified else 0):
             logits, _ = self.batch.forward(feeds)
             last = torch.tensor([len(feed) - 1 for feed in feeds], device=device)
@@ -257,7 +236,7 @@ class DraftModelRows:
 
     def observe(self, runs, trunk_hidden, last):
         verified = torch.tensor([len(run.seq) - 1 for run in runs], device=self.batch.device)
-        self.batch.cache.rollback(torch.minimum(self.batch.cache.lengths, verified))
+        self.batch.rollback(torch.minimum(self.batch.lengths, verified))
         self.verified = True
 
     def keep(self, rows):

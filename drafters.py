@@ -62,14 +62,17 @@ class Drafter:
     def draft(self, seq, k):
         return self.drafts[:k], self.q[:k]
 
+    def observe(self, seq, trunk_hidden, start):
+        """A row-local drafter's: draft_rows on the last verified position j and x_{j+1}."""
+        drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden],
+                                    torch.tensor(seq[-1:], device=self.drafts.device))
+        self.drafts, self.q = drafts[0], q[0]
+
 
 class ResBlockDrafter(Drafter):
-    """Heads 2..n at the last verified position j alone: a ResBlock reads no other position."""
+    """Heads 2..n at the last verified position j alone: a ResBlock reads no other position.
+    Invariant: it holds no state of past positions, so there is nothing to roll back."""
     row_local = True
-
-    def observe(self, seq, trunk_hidden, start):
-        drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden], None)  # position j
-        self.drafts, self.q = drafts[0], q[0]
 
     def draft_rows(self, trunk_hidden, tokens):
         """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each
@@ -111,12 +114,11 @@ class ChainDrafter(Drafter):
     def __init__(self, model, propose):
         super().__init__(model, propose)
         config = model.config
-        self.cache = KVCache(config.n_future - 1, config.block_size) \
-            if config.head_attention else None
-        self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device) \
-            if config.head_attention else None
-        self.rows = None if config.head_attention else row_weights(model)
-        self.row_local = self.rows is not None
+        if config.head_attention:
+            self.cache = KVCache(config.n_future - 1, config.block_size)
+            self.entry = torch.empty(config.block_size, config.n_embd, device=self.drafts.device)
+        else:
+            self.rows, self.row_local = row_weights(model), True
 
     def draft_rows(self, trunk_hidden, tokens):
         """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each at
@@ -125,17 +127,14 @@ class ChainDrafter(Drafter):
                          self.propose)
 
     def observe(self, seq, trunk_hidden, start):
-        whs, device = self.model.heads.whs_coef, self.drafts.device
-        if self.cache is None:  # an MLP body: the chain on row j alone
-            drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden],
-                                        torch.tensor(seq[-1:], device=device))
-            self.drafts, self.q = drafts[0], q[0]
-            return
+        if self.row_local:  # an MLP body: the chain on row j alone
+            return super().observe(seq, trunk_hidden, start)
         m, j = trunk_hidden[0].size(1), len(seq) - 2 - start  # m rows: positions j-m+1 .. j
-        self.entry[j + 1 - m:j + 1] = mix(whs, trunk_hidden)[0]
+        self.entry[j + 1 - m:j + 1] = mix(self.model.heads.whs_coef, trunk_hidden)[0]
         self.cache.rollback(min(self.cache.length, j + 1 - m))  # (to 0 after a slide)
         entry = self.entry[self.cache.length:j + 1]
-        tokens = torch.tensor(seq[start + self.cache.length + 1:], device=device)  # x_{s+1}
+        tokens = torch.tensor(seq[start + self.cache.length + 1:],  # x_{s+1}
+                              device=self.drafts.device)
         self.drafts, self.q = self.model.heads.chain(self.model, entry, tokens, self.propose,
                                                      self.cache)
         # keep the positions whose heads read verified tokens only

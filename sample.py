@@ -117,9 +117,9 @@ def generate_self_speculative(model, prompt, max_new_tokens, draft_vocab=None, *
 def generate_two_model(target, draft, prompt, max_new_tokens, gamma=4, **sampling):
     """Two-model speculative decoding: a smaller model drafts gamma tokens a step."""
     check_two_model(target, draft, gamma)
-    return generate_speculative(target, lambda window, pick: ModelDrafter(Window(draft), window,
-                                                                          pick),
-                                gamma, prompt, max_new_tokens, **sampling)
+    return generate_speculative(
+        target, lambda window, pick: ModelDrafter(Window(draft), window, pick), gamma, prompt,
+        max_new_tokens, **sampling)
 
 
 def check_two_model(target, draft, gamma):
