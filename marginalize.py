@@ -31,8 +31,7 @@ from heads import next_token_logits
 from drafters import head_scores
 from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
 from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch, tree_cost,
-                     check_cost, row_name,
-                     format_table, Tally)
+                     check_cost, row_name, format_table, Tally)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
@@ -158,13 +157,12 @@ def tree_chunk(levels, leaves, positions, n_cached):
 @torch.no_grad()
 def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
                 renormalize=False, chunk_size=512, bar=None):
-    """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens,
-    a sequence of at most block_size tokens) by the sparsified sum over paths (the module's). The
-    paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
-    in chunks of at most chunk_size tokens, each a forward after the cached sequence with a tree
-    attention mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared
-    ancestors (none for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate.
-    """
+    """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens, a
+    sequence of at most block_size tokens) by the sparsified sum over paths (the module's). The
+    paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated in chunks
+    of at most chunk_size tokens, each a forward after the cached sequence with a tree attention
+    mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared ancestors (none
+    for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate."""
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)
