@@ -9,10 +9,10 @@ corpus learn the DATA's p(x_{t+k} | x<=t). So (Medusa-2's self-distillation, Cai
 model writes its own corpus, prompts of real text continued at --temperature (batched
 self-speculative decoding: distributed exactly as vanilla sampling), and train.py fine-tunes heads
 2..n on it with trunk and head 1 frozen: the next-token distribution stays bit-identical, so
-decoding stays exactly as lossless; only the drafts get better. At
-temperature 0, x_{t+k} of the corpus IS the greedy continuation, what greedy verification accepts;
-at 1 it is a sample of the model's own p(x_{t+k} | x<=t) = sum_v p(v | x<=t) p(x_{t+k} | x<=t, v),
-so cross-entropy fits the heads to the q that lossless sampling wants.
+decoding stays exactly as lossless; only the drafts get better. At temperature 0, x_{t+k} of the
+corpus IS the greedy continuation, what greedy verification accepts; at 1 it is a sample of the
+model's own p(x_{t+k} | x<=t) = sum_v p(v | x<=t) p(x_{t+k} | x<=t, v), so cross-entropy fits the
+heads to the q that lossless sampling wants.
 """
 import json
 import os
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from heads import loss_weights_for
+from heads import loss_weights_for, parse_loss_weights
 from common import (UserError, TrainConfig, flag, parse_flags, check_ranges, pick_device,
                     autocast_for, load_model, cli)
 from writers import writing
@@ -113,11 +113,7 @@ def fine_tuning_config(args, model_config):
                   head_attention=model_config.head_attention, freeze_trunk=True,
                   block_size=args.seq_len, doc_len=args.seq_len, doc_prompt=args.prompt_len,
                   loss_weights=cfg.loss_weights or ','.join(['0'] + ['1'] * (n_future - 1)))
-    try:
-        weights = loss_weights_for(n_future, [float(w) for w in cfg.loss_weights.split(',')])
-    except ValueError:
-        raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
-    if weights[0] != 0:
+    if loss_weights_for(n_future, parse_loss_weights(cfg.loss_weights))[0] != 0:
         raise UserError("distill.py keeps the model's next-token head as it is: loss_weights must "
                         "start with 0 (train other heads with train.py)")
     check_config(cfg)  # every training flag is checked before minutes of generation

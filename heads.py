@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, UserError, run_blocks
+from model import GPT, GPTConfig, UserError
 from head_designs import DESIGNS
 
 
@@ -77,10 +77,6 @@ class MTPGPT(GPT):
         coefs = [p.detach() for name, p in self.heads.named_parameters() if 'whs_coef' in name]
         return torch.stack(coefs) if coefs else None
 
-    def head_parameters(self, k):
-        """The parameters of head k alone (train.py freezes a head of loss weight 0)."""
-        return self.heads.head_parameters(k)
-
     def ntp_blocks(self):
         """The n_layer blocks of the next-token path (trunk + head 1), to adapt or export it."""
         tail = self.heads.head1_blocks()
@@ -113,11 +109,6 @@ class MTPGPT(GPT):
             cache.advance(idx.size(1))
         loss = None if targets is None else mtp_loss(logits, targets, loss_weights)
         return (logits, loss, trunk_hidden) if return_hidden else (logits, loss)
-
-    def trunk(self, idx, cache=None, pos=None, attn_mask=None):
-        """[h_0, .., h_attach]: the embeddings and every trunk block's output."""
-        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask,
-                          pos)
 
     def head_states(self, idx, trunk_hidden, n_heads=None, cache=None, attn_mask=None, pos=None):
         """Yield (k, s_k), head k's state (B, T, C) before ln_f and the unembedding, for
@@ -189,6 +180,14 @@ def loss_weights_for(n_future, loss_weights=None, mtp_weight=1.0, decay=1.0):
     if min(loss_weights) < 0 or not any(loss_weights):
         raise UserError(f"loss weights must be >= 0 and not all 0, got {list(loss_weights)}")
     return list(loss_weights)
+
+
+def parse_loss_weights(text):
+    """--loss_weights: '1,0.5,0.25' -> [1.0, 0.5, 0.25]; '' -> None (mtp_weight, mtp_decay)."""
+    try:
+        return [float(w) for w in text.split(',')] if text else None
+    except ValueError:
+        raise UserError(f"loss_weights must be comma-separated numbers, got {text!r}")
 
 
 def head_targets(targets, k):

@@ -31,8 +31,7 @@ from heads import next_token_logits
 from drafters import head_scores
 from common import UserError, flag, parse_flags, MarginalizeFlags, clock, cli
 from metrics import (marginalize_inputs, check_positions, eval_windows, window_batch, tree_cost,
-                     check_cost, row_name,
-                     format_table, Tally)
+                     check_cost, row_name, format_table, Tally)
 
 
 # probs (P, k_ahead, V): row [i, k-1] estimates p(x_{t+k} | x<=t) for t = positions[i];
@@ -130,24 +129,19 @@ def tree_chunk(levels, leaves, positions, n_cached):
     (n, n_cached + n). The leaves are the last rows. A node sees the cached prefix x<=t of its
     own position t and, in the chunk, exactly its ancestors and itself: the tree mask."""
     depth = len(levels) - 1
-    nodes = {depth: leaves}  # the nodes of every depth that this chunk needs
+    nodes = [leaves]  # the nodes of every depth that this chunk needs: nodes[d-1] at depth d
     for d in range(depth, 1, -1):
-        nodes[d - 1] = levels[d].parent[nodes[d]].unique()
-    tokens, depth_of, index, roots, ancestor_rows = [], [], [], [], []
-    for d in range(1, depth + 1):
-        ids = nodes[d]
-        tokens.append(levels[d].token[ids])
-        depth_of.append(torch.full_like(ids, d))
-        index.append(ids)
-        # row e-1 of ancestors: the ancestor at depth e (the node itself at e = d), -1 below d
-        ancestors = torch.full((depth, len(ids)), -1, dtype=torch.long, device=ids.device)
-        for e in range(d, 0, -1):
-            ancestors[e - 1] = ids
-            ids = levels[e].parent[ids]  # at e = 1 the parent is the root
-        roots.append(ids)
-        ancestor_rows.append(ancestors.T)
-    tokens, depth_of, index, roots = (torch.cat(x) for x in (tokens, depth_of, index, roots))
-    ancestors = torch.cat(ancestor_rows)
+        nodes.insert(0, levels[d].parent[nodes[0]].unique())
+    index = torch.cat(nodes)
+    depth_of = torch.cat([torch.full_like(ids, d) for d, ids in enumerate(nodes, start=1)])
+    tokens = torch.cat([levels[d].token[ids] for d, ids in enumerate(nodes, start=1)])
+    # column e-1 of ancestors: the node's ancestor at depth e (itself at its depth), -1 below it
+    ancestors = torch.full((len(index), depth), -1, dtype=torch.long, device=index.device)
+    roots = index.clone()
+    for e in range(depth, 0, -1):  # every node at depth >= e climbs from depth e to e - 1
+        up = depth_of >= e
+        ancestors[up, e - 1] = roots[up]
+        roots[up] = levels[e].parent[roots[up]]  # at e = 1 the parent is the root
     t = positions[roots]
     sees_prefix = torch.arange(n_cached, device=t.device)[None, :] <= t[:, None]
     # node i sees node j iff j is i's ancestor at j's depth (the same root is implied)
@@ -158,13 +152,12 @@ def tree_chunk(levels, leaves, positions, n_cached):
 @torch.no_grad()
 def marginalize(model, tokens, positions, k_ahead=2, top_k=0, top_p=1.0, max_paths=0,
                 renormalize=False, chunk_size=512, bar=None):
-    """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens,
-    a sequence of at most block_size tokens) by the sparsified sum over paths (the module's). The
-    paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated
-    in chunks of at most chunk_size tokens, each a forward after the cached sequence with a tree
-    attention mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared
-    ancestors (none for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate.
-    """
+    """Estimate p(x_{t+k} | x<=t), k = 1..k_ahead, for every t in positions (indices into tokens, a
+    sequence of at most block_size tokens) by the sparsified sum over paths (the module's). The
+    paths grow one level (one intermediate token) at a time. Level j's nodes are evaluated in chunks
+    of at most chunk_size tokens, each a forward after the cached sequence with a tree attention
+    mask; then the cache is rolled back, so a chunk re-evaluates its leaves' shared ancestors (none
+    for k_ahead = 2, about 1/top_k extra for k_ahead = 3). Returns an Estimate."""
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)

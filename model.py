@@ -6,7 +6,6 @@ The forward can return every hidden state h_0 (embeddings) .. h_L (last block ou
 heads (heads.py) can branch off at any layer and WHS can mix them. It imports nothing of nanoMTP;
 weights from and to transformers (GPT-2, Pythia) are convert.py's.
 """
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -227,7 +226,7 @@ class GPT(nn.Module):
     def new_cache(self, max_len=None):
         return KVCache(self.num_cache_layers(), max_len or self.config.block_size)
 
-    # The forward is split in three so heads.py can reuse the pieces: embed, run blocks, unembed.
+    # The forward is split in three so heads.py can reuse the pieces: embed, trunk, unembed.
 
     def embed(self, idx, cache=None, pos=None):
         """Token + position embeddings (h_0; rotary models: token embeddings only)."""
@@ -242,6 +241,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         return self.transformer.drop(x)
 
+    def trunk(self, idx, cache=None, pos=None, attn_mask=None):
+        """[h_0, .., h_L]: the embeddings and every block's output (an MTPGPT: up to h_attach)."""
+        return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask, pos)
+
     def unembed(self, h):
         """Final LayerNorm and the unembedding: hidden state -> logits."""
         return self.lm_head(self.transformer.ln_f(h))
@@ -253,9 +256,7 @@ class GPT(nn.Module):
         attn_mask: bool (T, cached + T) or broadcastable to (B, H, T, cached + T), True = attend;
                    default causal.
         return_hidden: also return [h_0, .., h_L], h_0 = embeddings, h_L = last block output."""
-        attn_mask = self.default_mask(idx, cache, attn_mask)
-        x = self.embed(idx, cache, pos)
-        hidden = run_blocks(x, self.transformer.h, cache, 0, attn_mask, pos)
+        hidden = self.trunk(idx, cache, pos, self.default_mask(idx, cache, attn_mask))
         if cache is not None:
             cache.advance(idx.size(1))
         logits, loss = self.unembed(hidden[-1]), None
@@ -286,6 +287,5 @@ class GPT(nn.Module):
                 if ps:
                     adam_groups.append({**group, 'params': ps, 'weight_decay': wd,
                                         'lr': learning_rate * group['lr_scale']})
-        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(adam_groups, lr=learning_rate, betas=betas,
-                                 **(dict(fused=True) if fused else {}))
+        return torch.optim.AdamW(adam_groups, lr=learning_rate, betas=betas,  # (fused: torch 2)
+                                 **(dict(fused=True) if device_type == 'cuda' else {}))

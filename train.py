@@ -12,13 +12,13 @@ import math
 import os
 import time
 from collections import namedtuple
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import torch
 from tqdm import tqdm
 
-from heads import MTPGPT, MTPConfig, loss_weights_for
+from heads import MTPGPT, MTPConfig, loss_weights_for, parse_loss_weights
 from common import (UserError, SHAPE, MODEL, parse_config, check_ranges, autocast_for, Distributed,
                     save_checkpoint, load_checkpoint, model_from_checkpoint, load_model,
                     device_memory, resumed_config, restore, cli)
@@ -72,9 +72,8 @@ def check_config(cfg):
     if cfg.min_lr > cfg.learning_rate and cfg.init_from != 'resume':  # (a resume continues)
         raise UserError(f"min_lr {cfg.min_lr} is above learning_rate {cfg.learning_rate}: the "
                         f"cosine schedule would raise the LR; give a lower --min_lr")
-    with suppress(ValueError):  # (unparsable weights: training_strategy says so)
-        if not all(math.isfinite(float(w)) for w in filter(None, cfg.loss_weights.split(','))):
-            raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
+    if not all(map(math.isfinite, parse_loss_weights(cfg.loss_weights) or [])):
+        raise UserError(f"loss_weights must be finite numbers, got {cfg.loss_weights!r}")
     if cfg.init_from == 'scratch':  # (otherwise the checkpoint's shape decides)
         check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd'))
         if cfg.n_embd % cfg.n_head:
@@ -210,16 +209,13 @@ def training_strategy(model, cfg, device_type):
     WHS                each head's mix of h_0..h_attach (whs_coef): head parameters, no decay
     head warmup        heads only for head_warmup_iters iterations: trunk_trainable(it), each step
     """
-    try:
-        explicit = [float(w) for w in cfg.loss_weights.split(',')] if cfg.loss_weights else None
-    except ValueError:
-        raise UserError(f"loss_weights must be comma-separated numbers, got {cfg.loss_weights!r}")
-    loss_weights = loss_weights_for(model.config.n_future, explicit, cfg.mtp_weight, cfg.mtp_decay)
+    loss_weights = loss_weights_for(model.config.n_future, parse_loss_weights(cfg.loss_weights),
+                                    cfg.mtp_weight, cfg.mtp_decay)
     if cfg.loss_schedule != 'constant' and loss_weights[0] == 0:
         raise UserError("a loss schedule ramps heads 2..n in or out: lambda_1 = 0 leaves no weight")
     for k, weight in enumerate(loss_weights, start=1):
         if weight == 0:  # untrained: out of the optimizer, and DDP must not wait for its gradient
-            for p in model.head_parameters(k):
+            for p in model.heads.head_parameters(k):
                 p.requires_grad_(False)
     # a frozen trunk is out of the optimizer; head warmup's is in it, without gradients till then
     model.set_trunk_trainable(not cfg.freeze_trunk)

@@ -94,8 +94,8 @@ def test_a_head_with_zero_loss_weight_adds_nothing_to_loss_or_gradient():
             model.backward_head_by_head(x, y, [0.0, 1.0, 1.0])
         else:
             model(x, y, loss_weights=[0.0, 1.0, 1.0])[1].backward()
-        assert all(p.grad is None or not p.grad.any() for p in model.head_parameters(1))
-        assert all(p.grad is not None and p.grad.any() for p in model.head_parameters(2))
+        assert all(p.grad is None or not p.grad.any() for p in model.heads.head_parameters(1))
+        assert all(p.grad is not None and p.grad.any() for p in model.heads.head_parameters(2))
 
 
 # heads are numbered from 1: head k predicts x_{t+k}
@@ -324,7 +324,8 @@ def test_from_gpt_with_sequential_heads_keeps_the_source_as_head_1(whs):
     x, _, _ = batch()
     with torch.no_grad():
         assert max_diff(mtp(x)[0][:, :, 0], src(x)[0]) <= TOL
-    assert len(mtp.transformer.h) == 3 and mtp.head_parameters(1) == [] and len(mtp.heads) == 2
+    assert len(mtp.transformer.h) == 3 and len(mtp.heads) == 2
+    assert mtp.heads.head_parameters(1) == []
     assert mtp.whs_weights() is None if not whs else mtp.whs_weights().shape == (1, 4)
 
 

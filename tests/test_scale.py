@@ -10,7 +10,6 @@ import torch
 
 import convert as C
 
-from model import GPT
 from heads import MTPGPT
 import train
 from conftest import REPO
