@@ -37,7 +37,7 @@ from functools import partial
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    load_checkpoint, set_cpu_threads)
+                    set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
 from writers import check_writable
 from data.text import val_prompts, read_text, token_file, load_meta
@@ -166,16 +166,9 @@ GENERATED = {'counting': counting_text, 'python': python_text}  # corpora writte
 
 def prepare_corpus(name, cfg):
     """data dir of a corpus (shakespeare_char, counting, python or a text file), prepared once:
-    char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
-    tokenizer = 'bpe' if cfg.init_from in GPT2_SIZES else 'char'
-    if cfg.init_from.startswith(PYTHIA):
-        tokenizer = cfg.init_from
-    elif cfg.init_from and tokenizer == 'char':  # a checkpoint: its own tokenizer
-        meta = load_checkpoint(cfg.init_from).get('meta') or {}
-        if meta.get('kind') not in ('hf', 'bpe'):
-            raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
-                            f"Face one (a char vocabulary is fixed by its own corpus)")
-        tokenizer = meta.get('name', 'bpe')
+    char-level, or in init_from's tokenizer (GPT-2's BPE or Pythia's)."""
+    tokenizer = ('bpe' if cfg.init_from in GPT2_SIZES else
+                 cfg.init_from if cfg.init_from.startswith(PYTHIA) else 'char')
     stem = name if name == 'shakespeare_char' or name in GENERATED else os.path.basename(
         name).split('.')[0] + '-' + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:6]
     data_dir = os.path.join(cfg.out_dir, 'data', stem + (
@@ -349,23 +342,8 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
                              whs=None if whs is None else whs.tolist()))
         return rows
     cell['rows'] = cached(cfg, cell, 'eval', [cell['ft'], *runs.values()], evaluate_cell)
-    for row in cell['rows']:
-        if row.get('whs'):
-            row['whs_share'] = whs_share(model_at(runs[row['strategy']], cfg), data_dir, cfg)
     log(f"{os.path.basename(cell['dir'])}: done")
     return cell
-
-
-@torch.no_grad()
-def whs_share(model, data_dir, cfg):
-    """What each layer contributes to a WHS head's input: |c_l| * RMS(h_l), normalized to sum
-    to 1, per head. The raw coefficients c_l understate or overstate a layer's part, because the
-    hidden states' scales differ (h_0, the embeddings, is much smaller than h_L)."""
-    tokens = torch.as_tensor(val_prompts({}, os.path.join(data_dir, 'val.bin'), 8,
-                                         cfg.block_size), device=next(model.parameters()).device)
-    rms = torch.stack([h.pow(2).mean().sqrt() for h in model.trunk(tokens)])
-    share = model.whs_weights().abs() * rms
-    return (share / share.sum(dim=1, keepdim=True)).tolist()
 
 
 def run_extras(cfg, cell, curve, in_table, log):
@@ -413,8 +391,8 @@ PRETRAIN = {  # name -> train.py flags of a run from scratch
                                         loss_schedule='shrink'),
     'MTP 4 block, constant': dict(n_future=4, head_type='block'),
 }
-LAB_COLUMNS = ('val_loss', 'top1', 'tau', 'speedup', 'tau_sampled', 'speedup_sampled',
-               'ms_per_iter', 'iters')
+LAB_COLUMNS = ('iters', 'ms_per_iter', 'val_loss', 'top1', 'tau', 'speedup', 'tau_sampled',
+               'speedup_sampled')  # in the order of the report's columns
 
 
 def run_pretrain_cell(cfg, data_dir, size, seed, log):
@@ -442,10 +420,9 @@ def run_pretrain_cell(cfg, data_dir, size, seed, log):
                    curve=[(e['iter'] * flops[name], e['val']['heads'][0]['loss'])
                           for e in run['evals']])
         if flags['n_future'] > 1:
-            row.update(cached(cfg, cell, slug(name) + '-decode', [ckpts[name]], lambda: dict(
-                decode_speed(model_at(ckpts[name], cfg), data_dir, cfg), **{
-                    f"{k}_sampled": v for k, v in decode_speed(
-                        model_at(ckpts[name], cfg), data_dir, cfg, 0.8).items()})))
+            row.update(cached(cfg, cell, slug(name) + '-decode', [ckpts[name]], lambda: {
+                k + suffix: v for t, suffix in ((0.0, ''), (0.8, '_sampled'))  # greedy, T = 0.8
+                for k, v in decode_speed(model_at(ckpts[name], cfg), data_dir, cfg, t).items()}))
         rows.append(row)
     probes = cached(cfg, cell, 'probes', [ckpts['NTP']], lambda: layer_probes(
         model_at(ckpts['NTP'], cfg), tokens_of(data_dir, 'train'), tokens_of(data_dir, 'val'),
@@ -476,8 +453,6 @@ def markdown_pretrain(results, cfg):
              f"loss and top-1 on {cfg.eval_iters} fixed val batches; Δ: minus NTP of the same "
              f"seed, mean [95% t interval]; τ and speedup of self-speculative decoding (greedy "
              f"and T = 0.8), one thread. Mean ± half-range over seeds.", '']
-    cols = ('iters', 'ms_per_iter', 'val_loss', 'top1', 'tau', 'speedup', 'tau_sampled',
-            'speedup_sampled')
     for key, cell in results['pretrain'].items():
         deltas = {row['strategy']: row for row in cell['paired']}
         lines += [f"**{key}** ({cell['params']}, {cell['seeds']} seeds)", '',
@@ -486,7 +461,7 @@ def markdown_pretrain(results, cfg):
         for row in cell['table']:
             d = deltas.get(row['strategy'])
             cells = [fmt(row[c], row[c + '_spread'], 0 if c in ('iters', 'ms_per_iter') else 3)
-                     if c in row else '-' for c in cols]
+                     if c in row else '-' for c in LAB_COLUMNS]
             for i, col in ((3, 'val_loss'), (5, 'top1')):
                 cells.insert(i, '-' if d is None else interval(d[col]['mean'], d[col]['ci95']))
             lines.append(f"| {row['strategy']} | " + ' | '.join(cells) + ' |')
@@ -589,12 +564,9 @@ def markdown_strategies(key, cell):
     for rows in zip(*cell['per_seed']):
         if rows[0].get('whs'):
             lines += ['', f"WHS of {rows[0]['strategy']}, per head (h_0 .. h_attach), each seed: "
-                      f"coefficients c_l; share |c_l| RMS(h_l) / sum:"] + [
-                f"- seed {seed}: " + '; '.join(
-                    f"head {k + 1}: c = " + ' '.join(f"{c:.3f}" for c in mix) + ", share = " +
-                    ' '.join(f"{c:.3f}" for c in share)
-                    for k, (mix, share) in enumerate(zip(row['whs'], row['whs_share'])))
-                for seed, row in enumerate(rows)]
+                      f"coefficients c_l:"] + [f"- seed {seed}: " + '; '.join(
+                          f"head {k + 1}: c = " + ' '.join(f"{c:.3f}" for c in mix)
+                          for k, mix in enumerate(row['whs'])) for seed, row in enumerate(rows)]
     next_rows = [r for r in cell['paired_next'] if not r['strategy'].startswith('FT NTP')]
     for title, table, col, label in (
             ('2nd token, every row minus joint fine-tuning', cell['paired'], 'second', '2nd'),
@@ -616,17 +588,15 @@ def markdown_strategies(key, cell):
 
 
 def markdown(results, cfg, command, seconds):
+    head = (f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute {seconds / 60:.1f} min "
+            f"(training and evaluation, summed over processes).")
     if cfg.table == 'pretrain':
-        return '\n'.join([f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute "
-                          f"{seconds / 60:.1f} min (training and evaluation, summed over "
-                          f"processes).", ''] + markdown_pretrain(results, cfg))
+        return '\n'.join([head, ''] + markdown_pretrain(results, cfg))
     new = min(cfg.decode_tokens, cfg.block_size - cfg.block_size // 2)
-    lines = [f"Study preset `{cfg.preset or 'full'}`: `{command}`; compute {seconds / 60:.1f} "
-             f"min (training and evaluation, summed over processes). Base models "
-             f"{cfg.base_iters} iters, each adaptation {cfg.adapt_iters}, block {cfg.block_size}, "
-             f"batch {cfg.batch_size}; {cfg.n_future} heads; accuracies on {cfg.positions} val "
-             f"positions (the same for every row and seed); τ / speedup: greedy decoding of "
-             f"{cfg.decode_prompts} val prompts x {new} new tokens, one thread.", '',
+    lines = [f"{head} Base models {cfg.base_iters} iters, each adaptation {cfg.adapt_iters}, block "
+             f"{cfg.block_size}, batch {cfg.batch_size}; {cfg.n_future} heads; accuracies on "
+             f"{cfg.positions} val positions (the same for every row and seed); τ / speedup: greedy"
+             f" decoding of {cfg.decode_prompts} val prompts x {new} new tokens, one thread.", '',
              '## Convergence', '', 'Val loss of the base models (mean ± half-range over seeds; '
              'train loss beside it), after FT NTP, and of a seed-0 base trained twice as long:', '',
              '| corpus / size | base val | base train | FT NTP val | base, 2x iters | 2x gains |',
@@ -732,7 +702,7 @@ def check_study_config(cfg):
         raise UserError("--table=pretrain trains every model from scratch: drop --init_from")
     if cfg.n_future < 2 or cfg.seeds < 1:
         raise UserError("the study needs n_future >= 2 and seeds >= 1")
-    if not [c for c in cfg.corpora.split(',') if c] or not [s for s in cfg.sizes.split(',') if s]:
+    if not corpora or not [s for s in cfg.sizes.split(',') if s]:
         raise UserError("no corpora or no sizes given: " + (
             "--corpora=<a text file> (the paper adapts a pretrained model on real text)"
             if cfg.preset == 'paper' else "--corpora=shakespeare_char,counting --sizes=S,M"))
@@ -752,14 +722,14 @@ def run_corpus(cfg, corpus, results, log):
     if name in {key.split(' / ')[0] for table in results.values() for key in table}:
         name = os.path.basename(data_dir)  # (two a.txt: keyed by their data dirs, a-<hash>)
     sizes = [s for s in cfg.sizes.split(',') if s]
-    for size in sizes if cfg.table == 'pretrain' else ():
-        cells = [run_pretrain_cell(cfg, data_dir, size, seed, log) for seed in range(cfg.seeds)]
-        rows = [rows for rows, _ in cells]
-        results['pretrain'][f"{name} / {size}"] = dict(
-            params=f"{SIZES[size][0]} layers, {SIZES[size][2]} dim", seeds=cfg.seeds,
-            table=aggregate(rows, LAB_COLUMNS), per_seed=rows, probes=[p for _, p in cells],
-            paired=paired(rows, 'NTP', ('val_loss', 'top1')) if cfg.seeds > 1 else [])
     if cfg.table == 'pretrain':
+        for size in sizes:
+            cells = [run_pretrain_cell(cfg, data_dir, size, seed, log) for seed in range(cfg.seeds)]
+            rows = [rows for rows, _ in cells]
+            results['pretrain'][f"{name} / {size}"] = dict(
+                params=f"{SIZES[size][0]} layers, {SIZES[size][2]} dim", seeds=cfg.seeds,
+                table=aggregate(rows, LAB_COLUMNS), per_seed=rows, probes=[p for _, p in cells],
+                paired=paired(rows, 'NTP', ('val_loss', 'top1')) if cfg.seeds > 1 else [])
         return
     curve_sizes = [s for s in cfg.curve_sizes.split(',') if s]
     for size in sizes + [s for s in curve_sizes if s not in sizes]:
