@@ -1,7 +1,7 @@
 """Weights from and to Hugging Face transformers (optional: imported when a conversion runs, its
-absence a one-line error). from_pretrained('gpt2' or 'EleutherAI/pythia-70m': a download) and
-from_hf(a transformers model in memory) read GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia
-(GPTNeoXForCausalLM), options of model.GPT; to_hf(model) exports its next-token path as GPT-2."""
+absence a one-line error): GPT-2 (GPT2LMHeadModel) and GPT-NeoX / Pythia (GPTNeoXForCausalLM),
+both options of model.GPT. from_pretrained('gpt2' or 'EleutherAI/pythia-70m': a download),
+from_hf(a transformers model in memory), to_hf(model: its next-token path, exported)."""
 import torch
 
 from model import GPT, GPTConfig, UserError
@@ -44,18 +44,22 @@ def from_hf(hf_model, dropout=0.0):
 
 
 def to_hf(model):
-    """A model's next-token path (an MTPGPT's trunk + head 1) as a transformers GPT2LMHeadModel.
-    The biases of a bias=False model are exported as zeros (the same function); no eos token ends
-    generate() early."""
+    """A model's next-token path (an MTPGPT's trunk + head 1) as a transformers model:
+    GPTNeoXForCausalLM for a rotary model, else GPT2LMHeadModel. The biases of a bias=False
+    model are exported as zeros (the same function); no eos token ends generate() early."""
     transformers, c = import_transformers(), model.config
-    if c.rotary_pct:
-        raise UserError("to_hf exports GPT-2 only: cannot export a rotary (GPT-NeoX) model")
-    if c.parallel_residual:
+    if not c.rotary_pct and c.parallel_residual:
         raise UserError("GPT-2 has no parallel residual: cannot export this model")
-    kw = {theirs: getattr(c, ours) for ours, theirs in HF_CONFIG['gpt2'].items()}
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        **kw, activation_function={'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu],
-        bos_token_id=None, eos_token_id=None))
+    kw = {theirs: getattr(c, ours) for ours, theirs
+          in HF_CONFIG['gpt_neox' if c.rotary_pct else 'gpt2'].items()}
+    kw.update(bos_token_id=None, eos_token_id=None)
+    act = {'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu]
+    if c.rotary_pct:
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            **kw, intermediate_size=4 * c.n_embd, hidden_act=act, rotary_pct=c.rotary_pct,
+            rotary_emb_base=c.rotary_base))
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw, activation_function=act))
     copy_weights(model, hf, to_hf=True)
     return hf.eval()
 
@@ -88,8 +92,8 @@ def import_transformers():
 
 def copy_weights(model, hf, to_hf):
     """Copy the weights of model's next-token path to (to_hf) or from the transformers model hf.
-    Layouts: GPT-2's Conv1D weights are transposed. GPT-NeoX's (read only) fused qkv rows are
-    per head, [q_h, k_h, v_h] for h = 1..H, while ours are [q (all heads), k, v]: their view
+    Layouts: GPT-2's Conv1D weights are transposed. GPT-NeoX's fused qkv rows are per head,
+    [q_h, k_h, v_h] for h = 1..H, while ours are [q (all heads), k, v]: their view
     (H, 3, head_dim, ...) is ours transposed to (3, H, head_dim, ...)."""
     c, rename = model.config, lambda k: k.replace('embed_out.', 'lm_head.')  # (transformers 4)
     ours = {k: v for k, v in model.state_dict().items()
@@ -110,5 +114,6 @@ def copy_weights(model, hf, to_hf):
             if name.endswith(CONV1D):  # (GPT-2)
                 src = src.t()
             elif '.attention.query_key_value.' in name:  # (GPT-NeoX)
-                src = src.reshape(c.n_head, 3, -1, *src.shape[1:]).transpose(0, 1).reshape(w.shape)
+                heads_first = (3, c.n_head) if to_hf else (c.n_head, 3)
+                src = src.reshape(*heads_first, -1, *src.shape[1:]).transpose(0, 1).reshape(w.shape)
             dst.copy_(src)

@@ -37,7 +37,7 @@ from functools import partial
 import torch
 
 from common import (UserError, TrainConfig, flag, parse_flags, pick_device, load_model, cli,
-                    set_cpu_threads)
+                    load_checkpoint, set_cpu_threads)
 from convert import GPT2_SIZES, PYTHIA
 from writers import check_writable
 from data.text import val_prompts, read_text, token_file, load_meta
@@ -166,9 +166,16 @@ GENERATED = {'counting': counting_text, 'python': python_text}  # corpora writte
 
 def prepare_corpus(name, cfg):
     """data dir of a corpus (shakespeare_char, counting, python or a text file), prepared once:
-    char-level, or in init_from's tokenizer (GPT-2's BPE or Pythia's)."""
-    tokenizer = ('bpe' if cfg.init_from in GPT2_SIZES else
-                 cfg.init_from if cfg.init_from.startswith(PYTHIA) else 'char')
+    char-level, or in init_from's tokenizer (GPT-2's BPE, Pythia's, or a checkpoint's own)."""
+    tokenizer = 'bpe' if cfg.init_from in GPT2_SIZES else 'char'
+    if cfg.init_from.startswith(PYTHIA):
+        tokenizer = cfg.init_from
+    elif cfg.init_from and tokenizer == 'char':  # a checkpoint: its own tokenizer
+        meta = load_checkpoint(cfg.init_from).get('meta') or {}
+        if meta.get('kind') not in ('hf', 'bpe'):
+            raise UserError(f"init_from={cfg.init_from}: its tokenizer must be bpe or a Hugging "
+                            f"Face one (a char vocabulary is fixed by its own corpus)")
+        tokenizer = meta.get('name', 'bpe')
     stem = name if name == 'shakespeare_char' or name in GENERATED else os.path.basename(
         name).split('.')[0] + '-' + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:6]
     data_dir = os.path.join(cfg.out_dir, 'data', stem + (
@@ -342,8 +349,23 @@ def run_cell(cfg, data_dir, size, seed, log, strategies=True):
                              whs=None if whs is None else whs.tolist()))
         return rows
     cell['rows'] = cached(cfg, cell, 'eval', [cell['ft'], *runs.values()], evaluate_cell)
+    for row in cell['rows']:
+        if row.get('whs'):
+            row['whs_share'] = whs_share(model_at(runs[row['strategy']], cfg), data_dir, cfg)
     log(f"{os.path.basename(cell['dir'])}: done")
     return cell
+
+
+@torch.no_grad()
+def whs_share(model, data_dir, cfg):
+    """What each layer contributes to a WHS head's input: |c_l| * RMS(h_l), normalized to sum
+    to 1, per head. The raw coefficients c_l understate or overstate a layer's part, because the
+    hidden states' scales differ (h_0, the embeddings, is much smaller than h_L)."""
+    tokens = torch.as_tensor(val_prompts({}, os.path.join(data_dir, 'val.bin'), 8,
+                                         cfg.block_size), device=next(model.parameters()).device)
+    rms = torch.stack([h.pow(2).mean().sqrt() for h in model.trunk(tokens)])
+    share = model.whs_weights().abs() * rms
+    return (share / share.sum(dim=1, keepdim=True)).tolist()
 
 
 def run_extras(cfg, cell, curve, in_table, log):
@@ -564,9 +586,12 @@ def markdown_strategies(key, cell):
     for rows in zip(*cell['per_seed']):
         if rows[0].get('whs'):
             lines += ['', f"WHS of {rows[0]['strategy']}, per head (h_0 .. h_attach), each seed: "
-                      f"coefficients c_l:"] + [f"- seed {seed}: " + '; '.join(
-                          f"head {k + 1}: c = " + ' '.join(f"{c:.3f}" for c in mix)
-                          for k, mix in enumerate(row['whs'])) for seed, row in enumerate(rows)]
+                      f"coefficients c_l; share |c_l| RMS(h_l) / sum:"] + [
+                f"- seed {seed}: " + '; '.join(
+                    f"head {k + 1}: c = " + ' '.join(f"{c:.3f}" for c in mix) + ", share = " +
+                    ' '.join(f"{c:.3f}" for c in share)
+                    for k, (mix, share) in enumerate(zip(row['whs'], row['whs_share'])))
+                for seed, row in enumerate(rows)]
     next_rows = [r for r in cell['paired_next'] if not r['strategy'].startswith('FT NTP')]
     for title, table, col, label in (
             ('2nd token, every row minus joint fine-tuning', cell['paired'], 'second', '2nd'),

@@ -1,7 +1,7 @@
 """Conversion from and to Hugging Face transformers (optional; these tests need it, and CI
 installs it): a random GPT-NeoX (Pythia in miniature) converted by convert.from_hf gives the same
 logits and the same greedy text as transformers itself; convert.to_hf exports a nanoMTP model's
-next-token path as GPT2LMHeadModel (a rotary one: a one-line error); Pythia names, Hugging Face tokenizers,
+next-token path as GPT2LMHeadModel or GPTNeoXForCausalLM; Pythia names, Hugging Face tokenizers,
 and the one-line errors offline or without transformers. No network: every model is random and
 built here. (The GPT-2 conversion test is in test_scale.py.)"""
 import sys
@@ -111,26 +111,31 @@ def test_from_hf_refuses_a_gpt_neox_of_another_shape_in_one_line():
 # -----------------------------------------------------------------------------
 # to_hf: a nanoMTP model's next-token path as a transformers model
 
-# the exported models: GPT-2 backbones, with and without biases, plain and as an MTPGPT whose
-# next-token path runs through head 1's blocks
+# the exported models: GPT-2 and GPT-NeoX backbones, with and without biases, plain and as an
+# MTPGPT whose next-token path runs through head 1's blocks; rotary options off Pythia's too
 EXPORTED = {
     'gpt2': dict(n_future=1),
     'gpt2-bias-untied-mtp': dict(n_future=3, attach_layer=1, bias=True, tie_embeddings=False),
+    'neox': dict(n_future=1, arch='neox'),
+    'neox-nobias-tied-mtp': dict(n_future=2, arch='neox', attach_layer=2, bias=False,
+                                 tie_embeddings=True, rotary_pct=0.5, rotary_base=500.0),
 }
 
 
 @pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name.endswith(
     '-mtp') else name for name in EXPORTED])
 def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
-    """convert.to_hf(model) is a GPT2LMHeadModel: its logits equal our next-token logits (1e-4),
-    transformers' greedy generate equals our sample.generate for 32 tokens on several prompts,
-    and from_hf of the export reads back the same function."""
+    """convert.to_hf(model) is GPT2LMHeadModel (GPT-2 options) or GPTNeoXForCausalLM (rotary): its
+    logits equal our next-token logits (1e-4), transformers' greedy generate equals our
+    sample.generate for 32 tokens on several prompts, and from_hf of the export reads back the
+    same function."""
     model = tiny_mtp(block_size=64, vocab_size=V, **EXPORTED[name])
     with torch.no_grad():  # large weights: peaked, distinct predictions
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     hf = C.to_hf(model)
-    assert type(hf).__name__ == 'GPT2LMHeadModel'
+    want_class = 'GPTNeoXForCausalLM' if name.startswith('neox') else 'GPT2LMHeadModel'
+    assert type(hf).__name__ == want_class
     x = torch.randint(V, (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(x, n_heads=1)[0][:, :, 0]
@@ -141,11 +146,9 @@ def test_to_hf_gives_the_same_logits_and_the_same_greedy_text(name):
 
 
 def test_to_hf_refuses_what_gpt2_cannot_express_in_one_line():
-    """to_hf writes GPT-2 only: a parallel residual, or rotary positions (GPT-NeoX), is refused."""
+    """A parallel residual without rotary positions is neither GPT-2 nor GPT-NeoX."""
     model = M.GPT(tiny_config(parallel_residual=True))
     one_line_error(C.to_hf, model, match='parallel residual')
-    one_line_error(C.to_hf, M.GPT(tiny_config('neox')), match='GPT-NeoX')
-    one_line_error(C.to_hf, C.from_hf(random_pythia()), match='GPT-NeoX')
 
 
 def test_without_transformers_conversion_is_a_one_line_error(monkeypatch):

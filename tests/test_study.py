@@ -92,6 +92,8 @@ def test_whs_mix_convergence_probes_and_size_curve_are_reported(tiny_study):
     for point in curve.values():
         assert len(point['marginal']['top1']) == 3 and len(point['heads']['top1']) == 3
         assert point['marginal']['mass'][2] == pytest.approx(1.0)  # exact: all of V
+    shares = next(r for r in cell['per_seed'][0] if r['strategy'] == 'diff. LR + WHS')['whs_share']
+    assert all(sum(head) == pytest.approx(1.0) for head in shares)
     for section in ('## Convergence', '## Strategies', '## Layer probes', '## Size curve',
                     'Paired differences, 2nd token', 'Paired differences, next token',
                     'WHS of diff. LR + WHS', 'identical to vanilla: yes'):
