@@ -280,9 +280,12 @@ def bench_decode(argv):
     set_cpu_threads(args.threads)
     check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'),
                  non_negative=('draft_vocab',))
-    sizes = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else []
-    if min(sizes, default=1) < 1:
+    sizes = args.batch_sizes.split(',') if args.batch_sizes else []
+    if not all(b.strip().isdigit() and int(b) > 0 for b in sizes):
         raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
+    sizes = [int(b) for b in sizes]
+    if args.plot and not sizes:
+        raise UserError("--plot draws tokens/s against batch size: add --batch_sizes")
     device = pick_device(args.device)
     if args.peers and device != 'cpu':
         raise UserError("--peers runs transformers on the CPU: use --device=cpu")
