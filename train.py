@@ -285,8 +285,6 @@ def train(cfg):
     torch.manual_seed(cfg.seed + dist.rank)
     meta, train_batches, val_batches, eval_train = load_data(cfg, dist.device, dist.rank)
     raw_model = build_model(cfg, meta, ckpt, dist.device)
-    if ckpt is None and dist.master:  # (only now: a run that failed to start has moved nothing)
-        set_aside(ckpt_path)
     raw_model.to(dist.device)
     strategy = training_strategy(raw_model, cfg, dist.device.split(':')[0])
     iter_num, best_val = (0, float('inf')) if ckpt is None else restore(
@@ -325,6 +323,8 @@ def train(cfg):
                 states = dist.gather(dict(torch=torch.get_rng_state(),
                                           batches=train_batches.gen.get_state()))
                 if dist.master:  # everything a resume needs, every rank's RNG states included
+                    if ckpt is None and len(evals) == 1:  # first save: a run stopped before
+                        set_aside(ckpt_path)  # it leaves the old checkpoint where it was
                     save_checkpoint(dict(
                         model=raw_model.state_dict(), model_args=asdict(raw_model.config),
                         optimizer=strategy.optimizer.state_dict(), iter_num=iter_num,

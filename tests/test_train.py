@@ -698,14 +698,20 @@ def test_a_run_that_does_not_resume_moves_another_runs_checkpoint_aside(corpus, 
     assert f"was not resumed: it is moved to {aside}" in capsys.readouterr().out
 
 
-def test_a_run_that_fails_to_start_moves_nothing_and_an_unwritable_out_dir_is_one_line(
-        corpus, tmp_path):
-    """The checkpoint is moved aside only once the new run has its model: a typo in init_from
-    leaves it where it was. On the command line, an out_dir that is a file is one line."""
+def test_a_run_stopped_before_its_first_save_moves_nothing(corpus, tmp_path, monkeypatch):
+    """The checkpoint is moved aside only at the new run's first save: a typo in init_from, or
+    a Ctrl-C before the first evaluation, leaves it where it was, so --init_from=resume still
+    finds it. On the command line, an out_dir that is a file is one line."""
     run_train(corpus, tmp_path, '--max_iters=2', '--eval_interval=2')
     before = (tmp_path / 'ckpt.pt').read_bytes()
     one_line_error(lambda: T.train(train_config(corpus, tmp_path, '--init_from=resum')),
                    match='checkpoint not found')
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, 'train_step', ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(train_config(corpus, tmp_path, '--max_iters=2', '--eval_interval=2', '--seed=3'))
     assert (tmp_path / 'ckpt.pt').read_bytes() == before and not list(tmp_path.glob('*.replaced*'))
     (tmp_path / 'afile').write_text('x')
     one_line_error(T.main, [f"--out_dir={tmp_path / 'afile'}", '--quiet=true'],
