@@ -89,8 +89,8 @@ def decode_modes(model, ckpt, args, prompts, device):
     for path in [args.ckpt, *filter(None, args.heads.split(','))]:
         other = model if path == args.ckpt else load_model(path, device)[0]
         with torch.no_grad():
-            if not torch.allclose(next_token_logits(other, x), next_token_logits(model, x),
-                                  atol=1e-4):
+            if other is not model and not torch.allclose(
+                    next_token_logits(other, x), next_token_logits(model, x), atol=1e-4):
                 raise UserError(f"--heads {path} has another next-token model than --ckpt: "
                                 f"its speedup would not be comparable")
         if other.config.n_future > 1:
