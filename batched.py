@@ -54,7 +54,7 @@ class Batch:
         T, config = max(map(len, feeds)), self.model.config
         idx = torch.tensor([feed + [0] * (T - len(feed)) for feed in feeds], device=self.device)
         pos = self.lengths[:, None] + torch.arange(T, device=self.device)  # (B, T): also slots
-        self.end = int(self.lengths.max()) + T
+        self.end = int(self.lengths.max()) + T  # self.end and self.slots: where update() writes
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > max_len {self.max_len}")
         self.slots = pos[:, None, :, None].expand(len(pos), config.n_head, T,

@@ -281,7 +281,7 @@ def bench_decode(argv):
     check_ranges(args, positive=('repeats', 'max_new_tokens', 'lookup'),
                  non_negative=('draft_vocab',))
     sizes = args.batch_sizes.split(',') if args.batch_sizes else []
-    if not all(b.strip().isdigit() and int(b) > 0 for b in sizes):
+    if not all(b.strip().isdecimal() and int(b) > 0 for b in sizes):
         raise UserError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
     sizes = [int(b) for b in sizes]
     if args.plot and not sizes:

@@ -342,13 +342,14 @@ def load_checkpoint(path):
 
 def upgrade_checkpoint(args, state):
     """(model_args, weights) of a checkpoint of any nanoMTP version, as today's: old defaults (block
-    heads; sequential ones with attention), head_type 'linear' (now resblock), heads.i.resblock.*,
-    WHS as softmax logits, sequential heads 2..n from index 1 (slot 0 was head 1, the trunk)."""
+    heads; sequential ones with attention), head_type 'linear' (now resblock), ResBlock weights
+    under heads.i.resblock, WHS as softmax logits, sequential heads 2..n from index 1 (slot 0 was
+    head 1, the trunk)."""
     args = {'head_type': 'block', 'head_attention': True, **args}
     args['head_type'] = {'linear': 'resblock'}.get(args['head_type'], args['head_type'])
-    state = {k.removeprefix('_orig_mod.').removeprefix('module.').replace('whs_logits', 'whs_coef'):
+    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state.items()}
+    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.', k.replace('.whs_logits', '.whs_coef')):
              torch.softmax(v, dim=0) if k.endswith('.whs_logits') else v for k, v in state.items()}
-    state = {re.sub(r'^(heads\.\d+)\.resblock\.', r'\1.', k): v for k, v in state.items()}
     if args['head_type'] == 'sequential' and not any(k.startswith('heads.0.') for k in state):
         state = {re.sub(r'^heads\.(\d+)\.', lambda m: f"heads.{int(m[1]) - 1}.", k)
                  .replace('heads.0.whs_coef', 'heads.whs_coef'): v for k, v in state.items()}

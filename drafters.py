@@ -50,9 +50,11 @@ def heads_drafter(model, propose):
 
 
 class Drafter:
-    """What every drafter shares: the drafts of the last observe(), handed out k at a time."""
+    """What every drafter shares: the drafts of the last observe(), handed out k at a time, and
+    a row-local drafter's observe()."""
     forwards = 0  # forwards of a separate draft model (none: the heads ride on the target's)
     row_local = False  # True: draft_rows drafts from each row's last verified position alone
+    reads_tokens = True  # draft_rows reads the tokens just emitted
 
     def __init__(self, model, propose):
         self.model, self.propose = model, propose
@@ -63,16 +65,17 @@ class Drafter:
         return self.drafts[:k], self.q[:k]
 
     def observe(self, seq, trunk_hidden, start):
-        """A row-local drafter's: draft_rows on the last verified position j and x_{j+1}."""
-        drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden],
-                                    torch.tensor(seq[-1:], device=self.drafts.device))
+        """A row-local drafter's: draft_rows on the last verified position j and x_{j+1} (when
+        it reads tokens)."""
+        tokens = torch.tensor(seq[-1:], device=self.drafts.device) if self.reads_tokens else None
+        drafts, q = self.draft_rows([h[0, -1:] for h in trunk_hidden], tokens)
         self.drafts, self.q = drafts[0], q[0]
 
 
 class ResBlockDrafter(Drafter):
     """Heads 2..n at the last verified position j alone: a ResBlock reads no other position.
     Invariant: it holds no state of past positions, so there is nothing to roll back."""
-    row_local = True
+    row_local, reads_tokens = True, False
 
     def draft_rows(self, trunk_hidden, tokens):
         """Drafts (B, n-1) and q (B, n-1, V) of B rows from their states [h_0 ..] (B, C) each

@@ -242,7 +242,8 @@ class GPT(nn.Module):
         return self.transformer.drop(x)
 
     def trunk(self, idx, cache=None, pos=None, attn_mask=None):
-        """[h_0, .., h_L]: the embeddings and every block's output (an MTPGPT: up to h_attach)."""
+        """[h_0, .., h_L]: the embeddings and every block's output (an MTPGPT: up to h_attach).
+        attn_mask as forward's, but with no default: a chunk after a cached prefix passes one."""
         return run_blocks(self.embed(idx, cache, pos), self.transformer.h, cache, 0, attn_mask, pos)
 
     def unembed(self, h):

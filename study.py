@@ -225,10 +225,13 @@ def run_training(cfg, cell, name, **flags):
         warmup_iters=min(100, max_iters // 10), eval_interval=max_iters) | flags)
     run = dict(config=asdict(tc), parent=None if tc.init_from == 'scratch' else
                lineage(tc.init_from))
-    record = read_json(os.path.join(run_dir, 'done.json'))
+    done = os.path.join(run_dir, 'done.json')
+    record = read_json(done)
     if not record or record.get('lineage') != run:  # else: finished earlier, from the same sources
+        if record:  # another run's record: it no longer describes ckpt.pt once training starts
+            os.remove(done)
         record = dict(lineage=run, summary=printable(trainer.train(tc)))
-        write_json(os.path.join(run_dir, 'done.json'), record)
+        write_json(done, record)
     return os.path.join(run_dir, 'ckpt.pt'), record['summary']
 
 
@@ -618,10 +621,11 @@ def markdown(results, cfg, command, seconds):
     if cfg.table == 'pretrain':
         return '\n'.join([head, ''] + markdown_pretrain(results, cfg))
     new = min(cfg.decode_tokens, cfg.block_size - cfg.block_size // 2)
-    lines = [f"{head} Base models {cfg.base_iters} iters, each adaptation {cfg.adapt_iters}, block "
-             f"{cfg.block_size}, batch {cfg.batch_size}; {cfg.n_future} heads; accuracies on "
-             f"{cfg.positions} val positions (the same for every row and seed); τ / speedup: greedy"
-             f" decoding of {cfg.decode_prompts} val prompts x {new} new tokens, one thread.", '',
+    lines = [f"{head} Base models {cfg.base_iters} iters, each adaptation {cfg.adapt_iters}, "
+             f"block {cfg.block_size}, batch {cfg.batch_size}; {cfg.n_future} heads; accuracies "
+             f"on {cfg.positions} val positions (the same for every row and seed); τ / speedup: "
+             f"greedy decoding of {cfg.decode_prompts} val prompts x {new} new tokens, one "
+             f"thread.", '',
              '## Convergence', '', 'Val loss of the base models (mean ± half-range over seeds; '
              'train loss beside it), after FT NTP, and of a seed-0 base trained twice as long:', '',
              '| corpus / size | base val | base train | FT NTP val | base, 2x iters | 2x gains |',

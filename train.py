@@ -324,7 +324,7 @@ def train(cfg):
                                           batches=train_batches.gen.get_state()))
                 if dist.master:  # everything a resume needs, every rank's RNG states included
                     if ckpt is None and len(evals) == 1:  # first save: a run stopped before
-                        set_aside(ckpt_path)  # it leaves the old checkpoint where it was
+                        set_aside(ckpt_path, tqdm.write)  # leaves the old one where it was
                     save_checkpoint(dict(
                         model=raw_model.state_dict(), model_args=asdict(raw_model.config),
                         optimizer=strategy.optimizer.state_dict(), iter_num=iter_num,

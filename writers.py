@@ -96,14 +96,14 @@ def check_out_dir(out_dir):
     remove_stale_temps(os.path.join(out_dir, 'ckpt.pt'))
 
 
-def set_aside(path):
+def set_aside(path, say=print):
     """A run that does not resume the checkpoint at path never destroys it: it moves aside."""
     if os.path.exists(path):
         stem = os.path.join(os.path.dirname(path), time.strftime('ckpt.replaced-%Y%m%d-%H%M%S'))
         names = (f"{stem}{f'.{n}' if n else ''}.pt" for n in range(10 ** 6))
         aside = next(name for name in names if not os.path.exists(name))
         os.replace(path, aside)
-        print(f"note: the checkpoint {path} was not resumed: it is moved to {aside}")
+        say(f"note: the checkpoint {path} was not resumed: it is moved to {aside}")
 
 
 @contextmanager

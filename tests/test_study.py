@@ -131,6 +131,13 @@ def test_a_retrained_base_retrains_every_run_adapted_from_it(tmp_path, monkeypat
                        strategies=False)
         assert trained == expected, (base_iters, trained)
 
+    def stopped(tc):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study.trainer, 'train', stopped)  # a retrain stopped midway: its folder
+    with pytest.raises(KeyboardInterrupt):               # no longer claims a finished run
+        study.run_cell(replace(cfg, base_iters=8), data_dir, 'XS', 0, print, strategies=False)
+    assert not list((tmp_path / 'study' / 'runs').glob('*/base/done.json'))
+
 
 def test_paired_next_token_differences_work_with_a_bpe_vocabulary(monkeypatch):
     """With a large vocabulary the FT NTP reference row is top_k=50, not 'exact, all V': the

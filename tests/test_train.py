@@ -492,6 +492,11 @@ TRAIN_ERRORS = [
 ]
 
 
+def test_loss_weights_that_are_not_numbers_are_refused_before_any_data_is_read(tmp_path):
+    cfg = T.parse_config(['--loss_weights=1,half', f'--data_dir={tmp_path / "nothing"}'])
+    one_line_error(T.check_config, cfg, match="loss_weights must be comma-separated numbers")
+
+
 def test_a_resume_names_the_shape_flag_its_sequential_heads_cannot_take(corpus, tmp_path):
     run_train(corpus, tmp_path, '--head_type=sequential', '--max_iters=2')
     one_line_error(lambda: run_train(corpus, tmp_path, '--init_from=resume', '--n_layer=3',
