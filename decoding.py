@@ -25,8 +25,8 @@ def probs_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     at the argmax. Vanilla sampling, the drafts' q and the target's p all come from here: the
     speculative output is distributed exactly as sampling from this function's output."""
     logits = logits.float()
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    if temperature == 0:  # (scatter_: F.one_hot checks its ids' range, two syncs a call)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     # minus the max first: a tiny temperature (1e-45) then sends the others to -inf, not inf - inf
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.size(-1):

@@ -29,12 +29,13 @@ class DraftVocab:
     residual max(0, p - q) covers the rest, so the output stays exact."""
 
     def __init__(self, model, pick, ids=None):
-        weight, self.ln_f, self.pick = model.lm_head.weight, model.transformer.ln_f, pick
+        weight, ln, self.pick = model.lm_head.weight, model.transformer.ln_f, pick
+        self.ln_f = ln.normalized_shape, ln.weight, ln.bias, ln.eps  # (a module call costs more)
         self.ids = None if ids is None else torch.as_tensor(ids, device=weight.device)
         self.weight, self.vocab_size = weight if ids is None else weight[self.ids], weight.size(0)
 
     def __call__(self, h):
-        tokens, q = self.pick(F.linear(self.ln_f(h), self.weight))
+        tokens, q = self.pick(F.linear(F.layer_norm(h, *self.ln_f), self.weight))
         if self.ids is None:
             return tokens, q
         full = q.new_zeros(*q.shape[:-1], self.vocab_size).index_copy_(-1, self.ids, q)

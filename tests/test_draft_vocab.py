@@ -93,8 +93,9 @@ def test_a_q_that_is_not_zero_outside_the_subset_fails_the_distribution_test(mon
     """Negative control: drafts drawn from the subset but q reported over the full vocabulary
     (the bug of trimming the draw and not the distribution) is caught."""
     def full_vocabulary_q(self, h):
-        tokens, _ = self.pick(F.linear(self.ln_f(h), self.weight))
-        return self.ids[tokens], F.softmax(F.linear(self.ln_f(h), model.lm_head.weight), -1)
+        normed = F.layer_norm(h, *self.ln_f)
+        tokens, _ = self.pick(F.linear(normed, self.weight))
+        return self.ids[tokens], F.softmax(F.linear(normed, model.lm_head.weight), -1)
     model, prompt = tiny_vocab_model()
     monkeypatch.setattr(DraftVocab, '__call__', full_vocabulary_q)
     exact = exact_vanilla_distribution(model, prompt, 3, temperature=1.0)
