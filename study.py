@@ -53,8 +53,9 @@ from bench import measure
 
 @dataclass
 class StudyConfig:
-    """python study.py [--preset=quick|cpu] [--name=value ...]
-The paper's study at small scale: strategies, marginalization, probes and a size curve."""
+    """python study.py [--preset=quick|cpu|paper|pretrain] [--name=value ...]
+The paper's study at small scale (strategies, marginalization, probes, a size curve), or the
+pretraining lab (--preset=pretrain: MTP from scratch against NTP at matched compute)."""
     preset: str = flag('', "quick | cpu | paper | pretrain: its defaults (PRESETS), then flags")
     table: str = flag('strategies', "strategies: adapt NTP bases (the paper) | pretrain: MTP "
                                     "from scratch against NTP at matched compute")
