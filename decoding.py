@@ -44,11 +44,15 @@ def probs_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def draw(probs, greedy, generator=None):
-    """One token per row of probs (..., V): the argmax when greedy, else a sample."""
+    """One token per row of probs (..., V): the argmax when greedy, else a sample, argmax_x
+    p(x) / E_x with E_x ~ Exp(1) (the exponential race: P(x wins) = p(x)). That is
+    torch.multinomial's own one-sample path, token for token and draw for draw, without its
+    checks of p (a max, a min and a sum, each read back on the host)."""
     if greedy:
         return probs.argmax(-1)
     flat = probs.reshape(-1, probs.size(-1))
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    race = flat / torch.empty_like(flat).exponential_(generator=generator)
+    return race.argmax(-1).view(probs.shape[:-1])
 
 
 def verify(p, drafts, q, greedy, generator=None):
@@ -82,7 +86,7 @@ def verify(p, drafts, q, greedy, generator=None):
         last = torch.where(residual.sum() > 0, residual, p[n_accepted])
     else:
         last = p[k]
-    return drafts[:n_accepted].tolist() + torch.multinomial(last, 1, generator=generator).tolist()
+    return drafts[:n_accepted].tolist() + [int(draw(last, False, generator))]
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from conftest import (REPO, N_RUNS, TV_BOUND, accept_every_draft, counting_mtp,
 from drafters import ChainDrafter, DraftVocab
 from head_designs import mix
 from heads import MTPGPT, MTPConfig
-from decoding import Stats, probs_from_logits, verify
+from decoding import Stats, draw, probs_from_logits, verify
 from sample import (generate, generate_self_speculative,
                     generate_two_model)
 
@@ -81,6 +81,21 @@ def test_probs_from_logits_applies_temperature_top_k_and_top_p():
     assert (nucleus > 0).tolist() == [True, True, False, False]   # 0.61 < 0.7 <= 0.61 + 0.22
     torch.testing.assert_close(nucleus[:2], p[:2] / p[:2].sum())
     assert (probs_from_logits(logits[:1], 1.0, top_p=0.5)[0] > 0).sum() == 1
+
+
+@pytest.mark.parametrize('shape', [(65,), (3, 65), (2, 3, 7)])
+def test_a_sampled_draw_is_torch_multinomials_draw_for_the_same_generator(shape):
+    """draw's exponential race is torch.multinomial's one-sample path: the same tokens and the
+    generator left in the same state, so a seed decodes as it did with multinomial (zeros in p
+    included)."""
+    for seed in range(50):
+        p = torch.softmax(3 * torch.randn(shape), -1)
+        p[..., :2] = 0
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        tokens = draw(p, greedy=False, generator=ours)
+        reference = torch.multinomial(p.reshape(-1, shape[-1]), 1, generator=theirs)
+        assert tokens.shape == shape[:-1] and tokens.flatten().tolist() == reference[:, 0].tolist()
+        assert torch.equal(ours.get_state(), theirs.get_state())
 
 
 def test_verify_greedy_accepts_the_longest_matching_prefix_plus_the_free_token():
