@@ -268,10 +268,12 @@ class GPT(nn.Module):
 
     @staticmethod
     def default_mask(idx, cache, attn_mask):
-        """A chunk of T > 1 tokens after a cached prefix needs an explicit causal mask."""
+        """A chunk of T > 1 tokens after a cached prefix needs an explicit causal mask: given as
+        0 / -inf to add to the scores, which attention would otherwise convert in every layer."""
         T = idx.size(1)
         if attn_mask is None and cache is not None and cache.length > 0 and T > 1:
-            return chunk_mask(cache.length, T, idx.device)
+            attend = chunk_mask(cache.length, T, idx.device)
+            return torch.zeros(attend.shape, device=idx.device).masked_fill_(~attend, -math.inf)
         return attn_mask
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, groups=None):
