@@ -46,8 +46,8 @@ def probs_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
 def draw(probs, greedy, generator=None):
     """One token per row of probs (..., V): the argmax when greedy, else a sample, argmax_x
     p(x) / E_x with E_x ~ Exp(1) (the exponential race: P(x wins) = p(x)). That is
-    torch.multinomial's own one-sample path, token for token and draw for draw, without its
-    checks of p (a max, a min and a sum, each read back on the host)."""
+    torch.multinomial's own one-sample path (on the CPU: the same tokens, draw for draw; tested),
+    without its checks of p (a max, a min and a sum, each read back on the host)."""
     if greedy:
         return probs.argmax(-1)
     flat = probs.reshape(-1, probs.size(-1))
